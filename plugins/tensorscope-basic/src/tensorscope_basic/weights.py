@@ -1,0 +1,30 @@
+"""basic.weight_norms: Frobenius norms of the weights per block (no data needed)."""
+
+from __future__ import annotations
+
+import torch
+from tensorscope_core import LayerValue, Metric, NoParams, ScalarValue
+
+
+class WeightNorms(Metric):
+    """sqrt(sum of squared entries) of all parameters of each block, of the parameters
+    outside the blocks, and of all parameters. Tied parameters count once."""
+
+    name = "basic.weight_norms"
+    version = "1"
+    summary = "per-layer Frobenius norm of the weights (no data)"
+    Params = NoParams
+    artifacts = ("weights",)
+    fields = {"layer_norm": "norm of each block's parameters", "outside_norm": "norm outside the blocks",
+              "total_norm": "norm of all parameters"}
+
+    def finalize(self) -> dict[str, object]:
+        assert self.view is not None
+        layer_of = self.view.layer_of_parameter()
+        squares = torch.zeros(self.view.n_layers + 1, dtype=torch.float64)
+        for name, p in self.view.model.named_parameters():  # named_parameters() skips tied duplicates
+            layer = layer_of[name]
+            squares[self.view.n_layers if layer is None else layer] += p.detach().double().pow(2).sum().cpu()
+        return {"layer_norm": LayerValue(values=squares[:-1].sqrt().tolist()),
+                "outside_norm": ScalarValue(value=float(squares[-1].sqrt())),
+                "total_norm": ScalarValue(value=float(squares.sum().sqrt()))}

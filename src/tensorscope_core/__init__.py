@@ -1,0 +1,35 @@
+"""TensorScope core: many analysis metrics of a model in one shared run.
+
+Public API: ``analyze`` (alias ``analyze_models``), ``plan``, ``RunConfig``, ``Results``,
+and for plugin authors ``Metric``, ``Params``, ``Step``, ``RunShape``, ``Cost``,
+``ArtifactSpec``, ``hookimpl`` and the value types.
+"""
+
+from .api import analyze, analyze_models, plan
+from .artifacts import ArtifactSpec
+from .config import RunConfig
+from .data import Batch, builtin_corpus
+from .hookspecs import PLUGIN_API_VERSION, hookimpl
+from .metric import Metric, NoParams, Params, RunShape, Step
+from .models.adapters import GenericAdapter
+from .models.load import ModelSource
+from .models.view import HeadWeights, ModelView
+from .results import Results
+from .results.schema import (
+    Cost,
+    HeadValue,
+    LayerValue,
+    MetricResult,
+    ScalarValue,
+    SeriesValue,
+    TableValue,
+    TensorValue,
+    TextValue,
+)
+
+__all__ = [
+    "PLUGIN_API_VERSION", "ArtifactSpec", "Batch", "Cost", "GenericAdapter", "HeadValue", "HeadWeights",
+    "LayerValue", "Metric", "MetricResult", "ModelSource", "ModelView", "NoParams", "Params", "Results",
+    "RunConfig", "RunShape", "ScalarValue", "SeriesValue", "Step", "TableValue", "TensorValue", "TextValue",
+    "analyze", "analyze_models", "builtin_corpus", "hookimpl", "plan",
+]

@@ -1,0 +1,74 @@
+"""RunConfig: everything that decides a run's numbers, validated once at the door."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2,
+          "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_bytes(size: str | int | float) -> int:
+    """'4GiB', '512MB', '1.5g' or a plain number of bytes -> bytes."""
+    if isinstance(size, (int, float)):
+        if size <= 0:
+            raise ValueError(f"a memory size must be positive, got {size}")
+        return int(size)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", size)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read memory size {size!r}: write e.g. '4GiB', '512MB' or 1000000")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"a memory size must be positive, got {size!r}")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class RunConfig(BaseModel):
+    """Settings shared by every metric of a run.
+
+    Values that change numbers (seed, batching, length, dtype) enter the cache key;
+    settings that only change how the run is carried out (budget, time limit) do not.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(128, ge=2)
+    max_batches: int | None = Field(None, ge=1, description="stop after this many batches per task")
+    device: str = "cpu"
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    memory_budget: str | int = "4GiB"
+    min_micro_batch: int = Field(1, ge=1, description="floor for out-of-memory halving")
+    fail_fast: bool = False
+    metric_timeout_s: float | None = Field(None, gt=0)
+    cache_dir: Path | None = None
+    progress: bool = False
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget_readable(cls, v: str | int) -> str | int:
+        parse_bytes(v)
+        return v
+
+    @property
+    def budget_bytes(self) -> int:
+        return parse_bytes(self.memory_budget)
+
+    def numeric_key(self) -> dict[str, object]:
+        """The part of the config that changes values (enters cache keys)."""
+        return {"seed": self.seed, "batch_size": self.batch_size, "max_length": self.max_length,
+                "max_batches": self.max_batches, "dtype": self.dtype}

@@ -1,0 +1,147 @@
+"""The artifacts the core itself provides (registered by the core's built-in plugin).
+
+Names: ``weights``; forward: ``logits``, ``token_loss``, ``resid``, ``mlp_hidden``,
+``attn_pattern``; backward: ``param_grad``, ``resid_grad``. ``resid`` has n_layers + 1
+entries: entry l is the residual stream entering block l, the last one leaves the
+final block (before the final norm).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .artifacts import ArtifactSpec, act_bytes
+from .capture import CaptureContext, first_tensor
+from .data import Batch
+from .models.view import ModelView
+
+MLM_MASK_FRACTION = 0.15
+
+
+@dataclass
+class LossTargets:
+    """What the shared forward sees and what its token loss predicts.
+
+    Causal models: the input is the batch and position t predicts token t+1.
+    Masked-LM encoders: a seeded 15% of real tokens (at least one per sequence) are
+    replaced by the mask token and predicted; every metric sees that same input.
+    """
+
+    model_input: torch.Tensor
+    target_ids: torch.Tensor
+    target_mask: torch.Tensor
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.target_mask.sum())
+
+    def slice(self, start: int, stop: int) -> LossTargets:
+        return LossTargets(self.model_input[start:stop], self.target_ids[start:stop], self.target_mask[start:stop])
+
+
+def loss_targets(view: ModelView, batch: Batch, seed: int) -> LossTargets:
+    ids, mask = batch.input_ids, batch.attention_mask
+    if view.causal:
+        target_ids = torch.zeros_like(ids)
+        target_ids[:, :-1] = ids[:, 1:]
+        target_mask = torch.zeros_like(mask)
+        target_mask[:, :-1] = mask[:, 1:]
+        return LossTargets(ids, target_ids, target_mask)
+    if view.mask_token_id is None:
+        return LossTargets(ids, ids, torch.zeros_like(mask))
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + batch.index)
+    chosen = (torch.rand(ids.shape, generator=gen) < MLM_MASK_FRACTION) & mask.bool()
+    for row in range(ids.shape[0]):
+        if not chosen[row].any() and mask[row].any():
+            real = mask[row].nonzero().flatten()
+            chosen[row, real[torch.randint(len(real), (1,), generator=gen)]] = True
+    model_input = ids.masked_fill(chosen, view.mask_token_id)
+    return LossTargets(model_input, ids, chosen.long())
+
+
+def _install_resid(ctx: CaptureContext) -> None:
+    n = ctx.view.n_layers + 1
+
+    def pre_first(module: Any, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        ctx.keep("resid", 0, hidden, n)
+        if "resid_grad" in ctx.wanted and ctx.grad_enabled and hidden.requires_grad:
+            hidden.register_hook(lambda g: _keep_grad(ctx, 0, g, n))
+
+    ctx.forward_hook(ctx.view.blocks[0], pre_first, pre=True)
+    for layer, block in enumerate(ctx.view.blocks):
+        def post(module: Any, args: tuple, kwargs: dict, output: Any, layer: int = layer) -> None:
+            hidden = first_tensor(output)
+            ctx.keep("resid", layer + 1, hidden, n)
+            if "resid_grad" in ctx.wanted and ctx.grad_enabled and hidden.requires_grad:
+                hidden.register_hook(lambda g: _keep_grad(ctx, layer + 1, g, n))
+        ctx.forward_hook(block, post)
+
+
+def _keep_grad(ctx: CaptureContext, index: int, grad: torch.Tensor, n: int) -> None:
+    slot = ctx.store.setdefault("resid_grad", [None] * n)
+    slot[index] = grad.detach()
+
+
+def _install_mlp_hidden(ctx: CaptureContext) -> None:
+    n = ctx.view.n_layers
+    for layer, module in enumerate(ctx.view.mlp_out):
+        def pre(module: Any, args: tuple, kwargs: dict, layer: int = layer) -> None:
+            ctx.keep("mlp_hidden", layer, (args[0] if args else next(iter(kwargs.values()))).detach(), n)
+        ctx.forward_hook(module, pre, pre=True)
+
+
+def _derive_logits(ctx: CaptureContext) -> None:
+    ctx.store["logits"] = ctx.outputs.logits
+
+
+def _derive_token_loss(ctx: CaptureContext) -> None:
+    targets: LossTargets = ctx.store["_targets"]
+    logits = ctx.outputs.logits
+    flat = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.target_ids.reshape(-1), reduction="none")
+    ctx.store["token_loss"] = flat.view(targets.target_ids.shape) * targets.target_mask
+    ctx.store["target_mask"] = targets.target_mask
+
+
+def _derive_attn(ctx: CaptureContext) -> None:
+    attentions = getattr(ctx.outputs, "attentions", None)
+    if not attentions or attentions[0] is None:
+        raise RuntimeError(f"{ctx.view.name} returned no attention weights: load it with attn_implementation='eager'")
+    ctx.store["attn_pattern"] = [a.detach() for a in attentions]
+
+
+def _derive_param_grad(ctx: CaptureContext) -> None:
+    ctx.store["param_grad"] = {name: p.grad.detach().clone() for name, p in ctx.view.model.named_parameters()
+                               if p.grad is not None}
+
+
+def _resid_bytes(view: ModelView, batch: int, seq: int) -> int:
+    return (view.n_layers + 1) * batch * seq * view.d_model * view.dtype_bytes
+
+
+CORE_ARTIFACTS: tuple[ArtifactSpec, ...] = (
+    ArtifactSpec("weights", "weights", "the model's parameters (no data)", lambda v, b, s: 0),
+    ArtifactSpec("logits", "forward", "output logits [batch, seq, vocab]",
+                 lambda v, b, s: b * s * v.vocab_size * v.dtype_bytes, derive=_derive_logits),
+    ArtifactSpec("token_loss", "forward",
+                 "per-token cross-entropy [batch, seq] (0 where not a target) and target_mask",
+                 lambda v, b, s: 2 * b * s * 8, derive=_derive_token_loss),
+    ArtifactSpec("resid", "forward", "residual stream, n_layers+1 tensors [batch, seq, d_model]",
+                 _resid_bytes, install=_install_resid),
+    ArtifactSpec("mlp_hidden", "forward", "MLP hidden units (input of the MLP output projection) per layer",
+                 lambda v, b, s: v.n_layers * b * s * v.d_mlp * v.dtype_bytes, install=_install_mlp_hidden),
+    ArtifactSpec("attn_pattern", "forward", "attention probabilities per layer [batch, heads, seq, seq]",
+                 lambda v, b, s: v.n_layers * b * v.n_heads * s * s * v.dtype_bytes, derive=_derive_attn,
+                 forward_kwargs=(("output_attentions", True),)),
+    ArtifactSpec("param_grad", "backward", "gradient of the batch-mean token loss per parameter",
+                 lambda v, b, s: v.param_bytes, derive=_derive_param_grad, requires=("token_loss",),
+                 combine="sum"),
+    ArtifactSpec("resid_grad", "backward", "gradient of the batch-mean loss w.r.t. each resid entry",
+                 _resid_bytes, requires=("token_loss", "resid")),
+)
+
+__all__ = ["CORE_ARTIFACTS", "LossTargets", "act_bytes", "loss_targets"]

@@ -1,0 +1,224 @@
+"""Everything a user may pass as data -> the same padded batches for every metric and model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DataError, EmptyDataError, SequenceTooLongError, TokenizerMismatchError
+from .models.view import ModelView
+
+DataSpec = Any  # list[str] | str | Path | Tensor | list[Tensor] | DataLoader | Mapping[str, DataSpec]
+
+
+@dataclass
+class Batch:
+    """One padded batch (right padding); ``attention_mask`` is 1 on real tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    task: str | None
+    index: int
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def slice(self, start: int, stop: int) -> Batch:
+        return Batch(self.input_ids[start:stop], self.attention_mask[start:stop], self.task, self.index)
+
+    def to(self, device: str) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.task, self.index)
+
+
+@dataclass
+class PreparedData:
+    """Token sequences per task (None = untasked), in a fixed order, plus bookkeeping."""
+
+    sequences: dict[str | None, list[torch.Tensor]]
+    batch_size: int
+    pad_token_id: int
+    max_batches: int | None = None
+    n_truncated: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t for t in self.sequences if t is not None]
+
+    @property
+    def n_sequences(self) -> int:
+        return sum(len(s) for s in self.sequences.values())
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(len(s) for seqs in self.sequences.values() for s in seqs)
+
+    def batches(self) -> Iterator[Batch]:
+        index = 0
+        for task, seqs in self.sequences.items():
+            n_batches = 0
+            for start in range(0, len(seqs), self.batch_size):
+                if self.max_batches is not None and n_batches >= self.max_batches:
+                    break
+                chunk = seqs[start:start + self.batch_size]
+                length = max(len(s) for s in chunk)
+                ids = torch.full((len(chunk), length), self.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), length), dtype=torch.long)
+                for row, seq in enumerate(chunk):
+                    ids[row, :len(seq)] = seq
+                    mask[row, :len(seq)] = 1
+                yield Batch(ids, mask, task, index)
+                index += 1
+                n_batches += 1
+
+    def n_batches(self) -> int:
+        total = 0
+        for seqs in self.sequences.values():
+            n = -(-len(seqs) // self.batch_size)
+            total += min(n, self.max_batches) if self.max_batches else n
+        return total
+
+    def fingerprint(self) -> str:
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(json.dumps([self.batch_size, self.max_batches]).encode())
+        for task, seqs in self.sequences.items():
+            digest.update(repr(task).encode())
+            for s in seqs:
+                digest.update(s.numpy().astype("int64").tobytes() + b"|")
+        return digest.hexdigest()
+
+
+def builtin_corpus() -> list[str]:
+    """The small English corpus shipped in the package (one example per line)."""
+    text = resources.files("tensorscope_core").joinpath("corpus/tiny.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _read_file(path: Path) -> list[str]:
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist", "pass an existing .txt or .jsonl file")
+    if path.suffix == ".jsonl":
+        texts = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg})", "write one JSON object per line") from exc
+            if not isinstance(record, dict) or "text" not in record:
+                raise DataError(f"{path}:{lineno} has no 'text' field", 'write lines like {"text": "..."}')
+            texts.append(str(record["text"]))
+        return texts
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _rows_of(tensor: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 2 or tensor.dtype.is_floating_point:
+        raise DataError(f"token ids must be an integer tensor [n, seq], got {tuple(tensor.shape)} {tensor.dtype}",
+                        "pass input_ids as a LongTensor")
+    rows = []
+    for r in range(tensor.shape[0]):
+        row = tensor[r] if mask is None else tensor[r][mask[r].bool()]
+        rows.append(row.long().cpu())
+    return rows
+
+
+def _from_loader(loader: Iterable[Any]) -> list[torch.Tensor]:
+    rows: list[torch.Tensor] = []
+    for item in loader:
+        if isinstance(item, Mapping):
+            rows += _rows_of(item["input_ids"], item.get("attention_mask"))
+        elif isinstance(item, torch.Tensor):
+            rows += _rows_of(item, None)
+        elif isinstance(item, (list, tuple)) and item and isinstance(item[0], torch.Tensor):
+            rows += _rows_of(item[0], None)
+        else:
+            raise DataError(f"a DataLoader item of type {type(item).__name__} cannot be read",
+                            "yield input_ids tensors or dicts with 'input_ids' (and 'attention_mask')")
+    return rows
+
+
+def _tokenize(texts: list[str], view: ModelView, max_length: int) -> tuple[list[torch.Tensor], int]:
+    if view.tokenizer is None:
+        raise DataError(f"model {view.name} has no tokenizer, so text cannot be tokenized",
+                        "pass token id tensors as data, or save a tokenizer in the model folder")
+    rows, truncated = [], 0
+    for text in texts:
+        ids = view.tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(ids) > max_length:
+            truncated += 1
+            ids = ids[:max_length]
+        rows.append(torch.tensor(ids, dtype=torch.long))
+    return rows, truncated
+
+
+def _sequences(spec: DataSpec, view: ModelView, max_length: int) -> tuple[list[torch.Tensor], int]:
+    if isinstance(spec, (str, Path)):
+        return _tokenize(_read_file(Path(spec)), view, max_length)
+    if isinstance(spec, torch.Tensor):
+        rows = _rows_of(spec, None)
+    elif isinstance(spec, (list, tuple)) and spec and all(isinstance(s, str) for s in spec):
+        return _tokenize([s for s in spec if s.strip()], view, max_length)
+    elif isinstance(spec, (list, tuple)) and all(isinstance(s, torch.Tensor) for s in spec):
+        rows = [r for s in spec for r in _rows_of(s, None)]
+    elif isinstance(spec, (list, tuple)):
+        raise DataError("a data list must hold only strings or only token id tensors",
+                        "split mixed data into separate runs")
+    elif hasattr(spec, "__iter__"):
+        rows = _from_loader(spec)
+    else:
+        raise DataError(f"data of type {type(spec).__name__} is not understood",
+                        "pass texts, a .txt/.jsonl path, token id tensors, a DataLoader or {task: data}")
+    truncated = sum(1 for r in rows if len(r) > max_length)
+    return [r[:max_length] for r in rows], truncated
+
+
+def _check_ids(rows: list[torch.Tensor], view: ModelView, where: str) -> None:
+    top = max((int(r.max()) for r in rows if len(r)), default=0)
+    low = min((int(r.min()) for r in rows if len(r)), default=0)
+    if top >= view.vocab_size or low < 0:
+        raise TokenizerMismatchError(
+            f"{where}: token id {top if top >= view.vocab_size else low} is outside the embedding of "
+            f"{view.name} ({view.vocab_size} rows)",
+            "use the tokenizer saved with this model; token ids must lie in [0, vocab_size)")
+
+
+def prepare_data(data: DataSpec, view: ModelView, *, batch_size: int, max_length: int,
+                 max_batches: int | None = None) -> PreparedData:
+    """Validate and tokenize once per model; every problem is reported before any pass."""
+    if view.max_positions is not None and max_length > view.max_positions:
+        raise SequenceTooLongError(
+            f"max_length {max_length} exceeds the {view.max_positions} positions of {view.name}",
+            f"set max_length (CLI --max-length) to {view.max_positions} or less")
+    if view.tokenizer is not None and len(view.tokenizer) > view.vocab_size:
+        raise TokenizerMismatchError(
+            f"the tokenizer of {view.name} has {len(view.tokenizer)} tokens but the embedding has "
+            f"{view.vocab_size} rows", "load the tokenizer that was trained with this model "
+            "(or resize the embeddings with model.resize_token_embeddings)")
+    named = data if isinstance(data, Mapping) else {None: data}
+    sequences: dict[str | None, list[torch.Tensor]] = {}
+    truncated = 0
+    for task, spec in named.items():
+        rows, cut = _sequences(spec, view, max_length)
+        rows = [r for r in rows if len(r) > 0]
+        where = f"task '{task}'" if task is not None else "data"
+        if not rows:
+            raise EmptyDataError(f"{where} holds no tokens", "pass at least one non-empty example")
+        _check_ids(rows, view, where)
+        sequences[task] = rows
+        truncated += cut
+    if not sequences:
+        raise EmptyDataError("no data was given", "pass texts, a file, token ids or {task: data}")
+    notes = [f"{truncated} sequence(s) truncated to max_length {max_length}"] if truncated else []
+    return PreparedData(sequences, batch_size, view.pad_token_id, max_batches, truncated, notes)

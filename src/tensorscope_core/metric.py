@@ -1,0 +1,150 @@
+"""The metric declaration API: what a plugin writes to add a metric.
+
+A metric is a class with declared facts (name, version, params, needs, cost) and an
+update / finalize computation. The core instantiates it once per model (or once per
+model set), feeds it every batch's artifacts and turns what ``finalize`` returns
+into typed values. Nothing here knows any metric maths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from .data import Batch, PreparedData
+from .models.view import ModelView
+from .results.schema import Cost, MetricResult
+
+Scope = Literal["model", "model_set"]
+
+
+class NoParams(BaseModel):
+    """Parameters of a metric that takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Params(BaseModel):
+    """Base for metric parameters: unknown fields are refused (typos never pass silently)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The run's dimensions that declared costs may depend on."""
+
+    batch_size: int
+    seq_len: int
+    n_batches: int
+    n_sequences: int
+    tasks: tuple[str, ...]
+    seed: int
+
+
+@dataclass
+class Step:
+    """One batch as a metric sees it: the batch plus the artifacts it asked for."""
+
+    batch: Batch
+    artifacts: Mapping[str, Any]
+    target_mask: torch.Tensor | None = None
+
+    def __getitem__(self, name: str) -> Any:
+        return self.artifacts[name]
+
+    @property
+    def task(self) -> str | None:
+        return self.batch.task
+
+
+Output = Mapping[str, Any]  # field -> Value | float | list | torch.Tensor
+
+
+class Metric:
+    """Base class of every metric.
+
+    Declare, as class attributes: ``name`` (namespaced, ``family.metric``),
+    ``version`` (bump when values change), ``summary``, ``Params`` (a ``Params``
+    subclass), ``artifacts`` it reads per batch, ``requires_metrics`` (other metrics'
+    results, by name, from any plugin), ``scope`` and ``fields`` (field -> meaning).
+    Override ``cost`` to declare the bytes your state holds (checked against what
+    the run measured) and ``skip_reason`` when the metric does not apply.
+
+    Per-model metrics implement ``update(step)`` and ``finalize()``; model-set
+    metrics implement ``compute_set(views, results)``.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    summary: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+    artifacts: ClassVar[tuple[str, ...]] = ()
+    requires_metrics: ClassVar[tuple[str, ...]] = ()
+    scope: ClassVar[Scope] = "model"
+    fields: ClassVar[dict[str, str]] = {}
+    derived_from: ClassVar[tuple[str, ...]] = ()
+
+    _framework_attrs: ClassVar[frozenset[str]] = frozenset({"view", "params", "deps", "shape", "views"})
+
+    def __init__(self, params: Any, shape: RunShape, view: ModelView | None = None,
+                 deps: Mapping[str, MetricResult] | None = None) -> None:
+        self.params = params
+        self.shape = shape
+        self.view = view
+        self.deps: Mapping[str, MetricResult] = deps or {}
+        self.setup()
+
+    # -- to override ------------------------------------------------------------------
+    def setup(self) -> None:
+        """Create the state tensors (called once, after params/view/deps are set)."""
+
+    @classmethod
+    def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:
+        """Declared bytes of state held across batches, and FLOPs (0 when negligible)."""
+        return Cost()
+
+    @classmethod
+    def skip_reason(cls, params: Any, view: ModelView, data: PreparedData | None) -> str | None:
+        """A reason when the metric does not apply to this model or data (-> skipped)."""
+        return None
+
+    def update(self, step: Step) -> None:
+        """Fold one batch into the state."""
+
+    def finalize(self) -> Output:
+        raise NotImplementedError(f"{self.name} implements neither finalize nor compute_set")
+
+    def compute_set(self, views: Mapping[str, ModelView],
+                    results: Mapping[str, Mapping[str, MetricResult]]) -> Output:
+        """Model-set metrics: all models' views and their per-model results by model name."""
+        raise NotImplementedError(f"{self.name} declares scope 'model_set' but has no compute_set")
+
+    # -- used by the core -------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Bytes of tensors/arrays the metric currently holds (the measured cost)."""
+        from .capture import tensor_bytes
+
+        return sum(tensor_bytes(v) + int(getattr(v, "nbytes", 0) if not isinstance(v, torch.Tensor) else 0)
+                   for k, v in vars(self).items() if k not in self._framework_attrs)
+
+    @classmethod
+    def pass_kinds(cls, artifact_pass: Mapping[str, str]) -> set[str]:
+        return {artifact_pass[a] for a in cls.artifacts}
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """The catalogue entry (CLI ``metrics``/``explain`` and docs/ are generated from it)."""
+        schema = cls.Params.model_json_schema()
+        return {
+            "name": cls.name, "version": cls.version, "summary": cls.summary, "scope": cls.scope,
+            "artifacts": list(cls.artifacts), "requires_metrics": list(cls.requires_metrics),
+            "fields": dict(cls.fields), "doc": (cls.__doc__ or "").strip(),
+            "params": {k: {"type": v.get("type", v.get("anyOf", "")), "default": v.get("default"),
+                           "description": v.get("description", "")}
+                       for k, v in schema.get("properties", {}).items()},
+        }

@@ -1,0 +1,186 @@
+"""Turn what the user names (module, HF folder, state dict, GGUF) into a checked ModelView."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError, NonFiniteWeightsError, UnsupportedModelError
+from .adapters import Adapter
+from .view import ModelView
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model to analyse: a path or module, plus a base config for bare state dicts."""
+
+    source: str | os.PathLike[str] | nn.Module
+    base_config: str | os.PathLike[str] | None = None
+    name: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        if isinstance(self.source, nn.Module):
+            return type(self.source).__name__
+        return str(self.source).rstrip("/")
+
+
+def _is_masked_lm(config: Any) -> bool:
+    return any(a.endswith("ForMaskedLM") for a in (getattr(config, "architectures", None) or [])) or \
+        getattr(config, "model_type", "") in {"bert", "roberta"}
+
+
+def _auto_class(config: Any) -> Any:
+    import transformers
+
+    return transformers.AutoModelForMaskedLM if _is_masked_lm(config) else transformers.AutoModelForCausalLM
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"tokenizer files in {folder} could not be read: {exc}",
+                             "repair or remove the tokenizer files, or pass token ids as data") from exc
+
+
+def _from_hf_folder(folder: Path) -> tuple[nn.Module, Any]:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        model = _auto_class(config).from_pretrained(folder, local_files_only=True, attn_implementation="eager")
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load a Hugging Face model from {folder}: {exc}",
+                             "check that the folder holds config.json and model weights "
+                             "(save it with model.save_pretrained(folder))") from exc
+    return model, _load_tokenizer(folder)
+
+
+def _from_state_dict(path: Path, base_config: Path | None) -> tuple[nn.Module, Any]:
+    from transformers import AutoConfig
+
+    config_dir = base_config if base_config is not None else path.parent
+    if config_dir.is_file():
+        config_dir = config_dir.parent
+    if not (config_dir / "config.json").exists():
+        raise ModelLoadError(f"{path.name} is a bare state dict and no config.json was found in {config_dir}",
+                             "pass base_config='folder/with/config.json' (CLI: --base-config)")
+    config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
+    config._attn_implementation = "eager"
+    model = _auto_class(config).from_config(config, attn_implementation="eager")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path} does not hold a state dict", "save it with torch.save(model.state_dict(), path)")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [m for m in missing if m not in tied and not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise ModelLoadError(f"{path.name} does not match the config in {config_dir}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}", "pass the base config the weights were saved from")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model, _load_tokenizer(config_dir)
+
+
+def _from_gguf(path: Path) -> tuple[nn.Module, Any]:
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise ModelLoadError("loading GGUF files needs the 'gguf' and 'accelerate' packages",
+                             "pip install 'tensorscope[gguf]'") from exc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
+                                                 attn_implementation="eager")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    return model, tokenizer
+
+
+def _use_eager_attention(model: nn.Module) -> None:
+    """Attention patterns and forward-mode AD need the eager kernel, not fused SDPA."""
+    setter = getattr(model, "set_attn_implementation", None)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "_attn_implementation", "eager") != "eager":
+        if setter is not None:
+            setter("eager")
+        else:
+            config._attn_implementation = "eager"
+
+
+def load_module(src: ModelSource) -> tuple[nn.Module, Any]:
+    """Load the raw module and tokenizer (None when the model ships without one)."""
+    if isinstance(src.source, nn.Module):
+        return src.source, None
+    path = Path(src.source)
+    if not path.exists():
+        raise ModelLoadError(f"model source {path} does not exist", "pass a model folder, a weights file or a module")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} has no config.json", "save the model with save_pretrained(folder)")
+        return _from_hf_folder(path)
+    if path.suffix in (".safetensors", ".pt", ".bin"):
+        return _from_state_dict(path, Path(src.base_config) if src.base_config else None)
+    if path.suffix == ".gguf":
+        return _from_gguf(path)
+    raise ModelLoadError(f"cannot tell what kind of model {path} is",
+                         "pass a Hugging Face folder, a .safetensors/.pt state dict or a .gguf file")
+
+
+def check_finite(model: nn.Module) -> None:
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteWeightsError(f"{len(bad)} parameter tensor(s) hold NaN or Inf, first: {bad[:3]}",
+                                    "check the checkpoint (a diverged run or a bad conversion); "
+                                    "nothing was computed on it")
+
+
+def choose_adapter(model: nn.Module, adapters: Sequence[Adapter]) -> Adapter:
+    for adapter in adapters:
+        if adapter.matches(model):
+            return adapter
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    known = ", ".join(a.name for a in adapters)
+    raise UnsupportedModelError(
+        f"no adapter knows models of type '{kind}' (adapters installed: {known})",
+        "pass adapter=GenericAdapter(blocks=..., attn=..., mlp_out=..., n_heads=...) naming its modules, "
+        "or install a plugin that registers an adapter for it")
+
+
+def load_model(src: ModelSource, adapters: Sequence[Adapter], *, dtype: str = "float32", device: str = "cpu",
+               adapter: Adapter | None = None, tokenizer: Any = None) -> ModelView:
+    """Load, cast, check finiteness and map through an adapter; raises typed errors only."""
+    module, found_tokenizer = load_module(src)
+    _use_eager_attention(module)
+    module = module.to(dtype=_DTYPES[dtype], device=device)
+    module.eval()
+    check_finite(module)
+    chosen = adapter or choose_adapter(module, adapters)
+    try:
+        view = chosen.build(module, src.display_name, tokenizer or found_tokenizer)
+    except UnsupportedModelError:
+        raise
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise UnsupportedModelError(f"adapter '{chosen.name}' could not map {type(module).__name__}: {exc}",
+                                    "use GenericAdapter with this model's module names") from exc
+    return view

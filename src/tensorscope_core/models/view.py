@@ -1,0 +1,117 @@
+"""ModelView: one vocabulary for every architecture, so metrics never touch model internals."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    """Per-head attention weights in the ``x @ W`` convention.
+
+    ``W_Q``: [n_heads, d_model, d_head]; ``W_K``, ``W_V``: [n_kv_heads, d_model, d_head];
+    ``W_O``: [n_heads, d_head, d_model]. Query head ``h`` reads key/value head
+    ``kv_head_of[h]`` (grouped-query attention). Biases are None where absent.
+    """
+
+    W_Q: torch.Tensor
+    W_K: torch.Tensor
+    W_V: torch.Tensor
+    W_O: torch.Tensor
+    b_Q: torch.Tensor | None
+    b_K: torch.Tensor | None
+    b_V: torch.Tensor | None
+    kv_head_of: tuple[int, ...]
+
+    def expanded(self) -> HeadWeights:
+        """K and V repeated to one per query head."""
+        index = torch.tensor(self.kv_head_of)
+        pick = (lambda t: None if t is None else t[index])
+        return HeadWeights(self.W_Q, self.W_K[index], self.W_V[index], self.W_O, self.b_Q,
+                           pick(self.b_K), pick(self.b_V), tuple(range(len(self.kv_head_of))))
+
+
+@dataclass
+class ModelView:
+    """A loaded model plus the map of its parts that metrics and capture use.
+
+    Built by an adapter. ``blocks[l]`` maps the residual stream in to out at layer l;
+    ``mlp_out[l]`` is the module whose *input* is the MLP's hidden units.
+    """
+
+    model: nn.Module
+    name: str
+    family: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    vocab_size: int
+    max_positions: int | None
+    causal: bool
+    rotary: bool
+    embed: nn.Embedding
+    blocks: list[nn.Module]
+    attn: list[nn.Module]
+    mlp_out: list[nn.Module]
+    final_norm: nn.Module | None
+    unembed: nn.Module | None
+    head_weights_fn: Callable[[int], HeadWeights] | None = None
+    tokenizer: Any = None
+    config: Any = None
+    mask_token_id: int | None = None
+    pad_token_id: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def head_weights(self, layer: int) -> HeadWeights:
+        if self.head_weights_fn is None:
+            raise NotImplementedError(f"the {self.family} adapter does not map per-head weights")
+        return self.head_weights_fn(layer)
+
+    @property
+    def kv_head_of(self) -> tuple[int, ...]:
+        group = self.n_heads // self.n_kv_heads
+        return tuple(h // group for h in range(self.n_heads))
+
+    def layer_of_parameter(self) -> dict[str, int | None]:
+        """Parameter name -> block index (None for parameters outside every block)."""
+        owner: dict[int, int] = {}
+        for layer, block in enumerate(self.blocks):
+            for p in block.parameters():
+                owner[id(p)] = layer
+        return {name: owner.get(id(p)) for name, p in self.model.named_parameters()}
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @property
+    def dtype_bytes(self) -> int:
+        return next(self.model.parameters()).element_size()
+
+    def fingerprint(self) -> str:
+        """Hash of parameter names, shapes, dtypes and values (identifies the weights)."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+            data = tensor.detach().cpu().contiguous()
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        return digest.hexdigest()
+
+    def dims(self) -> dict[str, int]:
+        return {"n_layers": self.n_layers, "d_model": self.d_model, "n_heads": self.n_heads,
+                "n_kv_heads": self.n_kv_heads, "d_head": self.d_head, "d_mlp": self.d_mlp,
+                "vocab_size": self.vocab_size, "n_params": self.n_params}

@@ -1,0 +1,108 @@
+"""Results: the typed record of a run plus its tensors; save, load, query, flatten."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ResultsFormatError, did_you_mean
+from .schema import SCHEMA_VERSION, MetricResult, ModelRecord, RunRecord
+from .store import atomic_write, load_tensors, save_tensors
+from .table import COLUMNS, tall_rows
+
+RESULTS_JSON = "results.json"
+RESULTS_CSV = "results.csv"
+TENSORS_FILE = "tensors.safetensors"
+
+
+def _norm(name: str) -> str:
+    return str(name).rstrip("/")
+
+
+class Results:
+    """What ``analyze`` returns. ``record`` is the pydantic RunRecord; large arrays live in
+    ``tensors`` under the keys their TensorValue names."""
+
+    def __init__(self, record: RunRecord, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        self.record = record
+        self.tensors = tensors or {}
+
+    @property
+    def models(self) -> list[str]:
+        return [m.name for m in self.record.models]
+
+    def model(self, name: str | None = None) -> ModelRecord:
+        if name is None:
+            if len(self.record.models) != 1:
+                raise KeyError(f"results hold {len(self.record.models)} models: name one of {self.models}")
+            return self.record.models[0]
+        for m in self.record.models:
+            if _norm(m.name) == _norm(name):
+                return m
+        raise KeyError(f"no model '{name}' in these results ({self.models}); {did_you_mean(name, self.models)}")
+
+    def get(self, metric: str, model: str | None = None) -> MetricResult:
+        """The result of ``metric`` on ``model`` (model-set metrics: leave ``model`` out)."""
+        if metric in self.record.model_set and model is None:
+            return self.record.model_set[metric]
+        record = self.model(model)
+        if metric not in record.metrics:
+            raise KeyError(f"no result for '{metric}' on {record.name}; "
+                           f"{did_you_mean(metric, record.metrics) or 'available: ' + ', '.join(record.metrics)}")
+        return record.metrics[metric]
+
+    def tensor(self, metric: str, field: str, model: str | None = None) -> torch.Tensor:
+        value = self.get(metric, model).values[field]
+        return self.tensors[value.key]  # type: ignore[union-attr]
+
+    def table(self) -> Any:
+        """The tall table as a pandas DataFrame (a list of dicts when pandas is absent)."""
+        rows = tall_rows(self.record)
+        try:
+            import pandas as pd
+        except ImportError:
+            return rows
+        return pd.DataFrame(rows, columns=list(COLUMNS))
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS))
+        writer.writeheader()
+        for row in tall_rows(self.record):
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        return buffer.getvalue()
+
+    def save(self, out: str | Path) -> Path:
+        """Write results.json, results.csv and (when any) tensors.safetensors, each atomically."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.tensors:
+            save_tensors(self.tensors, out / TENSORS_FILE)
+        with atomic_write(out / RESULTS_CSV) as handle:
+            handle.write(self.to_csv())
+        with atomic_write(out / RESULTS_JSON) as handle:
+            handle.write(self.record.model_dump_json(indent=2))
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> Results:
+        path = Path(path)
+        json_path = path / RESULTS_JSON if path.is_dir() else path
+        if not json_path.exists():
+            raise ResultsFormatError(f"{json_path} does not exist", "pass the folder that `res.save()` wrote")
+        record = RunRecord.model_validate_json(json_path.read_text())
+        if record.schema_version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+            raise ResultsFormatError(f"{json_path} has schema {record.schema_version}, this tensorscope reads "
+                                     f"{SCHEMA_VERSION}", "load it with the tensorscope version that wrote it")
+        return cls(record, load_tensors(json_path.parent / TENSORS_FILE))
+
+    def __repr__(self) -> str:
+        n = sum(len(m.metrics) for m in self.record.models) + len(self.record.model_set)
+        return f"Results({len(self.record.models)} model(s), {n} metric result(s))"
+
+
+__all__ = ["MetricResult", "ModelRecord", "Results", "RunRecord"]

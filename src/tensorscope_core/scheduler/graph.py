@@ -1,0 +1,88 @@
+"""Resolve requested metric names into a validated, ordered graph (before any model loads)."""
+
+from __future__ import annotations
+
+import graphlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from ..errors import BadParameterError, MetricCycleError, close_matches, did_you_mean
+from ..metric import Metric
+from ..plugins import Registry
+
+
+@dataclass(frozen=True)
+class MetricNode:
+    """One metric to run, with validated params and its stage (0 = needs no other metric)."""
+
+    name: str
+    cls: type[Metric]
+    params: BaseModel
+    plugin: str
+    stage: int
+    unavailable: str | None = None  # why it cannot run (missing dependency or artifact)
+
+
+def validate_params(cls: type[Metric], raw: Mapping[str, Any]) -> BaseModel:
+    try:
+        return cls.Params(**raw)
+    except ValidationError as exc:
+        known = list(cls.Params.model_fields)
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            hint = did_you_mean(field, known) if err["type"] == "extra_forbidden" else ""
+            problems.append(f"{field}: {err['msg']}" + (f" ({hint})" if hint else ""))
+        raise BadParameterError(f"bad parameters for {cls.name}: " + "; ".join(problems),
+                                f"`tensorscope explain {cls.name}` lists its parameters: {known or 'none'}") from exc
+
+
+def resolve(requested: str | Sequence[str], params: Mapping[str, Mapping[str, Any]],
+            registry: Registry) -> list[MetricNode]:
+    """Expand dependencies, validate names and params, detect cycles, order topologically."""
+    names = sorted(registry.metrics) if requested == "all" or requested == ["all"] else list(dict.fromkeys(
+        [requested] if isinstance(requested, str) else requested))
+    for name in names:
+        registry.metric(name)  # raises UnknownMetricError with suggestions
+    for name in params:
+        if name not in names:
+            registry.metric(name)
+    graph: dict[str, set[str]] = {}
+    unavailable: dict[str, str] = {}
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in graph:
+            continue
+        cls = registry.metrics[name]
+        graph[name] = set()
+        for dep in cls.requires_metrics:
+            if dep not in registry.metrics:
+                family = dep.split(".")[0]
+                unavailable[name] = (f"needs metric '{dep}', which no installed plugin provides: "
+                                     f"pip install 'tensorscope[{family}]'")
+                continue
+            graph[name].add(dep)
+            todo.append(dep)
+        missing = [a for a in cls.artifacts if a not in registry.artifacts]
+        if missing and name not in unavailable:
+            hint = "; ".join(f"'{a}'" + (f" ({did_you_mean(a, registry.artifacts)})"
+                                           if close_matches(a, registry.artifacts) else "") for a in missing)
+            unavailable[name] = f"needs artifact(s) {hint} that no installed plugin provides"
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        cycle = " -> ".join(exc.args[1])
+        raise MetricCycleError(f"metric dependencies form a cycle: {cycle}",
+                               "a metric cannot need itself through other metrics; report it to the plugin") from exc
+    stage: dict[str, int] = {}
+    nodes = []
+    for name in order:
+        stage[name] = 1 + max((stage[d] for d in graph[name]), default=-1)
+        cls = registry.metrics[name]
+        nodes.append(MetricNode(name, cls, validate_params(cls, params.get(name, {})),
+                                registry.metric_plugin[name], stage[name], unavailable.get(name)))
+    return sorted(nodes, key=lambda n: (n.stage, n.name))

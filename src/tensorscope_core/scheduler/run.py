@@ -1,0 +1,308 @@
+"""Execute one model's plan: shared passes, failure isolation, time limits, OOM retry, cache."""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..artifacts import ArtifactSpec
+from ..capture import CaptureContext, capture_scope, combine_micro, detach_all, tensor_bytes
+from ..config import RunConfig
+from ..core_artifacts import LossTargets, loss_targets
+from ..data import Batch, PreparedData
+from ..errors import MetricTimeoutError, TensorScopeError
+from ..metric import Metric, RunShape, Step
+from ..models.view import ModelView
+from ..plugins import Registry
+from ..results.schema import MetricResult, ScalarValue, SeriesValue, TensorValue
+from ..results.store import ResultCache, cache_key
+from .graph import MetricNode
+from .plan import ModelPlan, PassPlan, closure
+
+
+class MetricFailed(TensorScopeError):
+    """Raised with ``fail_fast=True`` at the first metric that fails."""
+
+
+class OutOfMemoryAtFloor(TensorScopeError):
+    pass
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+@contextmanager
+def time_limit(seconds: float | None, what: str) -> Iterator[None]:
+    """Interrupt the block after ``seconds`` (SIGALRM; main thread on POSIX only)."""
+    usable = seconds is not None and hasattr(signal, "setitimer") and \
+        threading.current_thread() is threading.main_thread()
+    if not usable:
+        yield
+        return
+    assert seconds is not None
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise MetricTimeoutError(f"{what} exceeded its time limit of {seconds:g} s",
+                                 "raise RunConfig(metric_timeout_s=...) or give it less data")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def to_values(metric: str, model: str, output: Mapping[str, Any],
+              tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Turn what finalize returned into typed values; tensors go to the tensor store."""
+    values: dict[str, Any] = {}
+    for name, value in output.items():
+        if isinstance(value, torch.Tensor) and value.numel() > 1:
+            key = f"{model}::{metric}::{name}"
+            tensors[key] = value.detach().cpu()
+            values[name] = TensorValue(key=key, shape=list(value.shape), dtype=str(value.dtype).removeprefix("torch."))
+        elif isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+            number = float(value)
+            values[name] = ScalarValue(value=number if math.isfinite(number) else None)
+        elif isinstance(value, (list, tuple)):
+            values[name] = SeriesValue(values=[float(v) for v in value])
+        else:
+            values[name] = value
+    return values
+
+
+@dataclass
+class ActiveMetric:
+    node: MetricNode
+    instance: Metric
+    declared: int
+    seconds: float = 0.0
+    measured: int = 0
+
+
+@dataclass
+class ModelRunner:
+    """Runs the per-model metrics of one model against its plan."""
+
+    view: ModelView
+    data: PreparedData | None
+    nodes: Sequence[MetricNode]
+    plan: ModelPlan
+    shape: RunShape
+    registry: Registry
+    config: RunConfig
+    cache: ResultCache | None
+    data_fingerprint: str | None
+    model_fingerprint: str
+    progress: Callable[[str, int], Any] | None = None
+    results: dict[str, MetricResult] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    passes: dict[str, int] = field(default_factory=dict)
+    artifact_bytes: dict[str, int] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+
+    # -- bookkeeping -----------------------------------------------------------------
+    def _result(self, node: MetricNode, status: str, **kw: Any) -> MetricResult:
+        return MetricResult(metric=node.name, version=node.cls.version, plugin=node.plugin, status=status,
+                            params=node.params.model_dump(mode="json"), **kw)
+
+    def _fail(self, active: ActiveMetric, exc: BaseException) -> None:
+        if self.config.fail_fast:
+            raise MetricFailed(f"{active.node.name} failed on {self.view.name}: {type(exc).__name__}: {exc}",
+                               "fix the cause, or run without fail_fast to keep the other metrics' results") from exc
+        self.results[active.node.name] = self._result(
+            active.node, "error", reason=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__,
+            declared_bytes=active.declared, measured_bytes=active.measured, seconds=active.seconds)
+
+    def _key(self, node: MetricNode) -> str:
+        return cache_key(model=self.model_fingerprint, data=self.data_fingerprint, metric=node.name,
+                         version=node.cls.version, params=node.params.model_dump(mode="json"),
+                         config=self.config.numeric_key(),
+                         deps=sorted(self.keys.get(d, "") for d in node.cls.requires_metrics))
+
+    def _call(self, active: ActiveMetric, fn: Callable[[], Any]) -> Any:
+        """Run one metric call under its remaining time budget, timing it."""
+        limit = self.config.metric_timeout_s
+        remaining = None if limit is None else max(limit - active.seconds, 1e-3)
+        start = time.perf_counter()
+        try:
+            with time_limit(remaining, f"{active.node.name} on {self.view.name}"):
+                return fn()
+        finally:
+            active.seconds += time.perf_counter() - start
+
+    # -- the run ----------------------------------------------------------------------
+    def run(self) -> None:
+        for stage in sorted({n.stage for n in self.nodes}):
+            members = [n for n in self.nodes if n.stage == stage and n.cls.scope == "model"]
+            active = [a for a in (self._admit(n) for n in members) if a is not None]
+            if not active:
+                continue
+            weights_only = [a for a in active if not (set(a.node.cls.artifacts) - {"weights"})]
+            on_data = [a for a in active if a not in weights_only]
+            if weights_only:
+                self.passes["weights"] = self.passes.get("weights", 0) + 1
+                self._finish(weights_only)
+            if on_data:
+                self._data_pass(on_data)
+                self._finish(on_data)
+
+    def _admit(self, node: MetricNode) -> ActiveMetric | None:
+        """Cache hit, unavailable, dependency failed, not applicable -> a result now; else run it."""
+        self.keys[node.name] = key = self._key(node)
+        if node.unavailable:
+            self.results[node.name] = self._result(node, "error", reason=node.unavailable, error_type="Unavailable")
+            return None
+        failed = [d for d in node.cls.requires_metrics if d in self.results and not self.results[d].ok]
+        if failed:
+            cause = self.results[failed[0]]
+            self.results[node.name] = self._result(
+                node, "skipped", reason=f"dependency '{failed[0]}' {cause.status}: {cause.reason}")
+            return None
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                result, tensors = hit
+                self.results[node.name] = result.model_copy(update={"from_cache": True})
+                self.tensors.update(tensors)
+                return None
+        reason = node.cls.skip_reason(node.params, self.view, self.data)
+        if reason is None and self.data is None and set(node.cls.artifacts) - {"weights"}:
+            reason = "this run has no data"
+        if reason is None and "token_loss" in closure(node.cls.artifacts, self.registry) and \
+                not self.view.causal and self.view.mask_token_id is None:
+            reason = "a masked-LM loss needs the tokenizer's mask token: save the tokenizer with the model"
+        if reason is not None:
+            self.results[node.name] = self._result(node, "skipped", reason=reason)
+            return None
+        deps = {d: self.results[d] for d in node.cls.requires_metrics}
+        declared = self.plan.declared_state.get(node.name, 0)
+        active = ActiveMetric(node, None, declared)  # type: ignore[arg-type]
+        try:
+            active.instance = self._call(active, lambda: node.cls(node.params, self.shape, self.view, deps))
+        except Exception as exc:
+            self._fail(active, exc)
+            return None
+        return active
+
+    def _finish(self, group: list[ActiveMetric]) -> None:
+        for active in group:
+            if active.node.name in self.results:
+                continue  # failed during the pass
+            try:
+                output = self._call(active, active.instance.finalize)
+                active.measured = max(active.measured, active.instance.state_bytes())
+                tensors: dict[str, torch.Tensor] = {}
+                values = to_values(active.node.name, self.view.name, output, tensors)
+            except Exception as exc:
+                self._fail(active, exc)
+                continue
+            result = self._result(active.node, "ok", values=values, declared_bytes=active.declared,
+                                  measured_bytes=active.measured, seconds=round(active.seconds, 4))
+            self.results[active.node.name] = result
+            self.tensors.update(tensors)
+            if self.cache is not None:
+                self.cache.put(self.keys[active.node.name], result, tensors)
+            del active.instance
+
+    # -- the shared data pass ---------------------------------------------------------
+    def _pass_plan(self, group: list[ActiveMetric]) -> PassPlan:
+        names = {a.node.name for a in group}
+        return next(p for p in self.plan.passes if p.kind != "weights" and names <= set(p.metrics))
+
+    def _data_pass(self, group: list[ActiveMetric]) -> None:
+        assert self.data is not None
+        pass_plan = self._pass_plan(group)
+        specs = closure([a for a in pass_plan.artifacts], self.registry)
+        backward = pass_plan.kind == "forward+backward"
+        micro = self.plan.micro_batch
+        model = self.view.model
+        model.zero_grad(set_to_none=True)
+        with capture_scope(self.view, specs, self.config.seed) as ctx:
+            for batch in self.data.batches():
+                batch = batch.to(self.config.device)
+                targets = loss_targets(self.view, batch, self.config.seed)
+                while True:
+                    try:
+                        artifacts = self._run_batch(ctx, specs, batch, targets, micro, backward)
+                        break
+                    except Exception as exc:
+                        model.zero_grad(set_to_none=True)
+                        ctx.store.clear()
+                        if not is_oom(exc):
+                            raise
+                        if micro <= self.config.min_micro_batch:
+                            raise OutOfMemoryAtFloor(
+                                f"out of memory at micro-batch {micro} on {self.view.name}",
+                                "lower batch_size or max_length, or use a device with more memory") from exc
+                        micro = max(self.config.min_micro_batch, micro // 2)
+                self.passes["forward"] = self.passes.get("forward", 0) + 1
+                if backward:
+                    self.passes["backward"] = self.passes.get("backward", 0) + 1
+                for name, value in artifacts.items():
+                    self.artifact_bytes[name] = max(self.artifact_bytes.get(name, 0), tensor_bytes(value))
+                self._feed(group, Step(batch, artifacts, targets.target_mask))
+                if self.progress is not None:
+                    self.progress(self.view.name, 1)
+        model.zero_grad(set_to_none=True)
+
+    def _feed(self, group: list[ActiveMetric], step: Step) -> None:
+        """Update each live metric; drop each artifact after its last consumer."""
+        live = [a for a in group if a.node.name not in self.results]
+        last_use = {name: i for i, a in enumerate(live) for name in a.node.cls.artifacts}
+        artifacts = dict(step.artifacts)
+        for i, active in enumerate(live):
+            view = Step(step.batch, {k: artifacts[k] for k in active.node.cls.artifacts if k in artifacts},
+                        step.target_mask)
+            try:
+                self._call(active, lambda: active.instance.update(view))
+                active.measured = max(active.measured, active.instance.state_bytes())
+            except Exception as exc:
+                self._fail(active, exc)
+            for name in [n for n, last in last_use.items() if last == i]:
+                artifacts.pop(name, None)
+
+    def _run_batch(self, ctx: CaptureContext, specs: list[ArtifactSpec], batch: Batch, targets: LossTargets,
+                   micro: int, backward: bool) -> dict[str, Any]:
+        model = self.view.model
+        kwargs = {k: v for s in specs for k, v in s.forward_kwargs}
+        forward_specs = [s for s in specs if s.pass_kind == "forward"]
+        summed = [s for s in specs if s.pass_kind == "backward" and s.combine == "sum"]
+        parts: dict[str, list[Any]] = {}
+        ctx.batch_tokens = max(targets.n_targets, 1)
+        ctx.grad_enabled = backward
+        for start in range(0, batch.input_ids.shape[0], micro):
+            sub, sub_targets = batch.slice(start, start + micro), targets.slice(start, start + micro)
+            ctx.store.clear()
+            ctx.batch, ctx.store["_targets"] = sub, sub_targets
+            with torch.set_grad_enabled(backward):
+                ctx.outputs = model(input_ids=sub_targets.model_input, attention_mask=sub.attention_mask,
+                                    use_cache=False, **kwargs)
+                for spec in forward_specs:
+                    if spec.derive is not None:
+                        spec.derive(ctx)
+                if backward:
+                    (ctx.store["token_loss"].sum() / ctx.batch_tokens).backward()
+            ctx.outputs = None
+            for name in ctx.wanted:
+                if name in ctx.store and name not in {s.name for s in summed}:
+                    parts.setdefault(name, []).append(detach_all(ctx.store[name]))
+        for spec in summed:
+            if spec.derive is not None:
+                spec.derive(ctx)
+            parts[spec.name] = [ctx.store[spec.name]]
+        model.zero_grad(set_to_none=True)
+        ctx.store.clear()
+        return {name: combine_micro(values) for name, values in parts.items()}
