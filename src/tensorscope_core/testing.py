@@ -1,0 +1,125 @@
+"""The harness plugin authors use in their tests: tiny models, cost and reference checks.
+
+Everything here is offline: models are randomly initialised from small configs, saved
+with ``save_pretrained`` and reloaded, with a word-level tokenizer built from the
+built-in corpus.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .api import analyze
+from .config import RunConfig
+from .data import builtin_corpus
+from .results import Results
+from .results.schema import MetricResult
+
+FAMILIES = ("gpt2", "llama", "neox", "bert")
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[MASK]")
+
+def tiny_tokenizer() -> Any:
+    """A word-level tokenizer over the built-in corpus (about 400 tokens), fully offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(builtin_corpus(), trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS)))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   bos_token="[BOS]", mask_token="[MASK]")
+
+def tiny_config(family: str, vocab_size: int, n_layers: int = 2, d_model: int = 32, n_heads: int = 4) -> Any:
+    """Config of a tiny model: GPT-2, LLaMA (grouped-query: 2 KV heads, rotary), GPT-NeoX, BERT."""
+    import transformers as tf
+
+    common = {"vocab_size": vocab_size, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 2}
+    if family == "gpt2":
+        return tf.GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=n_heads, n_positions=64, **common)
+    if family == "llama":
+        return tf.LlamaConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                              num_attention_heads=n_heads, num_key_value_heads=max(1, n_heads // 2),
+                              max_position_embeddings=64, tie_word_embeddings=False, **common)
+    if family == "neox":
+        return tf.GPTNeoXConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                                num_attention_heads=n_heads, max_position_embeddings=64, **common)
+    if family == "bert":
+        return tf.BertConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                             num_attention_heads=n_heads, max_position_embeddings=64, **common)
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+def tiny_model(family: str, folder: str | Path, *, seed: int = 0, with_tokenizer: bool = True,
+               **dims: int) -> Path:
+    """Build a random tiny model of ``family``, save it (and a tokenizer) to ``folder``."""
+    import transformers as tf
+
+    tokenizer = tiny_tokenizer() if with_tokenizer else None
+    vocab = len(tokenizer) if tokenizer is not None else 64
+    config = tiny_config(family, vocab, **dims)
+    torch.manual_seed(seed)
+    cls = tf.BertForMaskedLM if family == "bert" else tf.AutoModelForCausalLM
+    model = cls(config) if family == "bert" else cls.from_config(config)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+def random_token_data(vocab_size: int, n: int = 8, length: int = 16, seed: int = 0) -> torch.Tensor:
+    """Token ids [n, length] drawn uniformly (ids 4.. avoid the special tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab_size, (n, length), generator=gen)
+
+def run_metric(metric: str, model: Any, data: Any = None, params: dict[str, Any] | None = None,
+               **config: Any) -> MetricResult:
+    """Run one metric on one model and return its result (raising if it did not end ok)."""
+    cfg = RunConfig(**{"batch_size": 4, "max_length": 32, **config})
+    res = analyze(model, data=data, metrics=[metric], params={metric: params or {}}, config=cfg)
+    result = res.get(metric)
+    if result.status != "ok":
+        raise AssertionError(f"{metric} ended {result.status}: {result.reason}")
+    return result
+
+def check_declared_cost(result: MetricResult, rel_tol: float = 0.15) -> None:
+    """Assert the declared state bytes are within ``rel_tol`` of what the metric held."""
+    declared, measured = result.declared_bytes or 0, result.measured_bytes or 0
+    if max(declared, measured) == 0:
+        return
+    if abs(declared - measured) > rel_tol * max(declared, measured):
+        raise AssertionError(f"{result.metric}: declared {declared} bytes, held {measured} "
+                             f"(tolerance {rel_tol:.0%})")
+
+def check_against_reference(result: MetricResult, field: str, reference: Callable[[], Any],
+                            rtol: float = 1e-5, atol: float = 1e-8) -> None:
+    """Assert ``result``'s field equals what an independent ``reference()`` computes."""
+    got = torch.tensor(_as_floats(result.value(field)), dtype=torch.float64)
+    want = torch.as_tensor(reference(), dtype=torch.float64).flatten()
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=rtol, atol=atol, equal_nan=True):
+        raise AssertionError(f"{result.metric}.{field}: got {got.tolist()}, reference {want.tolist()}")
+
+def _as_floats(value: Any) -> list[float]:
+    if isinstance(value, (int, float)) or value is None:
+        return [math.nan if value is None else float(value)]
+    flat: list[float] = []
+    for v in value:
+        flat += _as_floats(v)
+    return flat
+
+def check_roundtrip(results: Results, folder: str | Path) -> Results:
+    """Save, reload and assert the record and tensors are unchanged."""
+    results.save(folder)
+    loaded = Results.load(folder)
+    if loaded.record != results.record:
+        raise AssertionError("results changed in a save/load round trip")
+    for key, tensor in results.tensors.items():
+        if not torch.equal(loaded.tensors[key], tensor.cpu()):
+            raise AssertionError(f"tensor {key} changed in a save/load round trip")
+    return loaded
+
+__all__ = ["FAMILIES", "check_against_reference", "check_declared_cost", "check_roundtrip",
+           "random_token_data", "run_metric", "tiny_config", "tiny_model", "tiny_tokenizer"]
