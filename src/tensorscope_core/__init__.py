@@ -5,6 +5,13 @@ and for plugin authors ``Metric``, ``Params``, ``Step``, ``RunShape``, ``Cost``,
 ``ArtifactSpec``, ``hookimpl`` and the value types.
 """
 
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("tensorscope")
+except _metadata.PackageNotFoundError:  # running from a source tree without install
+    __version__ = "0+unknown"
+
 from .api import analyze, analyze_models, plan
 from .artifacts import ArtifactSpec
 from .config import RunConfig
@@ -28,7 +35,7 @@ from .results.schema import (
 )
 
 __all__ = [
-    "PLUGIN_API_VERSION", "ArtifactSpec", "Batch", "Cost", "GenericAdapter", "HeadValue", "HeadWeights",
+    "PLUGIN_API_VERSION", "__version__", "ArtifactSpec", "Batch", "Cost", "GenericAdapter", "HeadValue", "HeadWeights",
     "LayerValue", "Metric", "MetricResult", "ModelSource", "ModelView", "NoParams", "Params", "Results",
     "RunConfig", "RunShape", "ScalarValue", "SeriesValue", "Step", "TableValue", "TensorValue", "TextValue",
     "analyze", "analyze_models", "builtin_corpus", "hookimpl", "plan",

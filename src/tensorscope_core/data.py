@@ -163,8 +163,28 @@ def _tokenize(texts: list[str], view: ModelView, max_length: int) -> tuple[list[
     return rows, truncated
 
 
+def read_token_file(path: Path) -> torch.Tensor:
+    """Token ids saved as a tensor: ``.safetensors`` (key ``input_ids``) or ``.pt`` (weights_only)."""
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist", "pass an existing file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        if "input_ids" not in tensors:
+            raise DataError(f"{path} has no 'input_ids' tensor (it has {sorted(tensors)})",
+                            "save token ids with safetensors.torch.save_file({'input_ids': ids}, path)")
+        return tensors["input_ids"]
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(loaded, torch.Tensor):
+        raise DataError(f"{path} does not hold a tensor of token ids", "torch.save(input_ids, path)")
+    return loaded
+
+
 def _sequences(spec: DataSpec, view: ModelView, max_length: int) -> tuple[list[torch.Tensor], int]:
-    if isinstance(spec, (str, Path)):
+    if isinstance(spec, (str, Path)) and Path(spec).suffix in (".pt", ".safetensors"):
+        spec = read_token_file(Path(spec))
+    elif isinstance(spec, (str, Path)):
         return _tokenize(_read_file(Path(spec)), view, max_length)
     if isinstance(spec, torch.Tensor):
         rows = _rows_of(spec, None)

@@ -8,6 +8,7 @@ into typed values. Nothing here knows any metric maths.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -143,7 +144,7 @@ class Metric:
         return {
             "name": cls.name, "version": cls.version, "summary": cls.summary, "scope": cls.scope,
             "artifacts": list(cls.artifacts), "requires_metrics": list(cls.requires_metrics),
-            "fields": dict(cls.fields), "doc": (cls.__doc__ or "").strip(),
+            "fields": dict(cls.fields), "doc": inspect.cleandoc(cls.__doc__ or ""),
             "params": {k: {"type": v.get("type", v.get("anyOf", "")), "default": v.get("default"),
                            "description": v.get("description", "")}
                        for k, v in schema.get("properties", {}).items()},

@@ -22,6 +22,9 @@ def atomic_write(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     so a killed run never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle

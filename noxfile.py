@@ -1,0 +1,80 @@
+"""Developer sessions: tests, lint, typecheck, bench, docs, build, demo.
+
+Every session installs torch==2.13.0 first (a CPU build kept on the machines here);
+a bare torch requirement could otherwise pull a multi-GB CUDA build.
+"""
+
+from __future__ import annotations
+
+import glob
+import shutil
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2024.4.15"
+nox.options.default_venv_backend = "virtualenv"
+nox.options.sessions = ["tests", "lint", "typecheck"]
+
+TORCH = "torch==2.13.0"
+PLUGINS = sorted(str(p.parent) for p in Path("plugins").glob("*/pyproject.toml"))
+
+
+def _install_dev(session: nox.Session) -> None:
+    session.install(TORCH)
+    session.install("-e", ".[dev]", *[arg for p in PLUGINS for arg in ("-e", p)])
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Core and plugin tests (the same command CI runs)."""
+    _install_dev(session)
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "src", "plugins", "tests", "bench", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    _install_dev(session)
+    session.run("mypy", "src/tensorscope_core", *[f"{p}/src" for p in PLUGINS])
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Capture overhead, sharing and declared-vs-measured memory, as ratios in one run."""
+    _install_dev(session)
+    session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Regenerate the metric catalogue and the result JSON Schema from the code."""
+    _install_dev(session)
+    session.run("python", "-m", "tensorscope_core.catalogue", "docs/metrics.md")
+    session.run("python", "-m", "tensorscope_core.results.export_schema", "docs/result-schema.json")
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Wheels of the core and every plugin into dist/, then a clean install from that wheelhouse."""
+    session.install("build")
+    shutil.rmtree("dist", ignore_errors=True)
+    for folder in [".", *PLUGINS]:
+        session.run("python", "-m", "build", "--wheel", "--outdir", "dist", folder)
+    session.install(TORCH)
+    session.install("--find-links", "dist", "tensorscope[all]")
+    session.run("python", "-c", "import tensorscope_core, tensorscope_basic; from importlib.metadata import "
+                "version; assert version('tensorscope').startswith('2.'), version('tensorscope')")
+    session.run("tensorscope", "plugins")
+    session.log("wheels: " + ", ".join(Path(p).name for p in glob.glob("dist/*.whl")))
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    _install_dev(session)
+    session.run("tensorscope", "demo", "--out", "demo-out")

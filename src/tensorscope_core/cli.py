@@ -1,0 +1,263 @@
+"""The ``tensorscope`` command. Exit codes: 0 ok, 1 failure, 2 usage error, 3 plan over budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import TensorScopeError, UsageError
+
+EPILOG = "exit codes: 0 success, 1 failure, 2 usage error (unknown metric, bad parameter), 3 plan over memory budget"
+
+
+def _metric_list(text: str) -> str | list[str]:
+    return "all" if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _params(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--param basic.activation_stats.dead_threshold=0.01`` -> {metric: {field: value}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        metric, dot, field = key.rpartition(".")
+        if not sep or not dot or "." not in metric:
+            raise UsageError(f"cannot read --param {pair!r}", "write --param family.metric.field=value")
+        out.setdefault(metric, {})[field] = _parse_value(value)
+    return out
+
+
+def _models(specs: Sequence[str]) -> list[str] | dict[str, str]:
+    """``name=path`` pairs name the models (model sets); plain paths name themselves."""
+    named = [s.partition("=") for s in specs]
+    if all(sep and name and "/" not in name for name, sep, _ in named):
+        return {name: path for name, _, path in named}
+    return list(specs)
+
+
+def _data(specs: Sequence[str] | None) -> Any:
+    if not specs:
+        return None
+    pairs = [s.partition("=") for s in specs]
+    if all(sep and not Path(s).exists() for (_, sep, _), s in zip(pairs, specs, strict=True)):
+        return {task: path for task, _, path in pairs}
+    if len(specs) > 1:
+        raise UsageError("several --data files need task names", "write --data math=math.jsonl --data code=code.jsonl")
+    return specs[0]
+
+
+def _config(args: argparse.Namespace, **extra: Any) -> Any:
+    from .config import RunConfig
+
+    values = {"seed": args.seed, "batch_size": args.batch_size, "max_length": args.max_length,
+              "device": args.device, "memory_budget": args.memory_budget, "max_batches": args.max_batches, **extra}
+    try:
+        return RunConfig(**{k: v for k, v in values.items() if v is not None})
+    except ValueError as exc:
+        raise UsageError(f"bad run setting: {exc}", "see `tensorscope analyze --help`") from exc
+
+
+def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
+    print(json.dumps(payload, indent=2, default=str) if getattr(args, "json", False) else text)
+
+
+# -- commands -------------------------------------------------------------------------------
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .api import analyze
+
+    out = Path(args.out)
+    config = _config(args, fail_fast=args.fail_fast, metric_timeout_s=args.metric_timeout,
+                     cache_dir=None if args.no_cache else out / ".cache", progress=sys.stderr.isatty())
+    results = analyze(_models(args.models), data=_data(args.data), metrics=_metric_list(args.metrics),
+                      config=config, params=_params(args.param), base_config=args.base_config)
+    results.save(out)
+    summary = [{"model": m.name, "metric": r.metric, "status": r.status, "reason": r.reason}
+               for m in results.record.models for r in m.metrics.values()]
+    summary += [{"model": "*", "metric": r.metric, "status": r.status, "reason": r.reason}
+                for r in results.record.model_set.values()]
+    lines = [f"{s['model']:<24} {s['metric']:<32} {s['status']}" + (f"  ({s['reason']})" if s["reason"] else "")
+             for s in summary]
+    lines.append(f"wrote {out / 'results.json'}, {out / 'results.csv'}")
+    _emit(args, {"out": str(out), "results": summary}, "\n".join(lines))
+    failed = any(s["status"] == "error" for s in summary)
+    return 1 if failed and args.strict else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .api import plan
+
+    plans = plan(_models(args.models), data=_data(args.data), metrics=_metric_list(args.metrics),
+                 config=_config(args), params=_params(args.param), base_config=args.base_config)
+    _emit(args, [p.to_dict() for p in plans], "\n\n".join(p.render() for p in plans))
+    return 0 if all(p.fits for p in plans) else 3
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import get_registry
+
+    registry = get_registry()
+    rows = []
+    for plugin in registry.plugins:
+        metrics = [{"name": m, "artifacts": list(registry.metrics[m].artifacts),
+                    "requires_metrics": list(registry.metrics[m].requires_metrics),
+                    "scope": registry.metrics[m].scope} for m in plugin.metrics]
+        rows.append({**plugin.model_dump(), "metrics": metrics})
+    lines = []
+    for row in rows:
+        lines.append(f"{row['name']} {row['version'] or ''}  [{row['status']}]")
+        if row["error"]:
+            lines.append(f"    error: {row['error']}")
+        for m in row["metrics"]:
+            lines.append(f"    {m['name']:<30} needs {', '.join(m['artifacts'] + m['requires_metrics']) or '-'}")
+    _emit(args, rows, "\n".join(lines))
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from .catalogue import catalogue
+    from .plugins import get_registry
+
+    entries = catalogue(get_registry())
+    _emit(args, entries, "\n".join(f"{e['name']:<32} {e['summary']}" for e in entries) or "no metrics installed")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .catalogue import catalogue, explain_text
+    from .plugins import get_registry
+
+    registry = get_registry()
+    registry.metric(args.metric)  # unknown -> UnknownMetricError with suggestions
+    entry = next(e for e in catalogue(registry) if e["name"] == args.metric)
+    _emit(args, entry, explain_text(entry))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    results = run_demo(args.out, seed=args.seed, log=log)
+    if args.json:
+        print(json.dumps({"out": args.out, "models": results.models}, indent=2))
+    return 0
+
+
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from .scaffold import write_plugin
+
+    folder = write_plugin(args.name, Path(args.dir))
+    _emit(args, {"folder": str(folder)},
+          f"wrote {folder}\nnext: pip install -e {folder} && pytest {folder}/tests")
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="model folder, .safetensors/.pt (with --base-config) or .gguf; name=path names it")
+    p.add_argument("--metrics", default="all", help="comma-separated metric names, or 'all' (default)")
+    p.add_argument("--data", action="append", metavar="[TASK=]FILE",
+                   help=".txt (one example per line), .jsonl with a 'text' field, or token ids in .safetensors "
+                        "('input_ids') / .pt; repeat with TASK= for tasks; "
+                        "default: the built-in corpus")
+    p.add_argument("--param", action="append", default=[], metavar="METRIC.FIELD=VALUE", help="metric parameter")
+    p.add_argument("--base-config", help="folder with config.json for bare state-dict files")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--max-batches", type=int, help="stop after this many batches per task")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--memory-budget", help="e.g. 4GiB (the plan must fit before anything runs)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tensorscope", epilog=EPILOG,
+                                     description="Many analysis metrics of a model in one shared run.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"tensorscope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("analyze", help="run metrics on models and write results", epilog=EPILOG)
+    _run_options(p)
+    p.add_argument("--out", required=True, help="output folder (results.json, results.csv, tensors.safetensors)")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failing metric")
+    p.add_argument("--metric-timeout", type=float, help="seconds after which a metric gets an error result")
+    p.add_argument("--no-cache", action="store_true", help="recompute everything (default: resume from OUT/.cache)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any metric ended in error")
+    p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("plan", help="show the passes and declared memory without running", epilog=EPILOG)
+    _run_options(p)
+    p.set_defaults(fn=cmd_plan)
+
+    for name, fn, text in (("plugins", cmd_plugins, "installed plugins, their status and metrics"),
+                           ("metrics", cmd_metrics, "the metric catalogue")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("explain", help="what a metric computes, its needs, parameters and fields")
+    p.add_argument("metric")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_explain)
+
+    p = sub.add_parser("demo", help="train a tiny model through its induction-head phase change and analyse it")
+    p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("new-plugin", help="write a plugin skeleton that installs and passes its own test")
+    p.add_argument("name", help="family name, e.g. 'probes' -> distribution tensorscope-probes")
+    p.add_argument("--dir", default=".", help="where to create tensorscope-NAME/")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_new_plugin)
+    return parser
+
+
+def _quiet_transformers() -> None:
+    """Loading-bar and config chatter from transformers drowns the command's own output."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    _quiet_transformers()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except TensorScopeError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": type(exc).__name__, "problem": exc.problem, "fix": exc.fix,
+                              "plan": getattr(exc, "plan_text", None)}, indent=2))
+        else:
+            print(f"error: {exc.problem}", file=sys.stderr)
+            if exc.fix:
+                print(f"  fix: {exc.fix}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished metrics are in the cache; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

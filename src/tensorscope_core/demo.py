@@ -1,0 +1,88 @@
+"""The built-in demo: train a 2-layer model until its induction heads form, analyse the checkpoints.
+
+Task: sequences of 16 uniform random tokens repeated once (vocabulary 64). The first
+half is unpredictable (loss ln 64 = 4.16); once an induction head copies the token
+that followed the previous occurrence, the second half becomes predictable and the
+mean loss falls towards ln(64) / 2 = 2.08. Checkpoints before, during and after the
+phase change are saved with ``save_pretrained`` and analysed with every installed metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .api import analyze
+from .config import RunConfig
+from .results import Results
+
+VOCAB = 64
+HALF = 16
+CHECKPOINT_STEPS = (0, 25, 50, 75, 100, 300)
+
+
+def repeated_sequences(n: int, generator: torch.Generator) -> torch.Tensor:
+    """[n, 2*HALF] token ids: HALF random tokens, then the same tokens again."""
+    first = torch.randint(0, VOCAB, (n, HALF), generator=generator)
+    return torch.cat([first, first], dim=1)
+
+
+def demo_model() -> torch.nn.Module:
+    """2-layer LLaMA-style model: rotary positions, d=64, 4 heads, eager attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2 * HALF,
+                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return LlamaForCausalLM(config)
+
+
+def train(out: Path, steps: Sequence[int] = CHECKPOINT_STEPS, seed: int = 0, batch_size: int = 64,
+          lr: float = 3e-3, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Train with AdamW, saving a checkpoint folder at each of ``steps``; returns name -> folder."""
+    torch.manual_seed(seed)
+    model = demo_model()
+    model.config._attn_implementation = "eager"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    checkpoints: dict[str, Path] = {}
+    for step in range(max(steps) + 1):
+        if step in steps:
+            folder = out / "checkpoints" / f"step-{step:04d}"
+            model.save_pretrained(folder)
+            checkpoints[f"step-{step:04d}"] = folder
+        if step == max(steps):
+            break
+        ids = repeated_sequences(batch_size, generator)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0:
+            log(f"  step {step:4d}  training loss {loss.item():.3f}")
+    return checkpoints
+
+
+def run_demo(out: str | Path, *, steps: Sequence[int] = CHECKPOINT_STEPS, seed: int = 0,
+             metrics: str | Sequence[str] = "all", log: Callable[[str], None] = print) -> Results:
+    out = Path(out)
+    log(f"training the demo model (2 layers, 4 heads) on repeated random sequences; checkpoints at {list(steps)}")
+    checkpoints = train(out, steps, seed=seed, log=log)
+    data = repeated_sequences(64, torch.Generator().manual_seed(seed + 1))  # held out from training
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"input_ids": data}, str(out / "data.safetensors"))
+    log(f"analysing {len(checkpoints)} checkpoints with metrics: {metrics}")
+    results = analyze({name: str(path) for name, path in checkpoints.items()}, data=data, metrics=metrics,
+                      config=RunConfig(seed=seed, batch_size=16, max_length=2 * HALF,
+                                       cache_dir=out / ".cache"))
+    results.save(out)
+    for model in results.record.models:
+        loss = model.metrics.get("basic.loss")
+        shown = f"loss {loss.value('loss'):.3f}" if loss is not None and loss.ok else ""
+        failed = [n for n, r in model.metrics.items() if r.status == "error"]
+        log(f"  {model.name}: {shown}" + (f"  errors: {failed}" if failed else ""))
+    log(f"wrote {out / 'results.json'} and {out / 'results.csv'}; the analysis data is {out / 'data.safetensors'}")
+    return results
