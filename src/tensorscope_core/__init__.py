@@ -12,7 +12,7 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree without install
     __version__ = "0+unknown"
 
-from .api import analyze, analyze_models, plan
+from .api import Analyzer, analyze, analyze_models, plan
 from .artifacts import ArtifactSpec
 from .config import RunConfig
 from .data import Batch, builtin_corpus
@@ -35,7 +35,7 @@ from .results.schema import (
 )
 
 __all__ = [
-    "PLUGIN_API_VERSION", "__version__", "ArtifactSpec", "Batch", "Cost", "GenericAdapter", "HeadValue", "HeadWeights",
+    "PLUGIN_API_VERSION", "__version__", "Analyzer", "ArtifactSpec", "Batch", "Cost", "GenericAdapter", "HeadValue", "HeadWeights",
     "LayerValue", "Metric", "MetricResult", "ModelSource", "ModelView", "NoParams", "Params", "Results",
     "RunConfig", "RunShape", "ScalarValue", "SeriesValue", "Step", "TableValue", "TensorValue", "TextValue",
     "analyze", "analyze_models", "builtin_corpus", "hookimpl", "plan",

@@ -202,3 +202,23 @@ def analyze(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequ
 
 
 analyze_models = analyze
+
+
+class Analyzer:
+    """A fixed analysis (metrics, parameters, config) applied to many models or model sets,
+    so a sweep over checkpoints uses one definition of what is measured."""
+
+    def __init__(self, metrics: str | Sequence[str] = "all", *, config: RunConfig | None = None,
+                 params: Mapping[str, Mapping[str, Any]] | None = None, adapter: Adapter | None = None) -> None:
+        self.metrics = metrics
+        self.config = config or RunConfig()
+        self.params = dict(params or {})
+        self.adapter = adapter
+        resolve(metrics, self.params, get_registry())  # fail on bad names and parameters now, not later
+
+    def plan(self, models: ModelsArg, data: DataSpec | None = None) -> list[ModelPlan]:
+        return plan(models, data, self.metrics, config=self.config, params=self.params, adapter=self.adapter)
+
+    def run(self, models: ModelsArg, data: DataSpec | None = None, **kwargs: Any) -> Results:
+        return analyze(models, data, self.metrics, config=self.config, params=self.params, adapter=self.adapter,
+                       **kwargs)

@@ -47,7 +47,8 @@ class RunConfig(BaseModel):
 
     seed: int = 0
     batch_size: int = Field(8, ge=1)
-    max_length: int = Field(128, ge=2)
+    max_length: int | None = Field(
+        None, ge=2, description="tokens per sequence; None: the model's positions, at most 128")
     max_batches: int | None = Field(None, ge=1, description="stop after this many batches per task")
     device: str = "cpu"
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"

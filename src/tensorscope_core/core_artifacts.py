@@ -115,7 +115,8 @@ def _derive_attn(ctx: CaptureContext) -> None:
 
 
 def _derive_param_grad(ctx: CaptureContext) -> None:
-    ctx.store["param_grad"] = {name: p.grad.detach().clone() for name, p in ctx.view.model.named_parameters()
+    # The .grad tensors themselves (no copy): the runner clears them after every metric has read them.
+    ctx.store["param_grad"] = {name: p.grad.detach() for name, p in ctx.view.model.named_parameters()
                                if p.grad is not None}
 
 

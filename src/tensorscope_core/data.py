@@ -214,9 +214,18 @@ def _check_ids(rows: list[torch.Tensor], view: ModelView, where: str) -> None:
             "use the tokenizer saved with this model; token ids must lie in [0, vocab_size)")
 
 
-def prepare_data(data: DataSpec, view: ModelView, *, batch_size: int, max_length: int,
+DEFAULT_MAX_LENGTH = 128
+
+
+def prepare_data(data: DataSpec, view: ModelView, *, batch_size: int, max_length: int | None,
                  max_batches: int | None = None) -> PreparedData:
-    """Validate and tokenize once per model; every problem is reported before any pass."""
+    """Validate and tokenize once per model; every problem is reported before any pass.
+
+    ``max_length=None`` means the model's positions, at most 128; an explicit value above
+    the model's positions is refused rather than silently cut.
+    """
+    if max_length is None:
+        max_length = min(DEFAULT_MAX_LENGTH, view.max_positions or DEFAULT_MAX_LENGTH)
     if view.max_positions is not None and max_length > view.max_positions:
         raise SequenceTooLongError(
             f"max_length {max_length} exceeds the {view.max_positions} positions of {view.name}",

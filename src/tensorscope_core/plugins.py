@@ -97,14 +97,15 @@ def _register_plugin(pm: pluggy.PluginManager, obj: Any, name: str, version: str
                                       "adapters need name, matches(model) and build(model, name, tokenizer)")
             added_adapters.append(adapter)
 
-        hook = pm.subset_hook_caller("register_metrics", remove_plugins=[p for p in pm.get_plugins() if p is not obj])
-        hook(register=add_metric)
-        pm.subset_hook_caller("register_artifacts", [p for p in pm.get_plugins() if p is not obj])(
-            register=add_artifact)
-        pm.subset_hook_caller("register_adapters", [p for p in pm.get_plugins() if p is not obj])(
-            register=add_adapter)
-        pm.subset_hook_caller("register_report_sections", [p for p in pm.get_plugins() if p is not obj])(
-            register=lambda title, render: added_sections.append((title, render)))
+        others = [p for p in pm.get_plugins() if p is not obj]
+
+        def call(hook_name: str, register: Callable[..., None]) -> None:
+            pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
+
+        call("register_metrics", add_metric)
+        call("register_artifacts", add_artifact)
+        call("register_adapters", add_adapter)
+        call("register_report_sections", lambda title, render: added_sections.append((title, render)))
     except Exception:
         pm.unregister(obj)
         raise

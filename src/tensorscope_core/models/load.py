@@ -84,15 +84,25 @@ def _from_state_dict(path: Path, base_config: Path | None) -> tuple[nn.Module, A
     config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
     config._attn_implementation = "eager"
     model = _auto_class(config).from_config(config, attn_implementation="eager")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, or a pickle that is more than tensors
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"{path} could not be read as a state dict: {type(exc).__name__}: {first_line}",
+                             "save it with safetensors.torch.save_file(model.state_dict(), path) or with "
+                             "torch.save(model.state_dict(), path); .pt files load with weights_only=True") from exc
     if not isinstance(state, dict):
         raise ModelLoadError(f"{path} does not hold a state dict", "save it with torch.save(model.state_dict(), path)")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same names, other shapes
+        raise ModelLoadError(f"{path.name} does not match the config in {config_dir}: {exc}",
+                             "pass the base config the weights were saved from") from exc
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [m for m in missing if m not in tied and not m.endswith("lm_head.weight")]
     if missing or unexpected:

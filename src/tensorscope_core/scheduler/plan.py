@@ -94,7 +94,7 @@ def _pass_peak(view: ModelView, p: PassPlan, micro: int, seq: int, specs: Sequen
                batch_size: int) -> None:
     p.artifact_bytes = sum(s.nbytes(view, batch_size, seq) for s in specs)
     if p.kind == "forward+backward":
-        p.activation_bytes = act_bytes(view, micro, seq) + view.param_bytes  # + gradients
+        p.activation_bytes = act_bytes(view, micro, seq)  # gradients are the param_grad artifact
     elif p.kind == "forward":
         p.activation_bytes = act_bytes(view, micro, seq) // max(view.n_layers, 1)
     else:

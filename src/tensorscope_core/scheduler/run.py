@@ -25,7 +25,7 @@ from ..plugins import Registry
 from ..results.schema import MetricResult, ScalarValue, SeriesValue, TensorValue
 from ..results.store import ResultCache, cache_key
 from .graph import MetricNode
-from .plan import ModelPlan, PassPlan, closure
+from .plan import ModelPlan, closure, pass_kind
 
 
 class MetricFailed(TensorScopeError):
@@ -42,8 +42,11 @@ def is_oom(exc: BaseException) -> bool:
 
 
 @contextmanager
-def time_limit(seconds: float | None, what: str) -> Iterator[None]:
-    """Interrupt the block after ``seconds`` (SIGALRM; main thread on POSIX only)."""
+def time_limit(seconds: float | None, what: str, limit: float | None = None) -> Iterator[None]:
+    """Interrupt the block after ``seconds`` (SIGALRM; main thread on POSIX only).
+
+    ``limit`` is the configured limit the error names (``seconds`` may be what is left of it).
+    """
     usable = seconds is not None and hasattr(signal, "setitimer") and \
         threading.current_thread() is threading.main_thread()
     if not usable:
@@ -52,7 +55,7 @@ def time_limit(seconds: float | None, what: str) -> Iterator[None]:
     assert seconds is not None
 
     def on_alarm(signum: int, frame: Any) -> None:
-        raise MetricTimeoutError(f"{what} exceeded its time limit of {seconds:g} s",
+        raise MetricTimeoutError(f"{what} exceeded its time limit of {limit if limit is not None else seconds:g} s",
                                  "raise RunConfig(metric_timeout_s=...) or give it less data")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
@@ -138,7 +141,7 @@ class ModelRunner:
         remaining = None if limit is None else max(limit - active.seconds, 1e-3)
         start = time.perf_counter()
         try:
-            with time_limit(remaining, f"{active.node.name} on {self.view.name}"):
+            with time_limit(remaining, f"{active.node.name} on {self.view.name}", limit):
                 return fn()
         finally:
             active.seconds += time.perf_counter() - start
@@ -156,7 +159,16 @@ class ModelRunner:
                 self.passes["weights"] = self.passes.get("weights", 0) + 1
                 self._finish(weights_only)
             if on_data:
-                self._data_pass(on_data)
+                try:
+                    self._data_pass(on_data)
+                except MetricFailed:
+                    raise
+                except Exception as exc:  # the shared pass itself failed (out of memory at the floor,
+                    # a model or capture error): every metric of the pass gets an error result, the run goes on
+                    self.view.model.zero_grad(set_to_none=True)
+                    for active in on_data:
+                        if active.node.name not in self.results:
+                            self._fail(active, exc)
                 self._finish(on_data)
 
     def _admit(self, node: MetricNode) -> ActiveMetric | None:
@@ -218,15 +230,12 @@ class ModelRunner:
             del active.instance
 
     # -- the shared data pass ---------------------------------------------------------
-    def _pass_plan(self, group: list[ActiveMetric]) -> PassPlan:
-        names = {a.node.name for a in group}
-        return next(p for p in self.plan.passes if p.kind != "weights" and names <= set(p.metrics))
-
     def _data_pass(self, group: list[ActiveMetric]) -> None:
         assert self.data is not None
-        pass_plan = self._pass_plan(group)
-        specs = closure([a for a in pass_plan.artifacts], self.registry)
-        backward = pass_plan.kind == "forward+backward"
+        # Capture what the metrics that actually run need: members of the planned pass that were
+        # cached, skipped or failed need nothing (a resumed run must not redo their backward).
+        specs = closure(sorted({n for a in group for n in a.node.cls.artifacts} - {"weights"}), self.registry)
+        backward = pass_kind(specs) == "forward+backward"
         micro = self.plan.micro_batch
         model = self.view.model
         model.zero_grad(set_to_none=True)
@@ -254,6 +263,8 @@ class ModelRunner:
                 for name, value in artifacts.items():
                     self.artifact_bytes[name] = max(self.artifact_bytes.get(name, 0), tensor_bytes(value))
                 self._feed(group, Step(batch, artifacts, targets.target_mask))
+                del artifacts
+                model.zero_grad(set_to_none=True)  # param_grad handed metrics the .grad tensors themselves
                 if self.progress is not None:
                     self.progress(self.view.name, 1)
         model.zero_grad(set_to_none=True)
@@ -303,6 +314,5 @@ class ModelRunner:
             if spec.derive is not None:
                 spec.derive(ctx)
             parts[spec.name] = [ctx.store[spec.name]]
-        model.zero_grad(set_to_none=True)
         ctx.store.clear()
         return {name: combine_micro(values) for name, values in parts.items()}

@@ -1,0 +1,60 @@
+"""Model-set metrics see every model's view and per-model results (checkpoints, base + fine-tunes)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import tensorscope_core.plugins as plugins_module
+from tensorscope_core import Metric, NoParams, ScalarValue, analyze
+from tensorscope_core.plugins import build_registry, plugin_module
+from tensorscope_core.testing import tiny_model
+
+
+class WeightDistance(Metric):
+    """||theta_b - theta_a||_2 between the first two models, and the change of total weight norm."""
+
+    name = "testset.weight_distance"
+    summary = "distance between two models' weights"
+    Params = NoParams
+    scope = "model_set"
+    requires_metrics = ("basic.weight_norms",)
+    fields = {"distance": "L2 distance", "norm_change": "total_norm(b) - total_norm(a)"}
+
+    def compute_set(self, views, results):
+        (a, va), (b, vb) = list(views.items())[:2]
+        pa, pb = dict(va.model.named_parameters()), dict(vb.model.named_parameters())
+        distance = sum(float((pa[k].detach().double() - pb[k].detach().double()).pow(2).sum()) for k in pa) ** 0.5
+        change = results[b]["basic.weight_norms"].value("total_norm") - \
+            results[a]["basic.weight_norms"].value("total_norm")
+        return {"distance": ScalarValue(value=distance), "norm_change": ScalarValue(value=change)}
+
+
+@pytest.fixture
+def registry_with_set_metric() -> Iterator[None]:
+    saved = plugins_module._REGISTRY
+    plugins_module._REGISTRY = build_registry(extra_plugins=[(
+        "testset", plugin_module("testset", register_metrics=lambda register: register(WeightDistance)))])
+    yield
+    plugins_module._REGISTRY = saved
+
+
+def test_model_set_metric_gets_all_models_and_their_results(tmp_path: Path, registry_with_set_metric: None) -> None:
+    a = tiny_model("llama", tmp_path / "a", seed=0, with_tokenizer=False)
+    b = tiny_model("llama", tmp_path / "b", seed=1, with_tokenizer=False)
+    res = analyze({"a": str(a), "b": str(b)}, metrics=["testset.weight_distance"])
+    result = res.get("testset.weight_distance")
+    assert result.status == "ok", result.reason
+    from transformers import AutoModelForCausalLM
+
+    ma, mb = AutoModelForCausalLM.from_pretrained(a), AutoModelForCausalLM.from_pretrained(b)
+    sb, sa = mb.state_dict(), ma.state_dict()
+    want = sum(float((sa[k].double() - sb[k].double()).pow(2).sum()) for k in sa) ** 0.5
+    assert result.value("distance") == pytest.approx(want, rel=1e-9)
+    norm = lambda m: float(torch.sqrt(sum(p.double().pow(2).sum() for p in m.parameters())))  # noqa: E731
+    assert result.value("norm_change") == pytest.approx(norm(mb) - norm(ma), rel=1e-9)
+    assert set(res.models) == {"a", "b"}
+    assert all(res.get("basic.weight_norms", model=m).ok for m in ("a", "b"))
