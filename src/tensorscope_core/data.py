@@ -113,7 +113,8 @@ def _read_file(path: Path) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg})", "write one JSON object per line") from exc
+                raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg})",
+                                "write one JSON object per line") from exc
             if not isinstance(record, dict) or "text" not in record:
                 raise DataError(f"{path}:{lineno} has no 'text' field", 'write lines like {"text": "..."}')
             texts.append(str(record["text"]))

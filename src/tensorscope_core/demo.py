@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -30,7 +31,7 @@ def repeated_sequences(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.cat([first, first], dim=1)
 
 
-def demo_model() -> torch.nn.Module:
+def demo_model() -> Any:
     """2-layer LLaMA-style model: rotary positions, d=64, 4 heads, eager attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

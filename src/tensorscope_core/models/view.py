@@ -32,9 +32,10 @@ class HeadWeights:
     def expanded(self) -> HeadWeights:
         """K and V repeated to one per query head."""
         index = torch.tensor(self.kv_head_of)
-        pick = (lambda t: None if t is None else t[index])
-        return HeadWeights(self.W_Q, self.W_K[index], self.W_V[index], self.W_O, self.b_Q,
-                           pick(self.b_K), pick(self.b_V), tuple(range(len(self.kv_head_of))))
+        b_K = None if self.b_K is None else self.b_K[index]
+        b_V = None if self.b_V is None else self.b_V[index]
+        return HeadWeights(self.W_Q, self.W_K[index], self.W_V[index], self.W_O, self.b_Q, b_K, b_V,
+                           tuple(range(len(self.kv_head_of))))
 
 
 @dataclass

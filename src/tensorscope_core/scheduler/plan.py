@@ -55,7 +55,8 @@ class ModelPlan:
                  f"weights {format_bytes(self.weights_bytes)}, budget {format_bytes(self.budget_bytes)}"]
         for p in self.passes:
             lines.append(f"  stage {p.stage} {p.kind:<17} peak {format_bytes(p.peak_bytes):>10}  "
-                         f"(artifacts {format_bytes(p.artifact_bytes)}, activations {format_bytes(p.activation_bytes)}, "
+                         f"(artifacts {format_bytes(p.artifact_bytes)}, "
+                         f"activations {format_bytes(p.activation_bytes)}, "
                          f"metric state {format_bytes(p.state_bytes)})")
             lines.append(f"      artifacts: {', '.join(p.artifacts) or '-'}")
             lines.append(f"      metrics:   {', '.join(p.metrics)}")

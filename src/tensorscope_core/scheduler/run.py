@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import threading
@@ -166,9 +167,9 @@ class ModelRunner:
                 except Exception as exc:  # the shared pass itself failed (out of memory at the floor,
                     # a model or capture error): every metric of the pass gets an error result, the run goes on
                     self.view.model.zero_grad(set_to_none=True)
-                    for active in on_data:
-                        if active.node.name not in self.results:
-                            self._fail(active, exc)
+                    for member in on_data:
+                        if member.node.name not in self.results:
+                            self._fail(member, exc)
                 self._finish(on_data)
 
     def _admit(self, node: MetricNode) -> ActiveMetric | None:
@@ -193,7 +194,7 @@ class ModelRunner:
         reason = node.cls.skip_reason(node.params, self.view, self.data)
         if reason is None and self.data is None and set(node.cls.artifacts) - {"weights"}:
             reason = "this run has no data"
-        if reason is None and "token_loss" in closure(node.cls.artifacts, self.registry) and \
+        if reason is None and "token_loss" in {a.name for a in closure(node.cls.artifacts, self.registry)} and \
                 not self.view.causal and self.view.mask_token_id is None:
             reason = "a masked-LM loss needs the tokenizer's mask token: save the tokenizer with the model"
         if reason is not None:
@@ -278,7 +279,7 @@ class ModelRunner:
             view = Step(step.batch, {k: artifacts[k] for k in active.node.cls.artifacts if k in artifacts},
                         step.target_mask)
             try:
-                self._call(active, lambda: active.instance.update(view))
+                self._call(active, functools.partial(active.instance.update, view))
                 active.measured = max(active.measured, active.instance.state_bytes())
             except Exception as exc:
                 self._fail(active, exc)

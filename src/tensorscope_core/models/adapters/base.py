@@ -46,7 +46,7 @@ def get_path(model: nn.Module, path: str, family: str) -> Any:
 
 def linear_out_in(module: nn.Module) -> torch.Tensor:
     """Weight as [out, in] for nn.Linear and HF's Conv1D (which stores [in, out])."""
-    weight = module.weight
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]
     return weight.T if type(module).__name__ == "Conv1D" else weight
 
 
@@ -64,14 +64,15 @@ def split_bias(bias: torch.Tensor | None, n: int, d_head: int) -> torch.Tensor |
     return None if bias is None else bias.reshape(n, d_head)
 
 
-def lm_parts(model: nn.Module) -> tuple[nn.Embedding, nn.Module | None]:
+def lm_parts(module: nn.Module) -> tuple[nn.Embedding, nn.Module | None]:
+    model: Any = module
     embed = model.get_input_embeddings()
     unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return embed, unembed
 
 
 def hf_common(model: nn.Module) -> dict[str, Any]:
-    config = model.config
+    config: Any = model.config
     n_heads = config.num_attention_heads
     d_model = config.hidden_size
     return {

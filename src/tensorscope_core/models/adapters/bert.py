@@ -20,8 +20,8 @@ class BertAdapter:
 
     def build(self, model: nn.Module, name: str, tokenizer: Any = None) -> ModelView:
         common = hf_common(model)
-        prefix = model.config.model_type
-        body = getattr(model, prefix, model)
+        config: Any = model.config
+        body: Any = getattr(model, config.model_type, model)
         blocks = list(get_path(body, "encoder.layer", self.name))
         H, dh = common["n_heads"], common["d_head"]
 

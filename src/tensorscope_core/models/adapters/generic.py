@@ -37,7 +37,8 @@ class GenericAdapter:
     def matches(self, model: nn.Module) -> bool:
         return False  # used only when the user passes it explicitly
 
-    def build(self, model: nn.Module, name: str, tokenizer: Any = None) -> ModelView:
+    def build(self, module: nn.Module, name: str, tokenizer: Any = None) -> ModelView:
+        model: Any = module
         family = f"generic({hf_model_type(model) or type(model).__name__})"
         blocks = list(get_path(model, self.blocks, family))
         if not blocks:

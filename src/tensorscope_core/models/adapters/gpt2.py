@@ -17,8 +17,8 @@ class GPT2Adapter:
         return hf_model_type(model) == "gpt2"
 
     def build(self, model: nn.Module, name: str, tokenizer: Any = None) -> ModelView:
-        config = model.config
-        body = get_path(model, "transformer", self.name) if hasattr(model, "transformer") else model
+        config: Any = model.config
+        body: Any = get_path(model, "transformer", self.name) if hasattr(model, "transformer") else model
         blocks = list(get_path(body, "h", self.name))
         d, H = config.n_embd, config.n_head
         dh = d // H

@@ -20,7 +20,7 @@ class LlamaAdapter:
 
     def build(self, model: nn.Module, name: str, tokenizer: Any = None) -> ModelView:
         common = hf_common(model)
-        body = get_path(model, "model", self.name) if hasattr(model, "model") else model
+        body: Any = get_path(model, "model", self.name) if hasattr(model, "model") else model
         blocks = list(get_path(body, "layers", self.name))
         H, Hkv, dh = common["n_heads"], common["n_kv_heads"], common["d_head"]
 

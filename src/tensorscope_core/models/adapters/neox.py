@@ -18,7 +18,7 @@ class NeoXAdapter:
 
     def build(self, model: nn.Module, name: str, tokenizer: Any = None) -> ModelView:
         common = hf_common(model)
-        body = get_path(model, "gpt_neox", self.name) if hasattr(model, "gpt_neox") else model
+        body: Any = get_path(model, "gpt_neox", self.name) if hasattr(model, "gpt_neox") else model
         blocks = list(get_path(body, "layers", self.name))
         H, dh = common["n_heads"], common["d_head"]
 
