@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import torch
 import transformers as tf
+
 from tensorscope_core.core_artifacts import loss_targets
 from tensorscope_core.data import Batch
 
@@ -146,7 +147,7 @@ def resid_norm_solo(model: torch.nn.Module, family: str, rows: Sequence[torch.Te
     for row in rows:
         streams = resid_streams(model, family, row[None])
         norms = [float(s[0].double().norm(dim=-1).sum()) for s in streams]
-        sums = norms if sums is None else [a + b for a, b in zip(sums, norms)]
+        sums = norms if sums is None else [a + b for a, b in zip(sums, norms, strict=True)]
         tokens += len(row)
     assert sums is not None
     return [s / tokens for s in sums]
@@ -160,7 +161,7 @@ def resid_norm_mlm(model: torch.nn.Module, ids: torch.Tensor, mask_token_id: int
         t = mlm_targets(chunk, mask, index, mask_token_id)
         streams = resid_streams(model, "bert", t.model_input, mask)
         norms = [float(s.double().norm(dim=-1).sum()) for s in streams]
-        sums = norms if sums is None else [a + b for a, b in zip(sums, norms)]
+        sums = norms if sums is None else [a + b for a, b in zip(sums, norms, strict=True)]
         tokens += int(mask.sum())
     assert sums is not None
     return [s / tokens for s in sums]

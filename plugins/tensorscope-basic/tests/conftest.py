@@ -6,10 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from basic_reference import padded_texts
+
 from tensorscope_core import builtin_corpus
 from tensorscope_core.testing import random_token_data, tiny_model, tiny_tokenizer
 
-from basic_reference import padded_texts
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the
+    threads' spin-waiting makes these tests several times slower: run them on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-from tensorscope_core.testing import check_declared_cost, random_token_data, run_metric
-
 from basic_reference import (
     ALL,
     CAUSAL,
@@ -19,6 +17,8 @@ from basic_reference import (
     modified_copy,
     tokenize,
 )
+
+from tensorscope_core.testing import check_declared_cost, random_token_data, run_metric
 
 METRIC = "basic.loss"
 

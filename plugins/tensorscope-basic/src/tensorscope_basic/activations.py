@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
+
 from tensorscope_core import Cost, LayerValue, Metric, ModelView, Params, RunShape, Step
 
 

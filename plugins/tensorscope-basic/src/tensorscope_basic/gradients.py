@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tensorscope_core import Cost, LayerValue, Metric, ModelView, NoParams, RunShape, ScalarValue, Step
 from tensorscope_core.stats import bootstrap_ratio_ci
 
@@ -46,7 +47,7 @@ class GradNorms(Metric):
     def finalize(self) -> dict[str, object]:
         done = self.per_batch[:self.seen]
         mean = done.mean(dim=0)
-        total = done[:, -1].numpy()
+        total = done[:, -1].tolist()
         low, high = bootstrap_ratio_ci(total, [1.0] * len(total), seed=self.shape.seed)
         return {"layer_norm": LayerValue(values=mean[:-2].tolist()),
                 "outside_norm": ScalarValue(value=float(mean[-2]), n=self.seen),

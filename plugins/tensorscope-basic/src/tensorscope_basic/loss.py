@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from tensorscope_core import Cost, Metric, ModelView, NoParams, RunShape, ScalarValue, Step
 from tensorscope_core.stats import bootstrap_ratio_ci
 
@@ -39,6 +40,7 @@ class Loss(Metric):
 
     def update(self, step: Step) -> None:
         loss = step["token_loss"].double()
+        assert step.target_mask is not None, "the core passes the target mask with token_loss"
         mask = step.target_mask.double()
         rows = loss.shape[0]
         self.seq_loss[self.filled:self.filled + rows] = (loss * mask).sum(dim=1).cpu()
@@ -49,7 +51,7 @@ class Loss(Metric):
     def _scalar(self, keep: torch.Tensor) -> tuple[ScalarValue, ScalarValue]:
         loss_sum, tokens = self.seq_loss[keep], self.seq_tokens[keep]
         value = float(loss_sum.sum() / tokens.sum())
-        low, high = bootstrap_ratio_ci(loss_sum.numpy(), tokens.numpy(), seed=self.shape.seed)
+        low, high = bootstrap_ratio_ci(loss_sum.tolist(), tokens.tolist(), seed=self.shape.seed)
         n = int(tokens.sum())
         return (ScalarValue(value=value, ci_low=low, ci_high=high, n=n, unit="nats/token"),
                 ScalarValue(value=math.exp(value), ci_low=math.exp(low), ci_high=math.exp(high), n=n))

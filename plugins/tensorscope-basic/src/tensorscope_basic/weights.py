@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tensorscope_core import LayerValue, Metric, NoParams, ScalarValue
 
 
