@@ -27,3 +27,30 @@ def test_analyzer_validates_at_construction_and_runs_like_analyze(tmp_path: Path
     via_class = analyzer.run(str(folder), data).get("basic.loss").value("loss")
     via_function = ts.analyze(str(folder), data, ["basic.loss"], config=config).get("basic.loss").value("loss")
     assert via_class == via_function
+
+
+def test_a_module_passed_in_is_put_back_as_it_was() -> None:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16))
+    model.train()
+    kernel = model.config._attn_implementation
+    grads = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = grads[n]
+    res = ts.analyze(model, data=random_token_data(40, n=4, length=8),
+                     metrics=["basic.loss", "basic.grad_norms"], config=ts.RunConfig(dtype="float64"))
+    assert res.get("basic.grad_norms").ok
+    assert model.training and next(model.parameters()).dtype == torch.float32
+    assert model.config._attn_implementation == kernel
+    assert all(p.grad is grads[n] for n, p in model.named_parameters())
+
+
+def test_masked_lm_task_loss_does_not_depend_on_other_tasks(tmp_path: Path) -> None:
+    folder = tiny_model("bert", tmp_path / "bert")
+    a, b = random_token_data(300, n=8, length=12, seed=1), random_token_data(300, n=4, length=12, seed=2)
+    config = ts.RunConfig(batch_size=4)
+    together = ts.analyze(str(folder), {"a": a, "b": b}, ["basic.loss"], config=config).get("basic.loss")
+    alone = ts.analyze(str(folder), {"b": b}, ["basic.loss"], config=config).get("basic.loss")
+    assert together.value("loss/b") == alone.value("loss/b")

@@ -17,7 +17,7 @@ from .data import DataSpec, PreparedData, builtin_corpus, prepare_data
 from .errors import PlanDoesNotFitError
 from .metric import RunShape
 from .models.adapters import Adapter
-from .models.load import ModelSource, load_model
+from .models.load import ModelSource, load_model, modules_restored
 from .models.view import ModelView
 from .plugins import Registry, get_registry
 from .results import Results
@@ -81,16 +81,18 @@ def _prepare(src: ModelSource, data: DataSpec | None, nodes: Sequence[MetricNode
 
 def plan(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequence[str] = "all", *,
          config: RunConfig | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
-         base_config: str | None = None, adapter: Adapter | None = None) -> list[ModelPlan]:
+         base_config: str | None = None, adapter: Adapter | None = None, tokenizer: Any = None) -> list[ModelPlan]:
     """The pass and memory plan of each model, without running any pass."""
     config = config or RunConfig()
     registry = get_registry()
     nodes = resolve(metrics, params or {}, registry)
+    sources = _sources(models, base_config)
     plans = []
-    for src in _sources(models, base_config):
-        prepared = _prepare(src, data, nodes, config, registry, adapter, None)
-        plans.append(prepared.plan)
-        prepared.view = None
+    with modules_restored(sources):
+        for src in sources:
+            prepared = _prepare(src, data, nodes, config, registry, adapter, tokenizer)
+            plans.append(prepared.plan)
+            prepared.view = None
     return plans
 
 
@@ -147,6 +149,12 @@ def analyze(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequ
     registry = get_registry()
     nodes = resolve(metrics, params or {}, registry)
     sources = _sources(models, base_config)
+    with modules_restored(sources):
+        return _analyze(sources, data, nodes, config, registry, adapter, tokenizer)
+
+
+def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[MetricNode], config: RunConfig,
+             registry: Registry, adapter: Adapter | None, tokenizer: Any) -> Results:
     started = time.perf_counter()
     prepared: list[Prepared] = []
     for i, src in enumerate(sources):
@@ -216,8 +224,9 @@ class Analyzer:
         self.adapter = adapter
         resolve(metrics, self.params, get_registry())  # fail on bad names and parameters now, not later
 
-    def plan(self, models: ModelsArg, data: DataSpec | None = None) -> list[ModelPlan]:
-        return plan(models, data, self.metrics, config=self.config, params=self.params, adapter=self.adapter)
+    def plan(self, models: ModelsArg, data: DataSpec | None = None, **kwargs: Any) -> list[ModelPlan]:
+        return plan(models, data, self.metrics, config=self.config, params=self.params, adapter=self.adapter,
+                    **kwargs)
 
     def run(self, models: ModelsArg, data: DataSpec | None = None, **kwargs: Any) -> Results:
         return analyze(models, data, self.metrics, config=self.config, params=self.params, adapter=self.adapter,

@@ -8,6 +8,7 @@ final block (before the final norm).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ class LossTargets:
 
     Causal models: the input is the batch and position t predicts token t+1.
     Masked-LM encoders: a seeded 15% of real tokens (at least one per sequence) are
-    replaced by the mask token and predicted; every metric sees that same input.
+    replaced by the mask token and predicted; every metric sees that same input. The
+    seed combines the run's seed, the task and the batch's index within its task.
     """
 
     model_input: torch.Tensor
@@ -52,7 +54,10 @@ def loss_targets(view: ModelView, batch: Batch, seed: int) -> LossTargets:
         return LossTargets(ids, target_ids, target_mask)
     if view.mask_token_id is None:
         return LossTargets(ids, ids, torch.zeros_like(mask))
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + batch.index)
+    # Seeded by the task and the batch's place within it, so a task's mask (and loss) does
+    # not depend on which other tasks share the run.
+    task_code = zlib.crc32((batch.task or "").encode())
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + task_code * 7_919 + batch.index_in_task) % 2**63)
     chosen = (torch.rand(ids.shape, generator=gen) < MLM_MASK_FRACTION) & mask.bool()
     for row in range(ids.shape[0]):
         if not chosen[row].any() and mask[row].any():
@@ -101,8 +106,10 @@ def _derive_logits(ctx: CaptureContext) -> None:
 def _derive_token_loss(ctx: CaptureContext) -> None:
     targets: LossTargets = ctx.store["_targets"]
     logits = ctx.outputs.logits
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # half-precision log-softmax loses the small probabilities
     flat = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.target_ids.reshape(-1), reduction="none")
+        logits.reshape(-1, logits.shape[-1]), targets.target_ids.reshape(-1), reduction="none")
     ctx.store["token_loss"] = flat.view(targets.target_ids.shape) * targets.target_mask
     ctx.store["target_mask"] = targets.target_mask
 

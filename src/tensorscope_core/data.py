@@ -26,16 +26,19 @@ class Batch:
     attention_mask: torch.Tensor
     task: str | None
     index: int
+    index_in_task: int = 0
 
     @property
     def n_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
     def slice(self, start: int, stop: int) -> Batch:
-        return Batch(self.input_ids[start:stop], self.attention_mask[start:stop], self.task, self.index)
+        return Batch(self.input_ids[start:stop], self.attention_mask[start:stop], self.task, self.index,
+                     self.index_in_task)
 
     def to(self, device: str) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.task, self.index)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.task, self.index,
+                     self.index_in_task)
 
 
 @dataclass
@@ -75,7 +78,7 @@ class PreparedData:
                 for row, seq in enumerate(chunk):
                     ids[row, :len(seq)] = seq
                     mask[row, :len(seq)] = 1
-                yield Batch(ids, mask, task, index)
+                yield Batch(ids, mask, task, index, n_batches)
                 index += 1
                 n_batches += 1
 

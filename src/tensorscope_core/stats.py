@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 from scipy import stats
 
 N_RESAMPLES = 1000
 
 
-def bootstrap_ratio_ci(numerators: Sequence[float], denominators: Sequence[float], *, seed: int,
+def bootstrap_ratio_ci(numerators: Sequence[float] | npt.ArrayLike, denominators: Sequence[float] | npt.ArrayLike,
+                       *, seed: int,
                        level: float = 0.95, n_resamples: int = N_RESAMPLES) -> tuple[float, float]:
     """Percentile bootstrap CI of sum(num)/sum(den), resampling examples (pairs) with a seed.
 

@@ -83,7 +83,7 @@ def batches(rows: Sequence[torch.Tensor], batch_size: int = BATCH_SIZE) -> list[
 def mlm_targets(ids: torch.Tensor, mask: torch.Tensor, index: int, mask_token_id: int, seed: int = 0):
     """The core's seeded masked-LM targets for batch ``index`` (its documented contract)."""
     view = SimpleNamespace(causal=False, mask_token_id=mask_token_id)
-    return loss_targets(view, Batch(ids, mask, None, index), seed)  # type: ignore[arg-type]
+    return loss_targets(view, Batch(ids, mask, None, index, index), seed)  # type: ignore[arg-type]
 
 
 # -- basic.loss --------------------------------------------------------------------------------

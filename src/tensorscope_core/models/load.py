@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ def _from_hf_folder(folder: Path) -> tuple[nn.Module, Any]:
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         model = _auto_class(config).from_pretrained(folder, local_files_only=True, attn_implementation="eager")
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # missing or corrupt files (OSError, ValueError, SafetensorError, ...)
         raise ModelLoadError(f"could not load a Hugging Face model from {folder}: {exc}",
                              "check that the folder holds config.json and model weights "
                              "(save it with model.save_pretrained(folder))") from exc
@@ -175,6 +176,38 @@ def choose_adapter(model: nn.Module, adapters: Sequence[Adapter]) -> Adapter:
         f"no adapter knows models of type '{kind}' (adapters installed: {known})",
         "pass adapter=GenericAdapter(blocks=..., attn=..., mlp_out=..., n_heads=...) naming its modules, "
         "or install a plugin that registers an adapter for it")
+
+
+@contextmanager
+def modules_restored(sources: Sequence[ModelSource]) -> Iterator[None]:
+    """Put modules the caller passed in back as they were after a run: training flag,
+    dtype and device, attention kernel and their .grad tensors (a run casts the module,
+    switches it to eval and eager attention, and clears gradients)."""
+    saved = []
+    for src in sources:
+        if isinstance(src.source, nn.Module):
+            module: Any = src.source
+            first = next(module.parameters(), None)
+            config = getattr(module, "config", None)
+            saved.append((module, module.training, first.dtype if first is not None else None,
+                          first.device if first is not None else None,
+                          getattr(config, "_attn_implementation", None),
+                          {n: p.grad for n, p in module.named_parameters()}))
+    try:
+        yield
+    finally:
+        for module, training, dtype, device, attn, grads in saved:
+            if dtype is not None:
+                module.to(dtype=dtype, device=device)
+            module.train(training)
+            if attn is not None and getattr(module.config, "_attn_implementation", attn) != attn:
+                setter = getattr(module, "set_attn_implementation", None)
+                if setter is not None:
+                    setter(attn)
+                else:
+                    module.config._attn_implementation = attn
+            for name, p in module.named_parameters():
+                p.grad = grads.get(name)
 
 
 def load_model(src: ModelSource, adapters: Sequence[Adapter], *, dtype: str = "float32", device: str = "cpu",
