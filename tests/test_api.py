@@ -36,15 +36,15 @@ def test_a_module_passed_in_is_put_back_as_it_was() -> None:
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16))
     model.train()
     kernel = model.config._attn_implementation
-    grads = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
-        p.grad = grads[n]
+        p.grad = grads[n].clone()
     res = ts.analyze(model, data=random_token_data(40, n=4, length=8),
                      metrics=["basic.loss", "basic.grad_norms"], config=ts.RunConfig(dtype="float64"))
     assert res.get("basic.grad_norms").ok
     assert model.training and next(model.parameters()).dtype == torch.float32
     assert model.config._attn_implementation == kernel
-    assert all(p.grad is grads[n] for n, p in model.named_parameters())
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
 
 
 def test_masked_lm_task_loss_does_not_depend_on_other_tasks(tmp_path: Path) -> None:

@@ -207,7 +207,8 @@ def modules_restored(sources: Sequence[ModelSource]) -> Iterator[None]:
                 else:
                     module.config._attn_implementation = attn
             for name, p in module.named_parameters():
-                p.grad = grads.get(name)
+                grad = grads.get(name)  # Module.to() cast these in place; float32 -> float64 -> float32 is exact
+                p.grad = None if grad is None else grad.to(dtype=p.dtype, device=p.device)
 
 
 def load_model(src: ModelSource, adapters: Sequence[Adapter], *, dtype: str = "float32", device: str = "cpu",
