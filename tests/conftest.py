@@ -9,14 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from core_helpers import FAMILIES, ONLY_BASIC
+
 from tensorscope_core import plugins as ts_plugins
 from tensorscope_core.testing import random_token_data, tiny_model
-
-from core_helpers import FAMILIES, ONLY_BASIC
 
 # No test may reach the network (the Hub) or pick up a plugin someone else is editing.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine threads
+# spinning against other processes make each backward pass hundreds of times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

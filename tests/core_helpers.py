@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+
 from tensorscope_core import plugins as ts_plugins
 from tensorscope_core.models.load import ModelSource, load_model
 from tensorscope_core.models.view import ModelView

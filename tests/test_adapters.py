@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from core_helpers import BASIC, FAMILIES, values_of, view_of
+
 from tensorscope_core import GenericAdapter, RunConfig, analyze
 from tensorscope_core.errors import UnsupportedModelError
 from tensorscope_core.models.load import ModelSource, load_model

@@ -54,7 +54,7 @@ def test_model_set_metric_gets_all_models_and_their_results(tmp_path: Path, regi
     sb, sa = mb.state_dict(), ma.state_dict()
     want = sum(float((sa[k].double() - sb[k].double()).pow(2).sum()) for k in sa) ** 0.5
     assert result.value("distance") == pytest.approx(want, rel=1e-9)
-    norm = lambda m: float(torch.sqrt(sum(p.double().pow(2).sum() for p in m.parameters())))  # noqa: E731
+    norm = lambda m: float(torch.sqrt(sum(p.detach().double().pow(2).sum() for p in m.parameters())))  # noqa: E731
     assert result.value("norm_change") == pytest.approx(norm(mb) - norm(ma), rel=1e-9)
     assert set(res.models) == {"a", "b"}
     assert all(res.get("basic.weight_norms", model=m).ok for m in ("a", "b"))
