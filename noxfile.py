@@ -22,7 +22,7 @@ PLUGINS = sorted(str(p.parent) for p in Path("plugins").glob("*/pyproject.toml")
 
 def _install_dev(session: nox.Session) -> None:
     session.install(TORCH)
-    session.install("-e", ".[dev]", *[arg for p in PLUGINS for arg in ("-e", p)])
+    session.install("-r", "requirements-dev.txt")
 
 
 @nox.session

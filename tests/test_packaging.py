@@ -63,3 +63,10 @@ def test_new_plugin_refuses_bad_names_and_existing_folders(tmp_path: Path) -> No
     write_plugin("probes", tmp_path)
     with pytest.raises(UsageError, match="already exists"):
         write_plugin("probes", tmp_path)
+
+
+def test_requirements_install_every_first_party_plugin() -> None:
+    listed = {line.split()[-1] for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if line.startswith("-e plugins/")}
+    folders = {f"plugins/{p.name}" for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").exists()}
+    assert listed == folders
