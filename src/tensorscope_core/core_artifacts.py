@@ -137,7 +137,7 @@ CORE_ARTIFACTS: tuple[ArtifactSpec, ...] = (
                  lambda v, b, s: b * s * v.vocab_size * v.dtype_bytes, derive=_derive_logits),
     ArtifactSpec("token_loss", "forward",
                  "per-token cross-entropy [batch, seq] (0 where not a target) and target_mask",
-                 lambda v, b, s: 2 * b * s * 8, derive=_derive_token_loss),
+                 lambda v, b, s: b * s * max(4, v.dtype_bytes), derive=_derive_token_loss),
     ArtifactSpec("resid", "forward", "residual stream, n_layers+1 tensors [batch, seq, d_model]",
                  _resid_bytes, install=_install_resid),
     ArtifactSpec("mlp_hidden", "forward", "MLP hidden units (input of the MLP output projection) per layer",

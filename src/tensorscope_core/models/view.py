@@ -103,13 +103,21 @@ class ModelView:
         return next(self.model.parameters()).element_size()
 
     def fingerprint(self) -> str:
-        """Hash of parameter names, shapes, dtypes and values (identifies the weights)."""
+        """Hash of parameter names, shapes, dtypes and values (identifies the weights).
+
+        Tied tensors are hashed once; bytes go to the hash without an extra copy.
+        """
         digest = hashlib.blake2b(digest_size=16)
+        seen: set[tuple[int, int]] = set()
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
             digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+            key = (tensor.data_ptr(), tensor.numel())
+            if key in seen or not tensor.numel():
+                continue
+            seen.add(key)
             data = tensor.detach().cpu().contiguous()
-            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            digest.update(data.reshape(-1).view(torch.uint8).numpy())
         return digest.hexdigest()
 
     def dims(self) -> dict[str, int]:

@@ -39,7 +39,9 @@ class GradNorms(Metric):
         squares = torch.zeros(self.view.n_layers + 1, dtype=torch.float64)
         for name, grad in step["param_grad"].items():
             layer = self.layer_of.get(name)
-            squares[self.view.n_layers if layer is None else layer] += grad.double().pow(2).sum().cpu()
+            index = self.view.n_layers if layer is None else layer
+            # vector_norm accumulates in float64 without materialising a float64 copy of the gradient
+            squares[index] += torch.linalg.vector_norm(grad, dtype=torch.float64).square().cpu()
         self.per_batch[self.seen, :-1] = squares.sqrt()
         self.per_batch[self.seen, -1] = squares.sum().sqrt()
         self.seen += 1

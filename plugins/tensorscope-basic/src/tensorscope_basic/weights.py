@@ -25,7 +25,8 @@ class WeightNorms(Metric):
         squares = torch.zeros(self.view.n_layers + 1, dtype=torch.float64)
         for name, p in self.view.model.named_parameters():  # named_parameters() skips tied duplicates
             layer = layer_of[name]
-            squares[self.view.n_layers if layer is None else layer] += p.detach().double().pow(2).sum().cpu()
+            index = self.view.n_layers if layer is None else layer
+            squares[index] += torch.linalg.vector_norm(p.detach(), dtype=torch.float64).square().cpu()
         return {"layer_norm": LayerValue(values=squares[:-1].sqrt().tolist()),
                 "outside_norm": ScalarValue(value=float(squares[-1].sqrt())),
                 "total_norm": ScalarValue(value=float(squares.sum().sqrt()))}

@@ -1,0 +1,199 @@
+"""Timing pieces: the bare loops, a ModelRunner that times its data pass, artifact derive timers,
+and the statistics over interleaved repetitions."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tensorscope_core.config import RunConfig
+from tensorscope_core.data import PreparedData
+from tensorscope_core.metric import Metric, RunShape
+from tensorscope_core.models.view import ModelView
+from tensorscope_core.plugins import Registry
+from tensorscope_core.scheduler.graph import resolve
+from tensorscope_core.scheduler.plan import make_plan
+from tensorscope_core.scheduler.run import ModelRunner
+
+# -- clocks ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Clock:
+    """Wall and process CPU seconds of one timed block."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+
+
+class timed:  # noqa: N801 (used as a context manager)
+    def __init__(self, into: Clock) -> None:
+        self.into = into
+
+    def __enter__(self) -> timed:
+        self._w, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.into.wall += time.perf_counter() - self._w
+        self.into.cpu += time.process_time() - self._c
+
+
+# -- what the core's own work costs, per artifact derive -------------------------------------
+
+#: seconds spent in each artifact's ``derive`` since the last reset (filled by timed_registry)
+DERIVE_SECONDS: dict[str, float] = {}
+
+
+def timed_registry(registry: Registry) -> Registry:
+    """A copy of ``registry`` whose artifact derive functions record their time in DERIVE_SECONDS.
+
+    The wrapper costs two perf_counter calls per derive per micro-batch (microseconds), so the
+    timed runs use it too; hooks installed by ``install`` are not wrapped.
+    """
+
+    def wrap(name: str, fn: Callable[[Any], None]) -> Callable[[Any], None]:
+        def derive(ctx: Any) -> None:
+            start = time.perf_counter()
+            try:
+                fn(ctx)
+            finally:
+                DERIVE_SECONDS[name] = DERIVE_SECONDS.get(name, 0.0) + time.perf_counter() - start
+        return derive
+
+    artifacts = {name: spec if spec.derive is None else dataclasses.replace(spec, derive=wrap(name, spec.derive))
+                 for name, spec in registry.artifacts.items()}
+    return dataclasses.replace(registry, artifacts=artifacts)
+
+
+# -- a ModelRunner built by hand (no loading, no fingerprinting in the timed region) -----------
+
+
+@dataclass
+class TimedRunner(ModelRunner):
+    """ModelRunner that also times its shared data pass(es)."""
+
+    data_pass: Clock = field(default_factory=Clock)
+
+    def _data_pass(self, group: list[Any]) -> None:
+        with timed(self.data_pass):
+            super()._data_pass(group)
+
+
+def build_runner(view: ModelView, data: PreparedData, metrics: Sequence[str], registry: Registry,
+                 config: RunConfig, model_fingerprint: str, data_fingerprint: str) -> TimedRunner:
+    """What analyze() builds for one model, minus loading, data preparation and fingerprints."""
+    nodes = resolve(list(metrics), {}, registry)
+    shape = RunShape(batch_size=config.batch_size, seq_len=data.max_seq_len, n_batches=data.n_batches(),
+                     n_sequences=data.n_sequences, tasks=tuple(data.tasks), seed=config.seed)
+    plan = make_plan(nodes, view, shape, registry, config.budget_bytes, config.min_micro_batch)
+    if plan.micro_batch != config.batch_size:
+        raise RuntimeError(f"the plan micro-batches ({plan.micro_batch} < {config.batch_size}); "
+                           "raise the bench memory budget so timings compare whole batches")
+    return TimedRunner(view=view, data=data, nodes=nodes, plan=plan, shape=shape, registry=registry,
+                       config=config, cache=None, data_fingerprint=data_fingerprint,
+                       model_fingerprint=model_fingerprint)
+
+
+@dataclass
+class RunOutcome:
+    """One timed variant of one repetition."""
+
+    total: Clock
+    data_pass: Clock | None = None
+    runner: TimedRunner | None = None
+    derive: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ran(self) -> TimedRunner:
+        assert self.runner is not None, "a bare loop has no runner"
+        return self.runner
+
+    @property
+    def pass_clock(self) -> Clock:
+        assert self.data_pass is not None, "a bare loop has no data pass"
+        return self.data_pass
+
+
+def run_ours(make: Callable[[], TimedRunner], seed: int) -> RunOutcome:
+    runner = make()
+    gc.collect()
+    DERIVE_SECONDS.clear()
+    torch.manual_seed(seed)  # as analyze() does before each model
+    total = Clock()
+    with timed(total):
+        runner.run()
+    return RunOutcome(total, runner.data_pass, runner, dict(DERIVE_SECONDS))
+
+
+# -- the bare loops the overhead is measured against ------------------------------------------
+
+
+def bare_forward_backward(model: torch.nn.Module, data: PreparedData) -> RunOutcome:
+    """model(input_ids, labels=input_ids).loss.backward() per batch, gradients dropped per batch
+    (the runner also zeroes them per batch), same batches, eager attention, eval mode."""
+    gc.collect()
+    total = Clock()
+    with timed(total):
+        for batch in data.batches():
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        labels=batch.input_ids, use_cache=False)
+            out.loss.backward()
+            model.zero_grad(set_to_none=True)
+    return RunOutcome(total)
+
+
+def bare_forward(model: torch.nn.Module, data: PreparedData) -> RunOutcome:
+    """A forward without gradients per batch: what a forward-only pass of the runner costs at least."""
+    gc.collect()
+    total = Clock()
+    with timed(total), torch.no_grad():
+        for batch in data.batches():
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return RunOutcome(total)
+
+
+# -- statistics over repetitions ---------------------------------------------------------------
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Median and min-max of per-repetition ratios."""
+    vals = [float(v) for v in values]
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals),
+            "values": [round(v, 4) for v in vals]}
+
+
+def probe_plugin(probes: dict[str, Sequence[str]]) -> Any:
+    """A bench-only plugin of metrics that ask for artifacts and compute nothing ({name: artifacts}):
+    one asks for every data artifact (so each one's declared bytes can be checked against what a run
+    held), one for what the basic metrics read (so the core's capture cost is timed without them)."""
+    from tensorscope_core.plugins import plugin_module
+
+    def make(metric_name: str, wanted: Sequence[str]) -> type[Metric]:
+        class Probe(Metric):
+            """Asks for artifacts; computes nothing."""
+
+            name = metric_name
+            version = "1"
+            summary = "bench: request artifacts, compute nothing"
+            artifacts = tuple(wanted)
+
+            def finalize(self) -> dict[str, float]:
+                return {}
+
+        return Probe
+
+    classes = [make(n, a) for n, a in probes.items()]
+
+    def register_metrics(register: Callable[[type], None]) -> None:
+        for cls in classes:
+            register(cls)
+
+    return plugin_module("bench_probe", register_metrics=register_metrics)
