@@ -193,3 +193,24 @@ def test_corrupt_weights_in_a_folder_are_a_model_load_error(model_dirs: dict[str
     (folder / "config.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ModelLoadError):
         view_of(folder, basic_registry)
+
+
+def test_tied_state_dict_saved_with_save_model_loads(tmp_path) -> None:
+    """safetensors' save_model keeps one name of a tied pair; either name must load."""
+    import safetensors.torch
+    from transformers import AutoModelForCausalLM
+
+    from tensorscope_core import ModelSource, RunConfig, analyze
+    from tensorscope_core.testing import random_token_data, tiny_model
+
+    folder = tiny_model("gpt2", tmp_path / "gpt2", with_tokenizer=False)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    safetensors.torch.save_model(model, str(tmp_path / "weights.safetensors"))
+    kept = set(safetensors.torch.load_file(str(tmp_path / "weights.safetensors")))
+    assert ("transformer.wte.weight" in kept) != ("lm_head.weight" in kept)
+    data = random_token_data(64, n=4, length=8)
+    config = RunConfig(batch_size=4)
+    from_file = analyze(ModelSource(tmp_path / "weights.safetensors", base_config=folder), data, ["basic.loss"],
+                        config=config).get("basic.loss").value("loss")
+    from_folder = analyze(str(folder), data, ["basic.loss"], config=config).get("basic.loss").value("loss")
+    assert from_file == from_folder

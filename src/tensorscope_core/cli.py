@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -153,6 +154,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _outcome(path: str | None) -> dict[str, float] | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+        return {str(k): float(v) for k, v in data.items()}
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise UsageError(f"cannot read --outcome {path}: {exc}",
+                         'write a JSON object {"model name": number, ...}') from exc
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .errors import PdfUnavailableError
+    from .report.build import ensure_analyses, save_report
+    from .report.html import render_html
+    from .report.pdf import html_to_pdf
+    from .results import Results
+    from .results.store import atomic_write
+
+    source = Path(args.results)
+    results = Results.load(source)
+    options = (args.order, args.outcome, args.unit, args.min_n, args.fdr, args.method)
+    if any(o is not None for o in options):  # new settings: recompute what a saved report held
+        results.comparisons, results.correlations = None, {}
+    folder = source if source.is_dir() else source.parent
+    html_path = Path(args.html) if args.html else None
+    if not (args.html or args.pdf or args.save_json):
+        html_path = folder / "report.html"
+    ensure_analyses(results, units=args.unit, method=args.method or "spearman",
+                    min_n=30 if args.min_n is None else args.min_n, fdr=0.05 if args.fdr is None else args.fdr,
+                    order=[m.strip() for m in args.order.split(",") if m.strip()] if args.order else None,
+                    outcome=_outcome(args.outcome))
+    wrote: dict[str, str] = {}
+    if args.save_json:
+        wrote["json"] = str(save_report(results, Path(args.save_json)))
+    html = render_html(results, progress=sys.stderr.isatty()) if (html_path or args.pdf) else ""
+    if html_path is not None:
+        with atomic_write(html_path) as handle:
+            handle.write(html)
+        wrote["html"] = str(html_path)
+    if args.pdf:
+        pdf = Path(args.pdf)
+        try:
+            wrote["pdf"] = str(html_to_pdf(html, pdf))
+        except PdfUnavailableError as exc:
+            if html_path is None:
+                html_path = pdf.with_suffix(".html")
+                with atomic_write(html_path) as handle:
+                    handle.write(html)
+            raise PdfUnavailableError(exc.detail, str(html_path)) from exc
+    found = [f for d in results.correlations.values() for f in d.significant]
+    notes = (results.comparisons.warnings if results.comparisons else []) + [
+        w for d in results.correlations.values() for w in d.warnings]
+    lines = [f"wrote {path}" for path in wrote.values()]
+    lines.append(f"{len(found)} significant correlation(s) over "
+                 f"{', '.join(results.correlations) or 'no unit'}")
+    lines += [f"warning: {w}" for w in notes]
+    _emit(args, {"wrote": wrote, "significant_findings": len(found), "warnings": notes}, "\n".join(lines))
+    return 0
+
+
 def cmd_new_plugin(args: argparse.Namespace) -> int:
     from .scaffold import write_plugin
 
@@ -220,6 +282,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_demo)
 
+    p = sub.add_parser("report", help="HTML / PDF report, comparisons and correlation findings from results.json",
+                       epilog=EPILOG + "; PDF without weasyprint/pango: exit 1 after writing the HTML")
+    p.add_argument("results", help="results.json (or its folder) written by `tensorscope analyze` or save_report()")
+    p.add_argument("--html", metavar="PATH", help="write the HTML report here (default without any output "
+                                                  "option: report.html beside the results)")
+    p.add_argument("--pdf", metavar="PATH", help="write the PDF report here (needs weasyprint and pango)")
+    p.add_argument("--save-json", metavar="PATH", help="write the results with comparisons and findings added "
+                                                       "(and results.csv beside it)")
+    p.add_argument("--unit", action="append", choices=["layer", "head", "model", "checkpoint"],
+                   help="unit(s) of analysis for correlation discovery (repeat; default: every unit with "
+                        "two or more metric values)")
+    p.add_argument("--method", choices=["spearman", "pearson"], help="correlation (default spearman)")
+    p.add_argument("--min-n", type=int, help="no claim below this many observations (default 30)")
+    p.add_argument("--fdr", type=float, help="Benjamini-Hochberg level for every test family (default 0.05)")
+    p.add_argument("--order", metavar="MODEL,...", help="checkpoint order (default: by the step in the names)")
+    p.add_argument("--outcome", metavar="FILE.json", help='a number per model, {"model": score}, for early '
+                                                         "indicators")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_report)
+
     p = sub.add_parser("new-plugin", help="write a plugin skeleton that installs and passes its own test")
     p.add_argument("name", help="family name, e.g. 'probes' -> distribution tensorscope-probes")
     p.add_argument("--dir", default=".", help="where to create tensorscope-NAME/")
@@ -253,6 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if exc.fix:
                 print(f"  fix: {exc.fix}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stop the interpreter's flush from failing again)
+        return 0
     except KeyboardInterrupt:
         print("interrupted: finished metrics are in the cache; run the same command again to resume",
               file=sys.stderr)

@@ -82,6 +82,14 @@ class PreparedData:
                 index += 1
                 n_batches += 1
 
+    def used_sequences(self) -> list[torch.Tensor]:
+        """The sequences the batches actually hold (``max_batches`` may leave some out)."""
+        used: list[torch.Tensor] = []
+        for seqs in self.sequences.values():
+            limit = len(seqs) if self.max_batches is None else self.max_batches * self.batch_size
+            used += seqs[:limit]
+        return used
+
     def n_batches(self) -> int:
         total = 0
         for seqs in self.sequences.values():
@@ -219,6 +227,18 @@ def _check_ids(rows: list[torch.Tensor], view: ModelView, where: str) -> None:
 
 
 DEFAULT_MAX_LENGTH = 128
+
+
+def materialize(data: DataSpec) -> DataSpec:
+    """Read one-shot sources (generators, DataLoaders) once, so every model of a run sees
+    the same examples in the same order (a shuffling loader is drawn from only once)."""
+    if isinstance(data, Mapping):
+        return {task: materialize(spec) for task, spec in data.items()}
+    if data is None or isinstance(data, (str, Path, torch.Tensor, list, tuple)):
+        return data
+    if hasattr(data, "__iter__"):
+        return _from_loader(data)
+    return data
 
 
 def prepare_data(data: DataSpec, view: ModelView, *, batch_size: int, max_length: int | None,

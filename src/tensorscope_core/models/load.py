@@ -104,13 +104,13 @@ def _from_state_dict(path: Path, base_config: Path | None) -> tuple[nn.Module, A
     except RuntimeError as exc:  # same names, other shapes
         raise ModelLoadError(f"{path.name} does not match the config in {config_dir}: {exc}",
                              "pass the base config the weights were saved from") from exc
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [m for m in missing if m not in tied and not m.endswith("lm_head.weight")]
+    # A tied pair is one Parameter under two names; a file may hold either name (save_model keeps one).
+    by_name = model.state_dict(keep_vars=True)
+    loaded = {id(by_name[k]) for k in state if k in by_name}
+    missing = [m for m in missing if id(by_name[m]) not in loaded]
     if missing or unexpected:
         raise ModelLoadError(f"{path.name} does not match the config in {config_dir}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}", "pass the base config the weights were saved from")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
     return model, _load_tokenizer(config_dir)
 
 

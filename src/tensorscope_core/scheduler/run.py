@@ -292,6 +292,7 @@ class ModelRunner:
         kwargs = {k: v for s in specs for k, v in s.forward_kwargs}
         forward_specs = [s for s in specs if s.pass_kind == "forward"]
         summed = [s for s in specs if s.pass_kind == "backward" and s.combine == "sum"]
+        per_micro_backward = [s for s in specs if s.pass_kind == "backward" and s.combine == "cat"]
         parts: dict[str, list[Any]] = {}
         ctx.batch_tokens = max(targets.n_targets, 1)
         ctx.grad_enabled = backward
@@ -307,6 +308,9 @@ class ModelRunner:
                         spec.derive(ctx)
                 if backward:
                     (ctx.store["token_loss"].sum() / ctx.batch_tokens).backward()
+            for spec in per_micro_backward:
+                if spec.derive is not None:
+                    spec.derive(ctx)
             ctx.outputs = None
             for name in ctx.wanted:
                 if name in ctx.store and name not in {s.name for s in summed}:
