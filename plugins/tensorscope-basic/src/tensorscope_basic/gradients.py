@@ -5,23 +5,26 @@ from __future__ import annotations
 import torch
 
 from tensorscope_core import Cost, LayerValue, Metric, ModelView, NoParams, RunShape, ScalarValue, Step
+from tensorscope_core.numerics import sum_of_squares
 from tensorscope_core.stats import bootstrap_ratio_ci
 
 
 class GradNorms(Metric):
     """For each batch, the L2 norm of the loss gradient over the parameters of each block
     (sqrt of the sum of squared entries), of the parameters outside all blocks, and in
-    total; reported as the mean over batches, the total with a bootstrap CI over batches.
+    total; reported as the mean over batches, the outside and total norms with a
+    bootstrap CI over batches and the per-batch norms as their ``samples``.
     The loss is the batch's mean token cross-entropy, as in ``basic.loss``.
     """
 
     name = "basic.grad_norms"
-    version = "1"
+    version = "2"
     summary = "per-layer parameter gradient norms (mean over batches)"
     Params = NoParams
     artifacts = ("param_grad",)
     fields = {"layer_norm": "mean over batches of the block's gradient norm",
-              "outside_norm": "the same for parameters outside the blocks (embeddings, final norm, head)",
+              "outside_norm": "the same for parameters outside the blocks (embeddings, final norm, head), "
+                              "CI over batches",
               "total_norm": "mean over batches of the global gradient norm, CI over batches"}
 
     def setup(self) -> None:
@@ -40,8 +43,7 @@ class GradNorms(Metric):
         for name, grad in step["param_grad"].items():
             layer = self.layer_of.get(name)
             index = self.view.n_layers if layer is None else layer
-            # vector_norm accumulates in float64 without materialising a float64 copy of the gradient
-            squares[index] += torch.linalg.vector_norm(grad, dtype=torch.float64).square().cpu()
+            squares[index] += sum_of_squares(grad).cpu()
         self.per_batch[self.seen, :-1] = squares.sqrt()
         self.per_batch[self.seen, -1] = squares.sum().sqrt()
         self.seen += 1
@@ -49,8 +51,10 @@ class GradNorms(Metric):
     def finalize(self) -> dict[str, object]:
         done = self.per_batch[:self.seen]
         mean = done.mean(dim=0)
-        total = done[:, -1].tolist()
-        low, high = bootstrap_ratio_ci(total, [1.0] * len(total), seed=self.shape.seed)
-        return {"layer_norm": LayerValue(values=mean[:-2].tolist()),
-                "outside_norm": ScalarValue(value=float(mean[-2]), n=self.seen),
-                "total_norm": ScalarValue(value=float(mean[-1]), ci_low=low, ci_high=high, n=self.seen)}
+        out: dict[str, object] = {"layer_norm": LayerValue(values=mean[:-2].tolist())}
+        for field, column in (("outside_norm", -2), ("total_norm", -1)):
+            per_batch = done[:, column].tolist()
+            low, high = bootstrap_ratio_ci(per_batch, [1.0] * len(per_batch), seed=self.shape.seed)
+            out[field] = ScalarValue(value=float(mean[column]), ci_low=low, ci_high=high, n=self.seen,
+                                     samples=per_batch)
+        return out
