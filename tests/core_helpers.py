@@ -35,3 +35,24 @@ def values_of(result: Any) -> dict[str, Any]:
 
 def flat(values: Iterable[Any]) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.float64)
+
+
+def synthetic_record(models: dict[str, dict[str, dict[str, Any]]], *, data: str | dict[str, str] = "data-0",
+                     failed: dict[str, dict[str, str]] | None = None, seed: int = 0) -> Any:
+    """A RunRecord without running anything: ``{model: {metric: {field: Value}}}``; ``failed``
+    adds ``{model: {metric: reason}}`` error results; ``data`` is one data fingerprint or one per model."""
+    from tensorscope_core.results.schema import MetricResult, ModelRecord, RunRecord
+
+    records = []
+    for i, (name, metrics) in enumerate(models.items()):
+        results = {m: MetricResult(metric=m, version="1", plugin=f"plugin-{m.split('.')[0]}", status="ok",
+                                   values=values) for m, values in metrics.items()}
+        for m, reason in (failed or {}).get(name, {}).items():
+            results[m] = MetricResult(metric=m, version="1", plugin=f"plugin-{m.split('.')[0]}", status="error",
+                                      reason=reason, error_type="RuntimeError")
+        records.append(ModelRecord(name=name, family="gpt2", fingerprint=f"fingerprint-{i}",
+                                   dims={"n_layers": 2, "d_model": 8, "n_heads": 2},
+                                   data_fingerprint=data if isinstance(data, str) else data[name],
+                                   metrics=results))
+    return RunRecord(tensorscope_version="test", config={"seed": seed}, device="cpu", dtype="float32",
+                     models=records)

@@ -28,6 +28,7 @@ from tensorscope_core import (
     analyze,
 )
 from tensorscope_core.errors import ResultsFormatError
+from tensorscope_core.results.schema import SCHEMA_VERSION
 from tensorscope_core.results.table import COLUMNS
 from tensorscope_core.testing import check_roundtrip
 
@@ -98,7 +99,8 @@ def test_roundtrip_with_tensors(use_registry: Callable[..., Any], model_dirs: di
     assert loaded.get("basic.loss").value("loss") == res.get("basic.loss").value("loss")
     # the JSON is plain JSON (no NaN tokens) with the schema version at the root
     raw = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert raw["schema_version"] == "1.0" and raw["models"][0]["metrics"]["t.tensor"]["values"]["nan"]["value"] is None
+    assert raw["schema_version"] == SCHEMA_VERSION == "1.1"
+    assert raw["models"][0]["metrics"]["t.tensor"]["values"]["nan"]["value"] is None
 
 
 def test_csv_is_the_tall_table(use_registry: Callable[..., Any], model_dirs: dict[str, Path], tokens: torch.Tensor,

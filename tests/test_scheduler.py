@@ -434,7 +434,10 @@ def test_dependent_metric_receives_its_dependency(use_registry: Callable[..., An
 def test_run_without_data_uses_the_builtin_corpus(model_dirs: dict[str, Path]) -> None:
     res = analyze(str(model_dirs["llama"]), metrics=["basic.loss"], config=CFG.model_copy(update={"max_batches": 2}))
     assert res.get("basic.loss").ok and res.model().passes == {"forward": 2}
-    assert res.model().n_sequences > 8
+    from tensorscope_core.data import builtin_corpus
+
+    assert len(builtin_corpus()) > 8
+    assert res.model().n_sequences == 8  # max_batches 2 x batch 4: the sequences actually used
 
 
 def test_masked_lm_without_mask_token_skips_loss_metrics(model_dirs: dict[str, Path], tokens: torch.Tensor) -> None:

@@ -2,7 +2,7 @@
 
 Public API: ``analyze`` (alias ``analyze_models``), ``plan``, ``RunConfig``, ``Results``,
 and for plugin authors ``Metric``, ``Params``, ``Step``, ``RunShape``, ``Cost``,
-``ArtifactSpec``, ``hookimpl`` and the value types.
+``ArtifactSpec``, ``hookimpl``, ``Interpretation`` and the value types.
 """
 
 from importlib import metadata as _metadata
@@ -22,6 +22,7 @@ from .models.adapters import GenericAdapter
 from .models.load import ModelSource
 from .models.view import HeadWeights, ModelView
 from .results import Results
+from .results.analysis import Interpretation
 from .results.schema import (
     Cost,
     HeadValue,
@@ -44,6 +45,7 @@ __all__ = [
     "GenericAdapter",
     "HeadValue",
     "HeadWeights",
+    "Interpretation",
     "LayerValue",
     "Metric",
     "MetricResult",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import RunConfig
-from .data import DataSpec, PreparedData, builtin_corpus, prepare_data
+from .data import DataSpec, PreparedData, builtin_corpus, materialize, prepare_data
 from .errors import PlanDoesNotFitError
 from .metric import RunShape
 from .models.adapters import Adapter
@@ -103,8 +103,8 @@ def _record_model(runner: ModelRunner, prepared: Prepared, order: Sequence[str])
     notes += [f"artifact '{k}' held {v} bytes per batch at most" for k, v in sorted(runner.artifact_bytes.items())]
     return ModelRecord(
         name=view.name, family=view.family, fingerprint=runner.model_fingerprint, dims=view.dims(),
-        data_fingerprint=runner.data_fingerprint, n_sequences=d.n_sequences if d else 0,
-        n_tokens=sum(int(len(s)) for seqs in d.sequences.values() for s in seqs) if d else 0,
+        data_fingerprint=runner.data_fingerprint, n_sequences=len(d.used_sequences()) if d else 0,
+        n_tokens=sum(len(s) for s in d.used_sequences()) if d else 0,
         passes=dict(runner.passes), notes=notes,
         metrics={name: runner.results[name] for name in order if name in runner.results})
 
@@ -121,6 +121,13 @@ def _run_model_set(nodes: Sequence[MetricNode], views: dict[str, ModelView], rec
         if node.unavailable:
             results[node.name] = MetricResult(**base, status="error", reason=node.unavailable,
                                               error_type="Unavailable")
+            continue
+        failed = [(model, dep, metrics[dep]) for model, metrics in per_model.items()
+                  for dep in node.cls.requires_metrics if dep in metrics and not metrics[dep].ok]
+        if failed:  # as for per-model metrics: a dependency that did not end ok skips its dependents
+            model, dep, cause = failed[0]
+            results[node.name] = MetricResult(**base, status="skipped",
+                                              reason=f"dependency '{dep}' {cause.status} on {model}: {cause.reason}")
             continue
         start = time.perf_counter()
         try:
@@ -149,6 +156,7 @@ def analyze(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequ
     registry = get_registry()
     nodes = resolve(metrics, params or {}, registry)
     sources = _sources(models, base_config)
+    data = materialize(data)
     with modules_restored(sources):
         return _analyze(sources, data, nodes, config, registry, adapter, tokenizer)
 

@@ -89,6 +89,31 @@ class ResultsFormatError(TensorScopeError):
     pass
 
 
+REPORT_EXTRA = "pip install 'tensorscope[report]'"
+#: Debian/Ubuntu packages weasyprint loads at import (pango and its text shaping).
+PDF_SYSTEM_PACKAGES = "apt-get install libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz0b libharfbuzz-subset0"
+
+
+class MissingDependencyError(TensorScopeError):
+    """An optional dependency (the ``report`` extra) is not installed; analysis still works without it."""
+
+    def __init__(self, package: str, needed_for: str, fix: str = REPORT_EXTRA) -> None:
+        self.package = package
+        super().__init__(f"{needed_for} needs {package}, which is not installed", fix)
+
+
+class PdfUnavailableError(MissingDependencyError):
+    """weasyprint or the system libraries it loads (pango) are missing: no PDF, the HTML is still written."""
+
+    def __init__(self, detail: str, html_path: str | None = None) -> None:
+        self.detail = detail
+        self.html_path = html_path
+        fix = f"{REPORT_EXTRA}, and on Debian/Ubuntu `{PDF_SYSTEM_PACKAGES}`"
+        if html_path:
+            fix += f"; the HTML report was written to {html_path}"
+        super().__init__("weasyprint (with pango)", f"the PDF report ({detail})", fix)
+
+
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """Names among ``candidates`` that look like ``name`` (for "did you mean" hints)."""
     pool = sorted(set(candidates))

@@ -37,4 +37,6 @@ def register_adapters(register: Callable[[Any], None]) -> None:
 
 @hookspec
 def register_report_sections(register: Callable[[str, Callable[..., Any]], None]) -> None:
-    """Register report sections: ``register(title, render)``; ``render(results)`` returns HTML."""
+    """Register report sections: ``register(title, render)``; ``render(results)`` returns HTML
+    (escape what you insert; draw with ``tensorscope_core.report.plots``), or None / "" to
+    leave the section out of that report. A render that raises shows its error in the report."""

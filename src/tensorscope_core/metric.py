@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict
 from .data import Batch, PreparedData
 from .models.view import ModelView
 from .results.schema import Cost, MetricResult
+
+if TYPE_CHECKING:
+    from .results.analysis import Interpretation
 
 Scope = Literal["model", "model_set"]
 
@@ -72,9 +75,11 @@ class Metric:
     Declare, as class attributes: ``name`` (namespaced, ``family.metric``),
     ``version`` (bump when values change), ``summary``, ``Params`` (a ``Params``
     subclass), ``artifacts`` it reads per batch, ``requires_metrics`` (other metrics'
-    results, by name, from any plugin), ``scope`` and ``fields`` (field -> meaning).
+    results, by name, from any plugin), ``scope``, ``fields`` (field -> meaning) and
+    ``derived_from`` (metrics whose values this one is computed from).
     Override ``cost`` to declare the bytes your state holds (checked against what
-    the run measured) and ``skip_reason`` when the metric does not apply.
+    the run measured), ``skip_reason`` when the metric does not apply and
+    ``interpret`` to flag hotspots and warnings in reports.
 
     Per-model metrics implement ``update(step)`` and ``finalize()``; model-set
     metrics implement ``compute_set(views, results)``.
@@ -88,6 +93,8 @@ class Metric:
     requires_metrics: ClassVar[tuple[str, ...]] = ()
     scope: ClassVar[Scope] = "model"
     fields: ClassVar[dict[str, str]] = {}
+    #: metrics (or ``metric.field`` labels) this one is computed from; correlation
+    #: discovery never pairs a metric with its sources
     derived_from: ClassVar[tuple[str, ...]] = ()
 
     _framework_attrs: ClassVar[frozenset[str]] = frozenset({"view", "params", "deps", "shape", "views"})
@@ -113,6 +120,11 @@ class Metric:
     def skip_reason(cls, params: Any, view: ModelView, data: PreparedData | None) -> str | None:
         """A reason when the metric does not apply to this model or data (-> skipped)."""
         return None
+
+    @classmethod
+    def interpret(cls, result: MetricResult) -> list[Interpretation]:
+        """Readings of an ok result that the metric defines (hotspots, warnings); reports list them."""
+        return []
 
     def update(self, step: Step) -> None:
         """Fold one batch into the state."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,6 +15,9 @@ from ..errors import ResultsFormatError, did_you_mean
 from .schema import SCHEMA_VERSION, MetricResult, ModelRecord, RunRecord
 from .store import atomic_write, load_tensors, save_tensors
 from .table import COLUMNS, tall_rows
+
+if TYPE_CHECKING:
+    from .analysis import Comparisons, Discovery, ReportRecord, Unit
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -30,6 +35,9 @@ class Results:
     def __init__(self, record: RunRecord, tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.record = record
         self.tensors = tensors or {}
+        #: the latest ``compare()`` and ``discover_correlations()`` per unit; reports reuse them
+        self.comparisons: Comparisons | None = None
+        self.correlations: dict[str, Discovery] = {}
 
     @property
     def models(self) -> list[str]:
@@ -90,15 +98,81 @@ class Results:
 
     @classmethod
     def load(cls, path: str | Path) -> Results:
+        """Read what ``save()`` (a folder or its results.json) or ``save_report()`` wrote."""
         path = Path(path)
         json_path = path / RESULTS_JSON if path.is_dir() else path
         if not json_path.exists():
             raise ResultsFormatError(f"{json_path} does not exist", "pass the folder that `res.save()` wrote")
-        record = RunRecord.model_validate_json(json_path.read_text())
-        if record.schema_version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-            raise ResultsFormatError(f"{json_path} has schema {record.schema_version}, this tensorscope reads "
+        try:
+            raw = json.loads(json_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ResultsFormatError(f"{json_path} is not JSON ({exc})", "pass the results.json a run wrote") from exc
+        version = str(raw.get("schema_version", "")) if isinstance(raw, dict) else ""
+        if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+            raise ResultsFormatError(f"{json_path} has schema {version or 'none'}, this tensorscope reads "
                                      f"{SCHEMA_VERSION}", "load it with the tensorscope version that wrote it")
+        if "report_version" in raw:  # written by save_report(): the run record plus comparisons and findings
+            from .analysis import ReportRecord
+
+            report = ReportRecord.model_validate(raw)
+            record = RunRecord.model_validate(report.model_dump(include=set(RunRecord.model_fields)))
+            results = cls(record, load_tensors(json_path.parent / TENSORS_FILE))
+            results.comparisons = report.comparisons
+            results.correlations = {d.unit: d for d in report.correlations}
+            return results
+        record = RunRecord.model_validate(raw)
         return cls(record, load_tensors(json_path.parent / TENSORS_FILE))
+
+    # -- statistics and reports (scipy always; pingouin, jinja2, matplotlib, weasyprint: extra 'report') --
+    def compare(self, *, order: Sequence[str] | None = None, outcome: Mapping[str, float] | None = None,
+                early: str | None = None, alpha: float = 0.05, min_n: int = 30, trend_min_n: int = 5,
+                seed: int | None = None) -> Comparisons:
+        """Per metric across models: values, highest/lowest, differences with significance where
+        per-example values exist, trends over checkpoints (ordered by the step in their names,
+        or ``order``), and early indicators of the final values or of ``outcome`` per model."""
+        from ..compare import compare
+
+        self.comparisons = compare(self.record, order=order, outcome=outcome, early=early, alpha=alpha,
+                                   min_n=min_n, trend_min_n=trend_min_n, seed=seed)
+        return self.comparisons
+
+    def discover_correlations(self, metrics: Sequence[str] | None = None, unit: Unit = "layer",
+                              method: str = "spearman", min_n: int = 30, fdr: float = 0.05,
+                              **kwargs: Any) -> Discovery:
+        """Every pair of metric values sharing ``unit`` (layer, head, model, checkpoint), FDR-corrected,
+        with r, CI and n; below ``min_n`` pairs nothing is claimed. Never pairs a metric with itself
+        or with a declared derivation. Keywords: ``order``, ``derived``, ``seed``, ``n_resamples``."""
+        from ..discovery import discover_correlations
+
+        found = discover_correlations(self.record, metrics, unit, method, min_n, fdr,  # type: ignore[arg-type]
+                                      **kwargs)
+        self.correlations[unit] = found
+        return found
+
+    def report_record(self) -> ReportRecord:
+        """The run record with comparisons and correlation findings (computed with defaults if absent)."""
+        from ..report.build import report_record
+
+        return report_record(self)
+
+    def save_report(self, path: str | Path) -> Path:
+        """Write the report JSON to ``path`` (a folder gets analysis.json) and results.csv beside it."""
+        from ..report.build import save_report
+
+        return save_report(self, Path(path))
+
+    def generate_html_report(self, path: str | Path, *, progress: bool = False) -> Path:
+        """A self-contained HTML report (plots inline as SVG)."""
+        from ..report.html import write_html
+
+        return write_html(self, Path(path), progress=progress)
+
+    def generate_pdf_report(self, path: str | Path, *, progress: bool = False) -> Path:
+        """The HTML report as PDF (weasyprint). Without weasyprint or pango, raises
+        PdfUnavailableError after writing the HTML beside ``path``."""
+        from ..report.pdf import write_pdf
+
+        return write_pdf(self, Path(path), progress=progress)
 
     def __repr__(self) -> str:
         n = sum(len(m.metrics) for m in self.record.models) + len(self.record.model_set)

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: ScalarValue.samples (optional, additive)
 
 Float = float | None  # NaN and infinities are written as null
 
@@ -16,7 +16,12 @@ class _Value(BaseModel):
 
 
 class ScalarValue(_Value):
-    """One number, with a confidence interval and sample size where it averages examples."""
+    """One number, with a confidence interval and sample size where it averages examples.
+
+    ``samples`` optionally keeps the per-example (or per-batch) values the number
+    summarises, in data order: comparisons across models test differences on them
+    (paired when the models saw the same data).
+    """
 
     kind: Literal["scalar"] = "scalar"
     value: Float
@@ -24,6 +29,7 @@ class ScalarValue(_Value):
     ci_high: Float = None
     n: int | None = None
     unit: str | None = None
+    samples: list[Float] | None = None
 
 
 class LayerValue(_Value):

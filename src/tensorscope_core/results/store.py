@@ -26,7 +26,7 @@ def atomic_write(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as handle:
+        with os.fdopen(fd, mode, newline=None if "b" in mode else "") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

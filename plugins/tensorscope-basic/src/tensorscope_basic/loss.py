@@ -17,10 +17,13 @@ class Loss(Metric):
     the core's seeded 15% mask. Perplexity is exp(loss). The 95% CI is a percentile
     bootstrap over sequences (the sequence is the resampled unit, tokens weighted).
     With named tasks, ``loss/<task>`` is reported per task as well.
+
+    ``loss`` keeps each sequence's mean token loss as its ``samples`` (in data order), so
+    comparisons across models test differences paired by sequence.
     """
 
     name = "basic.loss"
-    version = "1"
+    version = "2"
     summary = "per-token loss and perplexity with a bootstrap CI over sequences"
     Params = NoParams
     artifacts = ("token_loss",)
@@ -53,7 +56,8 @@ class Loss(Metric):
         value = float(loss_sum.sum() / tokens.sum())
         low, high = bootstrap_ratio_ci(loss_sum.tolist(), tokens.tolist(), seed=self.shape.seed)
         n = int(tokens.sum())
-        return (ScalarValue(value=value, ci_low=low, ci_high=high, n=n, unit="nats/token"),
+        samples = (loss_sum / tokens).tolist()
+        return (ScalarValue(value=value, ci_low=low, ci_high=high, n=n, unit="nats/token", samples=samples),
                 ScalarValue(value=math.exp(value), ci_low=math.exp(low), ci_high=math.exp(high), n=n))
 
     def finalize(self) -> dict[str, ScalarValue]:

@@ -1,0 +1,171 @@
+"""Correlation discovery: every pair of metric values that share a unit of analysis.
+
+Units: ``layer`` (one observation per model and layer), ``head`` (model, layer, head),
+``model`` (one scalar per model) and ``checkpoint`` (the change of a scalar between
+consecutive checkpoints: two metrics that both drift during training would
+otherwise always correlate through time alone). A metric is never paired with
+itself (any two of its fields) nor with a metric it is declared to derive from
+(``Metric.derived_from``, followed transitively). All tested pairs of one call are
+one Benjamini-Hochberg family.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .compare import order_models
+from .errors import UsageError, did_you_mean
+from .results.analysis import Discovery, ExcludedPair, Finding, ModelOrder, Unit
+from .results.schema import HeadValue, LayerValue, RunRecord, ScalarValue
+from .stats import N_RESAMPLES, InsufficientSampleWarning, Method, adjust, correlation
+
+UNITS: tuple[Unit, ...] = ("layer", "head", "model", "checkpoint")
+Key = tuple[str, ...]
+
+
+@dataclass
+class Variable:
+    """One metric field observed over the units: unit key -> number."""
+
+    metric: str
+    field: str
+    values: dict[Key, float]
+
+    @property
+    def label(self) -> str:
+        return f"{self.metric}.{self.field}"
+
+
+def _put(found: dict[str, Variable], metric: str, field: str, key: Key, value: float | None) -> None:
+    if value is not None and math.isfinite(value):
+        var = found.setdefault(f"{metric}.{field}", Variable(metric, field, {}))
+        var.values[key] = value
+
+
+def collect(record: RunRecord, unit: Unit, order: ModelOrder) -> dict[str, Variable]:
+    """The variables observed over ``unit``, by label (``metric.field``)."""
+    found: dict[str, Variable] = {}
+    records = {m.name: m for m in record.models}
+    names = order.names
+    for name in names:
+        for result in records[name].metrics.values():
+            if not result.ok:
+                continue
+            for field, value in result.values.items():
+                if unit == "layer" and isinstance(value, LayerValue):
+                    labels = value.labels or [str(i) for i in range(len(value.values))]
+                    for label, v in zip(labels, value.values, strict=True):
+                        _put(found, result.metric, field, (name, label), v)
+                elif unit == "head" and isinstance(value, HeadValue):
+                    for layer, row in enumerate(value.values):
+                        for head, v in enumerate(row):
+                            _put(found, result.metric, field, (name, str(layer), str(head)), v)
+                elif unit == "model" and isinstance(value, ScalarValue):
+                    _put(found, result.metric, field, (name,), value.value)
+    if unit == "checkpoint":
+        per_model = collect(record, "model", order)
+        for var in per_model.values():
+            for a, b in itertools.pairwise(names):
+                if (a,) in var.values and (b,) in var.values:
+                    _put(found, var.metric, var.field, (a, b), var.values[(b,)] - var.values[(a,)])
+    return found
+
+
+def derivations(metrics: Iterable[str], extra: Mapping[str, Sequence[str]] | None = None) -> dict[str, set[str]]:
+    """Each metric's declared sources (``Metric.derived_from`` in the registry, plus
+    ``extra``), followed transitively."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    direct: dict[str, set[str]] = {}
+    for name in metrics:
+        cls = registry.metrics.get(name)
+        direct[name] = set(getattr(cls, "derived_from", ()) or ()) | set((extra or {}).get(name, ()))
+    for name, sources in (extra or {}).items():
+        direct.setdefault(name, set()).update(sources)
+    def sources_of(source: str) -> set[str]:
+        """What ``source`` (a metric, or a ``metric.field`` label) is derived from in turn."""
+        owner = next((m for m in direct if source == m or source.startswith(m + ".")), None)
+        return direct.get(owner, set()) if owner else set()
+
+    closed: dict[str, set[str]] = {}
+    for name in direct:
+        seen: set[str] = set()
+        todo = list(direct[name])
+        while todo:
+            source = todo.pop()
+            if source not in seen:
+                seen.add(source)
+                todo.extend(sources_of(source))
+        closed[name] = seen
+    return closed
+
+
+def _excluded(x: Variable, y: Variable, derived: Mapping[str, set[str]]) -> str | None:
+    if x.metric == y.metric:
+        return "same metric"
+    for a, b in ((x, y), (y, x)):
+        sources = derived.get(a.metric, set()) | derived.get(a.label, set())
+        if b.metric in sources or b.label in sources:
+            return f"{a.label} is declared to derive from {b.metric}"
+    return None
+
+
+def _select(found: dict[str, Variable], metrics: Sequence[str] | None) -> dict[str, Variable]:
+    if metrics is None:
+        return found
+    chosen = {}
+    for wanted in metrics:
+        hits = {k: v for k, v in found.items() if wanted in (k, v.metric)}
+        if not hits:
+            known = sorted(found) + sorted({v.metric for v in found.values()})
+            raise UsageError(f"no values of '{wanted}' over this unit; {did_you_mean(wanted, known)}",
+                             "name metrics or metric.field labels that the results hold for this unit")
+        chosen.update(hits)
+    return chosen
+
+
+def discover_correlations(record: RunRecord, metrics: Sequence[str] | None = None, unit: Unit = "layer",
+                          method: Method = "spearman", min_n: int = 30, fdr: float = 0.05, *,
+                          order: Sequence[str] | None = None, derived: Mapping[str, Sequence[str]] | None = None,
+                          seed: int | None = None, n_resamples: int = N_RESAMPLES) -> Discovery:
+    """Correlate every eligible pair of variables over ``unit``; see the module docstring."""
+    if unit not in UNITS:
+        raise UsageError(f"unknown unit {unit!r}", f"choose one of {', '.join(UNITS)}")
+    if method not in ("spearman", "pearson"):
+        raise UsageError(f"unknown method {method!r}", "choose 'spearman' or 'pearson'")
+    if seed is None:
+        seed = int(record.config.get("seed", 0))
+    ordering = order_models([m.name for m in record.models], order)
+    if unit == "checkpoint" and not ordering.is_series:
+        raise UsageError("unit='checkpoint' needs models ordered as checkpoints",
+                         "name them with their step (ckpt_step_1000, checkpoint-500) or pass order=[...]")
+    found = _select(collect(record, unit, ordering), metrics)
+    derived_map = derivations({v.metric for v in found.values()}, derived)
+    out = Discovery(unit=unit, method=method, min_n=min_n, fdr=fdr, variables=sorted(found))
+    for x, y in itertools.combinations([found[k] for k in sorted(found)], 2):
+        reason = _excluded(x, y, derived_map)
+        if reason:
+            out.excluded.append(ExcludedPair(x=x.label, y=y.label, reason=reason))
+            continue
+        keys = sorted(set(x.values) & set(y.values))
+        stat = correlation([x.values[k] for k in keys], [y.values[k] for k in keys], method=method, min_n=min_n,
+                           seed=seed, n_resamples=n_resamples)
+        finding = Finding(**stat.model_dump(), x=x.label, y=y.label, x_metric=x.metric, y_metric=y.metric, unit=unit)
+        (out.findings if finding.claimed else out.not_claimed).append(finding)
+    adjust(out.findings, fdr)
+    out.findings.sort(key=lambda f: (-abs(f.r or 0.0), f.p if f.p is not None else 1.0))
+    out.not_claimed.sort(key=lambda f: -abs(f.r or 0.0))
+    below = [f for f in out.not_claimed if f.reason and "min_n" in f.reason]
+    if below:
+        text = (f"{len(below)} of {len(below) + len(out.findings)} pairs over unit '{unit}' have fewer than "
+                f"min_n={min_n} observations (largest n={max(f.n for f in below)}): not claimed")
+        out.warnings.append(text)
+        warnings.warn(text, InsufficientSampleWarning, stacklevel=3)
+    if len(found) < 2:
+        out.warnings.append(f"fewer than two variables over unit '{unit}': nothing to correlate")
+    return out
