@@ -1,0 +1,47 @@
+"""Helpers shared by the plugin's metrics: block norms, task checks, example texts."""
+
+from __future__ import annotations
+
+import torch
+
+from tensorscope_core import ModelView
+from tensorscope_core.data import PreparedData
+
+TEXT_CHARS = 120
+
+
+def block_squares(view: ModelView, layer_of: dict[str, int | None], grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of squared gradient entries per block; entry n_layers holds everything outside
+    the blocks (embeddings, final norm, head). float64 [n_layers + 1]."""
+    squares = torch.zeros(view.n_layers + 1, dtype=torch.float64)
+    for name, g in grads.items():
+        layer = layer_of.get(name)
+        squares[view.n_layers if layer is None else layer] += g.detach().double().pow(2).sum().cpu()
+    return squares
+
+
+def tasks_reason(data: PreparedData | None, needed: int = 2) -> str | None:
+    """Why a task metric does not apply (fewer than ``needed`` named tasks), or None."""
+    tasks = data.tasks if data is not None else []
+    if len(tasks) >= needed:
+        return None
+    return (f"needs data with at least {needed} named tasks, e.g. data={{'math': [...], 'code': [...]}}; "
+            f"this run has {len(tasks)} ({', '.join(map(repr, tasks)) or 'untasked data'})")
+
+
+def example_texts(view: ModelView, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+    """Each row's real tokens as text (the tokenizer's decode, else the ids), cut to 120 characters."""
+    out = []
+    for ids, mask in zip(input_ids, attention_mask, strict=True):
+        real = ids[mask.bool()].tolist()
+        if view.tokenizer is not None:
+            text = str(view.tokenizer.decode(real, skip_special_tokens=True))
+        else:
+            text = "ids " + " ".join(map(str, real))
+        out.append(text if len(text) <= TEXT_CHARS else text[:TEXT_CHARS - 3] + "...")
+    return out
+
+
+def upper_bound_examples(n_sequences: int, n_batches: int, batch_size: int) -> int:
+    """Most examples a run can feed a metric (max_batches may stop it before n_sequences)."""
+    return min(n_sequences, n_batches * batch_size)

@@ -1,0 +1,187 @@
+"""gradients.sample_conflicts: cross-task example pairs whose per-example gradients conflict."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from tensorscope_core import Cost, Metric, ModelView, RunShape, ScalarValue, SeriesValue, Step, TableValue
+from tensorscope_core.data import PreparedData
+
+from .common import example_texts, tasks_reason, upper_bound_examples
+from .maths import bh, fisher_z, null_p_values, robust_null
+from .per_sample import ARTIFACT, release_parameters, request_parameters, requested_layout
+from .selection import SubsetParams, layout_of, select_parameters
+from .store import Compression, GradientStore
+
+
+class SampleConflictParams(SubsetParams):
+    compression: Compression = Field("none", description="how per-example gradients are kept: 'none', 'int8' "
+                                                         "(chunked int8 quantisation) or 'int8_zlib' (int8 + zlib)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="false discovery rate of the Benjamini-Hochberg procedure")
+    top_k: int = Field(20, ge=1, description="rows of the top_pairs table (most negative cosines)")
+    min_pairs: int = Field(20, ge=3, description="fewest cross-task pairs of a task pair to fit its empirical null")
+    min_conflict: float = Field(0.0, ge=0, lt=1, description="effect-size floor: a significant pair also needs "
+                                                            "cosine < -min_conflict")
+
+
+class SampleConflicts(Metric):
+    """Per-example gradients g_i (the shared ``per_sample_grad`` artifact: gradient of the
+    example's mean token loss; optionally a parameter subset, optionally compressed) and,
+    for every pair (i, j) of examples from different tasks, c_ij = cos(g_i, g_j).
+
+    Null and test (Efron's empirical null): for each task pair (A, B) with at least
+    ``min_pairs`` pairs, z_ij = atanh(c_ij); the bulk of the A-B pairs is fitted robustly as
+    N(d0, s0^2), d0 = median(z), s0 = 1.4826 x MAD(z). H0 for a pair: it is no more opposed
+    than the typical A-B pair nor than orthogonal gradients, i.e. its z is centred at
+    b = min(d0, 0) with spread s0. The one-sided p-value is p_ij = Phi((z_ij - b) / s0); the
+    effect sizes are c_ij itself and the standardised score (z_ij - b) / s0. The p-values of
+    all cross-task pairs are adjusted together by Benjamini-Hochberg
+    (``scipy.stats.false_discovery_control``); a pair is a significant conflict when its
+    adjusted p is below ``alpha`` and c_ij < -``min_conflict`` (default 0). The null assumes
+    the bulk is roughly normal on the atanh scale; a heavy-tailed bulk makes the test liberal
+    (see the README).
+
+    Examples without target tokens (zero gradient) are left out. With compression the
+    cosines are g~_i . g~_j / (||g_i|| ||g_j||) and ``cosine_error_bound`` bounds their
+    distance from the exact cosines (see the README).
+    """
+
+    name = "gradients.sample_conflicts"
+    version = "1"
+    summary = "cross-task example pairs with conflicting per-example gradients: p-values, effect sizes, BH FDR"
+    Params = SampleConflictParams
+    artifacts = (ARTIFACT,)
+    fields = {"n_examples": "examples with at least one target", "n_pairs": "cross-task example pairs",
+              "conflict_fraction": "fraction of cross-task pairs with cosine < 0",
+              "n_significant": "pairs with BH-adjusted p < alpha and cosine < -min_conflict",
+              "top_pairs": "the top_k most negative cross-task pairs: tasks, indices, cosine, effect, p, q, texts",
+              "significant_pairs": "every significant pair, same columns",
+              "cosines": "[n, n] cosine matrix of all examples (data order)",
+              "p_values": "[n, n] one-sided p-values of cross-task pairs (NaN elsewhere)",
+              "q_values": "[n, n] BH-adjusted p-values (NaN elsewhere)",
+              "null_center": "empirical null of the first task pair: median of atanh(cosine) "
+                             "(the test centres H0 at min(this, 0))",
+              "null_scale": "empirical null of the first task pair: 1.4826 x MAD of atanh(cosine)",
+              "reconstruction_error": "per example: ||g - g~|| / ||g|| (0 without compression)",
+              "cosine_error_bound": "largest bound on |estimated - exact| cosine over all pairs",
+              "stored_bytes": "bytes the kept gradients take"}
+
+    @classmethod
+    def skip_reason(cls, params: SampleConflictParams, view: ModelView, data: PreparedData | None) -> str | None:
+        return tasks_reason(data)
+
+    def setup(self) -> None:
+        assert self.view is not None
+        names = select_parameters(self.view, self.params.parameters, self.params.layers)
+        request_parameters(self.view, self.name, names)
+        self.names = names
+        self.store = GradientStore(layout_of(self.view, names).size, self.params.compression)
+        self.tasks: list[str] = []
+        self.index_in_task: list[int] = []
+        self.texts: list[str] = []
+        self.n_targets = torch.zeros(0, dtype=torch.float64)
+
+    @classmethod
+    def cost(cls, params: SampleConflictParams, view: ModelView, shape: RunShape) -> Cost:
+        try:
+            size = layout_of(view, select_parameters(view, params.parameters, params.layers)).size
+        except ValueError:
+            size = 0
+        n = upper_bound_examples(shape.n_sequences, shape.n_batches, shape.batch_size)
+        return Cost(state_bytes=GradientStore.declared_bytes(n, size, params.compression, view.dtype_bytes) + 8 * n,
+                    flops=float(2 * n * n * size))
+
+    def update(self, step: Step) -> None:
+        assert self.view is not None and step.task is not None
+        grads, _, n_targets = step[ARTIFACT]
+        columns = requested_layout(self.view).columns(self.names)
+        self.store.add(grads if columns is None else grads[:, columns])
+        counter = sum(1 for t in self.tasks if t == step.task)
+        rows = grads.shape[0]
+        self.tasks += [step.task] * rows
+        self.index_in_task += list(range(counter, counter + rows))
+        self.texts += example_texts(self.view, step.batch.input_ids, step.batch.attention_mask)
+        self.n_targets = torch.cat([self.n_targets, n_targets.double()])
+
+    def finalize(self) -> dict[str, object]:
+        assert self.view is not None
+        release_parameters(self.view, self.name)
+        p = self.params
+        n = len(self.store)
+        norms = self.store.norms
+        gram = self.store.gram()
+        denom = norms[:, None] * norms[None, :]
+        cos = torch.where(denom > 0, gram / torch.where(denom > 0, denom, torch.ones_like(denom)),
+                          torch.full_like(gram, math.nan))
+        valid = ((self.n_targets > 0) & (norms > 0)).numpy()
+        tasks = list(dict.fromkeys(self.tasks))
+        task_of = np.array([tasks.index(t) for t in self.tasks], dtype=np.int64)
+        C = cos.numpy()
+        Z = fisher_z(C)
+        pvals = np.full((n, n), np.nan)
+        effect = np.full((n, n), np.nan)
+        centers, scales = [], []
+        for a in range(len(tasks)):
+            for b in range(a + 1, len(tasks)):
+                rows = np.where((task_of == a) & valid)[0]
+                cols = np.where((task_of == b) & valid)[0]
+                block = Z[np.ix_(rows, cols)]
+                center, scale = robust_null(block.ravel()) if block.size >= p.min_pairs else (math.nan, math.nan)
+                centers.append(center)
+                scales.append(scale)
+                if math.isfinite(scale):
+                    bound = min(center, 0.0)  # H0: no more opposed than the typical pair, nor than orthogonal
+                    for r, c in ((rows, cols), (cols, rows)):
+                        both = np.ix_(r, c)
+                        values = block if r is rows else block.T
+                        pvals[both] = null_p_values(values, bound, scale, "lower")
+                        effect[both] = (values - bound) / scale
+        cross = (task_of[:, None] != task_of[None, :]) & valid[:, None] & valid[None, :]
+        ii, jj = np.where(np.triu(cross, k=1))  # each unordered cross-task pair once (i < j)
+        q_flat = bh(pvals[ii, jj])
+        qvals = np.full((n, n), np.nan)
+        qvals[ii, jj] = q_flat
+        qvals[jj, ii] = q_flat
+        cos_pairs = C[ii, jj]
+        significant = (q_flat < p.alpha) & (cos_pairs < -p.min_conflict)
+
+        def row(k: int) -> list[object]:
+            i, j = int(ii[k]), int(jj[k])
+            if task_of[i] > task_of[j]:
+                i, j = j, i
+            return [self.tasks[i], self.index_in_task[i], self.tasks[j], self.index_in_task[j], float(C[i, j]),
+                    _num(effect[i, j]), _num(pvals[i, j]), _num(qvals[i, j]), bool(significant[k]),
+                    self.texts[i], self.texts[j]]
+
+        columns = ["task_a", "index_a", "task_b", "index_b", "cosine", "effect_z", "p_value", "q_value",
+                   "significant", "text_a", "text_b"]
+        by_cos = np.argsort(cos_pairs, kind="stable")
+        top = [row(int(k)) for k in by_cos[:p.top_k]]
+        sig = [row(int(k)) for k in by_cos if significant[k]]
+        error_bound = self.store.cosine_error_bound()
+        pair_bound = float(error_bound[torch.as_tensor(ii), torch.as_tensor(jj)].max()) if len(ii) else 0.0
+        stored = sum(int(t.numel() * t.element_size())
+                     for t in [*self.store.parts, *self.store.scales, *self.store.blobs])
+        return {"n_examples": ScalarValue(value=int(valid.sum())),
+                "n_pairs": ScalarValue(value=len(ii)),
+                "conflict_fraction": ScalarValue(value=float((cos_pairs < 0).mean()) if len(ii) else math.nan,
+                                                 n=len(ii)),
+                "n_significant": ScalarValue(value=int(significant.sum())),
+                "top_pairs": TableValue(columns=columns, rows=top),
+                "significant_pairs": TableValue(columns=columns, rows=sig),
+                "cosines": cos,
+                "p_values": torch.from_numpy(pvals),
+                "q_values": torch.from_numpy(qvals),
+                "null_center": ScalarValue(value=centers[0] if centers else math.nan),
+                "null_scale": ScalarValue(value=scales[0] if scales else math.nan),
+                "reconstruction_error": SeriesValue(values=self.store.errors.tolist(), index_name="example"),
+                "cosine_error_bound": ScalarValue(value=pair_bound),
+                "stored_bytes": ScalarValue(value=stored, unit="bytes")}
+
+
+def _num(x: float) -> float | None:
+    return float(x) if math.isfinite(float(x)) else None

@@ -1,0 +1,159 @@
+"""gradients.task_conflict: cosines between named tasks' gradients, PCGrad, batch-pair conflict."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from pydantic import Field
+from scipy import stats
+
+from tensorscope_core import Cost, LayerValue, Metric, ModelView, RunShape, ScalarValue, Step, TableValue
+from tensorscope_core.data import PreparedData
+
+from .common import tasks_reason
+from .maths import cosine, pcgrad
+from .selection import SubsetParams, layout_of, select_parameters
+
+N_RESAMPLES = 1000
+
+
+class TaskConflictParams(SubsetParams):
+    ci_level: float = Field(0.95, gt=0, lt=1, description="confidence level of the bootstrap CIs")
+
+
+def _fraction(cos: np.ndarray, groups: Sequence[np.ndarray]) -> float:
+    """Fraction of cross-task batch pairs with cosine < 0 (pooled over task pairs)."""
+    neg = total = 0
+    for a, b in itertools.combinations(groups, 2):
+        block = cos[np.ix_(a, b)]
+        neg += int((block < 0).sum())
+        total += block.size
+    return neg / total if total else math.nan
+
+
+def _bootstrap(cos: np.ndarray, groups: Sequence[np.ndarray], level: float, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap CI of the conflict fraction, resampling each task's batches."""
+    if any(len(g) < 2 for g in groups):
+        return math.nan, math.nan
+
+    def statistic(*samples: np.ndarray) -> float:
+        return _fraction(cos, [s.astype(int) for s in samples])
+
+    res = stats.bootstrap(tuple(groups), statistic, vectorized=False, paired=False, confidence_level=level,
+                          n_resamples=N_RESAMPLES, method="percentile", random_state=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+class TaskConflict(Metric):
+    """For named tasks A, B, ...: g_A is the mean over A's batches of the gradient of each
+    batch's mean token loss (the core's ``param_grad``), optionally restricted to a parameter
+    subset (``parameters`` glob patterns / ``layers`` block indices).
+
+    - ``cosine``: cos(g_A, g_B) (the mean over task pairs with more than two tasks);
+      ``layer_cosine``: the same per block, on the block's part of the gradients;
+      ``layer_conflict``: per block, the fraction of task pairs whose cosine is < 0;
+    - ``conflict_score``: the fraction of cross-task *batch* pairs (a in A, b in B) whose
+      gradients have cosine < 0, with a percentile-bootstrap CI that resamples each task's
+      batches with replacement (1000 resamples, seeded by the run's seed; NaN when a task
+      has fewer than two batches);
+    - PCGrad (Yu et al. 2020) on the task gradients, tasks visited in a seeded random
+      order: for each task, ``relative_change`` = ||g^PC - g|| / ||g||, the cosine between
+      g^PC and g and the number of projections; ``pcgrad_update_change`` the same for the
+      summed update sum_i g_i^PC against sum_i g_i.
+    """
+
+    name = "gradients.task_conflict"
+    version = "1"
+    summary = "cosines between named tasks' gradients per layer, PCGrad projection, batch-pair conflict with CI"
+    Params = TaskConflictParams
+    artifacts = ("param_grad",)
+    fields = {"cosine": "cosine between the task gradients (mean over task pairs)",
+              "conflict_score": "fraction of cross-task batch pairs with cosine < 0, bootstrap CI over batches",
+              "layer_cosine": "per block: cosine between the task gradients (mean over task pairs)",
+              "layer_conflict": "per block: fraction of task pairs with cosine < 0",
+              "pairs": "table per task pair: cosine, conflict fraction with CI, number of batch pairs",
+              "pcgrad": "table per task: relative change by PCGrad, cosine to the original, projections",
+              "pcgrad_update_change": "||sum PCGrad gradients - sum gradients|| / ||sum gradients||"}
+
+    @classmethod
+    def skip_reason(cls, params: TaskConflictParams, view: ModelView, data: PreparedData | None) -> str | None:
+        return tasks_reason(data)
+
+    def setup(self) -> None:
+        assert self.view is not None
+        self.layout = layout_of(self.view, select_parameters(self.view, self.params.parameters, self.params.layers))
+        self.dtype = next(self.view.model.parameters()).dtype
+        self.rows: list[torch.Tensor] = []
+        self.tasks: list[str] = []
+
+    @classmethod
+    def cost(cls, params: TaskConflictParams, view: ModelView, shape: RunShape) -> Cost:
+        try:
+            size = layout_of(view, select_parameters(view, params.parameters, params.layers)).size
+        except ValueError:
+            size = 0
+        return Cost(state_bytes=shape.n_batches * size * view.dtype_bytes)
+
+    def update(self, step: Step) -> None:
+        assert step.task is not None
+        self.rows.append(self.layout.flatten(step["param_grad"], self.dtype))
+        self.tasks.append(step.task)
+
+    def finalize(self) -> dict[str, object]:
+        assert self.view is not None
+        L = self.view.n_layers
+        X = torch.stack(self.rows).double()
+        tasks = list(dict.fromkeys(self.tasks))
+        groups = [np.array([i for i, t in enumerate(self.tasks) if t == task]) for task in tasks]
+        norms = X.norm(dim=1)
+        cos = (X @ X.T / (norms[:, None] * norms[None, :])).numpy()
+        means = torch.stack([X[torch.as_tensor(g)].mean(dim=0) for g in groups])
+        group = self.layout.group_index(L)
+        seed, level = self.shape.seed, self.params.ci_level
+
+        pair_rows: list[list[object]] = []
+        pair_cos: list[float] = []
+        pair_ci: list[tuple[float, float]] = []
+        n_pairs = 0
+        layer_cos = []
+        for (i, a), (j, b) in itertools.combinations(enumerate(tasks), 2):
+            frac = _fraction(cos, [groups[i], groups[j]])
+            low, high = _bootstrap(cos, [groups[i], groups[j]], level, seed)
+            n_ab = len(groups[i]) * len(groups[j])
+            pair_cos.append(cosine(means[i], means[j]))
+            pair_ci.append((low, high))
+            n_pairs += n_ab
+            pair_rows.append([a, b, pair_cos[-1], frac, low, high, n_ab])
+            layer_cos.append([cosine(means[i][group == layer], means[j][group == layer])
+                              if bool((group == layer).any()) else math.nan for layer in range(L)])
+        per_layer = np.array(layer_cos, dtype=np.float64)  # [pairs, L]
+        with np.errstate(invalid="ignore"):
+            layer_mean = np.nanmean(per_layer, axis=0) if np.isfinite(per_layer).any() else per_layer[0]
+        finite = np.isfinite(per_layer)
+        layer_conflict = np.where(finite.any(axis=0), (per_layer < 0).sum(axis=0) / np.maximum(finite.sum(axis=0), 1),
+                                  np.nan)
+        pooled = _fraction(cos, groups)
+        low, high = _bootstrap(cos, groups, level, seed) if len(tasks) > 2 else pair_ci[0]
+
+        order = [int(k) for k in np.random.default_rng(seed).permutation(len(tasks))]
+        projected, hit = pcgrad(means, order)
+        pc_rows = []
+        for i, task in enumerate(tasks):
+            base = float(means[i].norm())
+            change = float((projected[i] - means[i]).norm()) / base if base > 0 else math.nan
+            pc_rows.append([task, change, cosine(projected[i], means[i]), int(hit[i].sum())])
+        total, total_pc = means.sum(dim=0), projected.sum(dim=0)
+        update_change = float((total_pc - total).norm() / total.norm()) if float(total.norm()) > 0 else math.nan
+        return {"cosine": ScalarValue(value=float(np.mean(pair_cos)), n=len(pair_cos)),
+                "conflict_score": ScalarValue(value=pooled, ci_low=low, ci_high=high, n=n_pairs),
+                "layer_cosine": LayerValue(values=[float(v) for v in layer_mean]),
+                "layer_conflict": LayerValue(values=[float(v) for v in layer_conflict]),
+                "pairs": TableValue(columns=["task_a", "task_b", "cosine", "conflict_fraction", "ci_low", "ci_high",
+                                             "n_batch_pairs"], rows=pair_rows),
+                "pcgrad": TableValue(columns=["task", "relative_change", "cosine_to_original", "n_projections"],
+                                     rows=pc_rows),
+                "pcgrad_update_change": ScalarValue(value=update_change)}

@@ -1,0 +1,370 @@
+"""TracIn over checkpoints: per-checkpoint terms (per model), TracInCP and critical samples (model set)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from tensorscope_core import (
+    Cost,
+    Metric,
+    MetricResult,
+    ModelView,
+    Params,
+    RunShape,
+    ScalarValue,
+    SeriesValue,
+    Step,
+    TableValue,
+    TextValue,
+)
+from tensorscope_core.data import PreparedData
+
+from .checkpoints import CheckpointRate, learning_rates
+from .common import example_texts, upper_bound_examples
+from .maths import bh, combine_checkpoints, null_p_values, robust_null
+from .per_sample import ARTIFACT, release_parameters, request_parameters, requested_layout
+from .selection import SubsetParams, layout_of, select_parameters
+from .store import CountSketch, GradientStore
+
+TERMS = "gradients.tracin_terms"
+
+
+class TermsParams(SubsetParams):
+    train_task: str = Field("train", description="the named task holding the training examples")
+    test_task: str = Field("test", description="the named task holding the test (held-out) examples")
+    projection_dim: int | None = Field(None, ge=1, description="count-sketch the gradients to this many "
+                                                               "dimensions (None: exact dot products)")
+
+
+class TracInTerms(Metric):
+    """The TracIn terms of one checkpoint: for training examples z (task ``train_task``) and
+    test examples z' (task ``test_task``), the dot products g(z) . g(z') and the squared norms
+    ||g(z)||^2, ||g(z')||^2 of the per-example gradients (the shared ``per_sample_grad``
+    artifact: gradient of the example's mean token loss), optionally on a parameter subset
+    and/or count-sketch projected to ``projection_dim`` dimensions (the squared norms stay
+    exact). ``gradients.tracin`` and ``gradients.critical_samples`` weight and sum them
+    over the checkpoints of a model set; this metric's parameters choose the tasks, the
+    subset and the projection for both.
+    """
+
+    name = TERMS
+    version = "1"
+    summary = "per-checkpoint train x test per-example gradient dot products (the terms of TracIn)"
+    Params = TermsParams
+    artifacts = (ARTIFACT,)
+    fields = {"dots": "table train_index, test_index, g(train) . g(test)",
+              "train_self": "||g(z)||^2 per training example", "test_self": "||g(z')||^2 per test example",
+              "examples": "table split, index, loss, n_targets, text",
+              "n_train": "training examples", "n_test": "test examples",
+              "projection_error": "RMS over within-batch pairs of |sketched - exact dot| / (||g|| ||h||) (0: exact)",
+              "projection_error_bound": "sqrt(2 / projection_dim): bound on the SD of that error (0: exact)"}
+
+    @classmethod
+    def skip_reason(cls, params: TermsParams, view: ModelView, data: PreparedData | None) -> str | None:
+        tasks = data.tasks if data is not None else []
+        missing = [t for t in (params.train_task, params.test_task) if t not in tasks]
+        if missing:
+            return (f"needs named tasks {params.train_task!r} (training examples) and {params.test_task!r} "
+                    f"(test examples) in the data, e.g. data={{{params.train_task!r}: [...], "
+                    f"{params.test_task!r}: [...]}}; missing {missing}, the run has {tasks or 'no named tasks'}")
+        return None
+
+    def setup(self) -> None:
+        assert self.view is not None
+        p = self.params
+        self.names = select_parameters(self.view, p.parameters, p.layers)
+        request_parameters(self.view, self.name, self.names)
+        size = layout_of(self.view, self.names).size
+        self.sketch = CountSketch(size, p.projection_dim, self.shape.seed) if p.projection_dim else None
+        width = p.projection_dim or size
+        self.train = GradientStore(width)
+        self.test = GradientStore(width)
+        self.train_self = torch.zeros(0, dtype=torch.float64)
+        self.test_self = torch.zeros(0, dtype=torch.float64)
+        self.meta: dict[str, list[tuple[float, float, str]]] = {"train": [], "test": []}
+        self.proj_sq = 0.0
+        self.proj_n = 0
+
+    @classmethod
+    def cost(cls, params: TermsParams, view: ModelView, shape: RunShape) -> Cost:
+        try:
+            size = layout_of(view, select_parameters(view, params.parameters, params.layers)).size
+        except ValueError:
+            size = 0
+        n = upper_bound_examples(shape.n_sequences, shape.n_batches, shape.batch_size)
+        width, item = (params.projection_dim, 8) if params.projection_dim else (size, view.dtype_bytes)
+        return Cost(state_bytes=GradientStore.declared_bytes(n, width, "none", item) + 8 * n)
+
+    def update(self, step: Step) -> None:
+        assert self.view is not None
+        splits = [s for s, task in (("train", self.params.train_task), ("test", self.params.test_task))
+                  if step.task == task]
+        if not splits:
+            return
+        grads, loss, n_targets = step[ARTIFACT]
+        columns = requested_layout(self.view).columns(self.names)
+        rows = grads if columns is None else grads[:, columns]
+        squares = rows.double().pow(2).sum(dim=1).cpu()
+        if self.sketch is not None:
+            exact = rows.double().cpu()
+            rows = self.sketch(exact)
+            iu = torch.triu_indices(len(exact), len(exact))
+            norms = exact.norm(dim=1)
+            denom = (norms[:, None] * norms[None, :])[iu[0], iu[1]]
+            err = ((rows @ rows.T) - (exact @ exact.T))[iu[0], iu[1]]
+            keep = denom > 0
+            self.proj_sq += float((err[keep] / denom[keep]).pow(2).sum())
+            self.proj_n += int(keep.sum())
+            del exact
+        texts = example_texts(self.view, step.batch.input_ids, step.batch.attention_mask)
+        for split in splits:
+            (self.train if split == "train" else self.test).add(rows)
+            if split == "train":
+                self.train_self = torch.cat([self.train_self, squares])
+            else:
+                self.test_self = torch.cat([self.test_self, squares])
+            self.meta[split] += [(float(a), float(b), t) for a, b, t in zip(loss, n_targets, texts, strict=True)]
+
+    def finalize(self) -> dict[str, object]:
+        assert self.view is not None
+        release_parameters(self.view, self.name)
+        dots = self.train.cross(self.test)
+        n_train, n_test = dots.shape
+        ii, jj = torch.meshgrid(torch.arange(n_train), torch.arange(n_test), indexing="ij")
+        rows = [[int(i), int(j), float(d)] for i, j, d in zip(ii.flatten(), jj.flatten(), dots.flatten(), strict=True)]
+        examples = [[split, k, loss, n, text] for split in ("train", "test")
+                    for k, (loss, n, text) in enumerate(self.meta[split])]
+        sketched = self.sketch is not None
+        return {"dots": TableValue(columns=["train_index", "test_index", "dot"], rows=rows),
+                "train_self": SeriesValue(values=self.train_self.tolist(), index_name="train_index"),
+                "test_self": SeriesValue(values=self.test_self.tolist(), index_name="test_index"),
+                "examples": TableValue(columns=["split", "index", "loss", "n_targets", "text"], rows=examples),
+                "n_train": ScalarValue(value=n_train), "n_test": ScalarValue(value=n_test),
+                "projection_error": ScalarValue(
+                    value=(math.sqrt(self.proj_sq / self.proj_n) if self.proj_n else math.nan) if sketched else 0.0),
+                "projection_error_bound": ScalarValue(
+                    value=self.sketch.std_bound if self.sketch is not None else 0.0)}
+
+
+class CheckpointParams(Params):
+    learning_rates: list[float] | dict[str, float] | None = Field(
+        None, description="learning rate per checkpoint: a list in model order or {model name: rate}; "
+                          "None: read trainer_state.json in each checkpoint folder")
+    default_learning_rate: float | None = Field(
+        None, gt=0, description="rate for checkpoints with neither learning_rates nor trainer_state.json")
+
+
+@dataclass
+class Combined:
+    influence: torch.Tensor  # [n_train, n_test]
+    self_influence: torch.Tensor  # [n_train]
+    test_self_influence: torch.Tensor  # [n_test]
+    rates: list[CheckpointRate]
+    train_texts: list[str]
+    test_texts: list[str]
+    projection_error: float
+    projection_error_bound: float
+    terms_params: dict[str, object]
+
+
+def _dots(result: MetricResult) -> torch.Tensor:
+    n_train, n_test = int(result.value("n_train")), int(result.value("n_test"))
+    out = torch.zeros(n_train, n_test, dtype=torch.float64)
+    rows = result.values["dots"].rows  # type: ignore[union-attr]
+    if rows:
+        arr = np.asarray(rows, dtype=np.float64)
+        out[torch.as_tensor(arr[:, 0].astype(np.int64)), torch.as_tensor(arr[:, 1].astype(np.int64))] = \
+            torch.from_numpy(arr[:, 2])
+    return out
+
+
+def combine(views: Mapping[str, ModelView], results: Mapping[str, Mapping[str, MetricResult]],
+            params: CheckpointParams) -> Combined:
+    """TracInCP over the model set from each checkpoint's ``gradients.tracin_terms``."""
+    rates = learning_rates(dict(views), params.learning_rates, params.default_learning_rate)
+    dots, train_selfs, test_selfs, terms = [], [], [], []
+    for rate in rates:
+        result = results[rate.model][TERMS]
+        terms.append(result)
+        dots.append(_dots(result))
+        train_selfs.append(torch.tensor(result.value("train_self"), dtype=torch.float64))
+        test_selfs.append(torch.tensor(result.value("test_self"), dtype=torch.float64))
+    shapes = {tuple(d.shape) for d in dots}
+    if len(shapes) != 1:
+        raise ValueError(f"the checkpoints saw different numbers of train x test examples {sorted(shapes)}: "
+                         "run every checkpoint on the same data")
+    lrs = [r.learning_rate for r in rates]
+    influence, self_influence = combine_checkpoints(dots, train_selfs, lrs)
+    _, test_self = combine_checkpoints(dots, test_selfs, lrs)
+    examples = terms[0].values["examples"].rows  # type: ignore[union-attr]
+    return Combined(influence, self_influence, test_self, rates,
+                    [str(r[4]) for r in examples if r[0] == "train"], [str(r[4]) for r in examples if r[0] == "test"],
+                    max(float(t.value("projection_error") or 0.0) for t in terms),
+                    max(float(t.value("projection_error_bound") or 0.0) for t in terms),
+                    dict(terms[0].params))
+
+
+class TracInParams(CheckpointParams):
+    top_k: int = Field(5, ge=1, description="proponents and opponents listed per test example")
+
+
+class TracIn(Metric):
+    """TracInCP (Pruthi et al. 2020) over the model set's checkpoints c with learning rates eta_c:
+
+        TracIn(z, z') = sum_c eta_c g_c(z) . g_c(z'),    self-influence(z) = sum_c eta_c ||g_c(z)||^2
+
+    with g_c the gradient of an example's mean token loss at checkpoint c (from each
+    checkpoint's ``gradients.tracin_terms``: training examples from its ``train_task``, test
+    examples from its ``test_task``). Learning rates: ``learning_rates`` if given, else the
+    last logged ``learning_rate`` of each checkpoint folder's trainer_state.json (HF Trainer),
+    else ``default_learning_rate``. Positive influence = proponent (a step on z lowers the
+    loss on z'), negative = opponent.
+    """
+
+    name = "gradients.tracin"
+    version = "1"
+    summary = "TracInCP influence of training examples on test examples over checkpoints; self-influence"
+    Params = TracInParams
+    scope = "model_set"
+    requires_metrics = (TERMS,)
+    fields = {"influence": "[n_train, n_test] TracInCP influence", "self_influence": "per training example",
+              "test_self_influence": "per test example",
+              "top_proponents": "per test example the top_k training examples with the largest positive influence",
+              "top_opponents": "per test example the top_k training examples with the most negative influence",
+              "checkpoints": "table model, step, learning_rate, source", "n_checkpoints": "checkpoints summed",
+              "projection_error": "largest projection_error of the checkpoints' terms (0: exact)",
+              "projection_error_bound": "sqrt(2 / projection_dim) (0: exact)"}
+
+    @classmethod
+    def cost(cls, params: TracInParams, view: ModelView, shape: RunShape) -> Cost:
+        n = shape.n_sequences
+        return Cost(state_bytes=8 * n * n)
+
+    def compute_set(self, views: Mapping[str, ModelView],
+                    results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, object]:
+        c = combine(views, results, self.params)
+        infl = c.influence
+        k = self.params.top_k
+        pro, opp = [], []
+        for j in range(infl.shape[1]):
+            order = torch.argsort(infl[:, j], descending=True, stable=True).tolist()
+            pro += [[j, r, i, float(infl[i, j]), c.test_texts[j], c.train_texts[i]]
+                    for r, i in enumerate([i for i in order if infl[i, j] > 0][:k])]
+            opp += [[j, r, i, float(infl[i, j]), c.test_texts[j], c.train_texts[i]]
+                    for r, i in enumerate([i for i in reversed(order) if infl[i, j] < 0][:k])]
+        columns = ["test_index", "rank", "train_index", "influence", "test_text", "train_text"]
+        return {"influence": infl if infl.numel() > 1 else ScalarValue(value=float(infl.sum())),
+                "self_influence": SeriesValue(values=c.self_influence.tolist(), index_name="train_index"),
+                "test_self_influence": SeriesValue(values=c.test_self_influence.tolist(), index_name="test_index"),
+                "top_proponents": TableValue(columns=columns, rows=pro),
+                "top_opponents": TableValue(columns=columns, rows=opp),
+                "checkpoints": TableValue(columns=["model", "step", "learning_rate", "source"],
+                                          rows=[[r.model, r.step, r.learning_rate, r.source] for r in c.rates]),
+                "n_checkpoints": ScalarValue(value=len(c.rates)),
+                "projection_error": ScalarValue(value=c.projection_error),
+                "projection_error_bound": ScalarValue(value=c.projection_error_bound)}
+
+
+class CriticalParams(CheckpointParams):
+    alpha: float = Field(0.05, gt=0, lt=1, description="false discovery rate of the Benjamini-Hochberg procedure")
+    min_examples: int = Field(8, ge=3, description="fewest training examples for the tests (else no test)")
+
+
+class CriticalSamples(Metric):
+    """Training examples that hurt the held-out set or stand out by self-influence, from TracInCP
+    over the model set (as ``gradients.tracin``).
+
+    - Negative influence: m_i = mean over test examples of TracIn(z_i, z'). Null: m_i is a
+      draw from the distribution over all training examples, fitted robustly as
+      N(median(m), (1.4826 MAD(m))^2); p_i = Phi((m_i - median) / scale) (lower tail).
+      Flagged when the BH-adjusted p (``scipy.stats.false_discovery_control``) < ``alpha``
+      and m_i < 0. ``negative_fraction`` is the share of test examples with negative influence.
+    - High self-influence: the same robust null on log self-influence, upper tail.
+
+    Below ``min_examples`` training examples nothing is tested (p-values NaN).
+    """
+
+    name = "gradients.critical_samples"
+    version = "1"
+    summary = "training examples with significantly negative influence or unusually high self-influence"
+    Params = CriticalParams
+    scope = "model_set"
+    requires_metrics = (TERMS,)
+    fields = {"mean_influence": "per training example: mean TracIn influence on the test examples",
+              "negative_fraction": "per training example: share of test examples it influences negatively",
+              "negative_q": "per training example: BH-adjusted p of the negative-influence test",
+              "self_influence_q": "per training example: BH-adjusted p of the high-self-influence test",
+              "negative_influence": "table of flagged examples: index, mean influence, negative fraction, z, p, q, "
+                                    "text",
+              "high_self_influence": "table of flagged examples: index, self-influence, z, p, q, text",
+              "n_negative": "examples flagged for negative influence",
+              "n_high_self_influence": "examples flagged for high self-influence",
+              "diagnosis": "plain-language summary and suggested check"}
+
+    @classmethod
+    def cost(cls, params: CriticalParams, view: ModelView, shape: RunShape) -> Cost:
+        n = shape.n_sequences
+        return Cost(state_bytes=8 * n * n)
+
+    def compute_set(self, views: Mapping[str, ModelView],
+                    results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, object]:
+        c = combine(views, results, self.params)
+        p = self.params
+        n = c.influence.shape[0]
+        mean = c.influence.mean(dim=1).numpy() if c.influence.shape[1] else np.full(n, np.nan)
+        neg_frac = (c.influence < 0).double().mean(dim=1).numpy() if c.influence.shape[1] else np.full(n, np.nan)
+        selfs = c.self_influence.numpy()
+        with np.errstate(divide="ignore"):
+            log_self = np.where(selfs > 0, np.log(np.where(selfs > 0, selfs, 1.0)), np.nan)
+        nan = np.full(n, np.nan)
+        p_neg, z_neg, p_self, z_self = nan, nan, nan, nan
+        if n >= p.min_examples:
+            center, scale = robust_null(mean)
+            if math.isfinite(scale):
+                z_neg = (mean - center) / scale
+                p_neg = null_p_values(mean, center, scale, "lower")
+            center, scale = robust_null(log_self)
+            if math.isfinite(scale):
+                z_self = (log_self - center) / scale
+                p_self = null_p_values(log_self, center, scale, "upper")
+        q_neg, q_self = bh(p_neg), bh(p_self)
+        flag_neg = [i for i in range(n) if q_neg[i] < p.alpha and mean[i] < 0]
+        flag_self = [i for i in range(n) if q_self[i] < p.alpha]
+        neg_rows: list[list[object]] = [
+            [i, float(mean[i]), float(neg_frac[i]), float(z_neg[i]), float(p_neg[i]), float(q_neg[i]),
+             c.train_texts[i]] for i in sorted(flag_neg, key=lambda i: float(mean[i]))]
+        self_rows: list[list[object]] = [
+            [i, float(selfs[i]), float(z_self[i]), float(p_self[i]), float(q_self[i]), c.train_texts[i]]
+            for i in sorted(flag_self, key=lambda i: -float(selfs[i]))]
+        return {"mean_influence": SeriesValue(values=mean.tolist(), index_name="train_index"),
+                "negative_fraction": SeriesValue(values=neg_frac.tolist(), index_name="train_index"),
+                "negative_q": SeriesValue(values=q_neg.tolist(), index_name="train_index"),
+                "self_influence_q": SeriesValue(values=q_self.tolist(), index_name="train_index"),
+                "negative_influence": TableValue(columns=["train_index", "mean_influence", "negative_fraction", "z",
+                                                          "p_value", "q_value", "text"], rows=neg_rows),
+                "high_self_influence": TableValue(columns=["train_index", "self_influence", "z", "p_value",
+                                                           "q_value", "text"], rows=self_rows),
+                "n_negative": ScalarValue(value=len(flag_neg)),
+                "n_high_self_influence": ScalarValue(value=len(flag_self)),
+                "diagnosis": TextValue(text=_diagnosis(flag_neg, flag_self, n, p))}
+
+
+def _diagnosis(neg: list[int], high: list[int], n: int, p: CriticalParams) -> str:
+    if n < p.min_examples:
+        return f"only {n} training examples: at least {p.min_examples} are needed to test for critical samples"
+    lines = []
+    if neg:
+        lines.append(f"sample{'s' if len(neg) > 1 else ''} {', '.join(map(str, neg))} "
+                     f"{'have' if len(neg) > 1 else 'has'} negative influence on the test set: "
+                     f"check for corrupted or mislabelled data")
+    if high:
+        lines.append(f"sample{'s' if len(high) > 1 else ''} {', '.join(map(str, high))} "
+                     f"{'have' if len(high) > 1 else 'has'} unusually high self-influence: check for mislabelled, "
+                     f"duplicated or atypical data")
+    return "; ".join(lines) if lines else f"no critical training samples at false discovery rate {p.alpha:g}"
