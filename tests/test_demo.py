@@ -24,3 +24,6 @@ def test_demo_trains_saves_checkpoints_and_analyses_them(tmp_path: Path) -> None
     loaded = Results.load(tmp_path)
     assert loaded.record == results.record
     assert (tmp_path / "results.csv").exists() and (tmp_path / "data.safetensors").exists()
+    html = (tmp_path / "report.html").read_text()
+    assert "step-0150" in html and "data:image/svg+xml" in html  # plots inline as SVG
+    assert (tmp_path / "report.pdf").read_bytes().startswith(b"%PDF")

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from .api import analyze
 from .config import RunConfig
+from .errors import MissingDependencyError
 from .results import Results
 
 VOCAB = 64
@@ -68,7 +69,8 @@ def train(out: Path, steps: Sequence[int] = CHECKPOINT_STEPS, seed: int = 0, bat
 
 
 def run_demo(out: str | Path, *, steps: Sequence[int] = CHECKPOINT_STEPS, seed: int = 0,
-             metrics: str | Sequence[str] = "all", log: Callable[[str], None] = print) -> Results:
+             metrics: str | Sequence[str] = "all", log: Callable[[str], None] = print,
+             reports: bool = True) -> Results:
     out = Path(out)
     log(f"training the demo model (2 layers, 4 heads) on repeated random sequences; checkpoints at {list(steps)}")
     checkpoints = train(out, steps, seed=seed, log=log)
@@ -86,4 +88,15 @@ def run_demo(out: str | Path, *, steps: Sequence[int] = CHECKPOINT_STEPS, seed: 
         failed = [n for n, r in model.metrics.items() if r.status == "error"]
         log(f"  {model.name}: {shown}" + (f"  errors: {failed}" if failed else ""))
     log(f"wrote {out / 'results.json'} and {out / 'results.csv'}; the analysis data is {out / 'data.safetensors'}")
+    if reports:
+        write_available_reports(results, out, log)
     return results
+
+
+def write_available_reports(results: Results, out: Path, log: Callable[[str], None]) -> None:
+    """HTML and PDF reports where their optional dependencies are installed; a note where not."""
+    try:
+        log(f"wrote {results.generate_html_report(out / 'report.html')}")
+        log(f"wrote {results.generate_pdf_report(out / 'report.pdf')}")
+    except MissingDependencyError as exc:
+        log(f"report not written: {exc.problem} (fix: {exc.fix})")
