@@ -82,6 +82,7 @@ class SampleConflicts(Metric):
         self.store = GradientStore(layout_of(self.view, names).size, self.params.compression)
         self.tasks: list[str] = []
         self.index_in_task: list[int] = []
+        self.seen: dict[str, int] = {}
         self.texts: list[str] = []
         self.n_targets = torch.zeros(0, dtype=torch.float64)
 
@@ -100,8 +101,9 @@ class SampleConflicts(Metric):
         grads, _, n_targets = step[ARTIFACT]
         columns = requested_layout(self.view).columns(self.names)
         self.store.add(grads if columns is None else grads[:, columns])
-        counter = sum(1 for t in self.tasks if t == step.task)
+        counter = self.seen.get(step.task, 0)
         rows = grads.shape[0]
+        self.seen[step.task] = counter + rows
         self.tasks += [step.task] * rows
         self.index_in_task += list(range(counter, counter + rows))
         self.texts += example_texts(self.view, step.batch.input_ids, step.batch.attention_mask)
