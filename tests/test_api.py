@@ -54,3 +54,39 @@ def test_masked_lm_task_loss_does_not_depend_on_other_tasks(tmp_path: Path) -> N
     together = ts.analyze(str(folder), {"a": a, "b": b}, ["basic.loss"], config=config).get("basic.loss")
     alone = ts.analyze(str(folder), {"b": b}, ["basic.loss"], config=config).get("basic.loss")
     assert together.value("loss/b") == alone.value("loss/b")
+
+
+def test_a_parameter_can_name_the_metric_to_read(tmp_path: Path) -> None:
+    """Metric.metric_needs(params): a dependency chosen by the user, resolved and passed like a fixed one."""
+    import tensorscope_core.plugins as plugins_module
+    from tensorscope_core.plugins import build_registry, plugin_module
+
+    class SourceParams(ts.Params):
+        source: str = "basic.weight_norms"
+        field: str = "total_norm"
+
+    class Reader(ts.Metric):
+        name = "t.reader"
+        Params = SourceParams
+        artifacts = ("weights",)
+
+        @classmethod
+        def metric_needs(cls, params: SourceParams) -> tuple[str, ...]:
+            return (params.source,)
+
+        def finalize(self):
+            return {"read": self.deps[self.params.source].value(self.params.field)}
+
+    saved = plugins_module._REGISTRY
+    plugins_module._REGISTRY = build_registry(extra_plugins=[(
+        "t", plugin_module("t", register_metrics=lambda register: register(Reader)))])
+    try:
+        folder = tiny_model("gpt2", tmp_path / "m", with_tokenizer=False)
+        res = ts.analyze(str(folder), random_token_data(64, n=4, length=8), ["t.reader"],
+                         params={"t.reader": {"source": "basic.loss", "field": "loss"}})
+        assert res.get("t.reader").value("read") == res.get("basic.loss").value("loss")
+        assert "basic.weight_norms" not in res.model().metrics
+        missing = ts.analyze(str(folder), None, ["t.reader"], params={"t.reader": {"source": "fisher.masks"}})
+        assert "pip install 'tensorscope[fisher]'" in missing.get("t.reader").reason
+    finally:
+        plugins_module._REGISTRY = saved

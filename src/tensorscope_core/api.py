@@ -123,7 +123,7 @@ def _run_model_set(nodes: Sequence[MetricNode], views: dict[str, ModelView], rec
                                               error_type="Unavailable")
             continue
         failed = [(model, dep, metrics[dep]) for model, metrics in per_model.items()
-                  for dep in node.cls.requires_metrics if dep in metrics and not metrics[dep].ok]
+                  for dep in node.needs if dep in metrics and not metrics[dep].ok]
         if failed:  # as for per-model metrics: a dependency that did not end ok skips its dependents
             model, dep, cause = failed[0]
             results[node.name] = MetricResult(**base, status="skipped",

@@ -117,6 +117,15 @@ class Metric:
         return Cost()
 
     @classmethod
+    def metric_needs(cls, params: Any) -> tuple[str, ...]:
+        """The metrics this one needs with these parameters (default: ``requires_metrics``).
+
+        Override when a parameter names another metric to read, e.g. a mask provider
+        chosen by the user; the scheduler resolves, orders and passes what this returns.
+        """
+        return cls.requires_metrics
+
+    @classmethod
     def skip_reason(cls, params: Any, view: ModelView, data: PreparedData | None) -> str | None:
         """A reason when the metric does not apply to this model or data (-> skipped)."""
         return None

@@ -24,6 +24,7 @@ class MetricNode:
     plugin: str
     stage: int
     unavailable: str | None = None  # why it cannot run (missing dependency or artifact)
+    needs: tuple[str, ...] = ()  # metrics it reads (Metric.metric_needs for its params)
 
 
 def validate_params(cls: type[Metric], raw: Mapping[str, Any]) -> BaseModel:
@@ -52,6 +53,7 @@ def resolve(requested: str | Sequence[str], params: Mapping[str, Mapping[str, An
             registry.metric(name)
     graph: dict[str, set[str]] = {}
     unavailable: dict[str, str] = {}
+    validated: dict[str, BaseModel] = {}
     todo = list(names)
     while todo:
         name = todo.pop()
@@ -59,7 +61,8 @@ def resolve(requested: str | Sequence[str], params: Mapping[str, Mapping[str, An
             continue
         cls = registry.metrics[name]
         graph[name] = set()
-        for dep in cls.requires_metrics:
+        validated[name] = validate_params(cls, params.get(name, {}))
+        for dep in cls.metric_needs(validated[name]):
             if dep not in registry.metrics:
                 family = dep.split(".")[0]
                 unavailable[name] = (f"needs metric '{dep}', which no installed plugin provides: "
@@ -83,6 +86,6 @@ def resolve(requested: str | Sequence[str], params: Mapping[str, Mapping[str, An
     for name in order:
         stage[name] = 1 + max((stage[d] for d in graph[name]), default=-1)
         cls = registry.metrics[name]
-        nodes.append(MetricNode(name, cls, validate_params(cls, params.get(name, {})),
-                                registry.metric_plugin[name], stage[name], unavailable.get(name)))
+        nodes.append(MetricNode(name, cls, validated[name], registry.metric_plugin[name], stage[name],
+                                unavailable.get(name), tuple(sorted(graph[name]))))
     return sorted(nodes, key=lambda n: (n.stage, n.name))

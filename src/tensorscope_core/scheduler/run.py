@@ -134,7 +134,7 @@ class ModelRunner:
         return cache_key(model=self.model_fingerprint, data=self.data_fingerprint, metric=node.name,
                          version=node.cls.version, params=node.params.model_dump(mode="json"),
                          config=self.config.numeric_key(),
-                         deps=sorted(self.keys.get(d, "") for d in node.cls.requires_metrics))
+                         deps=sorted(self.keys.get(d, "") for d in node.needs))
 
     def _call(self, active: ActiveMetric, fn: Callable[[], Any]) -> Any:
         """Run one metric call under its remaining time budget, timing it."""
@@ -178,7 +178,7 @@ class ModelRunner:
         if node.unavailable:
             self.results[node.name] = self._result(node, "error", reason=node.unavailable, error_type="Unavailable")
             return None
-        failed = [d for d in node.cls.requires_metrics if d in self.results and not self.results[d].ok]
+        failed = [d for d in node.needs if d in self.results and not self.results[d].ok]
         if failed:
             cause = self.results[failed[0]]
             self.results[node.name] = self._result(
@@ -200,7 +200,7 @@ class ModelRunner:
         if reason is not None:
             self.results[node.name] = self._result(node, "skipped", reason=reason)
             return None
-        deps = {d: self.results[d] for d in node.cls.requires_metrics}
+        deps = {d: self.results[d] for d in node.needs}
         declared = self.plan.declared_state.get(node.name, 0)
         active = ActiveMetric(node, None, declared)  # type: ignore[arg-type]
         try:
