@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -41,6 +41,17 @@ class Batch:
                      self.index_in_task)
 
 
+def pad_rows(rows: Sequence[torch.Tensor], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D token rows to one [n, longest] tensor and its attention mask."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
 @dataclass
 class PreparedData:
     """Token sequences per task (None = untasked), in a fixed order, plus bookkeeping."""
@@ -71,13 +82,7 @@ class PreparedData:
             for start in range(0, len(seqs), self.batch_size):
                 if self.max_batches is not None and n_batches >= self.max_batches:
                     break
-                chunk = seqs[start:start + self.batch_size]
-                length = max(len(s) for s in chunk)
-                ids = torch.full((len(chunk), length), self.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), length), dtype=torch.long)
-                for row, seq in enumerate(chunk):
-                    ids[row, :len(seq)] = seq
-                    mask[row, :len(seq)] = 1
+                ids, mask = pad_rows(seqs[start:start + self.batch_size], self.pad_token_id)
                 yield Batch(ids, mask, task, index, n_batches)
                 index += 1
                 n_batches += 1

@@ -8,7 +8,8 @@ built-in corpus.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from .api import analyze
 from .config import RunConfig
-from .data import builtin_corpus
+from .data import builtin_corpus, pad_rows
 from .results import Results
 from .results.schema import MetricResult
 
@@ -69,6 +70,24 @@ def tiny_model(family: str, folder: str | Path, *, seed: int = 0, with_tokenizer
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
+
+def padded_batches(rows: Sequence[torch.Tensor], batch_size: int,
+                   pad_token_id: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, attention_mask) batches of ``rows`` in order, right-padded as the core pads them."""
+    return [pad_rows(rows[start:start + batch_size], pad_token_id) for start in range(0, len(rows), batch_size)]
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run tiny-model tests on one intra-op thread: they gain nothing from more, and on a
+    busy 2-core machine spin-waiting threads make them several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 def random_token_data(vocab_size: int, n: int = 8, length: int = 16, seed: int = 0) -> torch.Tensor:
     """Token ids [n, length] drawn uniformly (ids 4.. avoid the special tokens)."""
@@ -125,5 +144,5 @@ def check_roundtrip(results: Results, folder: str | Path) -> Results:
             raise AssertionError(f"tensor {key} changed in a save/load round trip")
     return loaded
 
-__all__ = ["FAMILIES", "check_against_reference", "check_declared_cost", "check_roundtrip",
-           "random_token_data", "run_metric", "tiny_config", "tiny_model", "tiny_tokenizer"]
+__all__ = ["FAMILIES", "check_against_reference", "check_declared_cost", "check_roundtrip", "padded_batches",
+           "random_token_data", "run_metric", "single_thread", "tiny_config", "tiny_model", "tiny_tokenizer"]

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import torch
 import transformers as tf
 
+from tensorscope_core import testing
 from tensorscope_core.core_artifacts import loss_targets
 from tensorscope_core.data import Batch
 
@@ -67,17 +68,7 @@ def tokenize(tokenizer: object, texts: Sequence[str], max_length: int = MAX_LENG
 
 def batches(rows: Sequence[torch.Tensor], batch_size: int = BATCH_SIZE) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded (ids, attention_mask) batches, pad id 0 (the tiny models' pad token)."""
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        length = max(len(r) for r in chunk)
-        ids = torch.zeros(len(chunk), length, dtype=torch.long)
-        mask = torch.zeros(len(chunk), length, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, :len(r)] = r
-            mask[i, :len(r)] = 1
-        out.append((ids, mask))
-    return out
+    return testing.padded_batches(rows, batch_size)
 
 
 def mlm_targets(ids: torch.Tensor, mask: torch.Tensor, index: int, mask_token_id: int, seed: int = 0):

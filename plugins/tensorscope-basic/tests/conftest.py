@@ -9,17 +9,14 @@ import torch
 from basic_reference import padded_texts
 
 from tensorscope_core import builtin_corpus
-from tensorscope_core.testing import random_token_data, tiny_model, tiny_tokenizer
+from tensorscope_core.testing import random_token_data, single_thread, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the
-    threads' spin-waiting makes these tests several times slower: run them on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """Tiny models on one intra-op thread (see tensorscope_core.testing.single_thread)."""
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

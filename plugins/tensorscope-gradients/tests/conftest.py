@@ -10,17 +10,14 @@ import torch
 from gradients_reference import plant_conflicts
 
 from tensorscope_core import builtin_corpus
-from tensorscope_core.testing import tiny_model, tiny_tokenizer
+from tensorscope_core.testing import single_thread, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine spin-waiting
-    threads make the tests several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """Tiny models on one intra-op thread (see tensorscope_core.testing.single_thread)."""
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import transformers as tf
 
+from tensorscope_core import testing
+
 BATCH_SIZE = 4
 MAX_LENGTH = 32
 
@@ -44,20 +46,10 @@ def tokenize(tokenizer: object, texts: Sequence[str], max_length: int = MAX_LENG
     return [torch.tensor(tokenizer(t)["input_ids"][:max_length]) for t in texts]  # type: ignore[operator]
 
 
-def padded_batches(rows: Sequence[torch.Tensor], batch_size: int = BATCH_SIZE
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Right-padded (ids, attention_mask) batches, pad id 0."""
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        length = max(len(r) for r in chunk)
-        ids = torch.zeros(len(chunk), length, dtype=torch.long)
-        mask = torch.zeros(len(chunk), length, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, :len(r)] = r
-            mask[i, :len(r)] = 1
-        out.append((ids, mask))
-    return out
+def padded_batches(rows: Sequence[torch.Tensor],
+                   batch_size: int = BATCH_SIZE) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded (ids, attention_mask) batches, pad id 0 (the tiny models' pad token)."""
+    return testing.padded_batches(rows, batch_size)
 
 
 def param_names(model: torch.nn.Module) -> list[str]:
