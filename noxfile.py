@@ -53,10 +53,11 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Regenerate the metric catalogue and the result JSON Schema from the code."""
+    """Regenerate the metric catalogue and the JSON Schemas of results and reports from the code."""
     _install_dev(session)
     session.run("python", "-m", "tensorscope_core.catalogue", "docs/metrics.md")
     session.run("python", "-m", "tensorscope_core.results.export_schema", "docs/result-schema.json")
+    session.run("python", "-m", "tensorscope_core.results.export_schema", "--report", "docs/report-schema.json")
 
 
 @nox.session

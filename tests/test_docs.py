@@ -1,7 +1,8 @@
 """The documentation matches the code.
 
 - docs/metrics.md is the catalogue generated from the first-party plugins' metric specs;
-- docs/result-schema.json is the JSON Schema generated from the result models;
+- docs/result-schema.json is the JSON Schema generated from the result models, and
+  docs/report-schema.json the one of the report JSON (ReportRecord);
 - every plugin hook is documented in the author guide with its exact signature (datasette style);
 - every CLI command and flag, every RunConfig field and every error type is in the user guide;
 - the author guide's tutorial plugin is real: generated with `tensorscope new-plugin`, filled
@@ -27,14 +28,15 @@ from tensorscope_core.catalogue import catalogue_markdown
 from tensorscope_core.cli import build_parser
 from tensorscope_core.config import RunConfig
 from tensorscope_core.core_artifacts import CORE_ARTIFACTS
-from tensorscope_core.results.export_schema import schema_text
+from tensorscope_core.results.export_schema import report_schema_text, schema_text
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 USER_GUIDE = DOCS / "user-guide.md"
 AUTHOR_GUIDE = DOCS / "plugin-author-guide.md"
 FIRST_PARTY = "tensorscope-basic"
 REGENERATE = ("regenerate it: TENSORSCOPE_LOAD_PLUGINS=tensorscope-basic python -m tensorscope_core.catalogue "
-              "docs/metrics.md; python -m tensorscope_core.results.export_schema docs/result-schema.json")
+              "docs/metrics.md; python -m tensorscope_core.results.export_schema docs/result-schema.json; "
+              "python -m tensorscope_core.results.export_schema --report docs/report-schema.json")
 
 #: An HTML comment naming a file of the tutorial plugin, right before the fenced block holding it.
 FILE_BLOCK = re.compile(r"<!-- file: (?P<path>[^ ]+) -->\n```[a-z]*\n(?P<body>.*?)\n```\n", re.S)
@@ -67,6 +69,10 @@ def test_metric_catalogue_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_result_schema_is_current() -> None:
     assert (DOCS / "result-schema.json").read_text() == schema_text(), REGENERATE
+
+
+def test_report_schema_is_current() -> None:
+    assert (DOCS / "report-schema.json").read_text() == report_schema_text(), REGENERATE
 
 
 # -- the author guide -------------------------------------------------------------------------
