@@ -44,10 +44,15 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy", "src/tensorscope_core", *[f"{p}/src" for p in PLUGINS])
 
 
+#: bench-only comparison baselines, installed in the bench session and nowhere else
+BENCH_BASELINES = ["captum==0.9.0"]  # gradients.tracin vs TracInCP (bench/bench_tracin.py)
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Capture overhead, sharing and declared-vs-measured memory, as ratios in one run."""
+    """Capture overhead, sharing, declared-vs-measured memory and TracIn vs Captum, as ratios in one run."""
     _install_dev(session)
+    session.install(*BENCH_BASELINES)
     session.run("python", "bench/run.py", *session.posargs)
 
 

@@ -170,6 +170,16 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
             "values": [round(v, 4) for v in vals]}
 
 
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with aligned columns."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(c.ljust(w) for c, w in zip(cells[0], widths, strict=True)), line]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells[1:]]
+    return "\n".join(out)
+
+
 def probe_plugin(probes: dict[str, Sequence[str]]) -> Any:
     """A bench-only plugin of metrics that ask for artifacts and compute nothing ({name: artifacts}):
     one asks for every data artifact (so each one's declared bytes can be checked against what a run

@@ -1,6 +1,7 @@
-"""TensorScope benchmarks: capture overhead, pass sharing, declared vs measured bytes.
+"""TensorScope benchmarks: capture overhead, pass sharing, declared vs measured bytes, and
+gradients.tracin against Captum's TracInCP (bench_tracin.py).
 
-    python bench/run.py [--quick] [--threads N] [--reps R] [--profile] [--out PATH]
+    python bench/run.py [--quick] [--threads N] [--reps R] [--profile] [--skip-tracin] [--out PATH]
     nox -s bench [-- --quick]
 
 Every speed number is a RATIO of two things timed side by side in this process, with the
@@ -32,6 +33,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import bench_tracin  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from bench_measure import (  # noqa: E402
@@ -44,6 +46,7 @@ from bench_measure import (  # noqa: E402
     probe_plugin,
     run_ours,
     spread,
+    table,
     timed,
     timed_registry,
 )
@@ -69,15 +72,6 @@ def log(msg: str) -> None:
 
 
 # -- tables ------------------------------------------------------------------------------------
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = "  ".join("-" * w for w in widths)
-    out = ["  ".join(c.ljust(w) for c, w in zip(cells[0], widths, strict=True)), line]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells[1:]]
-    return "\n".join(out)
 
 
 def ratio_str(s: dict[str, Any]) -> str:
@@ -267,6 +261,11 @@ def memory_numbers(name: str, model: torch.nn.Module, view: Any, data: Any, one_
     metric_rows: list[dict[str, Any]] = []
     together = runs["ours_all"][0].ran.results
     for metric in sorted(registry.metrics):
+        if registry.metrics[metric].scope == "model_set":  # runs once per run over models: no per-model state
+            metric_rows.append({"metric": metric, "status": "model-set", "declared_bytes": None,
+                                "measured_bytes": None, "ratio": None, "within_tolerance": None,
+                                "reason": "a model-set metric holds no per-model state; not checked here"})
+            continue
         if metric in basic:
             result = runs[f"alone:{metric}"][0].ran.results[metric]
         else:  # other installed plugins: run once, untimed, each call limited to 120 s
@@ -452,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default: 4 full, 3 quick)")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--profile", action="store_true", help="also cProfile one combined run per model")
+    parser.add_argument("--skip-tracin", action="store_true",
+                        help="leave out gradients.tracin vs Captum's TracInCP (bench_tracin.py, needs captum)")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args(argv)
 
@@ -479,10 +480,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     for name in args.models:
         report["models"][name] = bench_model(name, MODELS[name], size, registry, args.profile, primary)
+    if not args.skip_tracin:
+        tracin_size = bench_tracin.QUICK if args.quick else bench_tracin.FULL
+        if args.reps:
+            tracin_size = dataclasses.replace(tracin_size, reps=args.reps)
+        report["tracin"] = bench_tracin.bench(tracin_size, primary)
     report["seconds_total"] = round(time.perf_counter() - started, 1)
     if hasattr(os, "getloadavg"):
         report["machine"]["load_average_at_end"] = list(os.getloadavg())
     print_report(report)
+    if "tracin" in report:
+        bench_tracin.print_tracin(report["tracin"])
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"\nbench took {report['seconds_total']} s; results written to {args.out}")
     return 0

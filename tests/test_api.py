@@ -90,3 +90,102 @@ def test_a_parameter_can_name_the_metric_to_read(tmp_path: Path) -> None:
         assert "pip install 'tensorscope[fisher]'" in missing.get("t.reader").reason
     finally:
         plugins_module._REGISTRY = saved
+
+
+def test_a_metric_reads_the_tensors_of_the_results_it_needs(tmp_path: Path) -> None:
+    """Metric.tensor_of: a per-model metric reads its dependency's TensorValue, a model-set metric
+    the per-model ones, also when the dependency comes from the cache; nothing else is passed."""
+    import torch
+
+    import tensorscope_core.plugins as plugins_module
+    from tensorscope_core.plugins import build_registry, plugin_module
+
+    class Source(ts.Metric):
+        name = "t.source"
+        artifacts = ("weights",)
+
+        def finalize(self):
+            assert self.view is not None
+            return {"first": next(self.view.model.parameters()).detach()[:3, :4].clone(), "n": 1.0}
+
+    class Reader(ts.Metric):
+        name = "t.reader"
+        artifacts = ("weights",)
+        requires_metrics = ("t.source",)
+
+        def finalize(self):
+            read = self.tensor_of(self.deps["t.source"], "first")
+            with pytest.raises(KeyError, match="no tensor field 'n'"):
+                self.tensor_of(self.deps["t.source"], "n")
+            return {"doubled": 2 * read}
+
+    class SetReader(ts.Metric):
+        name = "t.set_reader"
+        scope = "model_set"
+        requires_metrics = ("t.source",)
+
+        def compute_set(self, views, results):
+            return {"sum": sum(self.tensor_of(r["t.source"], "first") for r in results.values())}
+
+    class Outsider(ts.Metric):
+        name = "t.outsider"
+        artifacts = ("weights",)
+        requires_metrics = ("t.reader",)
+
+        def finalize(self):
+            assert set(self.dep_tensors) == {f"{self.view.name}::t.reader::doubled"}  # not t.source's
+            return {"ok": 1.0}
+
+    def register_metrics(register) -> None:  # pluggy passes hook arguments by name
+        for cls in (Source, Reader, SetReader, Outsider):
+            register(cls)
+
+    saved = plugins_module._REGISTRY
+    plugins_module._REGISTRY = build_registry(extra_plugins=[("t", plugin_module(
+        "t", register_metrics=register_metrics))])
+    try:
+        a = tiny_model("gpt2", tmp_path / "a", with_tokenizer=False)
+        b = tiny_model("gpt2", tmp_path / "b", seed=1, with_tokenizer=False)
+        config = ts.RunConfig(cache_dir=tmp_path / "cache")
+        for _ in range(2):  # the second run takes t.source (and its tensor) from the cache
+            res = ts.analyze({"a": str(a), "b": str(b)}, None, ["t.reader", "t.set_reader", "t.outsider"],
+                             config=config)
+            firsts = [res.tensor("t.source", "first", model=m) for m in ("a", "b")]
+            assert res.get("t.outsider", model="a").status == "ok", res.get("t.outsider", model="a").reason
+            torch.testing.assert_close(res.tensor("t.reader", "doubled", model="a"), 2 * firsts[0])
+            torch.testing.assert_close(res.tensor("t.set_reader", "sum"), firsts[0] + firsts[1])
+        assert res.get("t.source", model="a").from_cache
+    finally:
+        plugins_module._REGISTRY = saved
+
+
+def test_a_per_model_metric_cannot_need_a_model_set_metric(tmp_path: Path) -> None:
+    import tensorscope_core.plugins as plugins_module
+    from tensorscope_core.plugins import build_registry, plugin_module
+
+    class SetMetric(ts.Metric):
+        name = "t.set"
+        scope = "model_set"
+
+        def compute_set(self, views, results):
+            return {"n": float(len(views))}
+
+    class NeedsSet(ts.Metric):
+        name = "t.needs_set"
+        artifacts = ("weights",)
+        requires_metrics = ("t.set",)
+
+        def finalize(self):
+            return {"x": 1.0}
+
+    saved = plugins_module._REGISTRY
+    plugins_module._REGISTRY = build_registry(extra_plugins=[(
+        "t", plugin_module("t", register_metrics=lambda register: (register(SetMetric), register(NeedsSet))))])
+    try:
+        folder = tiny_model("gpt2", tmp_path / "m", with_tokenizer=False)
+        res = ts.analyze(str(folder), None, ["t.needs_set", "basic.weight_norms"])
+        result = res.get("t.needs_set")
+        assert result.status == "error" and "model-set metric" in (result.reason or "")
+        assert res.get("basic.weight_norms").ok
+    finally:
+        plugins_module._REGISTRY = saved

@@ -25,7 +25,7 @@ from .results.schema import MetricResult, ModelRecord, RunRecord
 from .results.store import ResultCache
 from .scheduler.graph import MetricNode, resolve
 from .scheduler.plan import ModelPlan, make_plan
-from .scheduler.run import ModelRunner, to_values
+from .scheduler.run import ModelRunner, needed_tensors, to_values
 
 ModelSpec = str | os.PathLike[str] | nn.Module | ModelSource
 ModelsArg = ModelSpec | Sequence[ModelSpec] | Mapping[str, ModelSpec]
@@ -131,7 +131,9 @@ def _run_model_set(nodes: Sequence[MetricNode], views: dict[str, ModelView], rec
             continue
         start = time.perf_counter()
         try:
-            instance = node.cls(node.params, RunShape(0, 0, 0, 0, (), 0), None, {})
+            needed = needed_tensors((metrics[dep] for metrics in per_model.values() for dep in node.needs
+                                     if dep in metrics), tensors)
+            instance = node.cls(node.params, RunShape(0, 0, 0, 0, (), 0), None, {}, needed)
             output = instance.compute_set(views, per_model)
             values = to_values(node.name, "*", output, tensors)
             results[node.name] = MetricResult(**base, status="ok", values=values,

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .data import Batch, PreparedData
 from .models.view import ModelView
-from .results.schema import Cost, MetricResult
+from .results.schema import Cost, MetricResult, TensorValue
 
 if TYPE_CHECKING:
     from .results.analysis import Interpretation
@@ -82,7 +82,8 @@ class Metric:
     ``interpret`` to flag hotspots and warnings in reports.
 
     Per-model metrics implement ``update(step)`` and ``finalize()``; model-set
-    metrics implement ``compute_set(views, results)``.
+    metrics implement ``compute_set(views, results)``. ``tensor_of(result, field)`` reads
+    the array behind a ``TensorValue`` of a result the metric needs.
     """
 
     name: ClassVar[str]
@@ -97,14 +98,18 @@ class Metric:
     #: discovery never pairs a metric with its sources
     derived_from: ClassVar[tuple[str, ...]] = ()
 
-    _framework_attrs: ClassVar[frozenset[str]] = frozenset({"view", "params", "deps", "shape", "views"})
+    _framework_attrs: ClassVar[frozenset[str]] = frozenset({"view", "params", "deps", "dep_tensors", "shape",
+                                                            "views"})
 
     def __init__(self, params: Any, shape: RunShape, view: ModelView | None = None,
-                 deps: Mapping[str, MetricResult] | None = None) -> None:
+                 deps: Mapping[str, MetricResult] | None = None,
+                 dep_tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         self.params = params
         self.shape = shape
         self.view = view
         self.deps: Mapping[str, MetricResult] = deps or {}
+        #: the arrays of the needed results' ``TensorValue`` fields, by their key (read with ``tensor_of``)
+        self.dep_tensors: Mapping[str, torch.Tensor] = dep_tensors or {}
         self.setup()
 
     # -- to override ------------------------------------------------------------------
@@ -145,6 +150,24 @@ class Metric:
                     results: Mapping[str, Mapping[str, MetricResult]]) -> Output:
         """Model-set metrics: all models' views and their per-model results by model name."""
         raise NotImplementedError(f"{self.name} declares scope 'model_set' but has no compute_set")
+
+    # -- for the metric's own use ------------------------------------------------------
+    def tensor_of(self, result: MetricResult, field: str) -> torch.Tensor:
+        """The array behind ``result``'s ``TensorValue`` field ``field``.
+
+        ``result`` is one the metric needs: an entry of ``self.deps`` or, in ``compute_set``,
+        a per-model result of a metric in ``metric_needs``. Raises KeyError otherwise, or
+        when the field is not a tensor.
+        """
+        value = result.values.get(field)
+        if not isinstance(value, TensorValue):
+            tensors = sorted(k for k, v in result.values.items() if isinstance(v, TensorValue))
+            raise KeyError(f"{result.metric} has no tensor field '{field}' (tensor fields: {tensors or 'none'})")
+        try:
+            return self.dep_tensors[value.key]
+        except KeyError:
+            raise KeyError(f"the tensor '{value.key}' was not passed to {self.name}: a metric reads the tensors "
+                           "of the metrics it needs (metric_needs) only") from None
 
     # -- used by the core -------------------------------------------------------------
     def state_bytes(self) -> int:

@@ -129,6 +129,34 @@ def test_compressed_dot_products_within_reported_bound(compression):
     assert float(store.norms[3]) == pytest.approx(float(norms[3]), rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_uncompressed_dot_products_and_norms_are_float64_accurate(dtype):
+    """Uncompressed stores of float32 / bfloat16 rows: dot products (float32 over 4096-entry
+    pieces summed in float64, gathered in column blocks) and squared norms within 1e-7 of
+    ||g|| ||h|| from a float64 product of the same stored values; float64 rows to rounding.
+    Sizes that are not multiples of the piece or block width, several parts per store."""
+    gen = torch.Generator().manual_seed(2)
+    size = 3 * 4096 + 1234
+    rows = (torch.randn(11, size, generator=gen) * torch.logspace(-3, 1, size)).to(dtype)
+    rows[4] = -rows[1]  # an exactly opposite pair
+    a, b = GradientStore(size), GradientStore(size)
+    squares = a.add(rows[:3])
+    a.add(rows[3:7])
+    b.add(rows[7:])
+    exact = rows.double() @ rows.double().T
+    norms = rows.double().norm(dim=1)
+    scale = norms[:, None] * norms[None, :]
+    tol = 1e-14 if dtype == torch.float64 else 1e-7  # float64: the column blocks change the summation order
+    for block_bytes in (256 * 2**20, 7 * 4096 * 8):  # one column block, or several
+        gram = a.gram(block_bytes=block_bytes)
+        cross = a.cross(b, block_bytes=block_bytes)
+        assert ((gram - exact[:7, :7]).abs() <= tol * scale[:7, :7] + 1e-300).all()
+        assert ((cross - exact[:7, 7:]).abs() <= tol * scale[:7, 7:] + 1e-300).all()
+    assert float(gram[1, 4]) == pytest.approx(-float(norms[1]) ** 2, rel=1e-7)
+    assert squares.tolist() == pytest.approx((norms[:3] ** 2).tolist(), rel=max(tol, 1e-12))
+    assert a.norms.tolist() == pytest.approx(norms[:7].tolist(), rel=max(tol, 1e-12))
+
+
 def test_count_sketch_is_unbiased_within_its_bound():
     gen = torch.Generator().manual_seed(1)
     rows = torch.randn(6, 5000, generator=gen, dtype=torch.float64)

@@ -68,6 +68,10 @@ def resolve(requested: str | Sequence[str], params: Mapping[str, Mapping[str, An
                 unavailable[name] = (f"needs metric '{dep}', which no installed plugin provides: "
                                      f"pip install 'tensorscope[{family}]'")
                 continue
+            if cls.scope == "model" and registry.metrics[dep].scope == "model_set":
+                unavailable[name] = (f"needs '{dep}', a model-set metric, which finishes only after every "
+                                     "model has run: a per-model metric cannot read it")
+                continue
             graph[name].add(dep)
             todo.append(dep)
         missing = [a for a in cls.artifacts if a not in registry.artifacts]

@@ -7,7 +7,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +85,13 @@ def to_values(metric: str, model: str, output: Mapping[str, Any],
         else:
             values[name] = value
     return values
+
+
+def needed_tensors(results: Iterable[MetricResult], store: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The arrays behind the ``TensorValue`` fields of ``results``, by key: what a metric that
+    needs those results gets as ``dep_tensors`` (read with ``Metric.tensor_of``)."""
+    return {v.key: store[v.key] for r in results for v in r.values.values()
+            if isinstance(v, TensorValue) and v.key in store}
 
 
 @dataclass
@@ -204,7 +211,8 @@ class ModelRunner:
         declared = self.plan.declared_state.get(node.name, 0)
         active = ActiveMetric(node, None, declared)  # type: ignore[arg-type]
         try:
-            active.instance = self._call(active, lambda: node.cls(node.params, self.shape, self.view, deps))
+            tensors = needed_tensors(deps.values(), self.tensors)
+            active.instance = self._call(active, lambda: node.cls(node.params, self.shape, self.view, deps, tensors))
         except Exception as exc:
             self._fail(active, exc)
             return None

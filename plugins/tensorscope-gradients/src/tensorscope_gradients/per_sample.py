@@ -22,6 +22,7 @@ flattened in the layout of ``requested_layout(view)``; ``loss`` [batch] and ``n_
 [batch] in float64. Consumers declare the parameters they need with
 ``request_parameters`` in ``setup()``; the artifact then differentiates only the union of
 those requests (all trainable parameters when any consumer asks for all, or none asked).
+Consumers must not modify the tensors in place (the plugin's stores keep them uncopied).
 """
 
 from __future__ import annotations

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, Metric, ModelView, RunShape, ScalarValue, SeriesValue, Step, TableValue
+from tensorscope_core import Cost, ModelView, RunShape, ScalarValue, SeriesValue, Step, TableValue
 from tensorscope_core.data import PreparedData
 
 from .common import example_texts, tasks_reason, upper_bound_examples
 from .maths import bh, fisher_z, null_p_values, robust_null
 from .per_sample import ARTIFACT, release_parameters, request_parameters, requested_layout
-from .selection import SubsetParams, layout_of, select_parameters
+from .selection import SubsetMetric, SubsetParams, planned_size, subset_size
 from .store import Compression, GradientStore
 
 
@@ -28,7 +28,7 @@ class SampleConflictParams(SubsetParams):
                                                             "cosine < -min_conflict")
 
 
-class SampleConflicts(Metric):
+class SampleConflicts(SubsetMetric):
     """Per-example gradients g_i (the shared ``per_sample_grad`` artifact: gradient of the
     example's mean token loss; optionally a parameter subset, optionally compressed) and,
     for every pair (i, j) of examples from different tasks, c_ij = cos(g_i, g_j).
@@ -45,7 +45,9 @@ class SampleConflicts(Metric):
     the bulk is roughly normal on the atanh scale; a heavy-tailed bulk makes the test liberal
     (see the README).
 
-    Examples without target tokens (zero gradient) are left out. With compression the
+    With ``mask_metric``, only the masked entries of the selected parameters are used (the
+    artifact differentiates the parameters; the entries are picked after; see the README's
+    mask contract). Examples without target tokens (zero gradient) are left out. With compression the
     cosines are g~_i . g~_j / (||g_i|| ||g_j||) and ``cosine_error_bound`` bounds their
     distance from the exact cosines (see the README).
     """
@@ -76,10 +78,9 @@ class SampleConflicts(Metric):
 
     def setup(self) -> None:
         assert self.view is not None
-        names = select_parameters(self.view, self.params.parameters, self.params.layers)
-        request_parameters(self.view, self.name, names)
-        self.names = names
-        self.store = GradientStore(layout_of(self.view, names).size, self.params.compression)
+        self.chosen = self.subset()
+        request_parameters(self.view, self.name, self.chosen.names)
+        self.store = GradientStore(subset_size(self.view, self.chosen), self.params.compression)
         self.tasks: list[str] = []
         self.index_in_task: list[int] = []
         self.seen: dict[str, int] = {}
@@ -88,18 +89,16 @@ class SampleConflicts(Metric):
 
     @classmethod
     def cost(cls, params: SampleConflictParams, view: ModelView, shape: RunShape) -> Cost:
-        try:
-            size = layout_of(view, select_parameters(view, params.parameters, params.layers)).size
-        except ValueError:
-            size = 0
+        size, index_bytes = planned_size(view, params)
         n = upper_bound_examples(shape.n_sequences, shape.n_batches, shape.batch_size)
-        return Cost(state_bytes=GradientStore.declared_bytes(n, size, params.compression, view.dtype_bytes) + 8 * n,
+        return Cost(state_bytes=GradientStore.declared_bytes(n, size, params.compression, view.dtype_bytes) + 8 * n
+                    + index_bytes,
                     flops=float(2 * n * n * size))
 
     def update(self, step: Step) -> None:
         assert self.view is not None and step.task is not None
         grads, _, n_targets = step[ARTIFACT]
-        columns = requested_layout(self.view).columns(self.names)
+        columns = self.chosen.columns(requested_layout(self.view))
         self.store.add(grads if columns is None else grads[:, columns])
         counter = self.seen.get(step.task, 0)
         rows = grads.shape[0]

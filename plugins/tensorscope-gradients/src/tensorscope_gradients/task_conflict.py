@@ -11,12 +11,12 @@ import torch
 from pydantic import Field
 from scipy import stats
 
-from tensorscope_core import Cost, LayerValue, Metric, ModelView, RunShape, ScalarValue, Step, TableValue
+from tensorscope_core import Cost, LayerValue, ModelView, RunShape, ScalarValue, Step, TableValue
 from tensorscope_core.data import PreparedData
 
 from .common import tasks_reason
 from .maths import cosine, pcgrad
-from .selection import SubsetParams, layout_of, select_parameters
+from .selection import SubsetMetric, SubsetParams, layout_of, planned_size
 
 N_RESAMPLES = 1000
 
@@ -48,10 +48,11 @@ def _bootstrap(cos: np.ndarray, groups: Sequence[np.ndarray], level: float, seed
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-class TaskConflict(Metric):
+class TaskConflict(SubsetMetric):
     """For named tasks A, B, ...: g_A is the mean over A's batches of the gradient of each
     batch's mean token loss (the core's ``param_grad``), optionally restricted to a parameter
-    subset (``parameters`` glob patterns / ``layers`` block indices).
+    subset (``parameters`` glob patterns / ``layers`` block indices / the masked entries of a
+    ``mask_metric``).
 
     - ``cosine``: cos(g_A, g_B) (the mean over task pairs with more than two tasks);
       ``layer_cosine``: the same per block, on the block's part of the gradients;
@@ -85,22 +86,22 @@ class TaskConflict(Metric):
 
     def setup(self) -> None:
         assert self.view is not None
-        self.layout = layout_of(self.view, select_parameters(self.view, self.params.parameters, self.params.layers))
+        chosen = self.subset()
+        self.layout = layout_of(self.view, chosen.names)
+        self.entries = chosen.entries
         self.dtype = next(self.view.model.parameters()).dtype
         self.rows: list[torch.Tensor] = []
         self.tasks: list[str] = []
 
     @classmethod
     def cost(cls, params: TaskConflictParams, view: ModelView, shape: RunShape) -> Cost:
-        try:
-            size = layout_of(view, select_parameters(view, params.parameters, params.layers)).size
-        except ValueError:
-            size = 0
-        return Cost(state_bytes=shape.n_batches * size * view.dtype_bytes)
+        size, index_bytes = planned_size(view, params)
+        return Cost(state_bytes=shape.n_batches * size * view.dtype_bytes + index_bytes)
 
     def update(self, step: Step) -> None:
         assert step.task is not None
-        self.rows.append(self.layout.flatten(step["param_grad"], self.dtype))
+        row = self.layout.flatten(step["param_grad"], self.dtype)
+        self.rows.append(row if self.entries is None else row[self.entries])
         self.tasks.append(step.task)
 
     def finalize(self) -> dict[str, object]:
@@ -113,6 +114,7 @@ class TaskConflict(Metric):
         cos = (X @ X.T / (norms[:, None] * norms[None, :])).numpy()
         means = torch.stack([X[torch.as_tensor(g)].mean(dim=0) for g in groups])
         group = self.layout.group_index(L)
+        group = group if self.entries is None else group[self.entries]
         seed, level = self.shape.seed, self.params.ci_level
 
         pair_rows: list[list[object]] = []

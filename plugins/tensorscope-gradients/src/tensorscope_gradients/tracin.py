@@ -29,8 +29,8 @@ from .checkpoints import CheckpointRate, learning_rates
 from .common import example_texts, upper_bound_examples
 from .maths import bh, combine_checkpoints, null_p_values, robust_null
 from .per_sample import ARTIFACT, release_parameters, request_parameters, requested_layout
-from .selection import SubsetParams, layout_of, select_parameters
-from .store import CountSketch, GradientStore
+from .selection import SubsetMetric, SubsetParams, planned_size, subset_size
+from .store import CountSketch, GradientStore, row_squares
 
 TERMS = "gradients.tracin_terms"
 
@@ -42,15 +42,16 @@ class TermsParams(SubsetParams):
                                                                "dimensions (None: exact dot products)")
 
 
-class TracInTerms(Metric):
+class TracInTerms(SubsetMetric):
     """The TracIn terms of one checkpoint: for training examples z (task ``train_task``) and
     test examples z' (task ``test_task``), the dot products g(z) . g(z') and the squared norms
     ||g(z)||^2, ||g(z')||^2 of the per-example gradients (the shared ``per_sample_grad``
     artifact: gradient of the example's mean token loss), optionally on a parameter subset
-    and/or count-sketch projected to ``projection_dim`` dimensions (the squared norms stay
-    exact). ``gradients.tracin`` and ``gradients.critical_samples`` weight and sum them
-    over the checkpoints of a model set; this metric's parameters choose the tasks, the
-    subset and the projection for both.
+    (names, blocks, and the masked entries of a ``mask_metric``) and/or count-sketch
+    projected to ``projection_dim`` dimensions (the squared norms stay exact).
+    ``gradients.tracin`` and ``gradients.critical_samples`` weight and sum them over the
+    checkpoints of a model set; this metric's parameters choose the tasks, the subset and
+    the projection for both.
     """
 
     name = TERMS
@@ -78,9 +79,9 @@ class TracInTerms(Metric):
     def setup(self) -> None:
         assert self.view is not None
         p = self.params
-        self.names = select_parameters(self.view, p.parameters, p.layers)
-        request_parameters(self.view, self.name, self.names)
-        size = layout_of(self.view, self.names).size
+        self.chosen = self.subset()
+        request_parameters(self.view, self.name, self.chosen.names)
+        size = subset_size(self.view, self.chosen)
         self.sketch = CountSketch(size, p.projection_dim, self.shape.seed) if p.projection_dim else None
         width = p.projection_dim or size
         self.train = GradientStore(width)
@@ -93,13 +94,10 @@ class TracInTerms(Metric):
 
     @classmethod
     def cost(cls, params: TermsParams, view: ModelView, shape: RunShape) -> Cost:
-        try:
-            size = layout_of(view, select_parameters(view, params.parameters, params.layers)).size
-        except ValueError:
-            size = 0
+        size, index_bytes = planned_size(view, params)
         n = upper_bound_examples(shape.n_sequences, shape.n_batches, shape.batch_size)
         width, item = (params.projection_dim, 8) if params.projection_dim else (size, view.dtype_bytes)
-        return Cost(state_bytes=GradientStore.declared_bytes(n, width, "none", item) + 8 * n)
+        return Cost(state_bytes=GradientStore.declared_bytes(n, width, "none", item) + 8 * n + index_bytes)
 
     def update(self, step: Step) -> None:
         assert self.view is not None
@@ -108,9 +106,9 @@ class TracInTerms(Metric):
         if not splits:
             return
         grads, loss, n_targets = step[ARTIFACT]
-        columns = requested_layout(self.view).columns(self.names)
+        columns = self.chosen.columns(requested_layout(self.view))
         rows = grads if columns is None else grads[:, columns]
-        squares = rows.double().pow(2).sum(dim=1).cpu()
+        squares = row_squares(rows.cpu())
         if self.sketch is not None:
             exact = rows.double().cpu()
             rows = self.sketch(exact)
