@@ -1,0 +1,1 @@
+"""tensorscope-circuits: attention entropy, induction and previous-token heads, QK-OV circuits, logit lens, patching, attribution."""

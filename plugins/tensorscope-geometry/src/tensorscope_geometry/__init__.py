@@ -1,0 +1,1 @@
+"""tensorscope-geometry: fiber-bundle test, embedding singularities, curvature, CKA/RSA, effective rank, superposition."""
