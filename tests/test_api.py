@@ -86,8 +86,8 @@ def test_a_parameter_can_name_the_metric_to_read(tmp_path: Path) -> None:
                          params={"t.reader": {"source": "basic.loss", "field": "loss"}})
         assert res.get("t.reader").value("read") == res.get("basic.loss").value("loss")
         assert "basic.weight_norms" not in res.model().metrics
-        missing = ts.analyze(str(folder), None, ["t.reader"], params={"t.reader": {"source": "fisher.masks"}})
-        assert "pip install 'tensorscope[fisher]'" in missing.get("t.reader").reason
+        missing = ts.analyze(str(folder), None, ["t.reader"], params={"t.reader": {"source": "probes.masks"}})
+        assert "pip install 'tensorscope[probes]'" in missing.get("t.reader").reason
     finally:
         plugins_module._REGISTRY = saved
 

@@ -79,6 +79,7 @@ def test_plan_over_budget_exits_3_and_writes_nothing(capsys, model_dir: Path, id
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.usefixtures("basic_only")  # the four basic metrics: one weights pass and one forward+backward
 def test_plan_shows_one_shared_pass(capsys, model_dir: Path, ids_file: Path) -> None:
     code, out, _ = run(capsys, "plan", str(model_dir), "--metrics", "all", "--data", str(ids_file), "--json")
     assert code == 0

@@ -33,8 +33,9 @@ from tensorscope_core.results.export_schema import report_schema_text, schema_te
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 USER_GUIDE = DOCS / "user-guide.md"
 AUTHOR_GUIDE = DOCS / "plugin-author-guide.md"
-FIRST_PARTY = "tensorscope-basic"
-REGENERATE = ("regenerate it: TENSORSCOPE_LOAD_PLUGINS=tensorscope-basic python -m tensorscope_core.catalogue "
+#: every first-party plugin distribution of this checkout (the catalogue documents all of them)
+FIRST_PARTY = ",".join(sorted(p.parent.name for p in (DOCS.parent / "plugins").glob("*/pyproject.toml")))
+REGENERATE = (f"regenerate it: TENSORSCOPE_LOAD_PLUGINS={FIRST_PARTY} python -m tensorscope_core.catalogue "
               "docs/metrics.md; python -m tensorscope_core.results.export_schema docs/result-schema.json; "
               "python -m tensorscope_core.results.export_schema --report docs/report-schema.json")
 

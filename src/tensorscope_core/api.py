@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -14,7 +15,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data import DataSpec, PreparedData, builtin_corpus, materialize, prepare_data
-from .errors import PlanDoesNotFitError
+from .errors import PlanDoesNotFitError, UsageError
 from .metric import RunShape
 from .models.adapters import Adapter
 from .models.load import ModelSource, load_model, modules_restored
@@ -29,19 +30,29 @@ from .scheduler.run import ModelRunner, needed_tensors, to_values
 
 ModelSpec = str | os.PathLike[str] | nn.Module | ModelSource
 ModelsArg = ModelSpec | Sequence[ModelSpec] | Mapping[str, ModelSpec]
+#: the model name the base of a model set (``base=``) takes
+BASE_NAME = "base"
 
 
-def _sources(models: ModelsArg, base_config: str | None) -> list[ModelSource]:
+def _sources(models: ModelsArg, base_config: str | None, base: ModelSpec | None = None) -> list[ModelSource]:
+    """The models to load, in order; a base model comes first, named ``base``."""
     def one(spec: ModelSpec, name: str | None = None) -> ModelSource:
         if isinstance(spec, ModelSource):
             return spec
         return ModelSource(spec, base_config=base_config, name=name)
 
     if isinstance(models, Mapping):
-        return [one(spec, name) for name, spec in models.items()]
-    if isinstance(models, (str, os.PathLike, nn.Module, ModelSource)):
-        return [one(models)]
-    return [one(m) for m in models]
+        sources = [one(spec, name) for name, spec in models.items()]
+    elif isinstance(models, (str, os.PathLike, nn.Module, ModelSource)):
+        sources = [one(models)]
+    else:
+        sources = [one(m) for m in models]
+    if base is None:
+        return sources
+    if any(s.display_name == BASE_NAME for s in sources):
+        raise UsageError(f"a member of the model set is named '{BASE_NAME}', the name the base model (base=) takes",
+                         f"rename that member, or pass it as the base instead of naming it '{BASE_NAME}'")
+    return [dataclasses.replace(one(base), name=BASE_NAME), *sources]
 
 
 @dataclass
@@ -56,7 +67,8 @@ class Prepared:
 
 
 def _needs_data(nodes: Sequence[MetricNode]) -> bool:
-    return any(set(n.cls.artifacts) - {"weights"} for n in nodes if n.unavailable is None)
+    return any(set(n.cls.artifacts) - {"weights"} or (n.cls.scope == "model_set" and n.cls.uses_data(n.params))
+               for n in nodes if n.unavailable is None)
 
 
 def _prepare(src: ModelSource, data: DataSpec | None, nodes: Sequence[MetricNode], config: RunConfig,
@@ -81,12 +93,13 @@ def _prepare(src: ModelSource, data: DataSpec | None, nodes: Sequence[MetricNode
 
 def plan(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequence[str] = "all", *,
          config: RunConfig | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
-         base_config: str | None = None, adapter: Adapter | None = None, tokenizer: Any = None) -> list[ModelPlan]:
-    """The pass and memory plan of each model, without running any pass."""
+         base_config: str | None = None, adapter: Adapter | None = None, tokenizer: Any = None,
+         base: ModelSpec | None = None) -> list[ModelPlan]:
+    """The pass and memory plan of each model (the base first, when given), without running any pass."""
     config = config or RunConfig()
     registry = get_registry()
     nodes = resolve(metrics, params or {}, registry)
-    sources = _sources(models, base_config)
+    sources = _sources(models, base_config, base)
     plans = []
     with modules_restored(sources):
         for src in sources:
@@ -110,7 +123,9 @@ def _record_model(runner: ModelRunner, prepared: Prepared, order: Sequence[str])
 
 
 def _run_model_set(nodes: Sequence[MetricNode], views: dict[str, ModelView], records: list[ModelRecord],
-                   tensors: dict[str, torch.Tensor]) -> dict[str, MetricResult]:
+                   tensors: dict[str, torch.Tensor], *, base_name: str | None = None,
+                   data: Mapping[str, PreparedData] | None = None,
+                   shape: RunShape | None = None) -> dict[str, MetricResult]:
     results: dict[str, MetricResult] = {}
     per_model = {r.name: r.metrics for r in records}
     for node in nodes:
@@ -129,11 +144,21 @@ def _run_model_set(nodes: Sequence[MetricNode], views: dict[str, ModelView], rec
             results[node.name] = MetricResult(**base, status="skipped",
                                               reason=f"dependency '{dep}' {cause.status} on {model}: {cause.reason}")
             continue
+        if node.cls.needs_base and base_name is None:
+            results[node.name] = MetricResult(**base, status="skipped", reason=(
+                f"{node.name} compares fine-tunes with their base model and this run has none: "
+                f"pass base=... (CLI --base BASE_MODEL)"))
+            continue
         start = time.perf_counter()
         try:
+            reason = node.cls.set_skip_reason(node.params, views, base_name)
+            if reason is not None:
+                results[node.name] = MetricResult(**base, status="skipped", reason=reason)
+                continue
             needed = needed_tensors((metrics[dep] for metrics in per_model.values() for dep in node.needs
                                      if dep in metrics), tensors)
-            instance = node.cls(node.params, RunShape(0, 0, 0, 0, (), 0), None, {}, needed)
+            instance = node.cls(node.params, shape or RunShape(0, 0, 0, 0, (), 0), None, {}, needed,
+                                base_name=base_name, data=data)
             output = instance.compute_set(views, per_model)
             values = to_values(node.name, "*", output, tensors)
             results[node.name] = MetricResult(**base, status="ok", values=values,
@@ -146,10 +171,13 @@ def _run_model_set(nodes: Sequence[MetricNode], views: dict[str, ModelView], rec
 
 def analyze(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequence[str] = "all", *,
             config: RunConfig | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
-            base_config: str | None = None, adapter: Adapter | None = None, tokenizer: Any = None) -> Results:
+            base_config: str | None = None, adapter: Adapter | None = None, tokenizer: Any = None,
+            base: ModelSpec | None = None) -> Results:
     """Compute ``metrics`` on each model in one shared run per model.
 
-    ``models``: a path, a module, a list of them, or ``{name: model}``. ``data``: texts, a
+    ``models``: a path, a module, a list of them, or ``{name: model}``. ``base``: the base
+    model of a model set (fine-tunes of it in ``models``); it runs first, like every other
+    model, under the name ``base``, and model-set metrics see it as ``self.base_name``. ``data``: texts, a
     .txt/.jsonl path, token id tensors, a DataLoader, or ``{task: data}``; None uses the
     built-in corpus. Every model is loaded, its data checked and its memory planned
     before any pass runs: a plan over ``config.memory_budget`` raises PlanDoesNotFitError.
@@ -157,14 +185,15 @@ def analyze(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequ
     config = config or RunConfig()
     registry = get_registry()
     nodes = resolve(metrics, params or {}, registry)
-    sources = _sources(models, base_config)
+    sources = _sources(models, base_config, base)
     data = materialize(data)
     with modules_restored(sources):
-        return _analyze(sources, data, nodes, config, registry, adapter, tokenizer)
+        return _analyze(sources, data, nodes, config, registry, adapter, tokenizer,
+                        BASE_NAME if base is not None else None)
 
 
 def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[MetricNode], config: RunConfig,
-             registry: Registry, adapter: Adapter | None, tokenizer: Any) -> Results:
+             registry: Registry, adapter: Adapter | None, tokenizer: Any, base_name: str | None = None) -> Results:
     started = time.perf_counter()
     prepared: list[Prepared] = []
     for i, src in enumerate(sources):
@@ -191,6 +220,7 @@ def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[Metr
     tensors: dict[str, torch.Tensor] = {}
     keep_views = any(n.cls.scope == "model_set" for n in nodes)
     views: dict[str, ModelView] = {}
+    set_data: dict[str, PreparedData] = {}
     order = [n.name for n in nodes]
     try:
         for p in prepared:
@@ -206,11 +236,14 @@ def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[Metr
             tensors.update(runner.tensors)
             if keep_views:
                 views[view.name] = view
+                if p.data is not None:
+                    set_data[view.name] = p.data
             p.view = None
     finally:
         if bar is not None:
             bar.close()
-    model_set = _run_model_set(nodes, views, records, tensors)
+    model_set = _run_model_set(nodes, views, records, tensors, base_name=base_name, data=set_data,
+                               shape=prepared[0].shape if prepared else None)
     record = RunRecord(
         tensorscope_version=registry.plugin_version("tensorscope-core") or "unknown",
         plugins=registry.plugins, config=config.model_dump(mode="json"), device=config.device,

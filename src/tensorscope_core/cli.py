@@ -80,7 +80,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     config = _config(args, fail_fast=args.fail_fast, metric_timeout_s=args.metric_timeout,
                      cache_dir=None if args.no_cache else out / ".cache", progress=sys.stderr.isatty())
     results = analyze(_models(args.models), data=_data(args.data), metrics=_metric_list(args.metrics),
-                      config=config, params=_params(args.param), base_config=args.base_config)
+                      config=config, params=_params(args.param), base_config=args.base_config, base=args.base)
     results.save(out)
     summary = [{"model": m.name, "metric": r.metric, "status": r.status, "reason": r.reason}
                for m in results.record.models for r in m.metrics.values()]
@@ -98,7 +98,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .api import plan
 
     plans = plan(_models(args.models), data=_data(args.data), metrics=_metric_list(args.metrics),
-                 config=_config(args), params=_params(args.param), base_config=args.base_config)
+                 config=_config(args), params=_params(args.param), base_config=args.base_config, base=args.base)
     _emit(args, [p.to_dict() for p in plans], "\n\n".join(p.render() for p in plans))
     return 0 if all(p.fits for p in plans) else 3
 
@@ -235,6 +235,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                         "default: the built-in corpus")
     p.add_argument("--param", action="append", default=[], metavar="METRIC.FIELD=VALUE", help="metric parameter")
     p.add_argument("--base-config", help="folder with config.json for bare state-dict files")
+    p.add_argument("--base", metavar="BASE_MODEL",
+                   help="base model of a model set (its fine-tunes are the MODELs); analysed as 'base'")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-length", type=int)

@@ -19,11 +19,19 @@ from safetensors.torch import save_file
 from .api import analyze
 from .config import RunConfig
 from .errors import MissingDependencyError
+from .plugins import get_registry
 from .results import Results
 
 VOCAB = 64
 HALF = 16
 CHECKPOINT_STEPS = (0, 25, 50, 75, 100, 300)
+#: Demo-sized settings of the iterative metrics, whose defaults are sized for research runs (there, the
+#: two Lanczos metrics alone take about 45 s per checkpoint of the demo model). Metrics of plugins that
+#: are not installed are left out.
+DEMO_PARAMS: dict[str, dict[str, Any]] = {
+    "fisher.lanczos": {"k": 4, "max_iter": 24, "max_examples": 16},
+    "hessian.lanczos": {"k": 4, "max_iter": 24, "max_examples": 16},
+}
 
 
 def repeated_sequences(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -78,7 +86,9 @@ def run_demo(out: str | Path, *, steps: Sequence[int] = CHECKPOINT_STEPS, seed: 
     out.mkdir(parents=True, exist_ok=True)
     save_file({"input_ids": data}, str(out / "data.safetensors"))
     log(f"analysing {len(checkpoints)} checkpoints with metrics: {metrics}")
+    installed = get_registry().metrics
     results = analyze({name: str(path) for name, path in checkpoints.items()}, data=data, metrics=metrics,
+                      params={m: p for m, p in DEMO_PARAMS.items() if m in installed},
                       config=RunConfig(seed=seed, batch_size=16, max_length=2 * HALF,
                                        cache_dir=out / ".cache"))
     results.save(out)

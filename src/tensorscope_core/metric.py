@@ -84,6 +84,11 @@ class Metric:
     Per-model metrics implement ``update(step)`` and ``finalize()``; model-set
     metrics implement ``compute_set(views, results)``. ``tensor_of(result, field)`` reads
     the array behind a ``TensorValue`` of a result the metric needs.
+
+    Model-set metrics also see ``self.base_name`` (the member that is the base model, or
+    None when the run has no base) and ``self.data`` (each member's prepared data by model
+    name, when ``uses_data`` asked for it); ``needs_base`` and ``set_skip_reason`` make them
+    end ``skipped`` where they do not apply.
     """
 
     name: ClassVar[str]
@@ -97,19 +102,26 @@ class Metric:
     #: metrics (or ``metric.field`` labels) this one is computed from; correlation
     #: discovery never pairs a metric with its sources
     derived_from: ClassVar[tuple[str, ...]] = ()
+    #: model-set metrics only: skipped (with the fix) when the run has no base model
+    needs_base: ClassVar[bool] = False
 
     _framework_attrs: ClassVar[frozenset[str]] = frozenset({"view", "params", "deps", "dep_tensors", "shape",
-                                                            "views"})
+                                                            "views", "base_name", "data"})
 
     def __init__(self, params: Any, shape: RunShape, view: ModelView | None = None,
                  deps: Mapping[str, MetricResult] | None = None,
-                 dep_tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+                 dep_tensors: Mapping[str, torch.Tensor] | None = None, *, base_name: str | None = None,
+                 data: Mapping[str, PreparedData] | None = None) -> None:
         self.params = params
         self.shape = shape
         self.view = view
         self.deps: Mapping[str, MetricResult] = deps or {}
         #: the arrays of the needed results' ``TensorValue`` fields, by their key (read with ``tensor_of``)
         self.dep_tensors: Mapping[str, torch.Tensor] = dep_tensors or {}
+        #: model-set metrics: the name of the member that is the base model (None without a base)
+        self.base_name = base_name
+        #: model-set metrics that ``uses_data``: each member's prepared data, by model name
+        self.data: Mapping[str, PreparedData] = data or {}
         self.setup()
 
     # -- to override ------------------------------------------------------------------
@@ -133,6 +145,17 @@ class Metric:
     @classmethod
     def skip_reason(cls, params: Any, view: ModelView, data: PreparedData | None) -> str | None:
         """A reason when the metric does not apply to this model or data (-> skipped)."""
+        return None
+
+    @classmethod
+    def uses_data(cls, params: Any) -> bool:
+        """Model-set metrics: whether ``compute_set`` reads the run's batches (``self.data``), so
+        the data is prepared even when no per-model metric reads it."""
+        return False
+
+    @classmethod
+    def set_skip_reason(cls, params: Any, views: Mapping[str, ModelView], base_name: str | None) -> str | None:
+        """Model-set metrics: a reason when the metric does not apply to this model set (-> skipped)."""
         return None
 
     @classmethod

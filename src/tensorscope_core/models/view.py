@@ -43,7 +43,10 @@ class ModelView:
     """A loaded model plus the map of its parts that metrics and capture use.
 
     Built by an adapter. ``blocks[l]`` maps the residual stream in to out at layer l;
-    ``mlp_out[l]`` is the module whose *input* is the MLP's hidden units.
+    ``mlp_out[l]`` is the module whose *input* is the MLP's hidden units; ``attn_out[l]`` is
+    the attention output projection, whose *input* is the heads' outputs concatenated
+    head-major ([..., n_heads * d_head], head h in columns h*d_head:(h+1)*d_head), so head
+    interventions need no per-architecture knowledge (empty where the adapter does not map it).
     """
 
     model: nn.Module
@@ -71,6 +74,7 @@ class ModelView:
     mask_token_id: int | None = None
     pad_token_id: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    attn_out: list[nn.Module] = field(default_factory=list)
 
     def head_weights(self, layer: int) -> HeadWeights:
         if self.head_weights_fn is None:

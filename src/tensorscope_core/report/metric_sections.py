@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from ..results import Results
 
 MAX_TABLE_ROWS = 40
+#: a metric's section draws at most this many figures of non-scalar fields and this many scalar
+#: panels (in field order); the rest are named, and every value is in results.json / results.csv
+MAX_FIGURES = 6
+MAX_SCALAR_PANELS = 12
 
 
 def _by_metric(results: Results, order: Sequence[str],
@@ -62,8 +66,6 @@ def _field_blocks(metric: str, field: str, per_model: Mapping[str, Any], series_
         return blocks
     if isinstance(first, TextValue):
         return [Para(f"{label} on {m}: {v.text}") for m, v in per_model.items()]
-    if isinstance(first, TensorValue):
-        return [Para(f"{label}: tensor of shape {first.shape} ({first.dtype}) in tensors.safetensors", "muted")]
     return []
 
 
@@ -83,9 +85,18 @@ def _scalar_blocks(metric: str, fields: Sequence[str], per_model: Mapping[str, M
                          [v.ci_high if v else None for v in vals])
     blocks: list[Any] = [Table(["field", "model", "value", "95% CI", "n", "unit"], rows)]
     if rows:
-        blocks.append(Figure(plots.scalar_panels(models, panels, f"{metric}: value per model with 95% CI",
+        drawn = dict(list(panels.items())[:MAX_SCALAR_PANELS])
+        more = f" (the first {MAX_SCALAR_PANELS} of {len(panels)} fields)" if len(panels) > MAX_SCALAR_PANELS else ""
+        blocks.append(Figure(plots.scalar_panels(models, drawn, f"{metric}: value per model with 95% CI{more}",
                                                  trajectory=series_order and len(models) > 1, xlabels=xlabels)))
     return blocks
+
+
+def _tensor_note(metric: str, fields: Sequence[str], first: Mapping[str, TensorValue]) -> Para:
+    """One line for a metric's tensor fields (arrays live in tensors.safetensors, not in the report)."""
+    shown = ", ".join(f"{f} {first[f].shape}" for f in fields[:4])
+    more = f" and {len(fields) - 4} more" if len(fields) > 4 else ""
+    return Para(f"{metric}: {len(fields)} tensor field(s) in tensors.safetensors: {shown}{more}", "muted")
 
 
 def metric_sections(results: Results, order: Sequence[str], series: bool, describe: Mapping[str, dict[str, Any]],
@@ -115,11 +126,26 @@ def metric_sections(results: Results, order: Sequence[str], series: bool, descri
             scalars = [f for f in fields if any(isinstance(r.values.get(f), ScalarValue) for r in ok.values())]
             if scalars:
                 section.blocks += _scalar_blocks(metric, scalars, ok, series, xlabels)
+            tensors: dict[str, TensorValue] = {}
+            figures, undrawn = 0, []
             for field in fields:
                 if field in scalars:
                     continue
                 have = {m: r.values[field] for m, r in ok.items() if field in r.values}
-                section.blocks += _field_blocks(metric, field, have, series, xlabels)
+                first = next(iter(have.values()))
+                if isinstance(first, TensorValue):
+                    tensors[field] = first
+                elif isinstance(first, (LayerValue, HeadValue, SeriesValue)) and figures >= MAX_FIGURES:
+                    undrawn.append(field)
+                else:
+                    blocks = _field_blocks(metric, field, have, series, xlabels)
+                    figures += sum(isinstance(b, Figure) for b in blocks)
+                    section.blocks += blocks
+            if undrawn:
+                section.blocks.append(Para(f"{metric}: {len(undrawn)} more field(s) not drawn (values in "
+                                           f"results.json): {', '.join(undrawn)}", "muted"))
+            if tensors:
+                section.blocks.append(_tensor_note(metric, list(tensors), tensors))
             notes = [f"{label[model]}: {i.text}" + (f" ({i.where})" if i.where else "")
                      for model, name, i in interpretations if name == metric]
             if notes:

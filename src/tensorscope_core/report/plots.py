@@ -268,3 +268,48 @@ def scatter(x: Sequence[float], y: Sequence[float], caption: str, xlabel: str = 
         if len(names) > 1:
             ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         return render(fig, caption)
+
+
+def category_grid(grid: Sequence[Sequence[str | None]], colours: Mapping[str, str], caption: str,
+                  xlabel: str = "head", ylabel: str = "layer") -> Plot:
+    """A layer x head grid of categories, one colour per category (``colours`` in legend order; None blank)."""
+    names = list(colours)
+    codes = np.array([[np.nan if c is None else names.index(c) for c in row] for row in grid], dtype=np.float64)
+    with _style():
+        matplotlib, _ = _mpl()
+        fig = new_figure(height=min(7.0, 1.0 + 0.28 * len(grid)), width=min(WIDTH, 2.5 + 0.35 * codes.shape[1]))
+        ax = fig.add_subplot()
+        cmap = matplotlib.colors.ListedColormap([colours[n] for n in names]).with_extremes(bad="#ffffff")
+        ax.imshow(np.ma.masked_invalid(codes), cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, aspect="auto",
+                  interpolation="nearest")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(False)
+        handles = [matplotlib.patches.Patch(color=colours[n], label=_short(n)) for n in names]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        return render(fig, caption)
+
+
+def bubble_scatter(x: Sequence[float | None], y: Sequence[float | None], colour: Sequence[float],
+                   size: Sequence[float | None], caption: str, xlabel: str = "", ylabel: str = "",
+                   colour_label: str = "", logx: bool = False, logy: bool = False) -> Plot:
+    """A scatter whose points are coloured by a continuous variable (with a colour bar) and sized by
+    another (area proportional to it, scaled to the largest; missing sizes drawn small)."""
+    xs, ys, cs, ss = _array(x), _array(y), _array(colour), _array(size)
+    finite = ss[np.isfinite(ss)]
+    top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    areas = 8 + 80 * np.where(np.isfinite(ss), ss, 0) / top
+    with _style():
+        fig = new_figure(height=3.2, width=5.0)
+        ax = fig.add_subplot()
+        points = ax.scatter(xs, ys, c=cs, s=areas, cmap="viridis", alpha=0.8, edgecolors="none")
+        ax.set_xlabel(_short(xlabel, 50))
+        ax.set_ylabel(_short(ylabel, 50))
+        if logx:
+            ax.set_xscale("log")
+        if logy:
+            ax.set_yscale("log")
+        fig.colorbar(points, ax=ax, shrink=0.9, label=_short(colour_label, 30))
+        return render(fig, caption)

@@ -193,8 +193,8 @@ def read_masks(view: ModelView, result: MetricResult, prefix: str, tensor_of: Te
     masks: dict[str, torch.Tensor] = {}
     where = f"mask metric {result.metric!r}"
     for field, value in result.values.items():
-        if not field.startswith(prefix):
-            continue
+        if not field.startswith(prefix) or "/" in field[len(prefix):]:
+            continue  # another prefix, or a per-task mask ('mask/<task>/<param>') under the pooled prefix
         alias = field[len(prefix):]
         if alias not in names:
             raise ValueError(f"{where}: field {field!r} names no trainable parameter of {view.name} "

@@ -39,5 +39,6 @@ class BertAdapter:
         return ModelView(
             model=model, name=name, family=self.name, n_layers=len(blocks), causal=False,
             rotary=False, embed=embed, blocks=blocks, attn=[b.attention for b in blocks],
-            mlp_out=[b.output.dense for b in blocks], final_norm=None, unembed=unembed,
+            mlp_out=[b.output.dense for b in blocks],
+            attn_out=[b.attention.output.dense for b in blocks], final_norm=None, unembed=unembed,
             head_weights_fn=head_weights, tokenizer=tokenizer, mask_token_id=mask_id, **common)

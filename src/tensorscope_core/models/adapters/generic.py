@@ -18,7 +18,9 @@ class GenericAdapter:
 
     ``blocks`` names the ModuleList of transformer blocks; ``attn`` and ``mlp_out`` are
     paths *inside* one block (``mlp_out`` is the module whose input is the MLP hidden
-    units). Per-head weights are not mapped, so head-level weight metrics skip.
+    units; the optional ``attn_out`` the attention output projection, whose input is the
+    heads' outputs concatenated head-major). Per-head weights are not mapped, so head-level
+    weight metrics skip.
     """
 
     blocks: str
@@ -26,6 +28,7 @@ class GenericAdapter:
     mlp_out: str
     n_heads: int
     final_norm: str | None = None
+    attn_out: str | None = None
     embed: str | None = None
     unembed: str | None = None
     causal: bool = True
@@ -58,5 +61,6 @@ class GenericAdapter:
             d_head=d_model // self.n_heads, d_mlp=d_mlp, vocab_size=embed.num_embeddings,
             max_positions=self.max_positions, causal=self.causal, rotary=self.rotary, embed=embed,
             blocks=blocks, attn=[get_path(b, self.attn, family) for b in blocks], mlp_out=mlp_out,
+            attn_out=[get_path(b, self.attn_out, family) for b in blocks] if self.attn_out else [],
             final_norm=get_path(model, self.final_norm, family) if self.final_norm else None,
             unembed=unembed, tokenizer=tokenizer, config=getattr(model, "config", None))

@@ -41,6 +41,7 @@ class GPT2Adapter:
             n_heads=H, n_kv_heads=H, d_head=dh, d_mlp=config.n_inner or 4 * d,
             vocab_size=config.vocab_size, max_positions=config.n_positions, causal=True,
             rotary=False, embed=embed, blocks=blocks, attn=[b.attn for b in blocks],
-            mlp_out=[b.mlp.c_proj for b in blocks], final_norm=body.ln_f, unembed=unembed,
+            mlp_out=[b.mlp.c_proj for b in blocks], attn_out=[b.attn.c_proj for b in blocks],
+            final_norm=body.ln_f, unembed=unembed,
             head_weights_fn=head_weights, tokenizer=tokenizer, config=config,
             pad_token_id=getattr(config, "pad_token_id", None) or 0)

@@ -37,5 +37,6 @@ class LlamaAdapter:
         return ModelView(
             model=model, name=name, family=self.name, n_layers=len(blocks), causal=True,
             rotary=True, embed=embed, blocks=blocks, attn=[b.self_attn for b in blocks],
-            mlp_out=[b.mlp.down_proj for b in blocks], final_norm=body.norm, unembed=unembed,
+            mlp_out=[b.mlp.down_proj for b in blocks],
+            attn_out=[b.self_attn.o_proj for b in blocks], final_norm=body.norm, unembed=unembed,
             head_weights_fn=head_weights, tokenizer=tokenizer, **common)

@@ -38,5 +38,6 @@ class NeoXAdapter:
         return ModelView(
             model=model, name=name, family=self.name, n_layers=len(blocks), causal=True,
             rotary=True, embed=embed, blocks=blocks, attn=[b.attention for b in blocks],
-            mlp_out=[b.mlp.dense_4h_to_h for b in blocks], final_norm=body.final_layer_norm,
+            mlp_out=[b.mlp.dense_4h_to_h for b in blocks],
+            attn_out=[b.attention.dense for b in blocks], final_norm=body.final_layer_norm,
             unembed=unembed, head_weights_fn=head_weights, tokenizer=tokenizer, **common)

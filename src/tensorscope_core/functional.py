@@ -1,0 +1,83 @@
+"""The model's loss at parameters other than its own, for metrics that perturb, merge or prune.
+
+Loss landscapes, sharpness, pruning curves and merged models all ask one question: what is
+the run's token loss on this batch if the weights were ``theta'``? They must not write into
+the model (other metrics of the same pass read it) nor trigger the run's capture hooks
+(which would overwrite the shared artifacts). ``batch_loss`` answers it through
+``torch.func.functional_call`` on a hook-free shallow copy of the model that shares every
+parameter and buffer tensor, so no weights are copied; parameters not given keep their
+values, tied parameters stay tied, and the result is differentiable with respect to the
+tensors passed in (for gradients, Hessian-vector products and fitted paths).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .core_artifacts import LossTargets
+from .data import Batch
+from .models.view import ModelView
+
+_COPY_KEY = "tensorscope_core.functional.hook_free_copy"
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
+               "_backward_pre_hooks")
+
+
+def hook_free_copy(view: ModelView) -> nn.Module:
+    """A copy of ``view.model``'s module tree without hooks, sharing every parameter and buffer.
+
+    Built once per view (kept in ``view.extras``); the capture hooks of a run never fire on it.
+    """
+    shadow = view.extras.get(_COPY_KEY)
+    if shadow is None:
+        model = view.model
+        memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+        shadow = copy.deepcopy(model, memo)
+        for module in shadow.modules():
+            for attr in _HOOK_DICTS:
+                hooks = getattr(module, attr, None)
+                if hooks is not None:
+                    setattr(module, attr, type(hooks)())
+        view.extras[_COPY_KEY] = shadow
+    return shadow
+
+
+def batch_logits(view: ModelView, batch: Batch, targets: LossTargets,
+                 params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits [batch, seq, vocab] of the run's input for ``batch`` (``targets.model_input``: masked
+    positions replaced for masked LMs), with ``params`` replacing the model's parameters of those
+    names (None: the model's own weights). Half-precision logits come back as float32.
+
+    ``targets`` is ``tensorscope_core.core_artifacts.loss_targets(view, batch, seed)``, the run's
+    own inputs and targets for the batch (the same masked-LM masks).
+    """
+    out = functional_call(hook_free_copy(view), dict(params or {}), args=(),
+                          kwargs={"input_ids": targets.model_input, "attention_mask": batch.attention_mask,
+                                  "use_cache": False}, strict=False)
+    logits: torch.Tensor = out.logits
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # as the core's token loss
+
+
+def batch_loss(view: ModelView, batch: Batch, targets: LossTargets,
+               params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean token cross-entropy of ``batch`` over its targets at the weights ``batch_logits`` uses.
+
+    This is the loss the core's backward differentiates (``token_loss.sum() / n_targets``),
+    so at the model's own weights it equals the run's loss on that batch.
+    """
+    logits = batch_logits(view, batch, targets, params)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.target_ids.reshape(-1),
+                                           reduction="none")
+    weights = targets.target_mask.reshape(-1).to(ce.dtype)
+    return (ce * weights).sum() / weights.sum().clamp(min=1)
+
+
+__all__ = ["batch_logits", "batch_loss", "hook_free_copy"]
