@@ -1,1 +1,2 @@
-"""tensorscope-circuits: attention entropy, induction and previous-token heads, QK-OV circuits, logit lens, patching, attribution."""
+"""tensorscope-circuits: attention entropy, induction and previous-token heads, QK-OV circuits,
+logit lens, patching, attribution."""

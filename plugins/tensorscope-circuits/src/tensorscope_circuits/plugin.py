@@ -6,9 +6,26 @@ from collections.abc import Callable
 
 from tensorscope_core import hookimpl
 
+from .ablation import Ablation
+from .attention_flow import AttentionFlow
+from .entropy import AttentionEntropy
+from .head_scores import HeadScores
+from .integrated_gradients import IntegratedGradients
+from .interference import QKOVInterference
+from .logit_lens import LogitLens
+from .patching import ActivationPatching
+from .qkov import QKOV
+from .specialisation import HeadSpecialisation
+
 TENSORSCOPE_PLUGIN_API = 1
 
 METRICS: tuple[type, ...] = (
+    LogitLens,
+    AttentionFlow,
+    IntegratedGradients,
+    Ablation,
+    ActivationPatching,
+    AttentionEntropy, HeadScores, QKOV, QKOVInterference, HeadSpecialisation,
 )
 
 

@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from tensorscope_core import hookimpl
+
+from .curvature import FisherLanczos, HessianLanczos
+from .diagonal import FisherDiagonal
+from .fisher_grads import PER_EXAMPLE_GRADS
+from .grouped import FisherGrouped
+from .hotspots import FisherHotspots
+from .hotspots_compare import HotspotsCompare
+from .hotspots_report import TITLE as HOTSPOTS_TITLE
+from .hotspots_report import hotspots_section
+from .kfac import Kfac
+from .kfac_stats import KFAC_STATS
+from .masks import FisherMasks, FisherOverlap
+from .spectrum import Spectrum
+from .stein_metric import FisherStein
 
 TENSORSCOPE_PLUGIN_API = 1
 
 METRICS: tuple[type, ...] = (
+    FisherDiagonal,
+    FisherGrouped,
+    FisherMasks,
+    FisherOverlap,
+    FisherLanczos,
+    HessianLanczos,
+    Kfac,
+    Spectrum,
+    FisherHotspots,
+    HotspotsCompare,
+    FisherStein,
 )
 
 
@@ -16,3 +42,14 @@ METRICS: tuple[type, ...] = (
 def register_metrics(register: Callable[[type], None]) -> None:
     for metric in METRICS:
         register(metric)
+
+
+@hookimpl
+def register_artifacts(register: Callable[[Any], None]) -> None:
+    register(PER_EXAMPLE_GRADS)
+    register(KFAC_STATS)
+
+
+@hookimpl
+def register_report_sections(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    register(HOTSPOTS_TITLE, hotspots_section)

@@ -1,1 +1,2 @@
-"""tensorscope-geometry: fiber-bundle test, embedding singularities, curvature, CKA/RSA, effective rank, superposition."""
+"""tensorscope-geometry: fiber-bundle test, embedding singularities, curvature, CKA/RSA, effective rank,
+superposition."""

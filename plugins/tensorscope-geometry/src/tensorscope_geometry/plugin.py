@@ -6,9 +6,20 @@ from collections.abc import Callable
 
 from tensorscope_core import hookimpl
 
+from .curvature import Curvature
+from .effective_rank import EffectiveRank
+from .features import SuperpositionFeatures
+from .fiber_bundle import FiberBundle
+from .similarity import CKA, RSA, CKAAcross, RSAAcross
+from .similarity_terms import SimilarityTerms
+from .singularities import Singularities
+from .sparsity import SuperpositionSparsity
+
 TENSORSCOPE_PLUGIN_API = 1
 
 METRICS: tuple[type, ...] = (
+    EffectiveRank, SimilarityTerms, CKA, RSA, CKAAcross, RSAAcross, SuperpositionFeatures, SuperpositionSparsity,
+    FiberBundle, Singularities, Curvature,
 )
 
 

@@ -1,1 +1,2 @@
-"""tensorscope-merging: task vectors, TIES conflicts, Fisher-weighted merging, mode connectivity, loss landscape, sharpness, lottery tickets."""
+"""tensorscope-merging: task vectors, TIES conflicts, Fisher-weighted merging, mode connectivity,
+loss landscape, sharpness, lottery tickets."""

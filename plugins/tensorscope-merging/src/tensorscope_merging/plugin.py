@@ -6,9 +6,19 @@ from collections.abc import Callable
 
 from tensorscope_core import hookimpl
 
+from .fisher_weighted import FisherWeighted
+from .landscape import LossSurface2D
+from .lottery import EarlyBird, MagnitudeMasks
+from .mode_connectivity import ModeConnectivity
+from .sharpness import Sharpness
+from .task_vectors import TaskVectors
+from .ties_conflicts import TiesConflicts
+
 TENSORSCOPE_PLUGIN_API = 1
 
 METRICS: tuple[type, ...] = (
+    TaskVectors, TiesConflicts, FisherWeighted, ModeConnectivity,
+    LossSurface2D, Sharpness, MagnitudeMasks, EarlyBird,
 )
 
 

@@ -1,0 +1,160 @@
+"""fisher.grouped: the Fisher diagonal summed per attention head, per MLP unit and per block."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorscope_core import Cost, HeadValue, LayerValue, Metric, ModelView, NoParams, RunShape, ScalarValue
+from tensorscope_core.data import PreparedData
+from tensorscope_core.models.adapters.base import linear_out_in
+
+from .diagonal import KINDS, read_diagonal
+
+Index = tuple[str, torch.Tensor]  # a parameter and flat indices into it
+
+
+def entries_of(view_tensor: torch.Tensor, params: Mapping[str, nn.Parameter]) -> Index:
+    """The parameter that ``view_tensor`` is a view of, and the flat index of each of its entries
+    in that parameter (shaped like ``view_tensor``): reshapes, transposes and splits of a
+    parameter are followed exactly through their strides."""
+    ptr = view_tensor.untyped_storage().data_ptr()
+    for name, p in params.items():
+        if p.untyped_storage().data_ptr() == ptr and p.is_contiguous():
+            offset = view_tensor.storage_offset() - p.storage_offset()
+            return name, torch.arange(p.numel()).as_strided(tuple(view_tensor.shape), view_tensor.stride(), offset)
+    raise ValueError("fisher.grouped needs the adapter's per-head weights and MLP projections to be views of the "
+                     "model's (contiguous) parameters; this one returned a copy")
+
+
+def head_sums(view: ModelView, layer: int, diag: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qk, ov) [n_heads] for one layer: per query head, the diagonal summed over its W_Q (and b_Q)
+    and over W_O's rows that read its output, plus 1/g of its key/value head's W_K, b_K (for qk) and
+    W_V, b_V (for ov), g the number of query heads that share that key/value head."""
+    params = dict(view.model.named_parameters())
+    hw = view.head_weights(layer)
+    kv = torch.tensor(hw.kv_head_of)
+    share = torch.bincount(kv, minlength=hw.W_K.shape[0]).double()
+
+    def per_head(t: torch.Tensor | None, n: int) -> torch.Tensor:
+        if t is None:
+            return torch.zeros(n, dtype=torch.float64)
+        name, idx = entries_of(t, params)
+        return diag[name].reshape(-1)[idx].reshape(n, -1).sum(dim=1)
+
+    n_q, n_kv = hw.W_Q.shape[0], hw.W_K.shape[0]
+    q = per_head(hw.W_Q, n_q) + per_head(hw.b_Q, n_q)
+    k = (per_head(hw.W_K, n_kv) + per_head(hw.b_K, n_kv)) / share
+    v = (per_head(hw.W_V, n_kv) + per_head(hw.b_V, n_kv)) / share
+    o = per_head(hw.W_O, n_q)
+    return q + k[kv], v[kv] + o
+
+
+def mlp_unit_parts(view: ModelView, layer: int) -> list[tuple[Index, int]]:
+    """The entries of each MLP hidden unit: (parameter, flat indices [d_mlp, ...]) and the axis of
+    the unit. The projections into the hidden units are the block's Linear / Conv1D modules
+    outside attention with d_mlp outputs (rows of [out, in], their biases); the projection out is
+    ``mlp_out[layer]`` (its columns). Its bias is not per unit (it counts in the block)."""
+    params = dict(view.model.named_parameters())
+    attn = {id(m) for m in view.attn[layer].modules()}
+    out_module = view.mlp_out[layer]
+    parts: list[tuple[Index, int]] = []
+    for module in view.blocks[layer].modules():
+        if id(module) in attn or module is out_module or not hasattr(module, "weight") or \
+                type(module).__name__ not in ("Linear", "Conv1D"):
+            continue
+        weight = linear_out_in(module)
+        if weight.shape[0] != view.d_mlp:
+            continue
+        parts.append((entries_of(weight, params), 0))
+        if getattr(module, "bias", None) is not None:
+            parts.append((entries_of(module.bias, params), 0))  # type: ignore[arg-type]
+    if not parts:
+        raise ValueError(f"found no projection into the {view.d_mlp} MLP hidden units in block {layer} "
+                         f"of {view.name}")
+    parts.append((entries_of(linear_out_in(out_module), params), 1))
+    return parts
+
+
+class FisherGrouped(Metric):
+    """The ``fisher.diagonal`` values summed per attention head, per MLP unit and per block.
+
+    Per query head h of layer l: ``head_qk`` sums the diagonal over W_Q's entries of h (and
+    b_Q's) plus 1/g of those of its key/value head in W_K, b_K; ``head_ov`` over W_O's rows
+    that read h's output plus 1/g of its key/value head's W_V, b_V entries; ``head`` is their
+    sum. g is the number of query heads sharing that key/value head (grouped-query attention:
+    ``ModelView.head_weights(l).kv_head_of``); the equal split makes the heads partition the
+    attention projections (the query heads of a group cannot be told apart in a shared
+    entry). The attention output bias, norms and other parameters of a block count in
+    ``block`` only. ``mlp_unit`` sums unit j's row of each projection into the hidden units
+    (both of a gated MLP), its bias entry, and column j of the projection out; ``block``
+    sums every parameter of the block. Entries are located through the adapter's per-head
+    views of the parameters, so fused (GPT-2 c_attn) and interleaved (NeoX) layouts map exactly.
+    """
+
+    name = "fisher.grouped"
+    version = "1"
+    summary = "Fisher diagonal summed per attention head (Q/K/V/O, GQA-aware), per MLP unit and per block"
+    requires_metrics = ("fisher.diagonal",)
+    derived_from = ("fisher.diagonal",)
+    fields = {
+        "<kind>/head": "per layer x query head: head_qk + head_ov (kind: true or empirical)",
+        "<kind>/head_qk": "the part from W_Q, b_Q and the head's share of W_K, b_K",
+        "<kind>/head_ov": "the part from W_O and the head's share of W_V, b_V",
+        "<kind>/mlp_unit": "[n_layers, d_mlp]: per MLP hidden unit",
+        "<kind>/block": "per block: every parameter of the block",
+        "<kind>/outside": "parameters outside every block (embeddings, final norm, head)",
+        "<kind>/<task>/...": "the same per task",
+        "n_entries": "entries of the full diagonal (per kind and segment)",
+        "n_grouped": "values of the grouped fields (per kind and segment)",
+        "memory_reduction": "n_entries / n_grouped",
+    }
+
+    @classmethod
+    def skip_reason(cls, params: NoParams, view: ModelView, data: PreparedData | None) -> str | None:
+        if view.head_weights_fn is None:
+            return (f"the {view.family} adapter maps no per-head weights (GenericAdapter does not): "
+                    "register an adapter with head_weights_fn for this architecture")
+        return None
+
+    @classmethod
+    def cost(cls, params: NoParams, view: ModelView, shape: RunShape) -> Cost:
+        return Cost(state_bytes=0)  # computed from fisher.diagonal's result, nothing held across batches
+
+    def finalize(self) -> dict[str, Any]:
+        assert self.view is not None
+        view = self.view
+        result = self.deps["fisher.diagonal"]
+        layer_of = view.layer_of_parameter()
+        units = [mlp_unit_parts(view, layer) for layer in range(view.n_layers)]
+        out: dict[str, Any] = {}
+        n_entries = 0
+        for task in (None, *self.shape.tasks):
+            for kind in KINDS:
+                diag = read_diagonal(view, result, self.tensor_of, kind, task)
+                n_entries = sum(d.numel() for d in diag.values())
+                seg = f"{kind}/" if task is None else f"{kind}/{task}/"
+                qk, ov = zip(*(head_sums(view, layer, diag) for layer in range(view.n_layers)), strict=True)
+                out[seg + "head_qk"] = HeadValue(values=[h.tolist() for h in qk])
+                out[seg + "head_ov"] = HeadValue(values=[h.tolist() for h in ov])
+                out[seg + "head"] = HeadValue(values=[(a + b).tolist() for a, b in zip(qk, ov, strict=True)])
+                mlp = torch.zeros(view.n_layers, view.d_mlp, dtype=torch.float64)
+                for layer, parts in enumerate(units):
+                    for (name, idx), axis in parts:
+                        values = diag[name].reshape(-1)[idx]
+                        mlp[layer] += values.sum(dim=1 - axis) if values.ndim == 2 else values
+                out[seg + "mlp_unit"] = mlp
+                blocks = torch.zeros(view.n_layers + 1, dtype=torch.float64)
+                for name, d in diag.items():
+                    owner = layer_of.get(name)
+                    blocks[view.n_layers if owner is None else owner] += d.sum()
+                out[seg + "block"] = LayerValue(values=blocks[:-1].tolist())
+                out[seg + "outside"] = ScalarValue(value=float(blocks[-1]))
+        n_grouped = view.n_layers * (3 * view.n_heads + view.d_mlp + 1) + 1
+        out["n_entries"] = ScalarValue(value=float(n_entries))
+        out["n_grouped"] = ScalarValue(value=float(n_grouped))
+        out["memory_reduction"] = ScalarValue(value=n_entries / n_grouped)
+        return out

@@ -1,0 +1,128 @@
+"""fisher.kfac: Kronecker-factored Fisher (K-FAC) factors of the Linear layers and their capacity."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from tensorscope_core import Cost, LayerValue, Metric, ModelView, Params, RunShape, ScalarValue, Step, TableValue
+from tensorscope_core.data import PreparedData
+
+from .kfac_stats import ARTIFACT, Labels, block_linears, factor_dims, request
+from .kronecker import factor_eigenvalues, kron_capacity
+from .values import finite_or_none
+
+CAPACITY_COLUMNS = ["module", "layer", "dim_A", "dim_G", "trace", "logdet", "cond", "eigmax", "eigmin"]
+
+
+class KfacParams(Params):
+    modules: tuple[str, ...] = Field(("*",), description="fnmatch patterns over module names (as in "
+                                     "model.named_modules()); the Linear/Conv1D modules inside the blocks that "
+                                     "match any of them are analysed")
+    labels: Labels = Field("sampled", description="'sampled': y drawn from the model (true Fisher); "
+                           "'observed': the data's next tokens (empirical Fisher)")
+    damping: float = Field(1e-3, ge=0.0, description="λ added to A ⊗ G for logdet and cond (0: undamped)")
+    keep_factors: bool = Field(True, description="return the factors A and G of every module as tensors")
+
+
+def selected_modules(params: KfacParams, view: ModelView) -> list[str]:
+    return [n for n in block_linears(view) if any(fnmatch.fnmatchcase(n, p) for p in params.modules)]
+
+
+class Kfac(Metric):
+    """K-FAC (Martens & Grosse 2015) for the Linear and GPT-2 Conv1D modules inside the blocks.
+
+    For a module ``s = W ā`` (``ā = [a; 1]`` with a bias), ``F_W ≈ A ⊗ G`` with ``A = E[ā āᵀ]`` and
+    ``G = E[g gᵀ]``, ``g = ∂ log p(y|x) / ∂ s``, y drawn from the model (the true Fisher; ``labels=
+    'observed'`` gives the empirical Fisher). Each token position is an example (causal models: the
+    positions with a loss target; encoders: every real token; see ``fisher.kfac_stats``); ``g`` is
+    the gradient of the sequence's summed log-likelihood, so ``vec(∇W) = Σ_t ā_t ⊗ g_t`` and with a
+    single example ``A ⊗ G = vec(∇W) vec(∇W)ᵀ`` exactly. Vec order: column-major ``vec`` of the
+    ``[out, in(+1)]`` matrix ``[W | b]`` gives ``A ⊗ G``; PyTorch's row-major flatten of an
+    ``nn.Linear`` weight ``[out, in]`` gives ``G ⊗ A``, of a ``Conv1D`` weight ``[in, out]`` ``A ⊗ G``.
+
+    Capacity of ``A ⊗ G`` from the factors' eigenvalues (``eig(A ⊗ G) = {a_i g_j}``, no Kronecker
+    product is formed): ``trace = tr A · tr G``; ``logdet = Σ_ij log(a_i g_j + λ)`` (at ``λ = 0``:
+    ``dim G · logdet A + dim A · logdet G``); ``cond = (a_max g_max + λ) / (a_min g_min + λ)``;
+    ``eigmax``, ``eigmin`` undamped. ``λ`` (``damping``, 1e-3 as in KFAC-PyTorch) is Tikhonov damping
+    of the product, so logdet and cond stay finite when a factor is singular (``A`` always is when
+    there are fewer examples than inputs). Per layer, the block-diagonal K-FAC over its modules
+    sums trace and logdet.
+    """
+
+    name = "fisher.kfac"
+    version = "1"
+    summary = "K-FAC factors A, G per Linear layer and the trace / log-det / condition of A ⊗ G"
+    Params = KfacParams
+    artifacts = (ARTIFACT,)
+    fields = {
+        "capacity": "table: module, layer, dim_A, dim_G, trace, logdet, cond, eigmax, eigmin of A ⊗ G "
+                    "(null where infinite: damping 0 and a singular factor)",
+        "trace": "per layer, Σ over its modules of tr A · tr G",
+        "logdet": "per layer, Σ over its modules of logdet(A ⊗ G + damping·I)",
+        "n_examples": "token positions the factors average over",
+        "A/<module>": "factor A = E[ā āᵀ], float64 [dim_A, dim_A] (keep_factors)",
+        "G/<module>": "factor G = E[g gᵀ], float64 [dim_G, dim_G] (keep_factors)",
+    }
+
+    @classmethod
+    def skip_reason(cls, params: KfacParams, view: ModelView, data: PreparedData | None) -> str | None:
+        if selected_modules(params, view):
+            return None
+        names = list(block_linears(view))
+        return (f"no Linear/Conv1D module inside the blocks matches modules={list(params.modules)}; "
+                f"names look like {names[:3] or 'none (the blocks hold no Linear layers)'}")
+
+    @classmethod
+    def cost(cls, params: KfacParams, view: ModelView, shape: RunShape) -> Cost:
+        modules = block_linears(view)
+        dims = [factor_dims(modules[n][1]) for n in selected_modules(params, view)]
+        squares = sum(d_a * d_a + d_g * d_g for d_a, d_g in dims)
+        tokens = shape.n_batches * shape.batch_size * shape.seq_len
+        flops = tokens * (6 * view.n_params + 2 * squares) + sum(10 * (d_a**3 + d_g**3) for d_a, d_g in dims)
+        return Cost(state_bytes=8 * squares + 8, flops=float(flops))
+
+    def setup(self) -> None:
+        assert self.view is not None
+        self.names = selected_modules(self.params, self.view)
+        request(self.view, tuple(self.names), self.params.labels)
+        modules = block_linears(self.view)
+        self.layers = [modules[n][0] for n in self.names]
+        dims = [factor_dims(modules[n][1]) for n in self.names]
+        self.a_sums = [torch.zeros(d_a, d_a, dtype=torch.float64) for d_a, _ in dims]
+        self.g_sums = [torch.zeros(d_g, d_g, dtype=torch.float64) for _, d_g in dims]
+        self.count = torch.zeros((), dtype=torch.float64)
+
+    def update(self, step: Step) -> None:
+        counts, stats = step[ARTIFACT]
+        self.count += counts.sum().cpu()
+        for i, (a_sum, g_sum) in enumerate(stats):
+            self.a_sums[i] += a_sum.sum(0).cpu()
+            self.g_sums[i] += g_sum.sum(0).cpu()
+
+    def finalize(self) -> dict[str, Any]:
+        assert self.view is not None
+        n = float(self.count)
+        if n == 0:
+            raise ValueError("fisher.kfac saw no example positions (no token had a loss target): give it "
+                             "sequences of at least two tokens")
+        rows: list[list[Any]] = []
+        out: dict[str, Any] = {}
+        trace, logdet = [0.0] * self.view.n_layers, [0.0] * self.view.n_layers
+        for name, layer, a_sum, g_sum in zip(self.names, self.layers, self.a_sums, self.g_sums, strict=True):
+            a, g = a_sum / n, g_sum / n
+            cap = kron_capacity(factor_eigenvalues(a), factor_eigenvalues(g), self.params.damping)
+            rows.append([name, layer, a.shape[0], g.shape[0], *(finite_or_none(cap[k]) for k in CAPACITY_COLUMNS[4:])])
+            trace[layer] += cap["trace"]
+            logdet[layer] += cap["logdet"]
+            if self.params.keep_factors:
+                out[f"A/{name}"], out[f"G/{name}"] = a, g
+        used = sorted(set(self.layers))
+        out["capacity"] = TableValue(columns=CAPACITY_COLUMNS, rows=rows)
+        out["trace"] = LayerValue(values=[trace[i] for i in used], labels=[str(i) for i in used])
+        out["logdet"] = LayerValue(values=[finite_or_none(logdet[i]) for i in used], labels=[str(i) for i in used])
+        out["n_examples"] = ScalarValue(value=n, n=int(n))
+        return out

@@ -1,0 +1,231 @@
+"""fisher.stein: the activation Fisher of the next-token distribution at intermediate residuals."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from tensorscope_core import Cost, LayerValue, Metric, ModelView, Params, RunShape, ScalarValue, SeriesValue, Step
+from tensorscope_core.data import PreparedData
+from tensorscope_core.errors import EmptyDataError
+
+from .spectral import SUMMARY_KEYS, spectral_summary
+from .stein import (
+    Extension,
+    Method,
+    Site,
+    check_layer,
+    eig_fisher,
+    exact_fisher,
+    sampled_fisher,
+    sites_of_row,
+    topk_fisher,
+)
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """A few residuals spread over depth: n_layers * {1, 2, 3} // 4."""
+    return sorted({n_layers * i // 4 for i in (1, 2, 3)})
+
+
+class SteinParams(Params):
+    layers: list[int] | None = Field(None, description="residuals h to analyse: h enters block l (0 = embeddings, "
+                                     "n_layers = input of the final norm); default n_layers * {1,2,3} // 4")
+    positions: Literal["last", "all"] | list[int] = Field(
+        "last", description="'last' (each sequence's last real token), 'all', or indices (negative from the end)")
+    method: Method = Field("exact", description="exact | sampled | topk | eig (see the metric's description)")
+    draws: int = Field(64, ge=1, description="sampled: Monte-Carlo draws y ~ p per site")
+    topk: int = Field(1024, ge=1, description="topk: tokens kept (the most probable)")
+    rank: int = Field(8, ge=1, description="eigenvectors reported per layer; eig: eigenpairs computed")
+    max_iter: int = Field(200, ge=1, description="eig: Lanczos products at most")
+    tol: float = Field(1e-6, gt=0, description="eig: Lanczos residual bound, relative to the largest Ritz value")
+    num_samples: int = Field(0, ge=0, description="the reference's protocol: per position, draw this many next "
+                             "tokens and average F over the extended sequences (0: F at the positions themselves)")
+    temperature: float = Field(1.0, gt=0, description="protocol: temperature of the next-token draws")
+    top_p: float = Field(1.0, gt=0, le=1, description="protocol: nucleus truncation of the draws (< 1 is biased)")
+
+    @field_validator("positions")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("positions must name at least one position")
+        return value
+
+
+class FisherStein(Metric):
+    """Activation Fisher ("Fisher-Stein") at intermediate residuals of a causal LM.
+
+    For residual l and a position with its context held fixed, ``F = E_{y~p}[s_y s_y^T]`` with
+    ``s_y = grad_h log p(y | h) = J^T (e_y - p)``, ``J = dlogits/dh``; so ``F = J^T (diag p - p p^T) J``
+    (PSD, rank <= min(d, V - 1)). h is the residual entering block l at the position (``resid[l]``); the
+    model above it runs one token on top of the context's keys/values (KV cache, computed once per
+    sequence). Per layer the matrices are averaged over all sites (sequences x positions, x sampled
+    extensions with ``num_samples``), pooled over tasks when the data has them.
+
+    Methods: ``exact`` = ``J_g^T M J_g`` with ``g`` the unembedding input and
+    ``M = W_U^T diag(p) W_U - (W_U^T p)(W_U^T p)^T`` (d batched single-position backward passes, one
+    V x d x d contraction; the V x d Jacobian is never built; needs logits = W_U g + b). ``sampled`` =
+    mean of ``s_y s_y^T`` over ``draws`` tokens y ~ p (unbiased, one VJP per draw). ``topk`` = M over the
+    ``topk`` most probable tokens, p NOT renormalised (a lower bound of F); ``dropped_mass`` and
+    ``error_bound >= tr(F - F_topk) >= ||F - F_topk||_F`` are reported. ``eig`` = top-``rank`` eigenpairs
+    of the mean F by Lanczos on ``v -> J^T (diag p - p p^T) J v`` (one JVP + one VJP per site and product),
+    without any matrix (but every site's context keys/values and graph stay alive during the iteration);
+    its summary keeps only ``eigmax`` (the others need the whole spectrum).
+
+    Protocol (``num_samples > 0``, the reference's): at each position draw next tokens from
+    softmax(logits / temperature) (top_p < 1 truncates the nucleus and biases the average), append each
+    and evaluate F at the new last position. Spectral summary (``tensorscope_fisher.spectral``): trace,
+    eigmax, eigmin, cond, energy_r8, energy_r16 (share of the trace in the top 8 / 16 eigenvalues) and
+    effective_rank (smallest k with energy_k >= 0.9), one value per analysed layer.
+    """
+
+    name = "fisher.stein"
+    version = "1"
+    summary = "activation Fisher of the next-token distribution at intermediate residuals (exact/sampled/topk/eig)"
+    Params = SteinParams
+    artifacts = ("token_loss",)
+    fields = {
+        "fisher/layer_<l>": "mean F over sites [d, d] (float64); not for method eig",
+        "eigenvalues/layer_<l>": "eigenvalues of the mean F, descending (eig: the top rank)",
+        "eigenvectors/layer_<l>": "top-rank eigenvectors [d, rank] (columns)",
+        **{key: f"spectral summary per analysed layer: {key}" for key in SUMMARY_KEYS},
+        "dropped_mass": "topk: mean over sites of the probability outside the top k, per layer",
+        "dropped_mass_max": "topk: largest dropped mass of a site, per layer",
+        "error_bound": "topk: bound on tr(F - F_topk) >= ||F - F_topk||_F of the mean, per layer",
+        "residual_norms/layer_<l>": "eig: ||F v - lambda v|| of each eigenpair",
+        "n_sites": "sites averaged (sequences x positions x sampled extensions)",
+    }
+
+    @classmethod
+    def skip_reason(cls, params: SteinParams, view: ModelView, data: PreparedData | None) -> str | None:
+        if not view.causal:
+            return "fisher.stein needs a causal LM (next-token distribution given a context); this is an encoder"
+        return None
+
+    @classmethod
+    def cost(cls, params: SteinParams, view: ModelView, shape: RunShape) -> Cost:
+        positions = 1 if params.positions == "last" else (
+            shape.seq_len if params.positions == "all" else len(params.positions))
+        sites = shape.n_sequences * positions * max(1, params.num_samples)
+        layers = params.layers if params.layers is not None else default_layers(view.n_layers)
+        d, vocab = view.d_model, view.vocab_size
+        per_block = max(view.n_params - 2 * vocab * d, 0) / max(view.n_layers, 1)
+        flops = 0.0
+        for layer in layers:
+            pass_flops = 2 * per_block * (view.n_layers - layer) + 2 * vocab * d  # one position, upper network
+            if params.method in ("exact", "topk"):
+                kept = vocab if params.method == "exact" else min(params.topk, vocab)
+                flops += sites * (d * 2 * pass_flops + 2 * kept * d * d + 4 * d ** 3)
+            elif params.method == "sampled":
+                flops += sites * (params.draws * 2 * pass_flops + 2 * params.draws * d * d)
+            else:
+                flops += sites * params.max_iter * 3 * pass_flops
+        # the token ids kept until finalize: int32 [n_sequences, seq_len] and int64 lengths
+        return Cost(state_bytes=shape.n_sequences * (4 * shape.seq_len + 8), flops=flops)
+
+    def setup(self) -> None:
+        assert self.view is not None
+        self.layers = self.params.layers if self.params.layers is not None else default_layers(self.view.n_layers)
+        for layer in self.layers:
+            check_layer(self.view, layer)
+        self.ids = torch.zeros(self.shape.n_sequences, self.shape.seq_len, dtype=torch.int32)
+        self.lengths = torch.zeros(self.shape.n_sequences, dtype=torch.int64)
+        self.filled = 0
+
+    def update(self, step: Step) -> None:
+        # Only the token ids: the Fisher needs its own forwards, run in finalize, after the shared pass's
+        # capture hooks are gone.
+        for ids, mask in zip(step.batch.input_ids, step.batch.attention_mask, strict=True):
+            real = ids[mask.bool()].cpu()
+            self.ids[self.filled, :real.numel()] = real
+            self.lengths[self.filled] = real.numel()
+            self.filled += 1
+
+    @property
+    def rows(self) -> list[torch.Tensor]:
+        """The real tokens of every sequence seen, in data order (int64)."""
+        return [self.ids[i, :int(self.lengths[i])].long() for i in range(self.filled)]
+
+    def finalize(self) -> dict[str, Any]:
+        assert self.view is not None
+        if not self.filled:
+            raise EmptyDataError("fisher.stein saw no sequence", "pass data with at least one non-empty sequence")
+        view, params = self.view, self.params
+        ext = Extension(params.num_samples, params.temperature, params.top_p)
+        device = view.embed.weight.device
+        sites_gen = torch.Generator().manual_seed(self.shape.seed)
+        per_row = [sites_of_row(view, row.to(device), params.positions, ext, sites_gen) for row in self.rows] \
+            if params.method == "eig" else None
+        out: dict[str, Any] = {}
+        summaries: list[dict[str, float | None]] = []
+        extra: dict[str, list[float]] = {"dropped_mass": [], "dropped_mass_max": [], "error_bound": []}
+        n_sites = 0
+        for layer in self.layers:
+            tag = f"layer_{layer}"
+            if per_row is not None:
+                sites = [s for row_sites in per_row for s in row_sites]
+                result = eig_fisher(view, layer, sites, min(params.rank, view.d_model), max_iter=params.max_iter,
+                                    tol=params.tol, seed=self.shape.seed)
+                n_sites = len(sites)
+                values = result.eigenvalues.double()
+                out[f"eigenvalues/{tag}"] = SeriesValue(values=values.tolist(), index_name="eigenpair")
+                out[f"eigenvectors/{tag}"] = result.eigenvectors.double()
+                out[f"residual_norms/{tag}"] = SeriesValue(values=result.residual_norms.double().tolist(),
+                                                           index_name="eigenpair")
+                summaries.append({key: (float(values[0]) if key == "eigmax" else None) for key in SUMMARY_KEYS})
+                continue
+            total, n_sites, bounds = self._accumulate(layer, ext)
+            mean = total / n_sites
+            eigenvalues, eigenvectors = torch.linalg.eigh(mean)
+            eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+            out[f"fisher/{tag}"] = mean
+            out[f"eigenvalues/{tag}"] = SeriesValue(values=eigenvalues.tolist(), index_name="eigenvalue")
+            out[f"eigenvectors/{tag}"] = eigenvectors[:, :min(params.rank, view.d_model)].contiguous()
+            summaries.append(dict(spectral_summary(eigenvalues)))
+            if params.method == "topk":
+                masses = torch.tensor(bounds["mass"], dtype=torch.float64)
+                extra["dropped_mass"].append(float(masses.mean()))
+                extra["dropped_mass_max"].append(float(masses.max()))
+                extra["error_bound"].append(float(torch.tensor(bounds["bound"], dtype=torch.float64).mean()))
+        labels = [f"layer {layer}" for layer in self.layers]
+        for key in SUMMARY_KEYS:
+            out[key] = LayerValue(values=[s[key] for s in summaries], labels=labels)
+        if params.method == "topk":
+            out.update({key: LayerValue(values=vals, labels=labels) for key, vals in extra.items()})
+        out["n_sites"] = ScalarValue(value=float(n_sites), n=n_sites)
+        return out
+
+    def _accumulate(self, layer: int, ext: Extension) -> tuple[torch.Tensor, int, dict[str, list[float]]]:
+        """Sum of F over all sites at ``layer`` (float64), their number, and topk's per-site masses / bounds.
+
+        Sites are built one sequence at a time, so only one sequence's keys and values are alive. Every
+        layer sees the same sites (the protocol's draws restart from the run's seed); ``sampled`` draws
+        its tokens from a second stream.
+        """
+        assert self.view is not None
+        view, params = self.view, self.params
+        d = view.d_model
+        total = torch.zeros(d, d, dtype=torch.float64, device=view.embed.weight.device)
+        bounds: dict[str, list[float]] = {"mass": [], "bound": []}
+        count = 0
+        sites_gen = torch.Generator().manual_seed(self.shape.seed)
+        draws_gen = torch.Generator().manual_seed(self.shape.seed + 1 + layer)
+        for row in self.rows:
+            for site in sites_of_row(view, row.to(total.device), params.positions, ext, sites_gen):
+                total += self._site_fisher(layer, site, draws_gen, bounds).double()
+                count += 1
+        return total, count, bounds
+
+    def _site_fisher(self, layer: int, site: Site, generator: torch.Generator,
+                     bounds: dict[str, list[float]]) -> torch.Tensor:
+        assert self.view is not None
+        if self.params.method == "exact":
+            return exact_fisher(self.view, layer, site).detach()
+        if self.params.method == "sampled":
+            return sampled_fisher(self.view, layer, site, self.params.draws, generator).detach()
+        top = topk_fisher(self.view, layer, site, self.params.topk)
+        bounds["mass"].append(top.dropped_mass)
+        bounds["bound"].append(top.error_bound)
+        return top.fisher.detach()

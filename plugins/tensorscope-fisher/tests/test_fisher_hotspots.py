@@ -1,0 +1,154 @@
+"""fisher.hotspots and fisher.hotspots_compare: categories and scores on hand-made spectra with exactly known
+outcomes (thresholds at their boundaries), the wiring to fisher.spectrum, the comparison, the report section."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+from scipy import stats
+from tensorscope_fisher.hotspots import FisherHotspots, global_stats
+from tensorscope_fisher.hotspots_report import hotspots_section
+from tensorscope_fisher.hotspots_rules import HeadStats, HotspotParams, classify, efficiency_score, top_heads
+from transformers import AutoModelForCausalLM
+
+from tensorscope_core import RunConfig, analyze
+from tensorscope_core.plugins import get_registry
+from tensorscope_core.testing import check_declared_cost, check_roundtrip, random_token_data, tiny_model
+
+#            trace   eigmax  cond   e8      expected            compression_potential   efficiency
+HAND = [(1.0, 1.0, 1.0, 0.5, "moderate", 100 * 0.5 * 0.5, 100.0),
+        (1.0, 3.0, 10.0, 0.5, "critical", 100 * 0.5 * 0.5, 50.0),  # eigmax exactly 3x the median
+        (2.0, 1.0, 1000.0, 1.0, "critical", 0.0, 25.0),  # trace exactly 2x the median (and the max)
+        (0.5, 1.0, 100.0, 0.9, "high_potential", 100 * 0.9 * 0.75, 100 / 3),  # both potential bounds exactly
+        (0.5, 1.0, 100.0, 0.8999, "moderate", 100 * 0.8999 * 0.75, 100 / 3),  # energy just below
+        (1.0, 2.9999, None, 0.5, "moderate", 100 * 0.5 * 0.5, 0.0),  # eigmax just below; cond undefined
+        (1.9999, 1.0, math.inf, 0.5, "moderate", 100 * 0.5 * (1 - 1.9999 / 2), 0.0),  # trace just below
+        (0.0, 0.0, None, None, "high_potential", 100.0, 0.0)]  # zero Fisher: no effect on the loss
+# traces sorted 0, .5, .5, 1, 1, 1, 1.9999, 2 -> median 1; eigmax median 1
+
+
+def hand_heads():
+    return [HeadStats(0, i, t, e, c, e8, e8, 1.0) for i, (t, e, c, e8, *_) in enumerate(HAND)]
+
+
+def test_categories_and_scores_on_hand_made_spectra():
+    verdicts = classify(hand_heads(), HotspotParams())
+    for (*_, category, potential, efficiency), v in zip(HAND, verdicts, strict=True):
+        assert v.category == category
+        assert v.compression_potential == pytest.approx(potential, abs=1e-12)
+        assert v.efficiency_score == pytest.approx(efficiency, abs=1e-12)
+    assert [v.trace_ratio for v in verdicts][:3] == [1.0, 1.0, 2.0]
+    moved = classify(hand_heads(), HotspotParams(critical_trace_ratio=1.9999, potential_energy_r8=0.8999))
+    assert moved[6].category == "critical" and moved[4].category == "high_potential"
+
+
+def test_global_statistics_and_hotspots_by_hand():
+    heads, verdicts = hand_heads(), classify(hand_heads(), HotspotParams())
+    g = global_stats(heads, verdicts, mlp_traces=[2.0, None])
+    total = 1 + 1 + 2 + 0.5 + 0.5 + 1 + 1.9999
+    assert g["total_trace"] == pytest.approx(total) and g["median_trace"] == 1.0 and g["max_trace"] == 2.0
+    assert g["attn_trace_share"] == pytest.approx(total / (total + 2.0))
+    assert (g["n_critical"], g["n_high_potential"], g["n_moderate"]) == (2, 2, 4)
+    assert g["compression_potential"] == pytest.approx(sum(h[5] for h in HAND) / 8)
+    assert g["efficiency_score"] == pytest.approx(sum(h[6] for h in HAND) / 8)
+    assert g["median_cond"] == pytest.approx(100.0)  # finite and infinite conds: 1, 10, 1000, 100, 100, inf
+    assert [h.head for h in top_heads(heads, "trace", 3)] == [2, 6, 0]  # ties by layer, then head
+    assert [h.head for h in top_heads(heads, "cond", 2)] == [2, 3]  # inf and undefined are left out
+
+
+def test_efficiency_score_closed_form():
+    assert [efficiency_score(c) for c in (1.0, 10.0, 1e3, math.inf, None)] == pytest.approx([100, 50, 25, 0, 0])
+
+
+def test_thresholds_must_be_ordered():
+    with pytest.raises(ValidationError, match="potential_trace_ratio"):
+        HotspotParams(potential_trace_ratio=2.0, critical_trace_ratio=2.0)
+
+
+@pytest.fixture(scope="module")
+def two_runs(models):
+    ids = random_token_data(300, n=8, length=12, seed=4)
+    return analyze({"gpt2": models["gpt2"], "llama": models["llama"]}, data=ids,
+                   metrics=["fisher.hotspots", "fisher.hotspots_compare"], config=RunConfig(batch_size=4))
+
+
+def test_table_carries_the_spectrum_and_round_trips(two_runs, tmp_path):
+    for model in ("gpt2", "llama"):
+        spectrum, hot = two_runs.get("fisher.spectrum", model=model), two_runs.get("fisher.hotspots", model=model)
+        table = hot.values["table"]
+        assert table.columns == ["run_name", "layer", "head", "metric", "value"]
+        cells = {(r[1], r[2], r[3]): r[4] for r in table.rows}
+        assert {r[0] for r in table.rows} == {model} and len(table.rows) == (2 * 4 + 2) * 6
+        for layer in range(2):
+            for head in range(4):
+                for metric in ("trace", "eigmax", "cond", "energy_r8", "energy_r16", "effective_rank"):
+                    assert cells[(layer, head, metric)] == spectrum.value(f"attn_{metric}")[layer][head]
+            assert cells[(layer, "mlp", "trace")] == spectrum.value("mlp_trace")[layer]
+        traces = spectrum.value("attn_trace")
+        best = max(((lay, h) for lay in range(2) for h in range(4)), key=lambda ij: traces[ij[0]][ij[1]])
+        assert hot.values["hotspots"].rows[0][:4] == ["top_trace", 1, *best]
+        readings = FisherHotspots.interpret(hot)
+        assert any(r.level == "hotspot" and r.where == f"layer {best[0]} head {best[1]}" and "trace" in r.text
+                   for r in readings)
+        assert "How to read" in hot.values["summary"].text
+    check_roundtrip(two_runs, tmp_path / "out")
+
+
+def test_planted_loud_head_is_the_critical_hotspot(models):
+    """A hand-built answer: GPT-2 layer 1 head 2 with its output projection scaled 30x. The gradients of
+    its Q/K/V entries grow 30x (trace ~900x), so it is the top-trace hotspot and critical."""
+    model = AutoModelForCausalLM.from_pretrained(models["gpt2"], attn_implementation="eager")
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_proj.weight[16:24] *= 30.0  # rows of head 2 (d_head 8)
+    res = analyze(model, data=random_token_data(300, n=8, length=12, seed=5), metrics=["fisher.hotspots"],
+                  config=RunConfig(batch_size=4))
+    hot = res.get("fisher.hotspots")
+    assert hot.values["hotspots"].rows[0][:4] == ["top_trace", 1, 1, 2]
+    assert hot.value("category")[1][2] == 2.0  # critical
+    assert hot.value("n_critical") >= 1
+
+
+def test_comparison_across_models(two_runs):
+    compare = two_runs.get("fisher.hotspots_compare")
+    assert compare.ok
+    grids = {m: two_runs.get("fisher.hotspots", model=m).value("category") for m in ("gpt2", "llama")}
+    same = sum(grids["gpt2"][i][j] == grids["llama"][i][j] for i in range(2) for j in range(4))
+    assert compare.value("category_agreement") == pytest.approx(same / 8)
+    assert len(compare.values["table"].rows) == 2 * (2 * 4 + 2) * 6
+    traces = {m: sum(two_runs.get("fisher.spectrum", model=m).value("attn_trace"), []) for m in grids}
+    rho = stats.spearmanr(traces["gpt2"], traces["llama"]).statistic
+    assert compare.value("trace_rank_correlation") == pytest.approx([rho], abs=1e-12)
+    assert [r[0] for r in compare.values["global"].rows] == ["gpt2", "llama"]
+
+
+def test_hotspots_hold_no_state(two_runs):
+    check_declared_cost(two_runs.get("fisher.hotspots", model="gpt2"))
+    assert two_runs.get("fisher.hotspots", model="gpt2").measured_bytes == 0
+
+
+def test_comparison_of_different_grids_compares_global_statistics(models, tmp_path):
+    shallow = tiny_model("gpt2", tmp_path / "shallow", seed=2, n_layers=1)
+    res = analyze({"deep": models["gpt2"], "shallow": shallow}, data=random_token_data(300, n=4, length=8),
+                  metrics=["fisher.hotspots_compare"])
+    compare = res.get("fisher.hotspots_compare")
+    assert compare.ok and "category_changes" not in compare.values and len(compare.values["global"].rows) == 2
+    assert "grids differ" in compare.values["summary"].text
+
+
+def test_comparison_needs_two_models(models):
+    res = analyze(models["gpt2"], data=random_token_data(300, n=4, length=8), metrics=["fisher.hotspots_compare"])
+    result = res.get("fisher.hotspots_compare")
+    assert result.status == "skipped" and "at least two models" in result.reason
+
+
+def test_report_section_renders(two_runs, models):
+    html = hotspots_section(two_runs)
+    assert html is not None and html.count('class="plot"') == 4  # a category map and a scatter per model
+    assert "<h3>llama</h3>" in html and "How to read" in html and 'alt="llama: Fisher category of each head"' in html
+    registered = [render for title, render in get_registry().report_sections if title == "Fisher hotspots"]
+    assert registered == [hotspots_section]  # the report calls it through register_report_sections
+    other = analyze(models["gpt2"], data=random_token_data(300, n=4, length=8), metrics=["fisher.kfac"])
+    assert hotspots_section(other) is None  # no hotspots result: the section stays out

@@ -1,0 +1,131 @@
+"""fisher.masks and fisher.overlap: hand-made values with exact answers, a numpy reference on a
+real run, and the gradients plugin reading the masks by name."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from fisher_diagonal_reference import load_causal
+from tensorscope_fisher.masks import overlaps, pair_counts, top_mask
+
+from tensorscope_core import RunConfig, analyze
+from tensorscope_core.testing import check_roundtrip, random_token_data
+
+CONFIG = RunConfig(batch_size=4, max_length=32, dtype="float64")
+
+
+def test_top_mask_hand_values():
+    v = torch.tensor([3.0, 1.0, 3.0, 2.0, 0.0])
+    assert top_mask(v, 40).tolist() == [True, False, True, False, False]  # k = 2
+    assert top_mask(v, 50).tolist() == [True, False, True, True, False]  # k = ceil(2.5) = 3
+    assert top_mask(v, 100).all()
+    assert top_mask(torch.ones(2, 2), 50).tolist() == [[True, True], [False, False]]  # ties: earlier entries
+    assert int(top_mask(torch.rand(10, 10), 10).sum()) == 10  # exactly ceil(p n), no rounding slip
+
+
+def test_overlap_hand_masks():
+    """Block 0: A = {0, 1, 2, 3}, B = {2, 3, 4}: Jaccard 2/5, overlap coefficient 2/3. Block 1:
+    A = {5}, B = {}: Jaccard 0, coefficient undefined. Block 2: both empty: both undefined."""
+    group = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2])
+    a = torch.tensor([1, 1, 1, 1, 0, 1, 0, 0], dtype=torch.bool)
+    b = torch.tensor([0, 0, 1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    counts = pair_counts(a, b, group, 3)
+    jaccard, coef = overlaps(counts)
+    assert jaccard == [pytest.approx(2 / 5), 0.0, None]
+    assert coef == [pytest.approx(2 / 3), None, None]
+    (jo,), (co,) = overlaps(counts.sum(dim=1, keepdim=True))
+    assert jo == pytest.approx(2 / 6) and co == pytest.approx(2 / 3)
+
+
+@pytest.fixture(scope="module")
+def two_tasks(models):
+    vocab = load_causal(models["gpt2"]).config.vocab_size
+    ids = random_token_data(vocab, n=8, length=8, seed=4)
+    return {"math": ids[:4], "code": ids[4:]}
+
+
+def _expected(values: np.ndarray, percent: float) -> np.ndarray:
+    """numpy reference: the k largest, ties to the lower index (lexsort on (index, -value))."""
+    k = math.ceil(percent / 100 * values.size - 1e-9)
+    order = np.lexsort((np.arange(values.size), -values))
+    mask = np.zeros(values.size, dtype=bool)
+    mask[order[:k]] = True
+    return mask
+
+
+@pytest.mark.parametrize("scope", ["global", "per_parameter"])
+def test_masks_and_overlap_against_numpy(models, two_tasks, scope, tmp_path):
+    params = {"fisher.masks": {"top_percent": 7.5, "scope": scope}}
+    res = analyze(models["gpt2"], data=two_tasks, metrics=["fisher.overlap"], params=params, config=CONFIG)
+    masks, overlap = res.get("fisher.masks"), res.get("fisher.overlap")
+    assert masks.ok and overlap.ok, (masks.reason, overlap.reason)
+    model = load_causal(models["gpt2"])
+    names = [n for n, _ in model.named_parameters()]
+    blocks = [int(n.split(".")[2]) if n.startswith("transformer.h.") else 2 for n in names]
+    flat = {}
+    for seg in ("", "math/", "code/"):
+        diag = [res.tensor("fisher.diagonal", f"true/{seg}{n}").numpy().ravel() for n in names]
+        if scope == "global":
+            want = np.split(_expected(np.concatenate(diag), 7.5), np.cumsum([d.size for d in diag])[:-1])
+        else:
+            want = [_expected(d, 7.5) for d in diag]
+        got = [res.tensor("fisher.masks", f"mask/{seg}{n}").numpy().ravel() for n in names]
+        for n, g, w in zip(names, got, want, strict=True):
+            assert g.dtype == bool and np.array_equal(g, w), (seg, n)
+        flat[seg] = (np.concatenate(got), np.concatenate([np.full(d.size, b) for d, b in zip(diag, blocks,
+                                                                                              strict=True)]))
+    a, group = flat["math/"]
+    b, _ = flat["code/"]
+    for block in range(3):
+        sa, sb = set(np.nonzero(a & (group == block))[0]), set(np.nonzero(b & (group == block))[0])
+        assert overlap.value("jaccard/math/code")[block] == pytest.approx(len(sa & sb) / len(sa | sb))
+        assert overlap.value("overlap_coef/math/code")[block] == pytest.approx(len(sa & sb) / min(len(sa), len(sb)))
+    sa, sb = set(np.nonzero(a)[0]), set(np.nonzero(b)[0])
+    assert overlap.value("jaccard_overall/math/code") == pytest.approx(len(sa & sb) / len(sa | sb))
+    assert overlap.value("pairs").rows[0][:5] == ["math", "code", len(sa), len(sb), len(sa & sb)]
+    check_roundtrip(res, tmp_path / "out")
+
+
+def test_identical_tasks_overlap_completely(models, two_tasks):
+    """The same texts under two task names: the empirical Fisher (observed labels) is the same,
+    so the masks coincide and every overlap is 1."""
+    data = {"a": two_tasks["math"], "b": two_tasks["math"]}
+    res = analyze(models["llama"], data=data, metrics=["fisher.overlap"],
+                  params={"fisher.masks": {"kind": "empirical", "top_percent": 20}}, config=CONFIG)
+    overlap = res.get("fisher.overlap")
+    assert overlap.ok, overlap.reason
+    assert overlap.value("jaccard_overall/a/b") == 1.0 and overlap.value("overlap_coef_overall/a/b") == 1.0
+    assert all(v == 1.0 for v in overlap.value("jaccard/a/b"))
+
+
+def test_overlap_needs_two_tasks(models, two_tasks):
+    res = analyze(models["gpt2"], data=two_tasks["math"], metrics=["fisher.overlap"], config=CONFIG)
+    result = res.get("fisher.overlap")
+    assert result.status == "skipped" and "at least 2 named tasks" in result.reason
+    assert res.get("fisher.masks").ok  # pooled masks only
+
+
+def test_gradients_read_the_masks_by_name(models, two_tasks):
+    """gradients.task_conflict on the entries of task 'math''s Fisher mask: masks of 100% give the
+    unmasked cosine exactly; 5% masks give another, finite cosine."""
+    metric = "gradients.task_conflict"
+    plain = analyze(models["gpt2"], data=two_tasks, metrics=[metric], config=CONFIG).get(metric)
+    cosines = []
+    for percent in (100, 5):
+        res = analyze(models["gpt2"], data=two_tasks, metrics=[metric],
+                      params={metric: {"mask_metric": "fisher.masks", "mask_field_prefix": "mask/math/"},
+                              "fisher.masks": {"top_percent": percent}}, config=CONFIG)
+        result = res.get(metric)
+        assert result.ok, result.reason
+        cosines.append(result.value("cosine"))
+    assert cosines[0] == pytest.approx(plain.value("cosine"), rel=1e-12)
+    assert math.isfinite(cosines[1]) and cosines[1] != pytest.approx(cosines[0], rel=1e-3)
+    # the default prefix 'mask/' reads the pooled masks and passes over the per-task ones beside them
+    pooled = analyze(models["gpt2"], data=two_tasks, metrics=[metric],
+                     params={metric: {"mask_metric": "fisher.masks"}, "fisher.masks": {"top_percent": 100}},
+                     config=CONFIG).get(metric)
+    assert pooled.ok, pooled.reason
+    assert pooled.value("cosine") == pytest.approx(plain.value("cosine"), rel=1e-12)

@@ -1,0 +1,134 @@
+"""merging.fisher_weighted: how Fisher-weighted averaging (Matena & Raffel 2022) departs from plain averaging."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from tensorscope_core import Cost, Metric, MetricResult, ModelView, Params, RunShape, ScalarValue, TextValue
+
+from .evaluate import compare_merges, loss_skip_reason
+from .weights import Groups, check_compatible, members, number, parameters
+
+FISHER = "fisher.diagonal"
+
+
+class FisherParams(Params):
+    kind: Literal["true", "empirical"] = Field("true", description="which fisher.diagonal estimate weights the "
+                                                                   "merge: true (labels from the model) or "
+                                                                   "empirical (observed labels)")
+    floor: float = Field(1e-6, ge=0, description="added to every Fisher entry, so entries no model has "
+                                                 "information on fall back to the plain average")
+    evaluate: bool = Field(True, description="evaluate both merges' and the task models' loss on each task's data")
+
+
+def fisher_merge(thetas: Sequence[Mapping[str, torch.Tensor]], fishers: Sequence[Mapping[str, torch.Tensor]],
+                 floor: float) -> dict[str, torch.Tensor]:
+    """``sum_m (F_m + floor) theta_m / sum_m (F_m + floor)`` per entry, in float64, cast back to the
+    parameters' dtype."""
+    out = {}
+    for name, like in thetas[0].items():
+        weights = torch.stack([f[name].to(like.device).double() + floor for f in fishers])
+        values = torch.stack([t[name].double() for t in thetas])
+        out[name] = ((weights * values).sum(dim=0) / weights.sum(dim=0)).to(like.dtype)
+    return out
+
+
+def plain_average(thetas: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {name: torch.stack([t[name].double() for t in thetas]).mean(dim=0).to(like.dtype)
+            for name, like in thetas[0].items()}
+
+
+def fisher_field(result: MetricResult, kind: str, task: str, param: str) -> str:
+    """The per-task field ``<kind>/<task>/<param>`` when the run had that task, else the pooled one."""
+    per_task = f"{kind}/{task}/{param}"
+    return per_task if per_task in result.values else f"{kind}/{param}"
+
+
+class FisherWeighted(Metric):
+    """Fisher-weighted averaging of the fine-tunes (Matena & Raffel, "Merging Models with Fisher-Weighted
+    Averaging", NeurIPS 2022): ``theta_F = sum_m (F_m + floor) theta_m / sum_m (F_m + floor)``, entrywise.
+
+    ``F_m`` is member m's ``fisher.diagonal`` (another plugin's metric, asked for by name; install
+    ``tensorscope[fisher]``): the field ``<kind>/<m>/<param>`` when the run's data has a task named
+    like the member (the Fisher of the task model on its own task), else the pooled
+    ``<kind>/<param>``; ``fisher_source`` says which. The base, if given, is not merged.
+
+    Per layer (blocks, then ``outside``): ``shift = ||theta_F - theta_avg||`` against the plain average
+    ``theta_avg``, and ``relative_shift = shift / sqrt(mean_m ||theta_m - theta_avg||^2)``: 0 when the
+    weighting changes nothing (equal Fishers), 1 when it moves the merge as far as a member lies from
+    the average (e.g. two members, one holding all the Fisher mass). With ``evaluate``, the loss of both
+    merges and of every member on each task's data. Needs at least two models besides the base.
+    """
+
+    name = "merging.fisher_weighted"
+    version = "1"
+    summary = "Fisher-weighted vs plain averaging of fine-tunes: per-layer shift and the merges' loss per task"
+    scope = "model_set"
+    requires_metrics = (FISHER,)
+    Params = FisherParams
+    fields = {
+        "shift": "per layer ||theta_fisher - theta_average||_2",
+        "relative_shift": "per layer shift / rms distance of the members from the plain average",
+        "relative_shift_total": "the same over all parameters",
+        "fisher_source": "which fisher.diagonal field weighted each member",
+        "loss/<model>[/<task>], merged_loss/{fisher,average}[/<task>]": "token-mean loss on each task's data "
+                                                                          "(and accuracy/...)",
+        "losses": "table of the members' and both merges' losses",
+    }
+
+    @classmethod
+    def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:
+        """Two merged copies of the model (Fisher-weighted and plain average) in the parameters' dtype."""
+        forward = 2.0 * view.n_params * shape.n_batches * shape.batch_size * shape.seq_len if params.evaluate else 0
+        return Cost(state_bytes=2 * view.param_bytes, flops=float(6 * view.n_params) + forward)
+
+    @classmethod
+    def uses_data(cls, params: Any) -> bool:
+        return bool(params.evaluate)
+
+    @classmethod
+    def set_skip_reason(cls, params: Any, views: Mapping[str, ModelView], base_name: str | None) -> str | None:
+        found = members(views, base_name)
+        if len(found) < 2:
+            return f"needs at least two models to merge besides the base (got {len(found)})"
+        return loss_skip_reason(views) if params.evaluate else None
+
+    def compute_set(self, views: Mapping[str, ModelView],
+                    results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, Any]:
+        p: FisherParams = self.params
+        names = members(views, self.base_name)
+        merged_views = {m: views[m] for m in names}
+        check_compatible(merged_views)
+        thetas = [parameters(views[m]) for m in names]
+        fishers, sources = [], []
+        for m, theta in zip(names, thetas, strict=True):
+            result = results[m][FISHER]
+            fields = {param: fisher_field(result, p.kind, m, param) for param in theta}
+            fishers.append({param: self.tensor_of(result, field) for param, field in fields.items()})
+            per_task = all(f.startswith(f"{p.kind}/{m}/") for f in fields.values())
+            sources.append(f"{m}: {p.kind}/{m}/<param>" if per_task else f"{m}: {p.kind}/<param> (pooled)")
+        fisher = fisher_merge(thetas, fishers, p.floor)
+        average = plain_average(thetas)
+        groups = Groups.of_view(views[names[0]])
+        shift = groups.sum_squares({n: fisher[n].double() - average[n].double() for n in fisher})
+        spread = torch.stack([groups.sum_squares({n: t[n].double() - average[n].double() for n in t})
+                              for t in thetas]).mean(dim=0)
+        relative = [math.sqrt(s / v) if v > 0 else math.nan for s, v in zip(shift.tolist(), spread.tolist(),
+                                                                            strict=True)]
+        total = math.sqrt(float(shift.sum()) / float(spread.sum())) if float(spread.sum()) > 0 else math.nan
+        out: dict[str, Any] = {
+            "shift": groups.layer_value(shift.sqrt()),
+            "relative_shift": groups.layer_value(relative),
+            "relative_shift_total": ScalarValue(value=number(total)),
+            "fisher_source": TextValue(text="; ".join(sources)),
+        }
+        if p.evaluate:
+            data = self.data[names[0]]
+            out.update(compare_merges(merged_views, views[names[0]], {"fisher": fisher, "average": average},
+                                      data, self.shape.seed))
+        return out

@@ -1,0 +1,195 @@
+"""landscape.surface_2d: the filter-normalised 2-D loss surface of Li et al. (NeurIPS 2018).
+
+f(alpha, beta) = L(theta + alpha * delta + beta * eta) for two Gaussian directions delta, eta
+shaped like the parameters. Filter normalisation rescales every output row of every
+weight matrix of a direction to the norm of the same row of theta, so the plot's scale is
+comparable across layers and models; 1-D tensors (biases, norm gains) are zeroed (the
+reference's ``ignore='biasbn'``) or set equal to theta.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from tensorscope_core import Cost, Metric, ModelView, Params, RunShape, ScalarValue, SeriesValue, Step
+from tensorscope_core.core_artifacts import loss_targets
+from tensorscope_core.functional import batch_loss
+
+Tensors = dict[str, torch.Tensor]
+
+
+class SurfaceParams(Params):
+    grid: int = Field(11, ge=3, le=201, description="grid points per axis; odd, so theta itself is the centre point")
+    span: float = Field(1.0, gt=0, description="the grid covers alpha, beta in [-span, span]")
+    max_batches: int | None = Field(4, ge=1, description="average the surface over the run's first this many "
+                                                         "batches; None: all of them")
+    direction_seed: int = Field(123, description="seed of the Gaussian directions (the reference uses 123)")
+    normalization: Literal["filter", "none"] = Field(
+        "filter", description="'filter': each output row of a direction gets the norm of theta's row; 'none'")
+    one_dim: Literal["zero", "weights"] = Field(
+        "zero", description="directions of 1-D tensors (biases, norm gains): 'zero' (the reference's "
+                            "ignore='biasbn') or 'weights' (equal to theta, as the reference without ignore)")
+
+    @field_validator("grid")
+    @classmethod
+    def _odd(cls, grid: int) -> int:
+        if grid % 2 == 0:
+            raise ValueError(f"grid must be odd so that the model itself is the centre point; use {grid + 1}")
+        return grid
+
+
+def output_row_dims(model: nn.Module) -> dict[str, int]:
+    """Per weight matrix, the dimension that indexes its output rows: 1 for HF's Conv1D
+    (stored [in, out]), 0 for everything else (nn.Linear [out, in], embeddings [tokens, d])."""
+    dims: dict[str, int] = {}
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            dims[full] = 1 if type(module).__name__ == "Conv1D" and name == "weight" else 0
+    return dims
+
+
+def gaussian_direction(theta: Mapping[str, torch.Tensor], gen: torch.Generator) -> Tensors:
+    """Standard normal entries shaped like each parameter, drawn in ``theta``'s order."""
+    return {n: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype) for n, t in theta.items()}
+
+
+def normalize_direction(direction: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor],
+                        row_dims: Mapping[str, int], normalization: str, one_dim: str) -> Tensors:
+    """Filter normalisation: ``d_i <- d_i * ||theta_i|| / (||d_i|| + 1e-10)`` for every output row
+    i of every tensor of two or more dimensions; 1-D tensors are zeroed or set equal to theta."""
+    out: Tensors = {}
+    for name, d in direction.items():
+        t = theta[name]
+        if t.dim() <= 1:
+            out[name] = torch.zeros_like(t) if one_dim == "zero" else t.detach().clone()
+            continue
+        if normalization == "none":
+            out[name] = d.clone()
+            continue
+        row = row_dims.get(name, 0)
+        rows_d = d.movedim(row, 0).reshape(d.shape[row], -1)
+        rows_t = t.detach().movedim(row, 0).reshape(t.shape[row], -1)
+        scale = rows_t.norm(dim=1) / (rows_d.norm(dim=1) + 1e-10)
+        out[name] = (rows_d * scale[:, None]).reshape(d.movedim(row, 0).shape).movedim(0, row).contiguous()
+    return out
+
+
+def direction_cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """Cosine between two directions as flat vectors (near 0: the plot's axes are orthogonal)."""
+    dot = sum(float((a[n].double() * b[n].double()).sum()) for n in a)
+    na = math.sqrt(sum(float(a[n].double().square().sum()) for n in a))
+    nb = math.sqrt(sum(float(b[n].double().square().sum()) for n in b))
+    return dot / (na * nb) if na > 0 and nb > 0 else math.nan
+
+
+def surface(loss_at: Callable[[Tensors], torch.Tensor], theta: Mapping[str, torch.Tensor],
+            delta: Mapping[str, torch.Tensor], eta: Mapping[str, torch.Tensor],
+            coords: torch.Tensor) -> torch.Tensor:
+    """``f[i, j] = loss_at(theta + coords[i] * delta + coords[j] * eta)``, float64 [grid, grid]."""
+    out = torch.empty(len(coords), len(coords), dtype=torch.float64)
+    with torch.no_grad():
+        for i, alpha in enumerate(coords.tolist()):
+            for j, beta in enumerate(coords.tolist()):
+                point = {n: t + alpha * delta[n] + beta * eta[n] for n, t in theta.items()}
+                out[i, j] = float(loss_at(point))
+    return out
+
+
+def roughness(values: torch.Tensor) -> float:
+    """Total variation: the mean absolute difference between neighbouring grid points (both axes)."""
+    steps = torch.cat([(values[1:] - values[:-1]).abs().flatten(), (values[:, 1:] - values[:, :-1]).abs().flatten()])
+    return float(steps.mean())
+
+
+class LossSurface2D(Metric):
+    """The 2-D loss surface of Li et al. (2018) around the model's weights theta.
+
+    Two directions delta, eta are drawn from N(0, 1) per parameter entry (seed
+    ``direction_seed``; all trainable parameters, tied ones once), filter-normalised (each
+    output row of each weight matrix scaled to the norm of theta's row: rows of nn.Linear and
+    embeddings, columns of GPT-2's Conv1D) with 1-D tensors zeroed or set to theta. On a
+    ``grid`` x ``grid`` lattice of alpha, beta in [-span, span], ``surface[i, j]`` is the
+    run's token loss of theta + alpha_i delta + beta_j eta, averaged over the first
+    ``max_batches`` batches (token-weighted, as ``basic.loss``), so ``center_loss`` = f(0, 0)
+    is the model's own loss on those batches. ``roughness`` is the total variation (mean
+    |difference| of neighbouring points); ``direction_cosine`` checks the axes' orthogonality.
+    Each grid point is one forward of the batch through a hook-free copy with the perturbed
+    weights passed in (``tensorscope_core.functional``); the model is never modified.
+    """
+
+    name = "landscape.surface_2d"
+    version = "1"
+    summary = "filter-normalised 2-D loss surface (Li et al. 2018): grid, roughness, loss mean/std"
+    Params = SurfaceParams
+    artifacts = ("token_loss",)
+    fields = {"surface": "loss at theta + alpha*delta + beta*eta, a tensor [grid, grid] (rows alpha, columns beta)",
+              "coordinates": "the alpha (= beta) values of the grid",
+              "center_loss": "f(0, 0): the model's own loss on the batches used",
+              "loss_mean": "mean of the surface over the grid", "loss_std": "its standard deviation",
+              "loss_min": "the lowest loss on the grid",
+              "roughness": "total variation: mean |f difference| between neighbouring grid points",
+              "direction_cosine": "cosine between the two directions (orthogonality check)",
+              "batches": "batches the surface averages"}
+
+    @classmethod
+    def cost(cls, params: SurfaceParams, view: ModelView, shape: RunShape) -> Cost:
+        batches = shape.n_batches if params.max_batches is None else min(shape.n_batches, params.max_batches)
+        n_params = sum(p.numel() for p in view.model.parameters() if p.requires_grad)
+        forward = 2.0 * n_params * shape.batch_size * shape.seq_len
+        return Cost(state_bytes=2 * view.param_bytes + 8 * params.grid**2,
+                    flops=float(params.grid**2 * batches * forward))
+
+    def setup(self) -> None:
+        assert self.view is not None
+        theta = self._theta()
+        gen = torch.Generator().manual_seed(self.params.direction_seed)
+        rows = output_row_dims(self.view.model)
+        self.delta = normalize_direction(gaussian_direction(theta, gen), theta, rows, self.params.normalization,
+                                         self.params.one_dim)
+        self.eta = normalize_direction(gaussian_direction(theta, gen), theta, rows, self.params.normalization,
+                                       self.params.one_dim)
+        self.sums = torch.zeros(self.params.grid, self.params.grid, dtype=torch.float64)
+        self.tokens = 0
+        self.batches = 0
+
+    def _theta(self) -> Tensors:
+        assert self.view is not None
+        return {n: p.detach() for n, p in self.view.model.named_parameters() if p.requires_grad}
+
+    def update(self, step: Step) -> None:
+        assert self.view is not None
+        if self.params.max_batches is not None and self.batches >= self.params.max_batches:
+            return
+        view, batch = self.view, step.batch
+        targets = loss_targets(view, batch, self.shape.seed)
+        n = targets.n_targets
+        if n == 0:
+            return
+        coords = torch.linspace(-self.params.span, self.params.span, self.params.grid, dtype=torch.float64)
+        values = surface(lambda p: batch_loss(view, batch, targets, p), self._theta(), self.delta, self.eta, coords)
+        self.sums += values * n
+        self.tokens += n
+        self.batches += 1
+
+    def finalize(self) -> dict[str, Any]:
+        if self.tokens == 0:
+            raise ValueError("no batch had a loss target: the surface needs data with at least two tokens per "
+                             "sequence (causal) or a mask token (masked LM)")
+        values = self.sums / self.tokens
+        centre = self.params.grid // 2
+        coords = torch.linspace(-self.params.span, self.params.span, self.params.grid, dtype=torch.float64)
+        return {"surface": values, "coordinates": SeriesValue(values=coords.tolist(), index_name="grid point"),
+                "center_loss": ScalarValue(value=float(values[centre, centre]), n=self.tokens, unit="nats"),
+                "loss_mean": ScalarValue(value=float(values.mean()), unit="nats"),
+                "loss_std": ScalarValue(value=float(values.std(unbiased=True)), unit="nats"),
+                "loss_min": ScalarValue(value=float(values.min()), unit="nats"),
+                "roughness": ScalarValue(value=roughness(values), unit="nats"),
+                "direction_cosine": ScalarValue(value=direction_cosine(self.delta, self.eta)),
+                "batches": ScalarValue(value=float(self.batches))}

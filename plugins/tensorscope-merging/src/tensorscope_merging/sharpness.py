@@ -1,0 +1,182 @@
+"""landscape.sharpness: SAM sharpness (Foret et al., ICLR 2021) and Hutchinson's Hessian trace.
+
+Both are functions of a batch's loss around the weights theta. The algorithms take a
+``loss_fn(params) -> scalar`` so that the same code runs on a model's batch loss and on
+the quadratics the tests know in closed form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from tensorscope_core import Cost, Metric, ModelView, Params, RunShape, ScalarValue, Step
+from tensorscope_core.core_artifacts import loss_targets
+from tensorscope_core.functional import batch_loss
+from tensorscope_core.stats import bootstrap_ci
+
+Tensors = dict[str, torch.Tensor]
+LossFn = Callable[[Tensors], torch.Tensor]
+
+
+class SharpnessParams(Params):
+    rho: float = Field(0.05, gt=0, description="radius of the perturbation ball (L2 over all parameters)")
+    ascent_steps: int = Field(5, ge=1, description="projected gradient-ascent steps for the multi-step estimate "
+                                                   "(1: the first-order SAM point only)")
+    hutchinson_probes: int = Field(8, ge=0, description="Rademacher probes per batch for the Hessian trace "
+                                                        "(0: no trace)")
+    max_batches: int | None = Field(4, ge=1, description="use the run's first this many batches; None: all")
+    probe_seed: int = Field(0, description="seed of the Rademacher probes")
+
+
+@dataclass(frozen=True)
+class SamEstimate:
+    """Loss at theta and the loss increases at the first-order SAM point and along the ascent."""
+
+    loss: float
+    first_order: float
+    ascent: float
+
+
+def _norm(v: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.sqrt(sum((t.double().square().sum() for t in v.values()), torch.zeros((), dtype=torch.float64)))
+
+
+def _grad(loss_fn: LossFn, point: Tensors) -> tuple[torch.Tensor, Tensors]:
+    leaves = {n: t.detach().requires_grad_(True) for n, t in point.items()}
+    loss = loss_fn(leaves)
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return loss.detach(), {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads,
+                                                                                              strict=True)}
+
+
+def sam_sharpness(loss_fn: LossFn, theta: Mapping[str, torch.Tensor], rho: float, steps: int) -> SamEstimate:
+    """First-order SAM: eps = rho * g / ||g|| with g the gradient at theta, sharpness
+    L(theta + eps) - L(theta). Multi-step: projected gradient ascent on the ball ||eps|| <= rho
+    with the fixed step rho / ||g|| (so its first iterate is the SAM point),
+    ``eps <- P(eps + rho / ||g|| * grad L(theta + eps))``; ``ascent`` is the largest increase
+    over its iterates (never below the first-order value). A zero gradient gives 0 for both."""
+    loss0, g = _grad(loss_fn, dict(theta))
+    g_norm = float(_norm(g))
+    if g_norm == 0.0:
+        return SamEstimate(float(loss0), 0.0, 0.0)
+    lr = rho / g_norm
+    eps = {n: torch.zeros_like(t) for n, t in theta.items()}
+    increases = []
+    grad_at = g
+    for _ in range(steps):
+        eps = {n: eps[n] + lr * grad_at[n] for n in eps}
+        size = float(_norm(eps))
+        if size > rho:
+            eps = {n: e * (rho / size) for n, e in eps.items()}
+        loss, grad_at = _grad(loss_fn, {n: theta[n] + eps[n] for n in theta})
+        increases.append(float(loss) - float(loss0))
+    return SamEstimate(float(loss0), increases[0], max(increases))
+
+
+def hutchinson_trace(loss_fn: LossFn, theta: Mapping[str, torch.Tensor], probes: int,
+                     gen: torch.Generator) -> torch.Tensor:
+    """``z^T H z`` for ``probes`` Rademacher vectors z (unbiased for tr H; exact when H is
+    diagonal), H the Hessian of ``loss_fn`` at theta, by double backward. float64 [probes]."""
+    leaves = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
+    loss = loss_fn(leaves)
+    grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+    used = [(t, g) for t, g in zip(leaves.values(), grads, strict=True) if g is not None]
+    out = torch.empty(probes, dtype=torch.float64)
+    for k in range(probes):
+        zs = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t.dtype) for t, _ in used]
+        hz = torch.autograd.grad([g for _, g in used], [t for t, _ in used], grad_outputs=zs, retain_graph=True)
+        out[k] = sum(float((z.double() * h.double()).sum()) for z, h in zip(zs, hz, strict=True))
+    return out
+
+
+class Sharpness(Metric):
+    """Sharpness of the loss around the weights theta, per batch of the run (the first
+    ``max_batches``), then averaged over batches.
+
+    - ``sharpness_first_order``: L(theta + eps) - L(theta) at the first-order SAM point
+      eps = rho * g / ||g|| (Foret et al. 2021), g the batch loss gradient over all trainable
+      parameters (one L2 ball over all of them);
+    - ``sharpness_ascent``: the largest increase found by ``ascent_steps`` steps of projected
+      gradient ascent on the ball with the fixed step rho / ||g|| (the first step lands on
+      the SAM point, so it is never below the first-order value; on a quadratic it approaches
+      the exact maximum over the ball);
+    - ``hessian_trace``: Hutchinson's estimate mean_z z^T H z with Rademacher z
+      (``hutchinson_probes`` per batch, Hessian-vector products by double backward), with
+      a 95% bootstrap CI over all probes of all batches.
+
+    The loss is the run's token loss of each batch through a hook-free copy with the
+    perturbed weights passed in; the model is never modified.
+    """
+
+    name = "landscape.sharpness"
+    version = "1"
+    summary = "SAM sharpness (first-order and multi-step ascent) and the Hutchinson Hessian trace"
+    Params = SharpnessParams
+    artifacts = ("token_loss",)
+    fields = {"loss": "mean batch loss at theta over the batches used",
+              "sharpness_first_order": "mean over batches of L(theta + rho g/||g||) - L(theta)",
+              "sharpness_ascent": "mean over batches of the largest increase found by projected gradient ascent",
+              "hessian_trace": "Hutchinson estimate of tr(H), 95% bootstrap CI over probes",
+              "batches": "batches used"}
+
+    @classmethod
+    def cost(cls, params: SharpnessParams, view: ModelView, shape: RunShape) -> Cost:
+        batches = shape.n_batches if params.max_batches is None else min(shape.n_batches, params.max_batches)
+        n_params = sum(p.numel() for p in view.model.parameters() if p.requires_grad)
+        backward = 6.0 * n_params * shape.batch_size * shape.seq_len
+        per_batch = backward * (1 + params.ascent_steps + 2 * params.hutchinson_probes)
+        n_probes = batches * params.hutchinson_probes
+        return Cost(state_bytes=8 * (3 * batches + n_probes), flops=float(per_batch * batches))
+
+    def setup(self) -> None:
+        cap = self.shape.n_batches if self.params.max_batches is None else min(self.shape.n_batches,
+                                                                                self.params.max_batches)
+        self.per_batch = torch.zeros(cap, 3, dtype=torch.float64)  # loss, first order, ascent
+        self.traces = torch.zeros(cap * self.params.hutchinson_probes, dtype=torch.float64)
+        self.gen = torch.Generator().manual_seed(self.params.probe_seed)
+        self.seen = 0
+
+    def update(self, step: Step) -> None:
+        assert self.view is not None
+        if self.seen >= self.per_batch.shape[0]:
+            return
+        view, batch = self.view, step.batch
+        targets = loss_targets(view, batch, self.shape.seed)
+        if targets.n_targets == 0:
+            return
+        theta = {n: p.detach() for n, p in view.model.named_parameters() if p.requires_grad}
+
+        def loss_fn(params: Tensors) -> torch.Tensor:
+            return batch_loss(view, batch, targets, params)
+
+        sam = sam_sharpness(loss_fn, theta, self.params.rho, self.params.ascent_steps)
+        self.per_batch[self.seen] = torch.tensor([sam.loss, sam.first_order, sam.ascent], dtype=torch.float64)
+        k = self.params.hutchinson_probes
+        if k:
+            self.traces[self.seen * k:(self.seen + 1) * k] = hutchinson_trace(loss_fn, theta, k, self.gen)
+        self.seen += 1
+
+    def finalize(self) -> dict[str, Any]:
+        if self.seen == 0:
+            raise ValueError("no batch had a loss target: sharpness needs data with at least two tokens per "
+                             "sequence (causal) or a mask token (masked LM)")
+        rows = self.per_batch[:self.seen]
+        out: dict[str, Any] = {
+            "loss": ScalarValue(value=float(rows[:, 0].mean()), n=self.seen, unit="nats",
+                                samples=rows[:, 0].tolist()),
+            "sharpness_first_order": ScalarValue(value=float(rows[:, 1].mean()), n=self.seen, unit="nats",
+                                                 samples=rows[:, 1].tolist()),
+            "sharpness_ascent": ScalarValue(value=float(rows[:, 2].mean()), n=self.seen, unit="nats",
+                                            samples=rows[:, 2].tolist()),
+            "batches": ScalarValue(value=float(self.seen))}
+        k = self.params.hutchinson_probes
+        if k:
+            traces = self.traces[:self.seen * k]
+            low, high = bootstrap_ci(traces.tolist(), seed=self.shape.seed)
+            out["hessian_trace"] = ScalarValue(value=float(traces.mean()), ci_low=low, ci_high=high, n=len(traces))
+        return out

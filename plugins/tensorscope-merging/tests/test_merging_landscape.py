@@ -1,0 +1,105 @@
+"""landscape.surface_2d: the analytic surface of a quadratic, filter normalisation, f(0,0) = the model's loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+from tensorscope_merging.landscape import (
+    SurfaceParams,
+    direction_cosine,
+    gaussian_direction,
+    normalize_direction,
+    output_row_dims,
+    roughness,
+    surface,
+)
+
+from tensorscope_core import RunConfig, analyze
+from tensorscope_core.models.load import ModelSource, load_model
+from tensorscope_core.plugins import get_registry
+from tensorscope_core.testing import check_declared_cost, random_token_data, run_metric
+
+
+def test_surface_of_a_quadratic_is_the_analytic_one():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    H = a @ a.T - 2 * torch.eye(5, dtype=torch.float64)
+    theta = {"w": torch.randn(5, generator=gen, dtype=torch.float64)}
+    delta = {"w": torch.randn(5, generator=gen, dtype=torch.float64)}
+    eta = {"w": torch.randn(5, generator=gen, dtype=torch.float64)}
+    coords = torch.linspace(-1, 1, 7, dtype=torch.float64)
+    got = surface(lambda p: 0.5 * p["w"] @ H @ p["w"], theta, delta, eta, coords)
+    for i, x in enumerate(coords):
+        for j, y in enumerate(coords):
+            w = theta["w"] + x * delta["w"] + y * eta["w"]
+            assert got[i, j] == pytest.approx(float(0.5 * w @ H @ w), rel=1e-12, abs=1e-12)
+
+
+def test_roughness_of_a_plane():
+    # f = 3 alpha - 2 beta on a grid of spacing h: every alpha-step changes f by 3h, every beta-step by 2h
+    coords = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    plane = 3 * coords[:, None] - 2 * coords[None, :]
+    h = float(coords[1] - coords[0])
+    assert roughness(plane) == pytest.approx((3 * h + 2 * h) / 2, rel=1e-12)
+    assert roughness(torch.ones(4, 4)) == 0.0
+
+
+def test_filter_normalisation_gives_theta_row_norms(models):
+    view = load_model(ModelSource(models["gpt2"]), get_registry().adapters)
+    theta = {n: p.detach() for n, p in view.model.named_parameters()}
+    rows = output_row_dims(view.model)
+    assert rows["transformer.h.0.attn.c_attn.weight"] == 1  # Conv1D stores [in, out]: outputs are columns
+    assert rows["transformer.wte.weight"] == 0
+    raw = gaussian_direction(theta, torch.Generator().manual_seed(123))
+    d = normalize_direction(raw, theta, rows, "filter", "zero")
+    for name, t in theta.items():
+        if t.dim() <= 1:
+            assert torch.count_nonzero(d[name]) == 0, name
+            continue
+        dim = rows[name]
+        want = t.movedim(dim, 0).reshape(t.shape[dim], -1).norm(dim=1)
+        got = d[name].movedim(dim, 0).reshape(t.shape[dim], -1).norm(dim=1)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    kept = normalize_direction(raw, theta, rows, "filter", "weights")
+    assert torch.equal(kept["transformer.ln_f.weight"], theta["transformer.ln_f.weight"])
+    plain = normalize_direction(raw, theta, rows, "none", "zero")
+    assert torch.equal(plain["transformer.wte.weight"], raw["transformer.wte.weight"])
+
+
+def test_direction_cosine():
+    a = {"x": torch.tensor([1.0, 0.0]), "y": torch.tensor([0.0])}
+    b = {"x": torch.tensor([1.0, 1.0]), "y": torch.tensor([0.0])}
+    assert direction_cosine(a, b) == pytest.approx(2**-0.5)
+    assert direction_cosine(a, a) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_centre_is_the_models_loss(models, tokenizer, family):
+    ids = random_token_data(len(tokenizer), n=8, length=10, seed=3)
+    res = analyze(str(models[family]), data=ids, metrics=["landscape.surface_2d", "basic.loss"],
+                  params={"landscape.surface_2d": {"grid": 3, "max_batches": None}},
+                  config=RunConfig(batch_size=4, max_length=16))
+    result = res.get("landscape.surface_2d")
+    assert result.ok, result.reason
+    assert result.value("center_loss") == pytest.approx(res.get("basic.loss").value("loss"), rel=1e-6)
+    grid = res.tensor("landscape.surface_2d", "surface")
+    assert grid.shape == (3, 3) and float(grid[1, 1]) == pytest.approx(result.value("center_loss"), rel=1e-12)
+    assert result.value("loss_std") > 0  # the directions move the loss
+    check_declared_cost(result)
+
+
+def test_surface_is_seeded_and_model_unchanged(models, tokenizer):
+    ids = random_token_data(len(tokenizer), n=4, length=8, seed=4)
+    view = load_model(ModelSource(models["llama"]), get_registry().adapters)
+    before = {n: p.detach().clone() for n, p in view.model.named_parameters()}
+    first = run_metric("landscape.surface_2d", view.model, data=ids, params={"grid": 3})
+    second = run_metric("landscape.surface_2d", view.model, data=ids, params={"grid": 3})
+    assert first.value("loss_mean") == second.value("loss_mean")
+    for n, p in view.model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+
+
+def test_even_grid_is_refused():
+    with pytest.raises(ValidationError, match="grid must be odd"):
+        SurfaceParams(grid=10)

@@ -1,0 +1,111 @@
+"""merging.mode_connectivity: zero barrier between identical models, and a hand-permuted copy realigned."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from merging_models_reference import permuted_mlp_copy, registry
+from tensorscope_merging.mode_connectivity import barrier, bezier_point
+
+from tensorscope_core import RunConfig, analyze
+from tensorscope_core.testing import random_token_data, tiny_model
+
+METRIC = "merging.mode_connectivity"
+CONFIG = RunConfig(batch_size=4, seed=3)
+
+
+def _run(models: dict, params: dict, **kw):
+    return _run_with_tensors(models, params, **kw)[0]
+
+
+def _run_with_tensors(models: dict, params: dict, **kw):
+    with registry("merging"):
+        res = analyze(models, data=random_token_data(340, n=8, length=12, seed=1), metrics=[METRIC],
+                      params={METRIC: params}, config=CONFIG, **kw)
+    out = res.get(METRIC)
+    assert out.status == "ok", out.reason
+    return out, res.tensors
+
+
+def test_barrier_closed_form() -> None:
+    ts = [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert barrier([1.0, 1.5, 2.5, 2.5, 3.0], ts) == pytest.approx(0.5)  # 2.5 at t=0.5 over the line's 2.0
+    assert barrier([2.0, 1.0, 0.5, 1.0, 2.0], ts) == 0.0  # below the line: the endpoints set the max
+
+
+def test_bezier_ends_at_the_endpoints_and_passes_near_the_middle() -> None:
+    a, m, b = {"w": torch.tensor([0.0])}, {"w": torch.tensor([1.0])}, {"w": torch.tensor([4.0])}
+    assert bezier_point(a, m, b, 0.0)["w"].item() == 0.0 and bezier_point(a, m, b, 1.0)["w"].item() == 4.0
+    assert bezier_point(a, m, b, 0.5)["w"].item() == pytest.approx(0.25 * 0 + 0.5 * 1 + 0.25 * 4)
+
+
+def test_identical_endpoints_have_zero_barrier(models, tmp_path) -> None:
+    twin = tiny_model("gpt2", tmp_path / "twin", seed=0)  # the same seed: the same weights as models["gpt2"]
+    out = _run({"a": models["gpt2"], "b": twin}, {"n_points": 5, "bezier_steps": 0})
+    losses = out.value("loss_linear")
+    assert max(losses) - min(losses) == 0.0
+    assert out.value("barrier_linear") == 0.0 and out.value("barrier_bezier") == 0.0
+    assert out.value("t") == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert out.value("endpoints").text == "a -> b"
+
+
+def test_fitted_bezier_is_seeded_and_keeps_the_endpoints(models, tmp_path) -> None:
+    other = tiny_model("gpt2", tmp_path / "other", seed=4)
+    params = {"n_points": 3, "bezier_steps": 6, "bezier_lr": 1e-2}
+    first = _run({"a": models["gpt2"], "b": other}, params)
+    again = _run({"a": models["gpt2"], "b": other}, params)
+    assert first.value("bezier_fit_loss") == again.value("bezier_fit_loss")  # the run's seed fixes t and batches
+    assert len(first.value("bezier_fit_loss")) == 6
+    assert first.value("loss_bezier")[0] == pytest.approx(first.value("loss_linear")[0], rel=1e-6)
+    assert first.value("loss_bezier")[-1] == pytest.approx(first.value("loss_linear")[-1], rel=1e-6)
+    assert first.value("barrier_linear") >= 0.0 and first.value("barrier_bezier") >= 0.0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_alignment_recovers_a_hand_permutation_and_removes_the_barrier(models, tmp_path, family) -> None:
+    base = models[family]
+    d_mlp = 128 if family == "gpt2" else 64
+    gen = torch.Generator().manual_seed(11)
+    perms = [torch.randperm(d_mlp, generator=gen) for _ in range(2)]
+    copy = permuted_mlp_copy(base, tmp_path / "perm", perms)
+    out, tensors = _run_with_tensors({"a": base, "b": copy}, {"n_points": 5, "align": True, "bezier": False})
+    assert out.values["permutation"].shape == [2, d_mlp]
+    table = tensors[out.values["permutation"].key]
+    for layer, perm in enumerate(perms):  # copy unit j is base unit perm[j]: base unit i sits at argsort(perm)[i]
+        assert torch.equal(table[layer], torch.argsort(perm))
+    assert out.value("units_moved") == pytest.approx(float(sum((p != torch.arange(d_mlp)).sum() for p in perms))
+                                                     / (2 * d_mlp))
+    ends = out.value("loss_linear")
+    assert ends[0] == pytest.approx(ends[-1], rel=1e-5)  # the copy computes the same function
+    assert out.value("barrier_linear_aligned") == pytest.approx(0.0, abs=1e-6)
+    assert max(out.value("loss_linear_aligned")) - min(out.value("loss_linear_aligned")) < 1e-5
+    unaligned = out.value("loss_linear")  # unaligned, the inner points mix unrelated units: another function
+    assert max(abs(v - ends[0]) for v in unaligned) > 1e-4
+
+
+def test_endpoints_must_be_chosen_among_three_models(models, tmp_path) -> None:
+    b, c = tiny_model("gpt2", tmp_path / "b", seed=1), tiny_model("gpt2", tmp_path / "c", seed=2)
+    with registry("merging"):
+        res = analyze({"a": models["gpt2"], "b": b, "c": c}, data=random_token_data(340, n=4, length=8),
+                      metrics=[METRIC], config=CONFIG)
+    out = res.get(METRIC)
+    assert out.status == "skipped" and "endpoints" in out.reason
+    chosen = _run({"a": models["gpt2"], "b": b, "c": c}, {"endpoints": ["c", "a"], "n_points": 2, "bezier": False})
+    assert chosen.value("endpoints").text == "c -> a"
+    with_base = _run({"b": b, "c": c}, {"n_points": 2, "bezier": False}, base=models["gpt2"])
+    assert with_base.value("endpoints").text == "b -> c"  # a base and two fine-tunes: the fine-tunes
+
+
+def test_alignment_of_a_bert_mlp_is_skipped_with_the_reason(models) -> None:
+    with registry("merging"):
+        res = analyze({"a": models["bert"], "b": models["bert"]}, data=random_token_data(300, n=4, length=8),
+                      metrics=[METRIC], params={METRIC: {"align": True}}, config=CONFIG)
+    out = res.get(METRIC)
+    assert out.status == "skipped" and "align=True" in out.reason and "GPT-2, LLaMA and NeoX" in out.reason
+
+
+def test_parameters_are_checked() -> None:
+    from tensorscope_core.errors import BadParameterError
+
+    with registry("merging"), pytest.raises(BadParameterError, match="endpoints"):
+        analyze([], metrics=[METRIC], params={METRIC: {"endpoints": ["only-one"]}})
