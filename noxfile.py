@@ -45,15 +45,27 @@ def typecheck(session: nox.Session) -> None:
 
 
 #: bench-only comparison baselines, installed in the bench session and nowhere else
-BENCH_BASELINES = ["captum==0.9.0"]  # gradients.tracin vs TracInCP (bench/bench_tracin.py)
+BENCH_BASELINES = ["captum==0.9.0"]  # gradients.tracin vs TracInCP, circuits.integrated_gradients vs Captum's IG
+#: hessian.lanczos vs HessianLinearOperator + eigsh; installed with --no-deps, since curvlinops' own requirements
+#: would replace the CPU torch with a CUDA build
+BENCH_BASELINES_NO_DEPS = ["curvlinops-for-pytorch==3.0.1", "backpack-for-pytorch==1.7.1", "einops==0.8.2",
+                           "einconv==0.1.0", "unfoldNd==0.2.3", "linear_operator==0.6.1", "opt-einsum==3.4.0"]
+#: the plugins' benchmarks, each its own script (bench/README.md says what each measures)
+PLUGIN_BENCHES = ["bench_fisher_stein", "bench_fisher_gram", "bench_hessian_lanczos", "bench_attention_capture",
+                  "bench_integrated_gradients", "bench_fiber_bundle", "bench_geometry_streaming", "bench_merging"]
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Capture overhead, sharing, declared-vs-measured memory and TracIn vs Captum, as ratios in one run."""
+    """The core's benchmarks (capture overhead, sharing, declared-vs-measured memory, TracIn vs Captum), then
+    every plugin benchmark, each as ratios measured side by side in one run. ``-- --quick`` for a smoke run."""
     _install_dev(session)
-    session.install(*BENCH_BASELINES)
+    session.install(*BENCH_BASELINES, TORCH)  # naming torch keeps the CPU build
+    session.install("--no-deps", *BENCH_BASELINES_NO_DEPS)
     session.run("python", "bench/run.py", *session.posargs)
+    quick = ["--quick"] if "--quick" in session.posargs else []
+    for script in PLUGIN_BENCHES:
+        session.run("python", f"bench/{script}.py", *quick)
 
 
 @nox.session

@@ -207,3 +207,50 @@ def probe_plugin(probes: dict[str, Sequence[str]]) -> Any:
             register(cls)
 
     return plugin_module("bench_probe", register_metrics=register_metrics)
+
+
+# -- the command line every side-by-side benchmark script shares --------------------------------
+
+
+def bench_main(doc: str | None, quick_help: str, sizes: tuple[Any, Any], bench: Callable[[Any, str], dict[str, Any]],
+               print_report: Callable[[dict[str, Any]], None], argv: Sequence[str] | None = None,
+               default_out: Any = None) -> int:
+    """``--quick --threads --clock --reps --out`` for a benchmark ``bench(size, clock)``: ``sizes`` is
+    (quick, full), dataclasses with a ``reps`` field. Adds the date, threads, machine and total
+    seconds to the report, prints it and writes it as JSON to ``--out`` when one is given."""
+    import argparse
+    import datetime as dt
+    import json
+    import os
+    import platform
+    from pathlib import Path
+
+    import transformers
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                        help="clock of the verdict (default: process CPU time with 1 thread, else wall)")
+    parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions")
+    parser.add_argument("--out", type=Path, default=default_out, help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    primary = args.clock or ("cpu" if args.threads == 1 else "wall")
+    size = sizes[0] if args.quick else sizes[1]
+    if args.reps:
+        size = dataclasses.replace(size, reps=args.reps)
+    started = time.perf_counter()
+    report = bench(size, primary)
+    report.update({"date": dt.date.today().isoformat(), "threads": args.threads,
+                   "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                               "python": platform.python_version(), "torch": torch.__version__,
+                               "transformers": transformers.__version__},
+                   "seconds_total": round(time.perf_counter() - started, 1)})
+    print_report(report)
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"\nresults written to {args.out}")
+    print(f"bench took {report['seconds_total']} s")
+    return 0

@@ -33,17 +33,12 @@ timed runs) and, on a subset, in float64 (the definitions agree to rounding).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime as dt
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
-from bench_measure import Clock, spread, table, timed  # noqa: E402
+from bench_measure import Clock, bench_main, spread, table, timed  # noqa: E402
 
 from tensorscope_core import RunConfig, analyze  # noqa: E402
 
@@ -339,31 +333,8 @@ def print_tracin(report: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2-layer d=64 model, 16 x 4 examples (a smoke run)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--clock", choices=["cpu", "wall"], default=None,
-                        help="clock of the verdict (default: process CPU time with 1 thread, else wall)")
-    parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3)")
-    parser.add_argument("--out", type=Path, default=HERE / "results-tracin.json")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
-    primary = args.clock or ("cpu" if args.threads == 1 else "wall")
-    size = QUICK if args.quick else FULL
-    if args.reps:
-        size = dataclasses.replace(size, reps=args.reps)
-    started = time.perf_counter()
-    report = bench(size, primary)
-    report.update({"date": dt.date.today().isoformat(), "threads": args.threads,
-                   "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                               "python": platform.python_version(), "torch": torch.__version__,
-                               "transformers": transformers.__version__},
-                   "seconds_total": round(time.perf_counter() - started, 1)})
-    print_tracin(report)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"\nbench took {report['seconds_total']} s; results written to {args.out}")
-    return 0
+    return bench_main(__doc__, "2-layer d=64 model, 16 x 4 examples (a smoke run)",
+                      (QUICK, FULL), bench, print_tracin, argv, default_out=HERE / "results-tracin.json")
 
 
 if __name__ == "__main__":
