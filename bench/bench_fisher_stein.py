@@ -45,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from bench_measure import Clock, bench_main, spread, table, timed  # noqa: E402
+from bench_measure import Clock, bench_main, ratio_str, spread, table, timed  # noqa: E402
 from bench_models import describe, gpt2_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -319,20 +319,17 @@ def print_report(report: dict[str, Any]) -> None:
           f"{m['attn_implementation']} attention, layer {s['layer']}, last position, {s['reps']} interleaved "
           "repetitions")
 
-    def fmt(r: dict[str, Any]) -> str:
-        return f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]"
-
     rows = []
     for n, c in report["contexts"].items():
         t = c["timing"]
         goal = "" if c["speed_goal"] is None else f">= {c['speed_goal']:g}"
         verdict = "" if c["speed_met"] is None else ("MET" if c["speed_met"] else "MISSED")
-        rows.append([f"context {n}: reference / ours", fmt(t[primary]["speedup_vs_reference"]),
-                     fmt(t[other]["speedup_vs_reference"]), goal, verdict])
-        rows.append([f"context {n}: README pseudocode / ours", fmt(t[primary]["speedup_vs_readme"]),
-                     fmt(t[other]["speedup_vs_readme"]), "", ""])
-        rows.append([f"context {n}: ours / floor", fmt(t[primary]["ours_over_floor"]),
-                     fmt(t[other]["ours_over_floor"]), "", ""])
+        rows.append([f"context {n}: reference / ours", ratio_str(t[primary]["speedup_vs_reference"], 2),
+                     ratio_str(t[other]["speedup_vs_reference"], 2), goal, verdict])
+        rows.append([f"context {n}: README pseudocode / ours", ratio_str(t[primary]["speedup_vs_readme"], 2),
+                     ratio_str(t[other]["speedup_vs_readme"], 2), "", ""])
+        rows.append([f"context {n}: ours / floor", ratio_str(t[primary]["ours_over_floor"], 2),
+                     ratio_str(t[other]["ours_over_floor"], 2), "", ""])
         mem = c["memory"]
         rows.append([f"context {n}: peak memory ours / reference", f"{mem['ratio']:.4f}", "",
                      f"<= {report['memory_goal']}", "MET" if mem["met"] else "MISSED"])

@@ -47,7 +47,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_measure import Clock, bench_main, spread, table, timed  # noqa: E402
+from bench_measure import Clock, bench_main, ratio_str, spread, table, timed  # noqa: E402
 
 from tensorscope_core import RunConfig, analyze  # noqa: E402
 
@@ -280,12 +280,9 @@ def print_report(report: dict[str, Any]) -> None:
           f"{s['n_seqs']} x {s['seq_len']} tokens, top {report['k']}, tol {report['tol']:g}, "
           f"{s['reps']} interleaved repetitions")
 
-    def fmt(r: dict[str, Any]) -> str:
-        return f"{r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}]"
-
     r = report["ratio"]
     print(table(["time ratio", primary, other, "goal", "verdict"],
-                [["ours / curvlinops+eigsh", fmt(r[primary]), fmt(r[other]), f"<= {report['goal']}",
+                [["ours / curvlinops+eigsh", ratio_str(r[primary]), ratio_str(r[other]), f"<= {report['goal']}",
                   "MET" if report["met"] else "MISSED"]]))
     info = report["info"]
     ex = report["exactness"]

@@ -50,7 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from bench_measure import Clock, bench_main, spread, table, timed  # noqa: E402
+from bench_measure import Clock, bench_main, ratio_str, spread, table, timed, verdict  # noqa: E402
 
 from tensorscope_core import RunConfig, analyze  # noqa: E402
 
@@ -270,16 +270,11 @@ def print_report(report: dict[str, Any]) -> None:
           f"tokens, {s['steps']} Gauss-Legendre steps in chunks of {s['chunk']}, pad-token baseline, "
           f"{s['reps']} interleaved repetitions")
 
-    def fmt(r: dict[str, Any]) -> str:
-        return f"{r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}]"
-
-    def verdict(ok: bool) -> str:
-        return "MET" if ok else "MISSED"
-
     t, f, mem = report["time_ratio"], report["function_time_ratio"], report["memory"]
-    rows = [["time ours (analyze) / Captum", fmt(t[primary]), fmt(t[other]), f"<= {report['goals']['time']}",
+    rows = [["time ours (analyze) / Captum", ratio_str(t[primary]), ratio_str(t[other]),
+             f"<= {report['goals']['time']}",
              f"{verdict(t[primary]['met'])} ({verdict(t[other]['met'])})"],
-            ["time ours (the computation) / Captum", fmt(f[primary]), fmt(f[other]), "", ""],
+            ["time ours (the computation) / Captum", ratio_str(f[primary]), ratio_str(f[other]), "", ""],
             ["peak tensor memory ours / Captum", f"{report['memory_ratio']:.6f}",
              f"{mem['ours']['peak_extra_bytes'] / 2**20:.1f} / {mem['captum']['peak_extra_bytes'] / 2**20:.1f} MiB "
              f"({mem['ours']['peak_extra_bytes'] - mem['captum']['peak_extra_bytes']:+d} B)",

@@ -209,6 +209,18 @@ def probe_plugin(probes: dict[str, Sequence[str]]) -> Any:
     return plugin_module("bench_probe", register_metrics=register_metrics)
 
 
+# -- printing ----------------------------------------------------------------------------------
+
+
+def ratio_str(s: dict[str, Any], digits: int = 3) -> str:
+    """A ratio summary (``spread``) as ``median [min-max]``."""
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("MET" if ok else "MISSED")
+
+
 # -- the command line every side-by-side benchmark script shares --------------------------------
 
 

@@ -48,7 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from bench_measure import Clock, bench_main, spread, table, timed  # noqa: E402
+from bench_measure import Clock, bench_main, ratio_str, spread, table, timed, verdict  # noqa: E402
 
 from tensorscope_core import RunConfig, analyze  # noqa: E402
 
@@ -301,17 +301,11 @@ def print_tracin(report: dict[str, Any]) -> None:
           f"{s['n_train']} train x {s['n_test']} test examples of {s['seq_len']} tokens, our batch "
           f"{s['batch_size']}, {s['reps']} interleaved repetitions")
 
-    def fmt(r: dict[str, Any]) -> str:
-        return f"{r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}]"
-
-    def verdict(ok: bool) -> str:
-        return "MET" if ok else "MISSED"
-
     rows = []
     for key, label in (("ratio_vs_captum_batch_1", "ours / Captum at batch 1"),
                        ("ratio_vs_captum_same_batch", f"ours / Captum at batch {s['batch_size']}")):
         r = report[key]
-        rows.append([label, fmt(r[primary]), fmt(r[other]), f"<= {report['goal']}",
+        rows.append([label, ratio_str(r[primary]), ratio_str(r[other]), f"<= {report['goal']}",
                      f"{verdict(r['met'])} ({verdict(r[other]['met'])})" if key == "ratio_vs_captum_batch_1" else ""])
     print(table(["time ratio", primary, other, "goal", f"verdict {primary} ({other})"], rows))
     a32, a64 = report["agreement_float32"], report["agreement_float64_subset"]

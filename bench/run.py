@@ -44,11 +44,13 @@ from bench_measure import (  # noqa: E402
     bare_forward_backward,
     build_runner,
     probe_plugin,
+    ratio_str,
     run_ours,
     spread,
     table,
     timed,
     timed_registry,
+    verdict,
 )
 from bench_models import FULL, MODELS, QUICK, BenchSize, describe, random_tokens  # noqa: E402
 
@@ -74,16 +76,8 @@ def log(msg: str) -> None:
 # -- tables ------------------------------------------------------------------------------------
 
 
-def ratio_str(s: dict[str, Any]) -> str:
-    return f"{s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
-
-
 def fmt_bytes(n: int | None) -> str:
     return "-" if n is None else format_bytes(n)
-
-
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("MET" if ok else "MISSED")
 
 
 def bytes_check(declared: int | None, measured: int | None) -> tuple[float | None, bool | None]:
