@@ -112,6 +112,16 @@ class PreparedData:
         return digest.hexdigest()
 
 
+
+def tasks_skip_reason(data: PreparedData | None, needed: int = 2) -> str | None:
+    """Why a metric comparing named tasks does not apply (fewer than ``needed``), or None: the
+    ``skip_reason`` of task metrics, one wording for every plugin."""
+    tasks = data.tasks if data is not None else []
+    if len(tasks) >= needed:
+        return None
+    return (f"needs data with at least {needed} named tasks, e.g. data={{'math': [...], 'code': [...]}}; "
+            f"this run has {len(tasks)} ({', '.join(map(repr, tasks)) or 'untasked data'})")
+
 def builtin_corpus() -> list[str]:
     """The small English corpus shipped in the package (one example per line)."""
     text = resources.files("tensorscope_core").joinpath("corpus/tiny.txt").read_text(encoding="utf-8")

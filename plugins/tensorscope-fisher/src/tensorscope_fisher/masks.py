@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 
 from tensorscope_core import Cost, LayerValue, Metric, ModelView, Params, RunShape, ScalarValue, TableValue
-from tensorscope_core.data import PreparedData
+from tensorscope_core.data import PreparedData, tasks_skip_reason
 
 from .diagonal import read_diagonal
 from .fisher_grads import layout_of
@@ -103,11 +103,7 @@ class FisherOverlap(Metric):
 
     @classmethod
     def skip_reason(cls, params: Any, view: ModelView, data: PreparedData | None) -> str | None:
-        tasks = data.tasks if data is not None else []
-        if len(tasks) >= 2:
-            return None
-        return (f"needs data with at least 2 named tasks, e.g. data={{'math': [...], 'code': [...]}}; "
-                f"this run has {len(tasks)} ({', '.join(map(repr, tasks)) or 'untasked data'})")
+        return tasks_skip_reason(data)
 
     @classmethod
     def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:

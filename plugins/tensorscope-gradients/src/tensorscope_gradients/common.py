@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from tensorscope_core import ModelView
-from tensorscope_core.data import PreparedData
 
 TEXT_CHARS = 120
 
@@ -18,15 +17,6 @@ def block_squares(view: ModelView, layer_of: dict[str, int | None], grads: dict[
         layer = layer_of.get(name)
         squares[view.n_layers if layer is None else layer] += g.detach().double().pow(2).sum().cpu()
     return squares
-
-
-def tasks_reason(data: PreparedData | None, needed: int = 2) -> str | None:
-    """Why a task metric does not apply (fewer than ``needed`` named tasks), or None."""
-    tasks = data.tasks if data is not None else []
-    if len(tasks) >= needed:
-        return None
-    return (f"needs data with at least {needed} named tasks, e.g. data={{'math': [...], 'code': [...]}}; "
-            f"this run has {len(tasks)} ({', '.join(map(repr, tasks)) or 'untasked data'})")
 
 
 def example_texts(view: ModelView, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:

@@ -9,9 +9,9 @@ import torch
 from pydantic import Field
 
 from tensorscope_core import Cost, ModelView, RunShape, ScalarValue, SeriesValue, Step, TableValue
-from tensorscope_core.data import PreparedData
+from tensorscope_core.data import PreparedData, tasks_skip_reason
 
-from .common import example_texts, tasks_reason, upper_bound_examples
+from .common import example_texts, upper_bound_examples
 from .maths import bh, fisher_z, null_p_values, robust_null
 from .per_sample import ARTIFACT, release_parameters, request_parameters, requested_layout
 from .selection import SubsetMetric, SubsetParams, planned_size, subset_size
@@ -74,7 +74,7 @@ class SampleConflicts(SubsetMetric):
 
     @classmethod
     def skip_reason(cls, params: SampleConflictParams, view: ModelView, data: PreparedData | None) -> str | None:
-        return tasks_reason(data)
+        return tasks_skip_reason(data)
 
     def setup(self) -> None:
         assert self.view is not None

@@ -12,9 +12,8 @@ from pydantic import Field
 from scipy import stats
 
 from tensorscope_core import Cost, LayerValue, ModelView, RunShape, ScalarValue, Step, TableValue
-from tensorscope_core.data import PreparedData
+from tensorscope_core.data import PreparedData, tasks_skip_reason
 
-from .common import tasks_reason
 from .maths import cosine, pcgrad
 from .selection import SubsetMetric, SubsetParams, layout_of, planned_size
 
@@ -82,7 +81,7 @@ class TaskConflict(SubsetMetric):
 
     @classmethod
     def skip_reason(cls, params: TaskConflictParams, view: ModelView, data: PreparedData | None) -> str | None:
-        return tasks_reason(data)
+        return tasks_skip_reason(data)
 
     def setup(self) -> None:
         assert self.view is not None
