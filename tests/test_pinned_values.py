@@ -1,0 +1,46 @@
+"""Every first-party metric's values on the tiny models are those pinned before the core v2 move.
+
+``tests/pinned_run.py`` runs ``--metrics all`` on tiny GPT-2, LLaMA-GQA and BERT model sets
+(two seeds and a base); ``tests/data/pinned_all_metrics.json`` holds what that run gave before
+the metrics moved onto the public plugin API and the single executor. A refactor of the core
+must leave every status and every number unchanged (to 1e-6, relative to the number's size).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pinned_run import PINNED, run
+
+REL_TOL = 1e-6
+
+
+def _close(got: float | None, want: float | None) -> bool:
+    if got is None or want is None:
+        return got is want
+    if math.isnan(got) or math.isnan(want):  # a metric's own NaN ("not applicable") stays NaN
+        return math.isnan(got) and math.isnan(want)
+    return math.isclose(got, want, rel_tol=REL_TOL, abs_tol=REL_TOL)
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return run(tmp_path_factory.mktemp("pinned"))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_values_equal_the_pinned_run(fresh: dict, family: str) -> None:
+    pinned = json.loads(Path(PINNED).read_text())[family]
+    now = fresh[family]
+    assert now["status"] == pinned["status"]
+    assert sorted(now["values"]) == sorted(pinned["values"])
+    differing = []
+    for field, want in pinned["values"].items():
+        got = now["values"][field]
+        if len(got) != len(want) or not all(_close(g, w) for g, w in zip(got, want)):
+            differing.append(field)
+    assert not differing, f"{len(differing)} fields changed, e.g. {differing[:5]}"
