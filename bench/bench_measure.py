@@ -19,6 +19,7 @@ from tensorscope_core.metric import Metric, RunShape
 from tensorscope_core.models.view import ModelView
 from tensorscope_core.plugins import Registry
 from tensorscope_core.scheduler.graph import resolve
+from tensorscope_core.scheduler.passes import PassCounter
 from tensorscope_core.scheduler.plan import make_plan
 from tensorscope_core.scheduler.run import ModelRunner
 
@@ -76,7 +77,7 @@ def timed_registry(registry: Registry) -> Registry:
 # -- a ModelRunner built by hand (no loading, no fingerprinting in the timed region) -----------
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TimedRunner(ModelRunner):
     """ModelRunner that also times its shared data pass(es)."""
 
@@ -92,14 +93,15 @@ def build_runner(view: ModelView, data: PreparedData, metrics: Sequence[str], re
     """What analyze() builds for one model, minus loading, data preparation and fingerprints."""
     nodes = resolve(list(metrics), {}, registry)
     shape = RunShape(batch_size=config.batch_size, seq_len=data.max_seq_len, n_batches=data.n_batches(),
-                     n_sequences=data.n_sequences, tasks=tuple(data.tasks), seed=config.seed)
+                     n_sequences=data.n_sequences, tasks=tuple(data.tasks), seed=config.seed,
+                     batches=data.batch_layout())
     plan = make_plan(nodes, view, shape, registry, config.budget_bytes, config.min_micro_batch)
     if plan.micro_batch != config.batch_size:
         raise RuntimeError(f"the plan micro-batches ({plan.micro_batch} < {config.batch_size}); "
                            "raise the bench memory budget so timings compare whole batches")
     return TimedRunner(view=view, data=data, nodes=nodes, plan=plan, shape=shape, registry=registry,
                        config=config, cache=None, data_fingerprint=data_fingerprint,
-                       model_fingerprint=model_fingerprint)
+                       model_fingerprint=model_fingerprint, counter=PassCounter([type(view.model)]))
 
 
 @dataclass

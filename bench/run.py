@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import pstats
-import re
 import statistics
 import sys
 import time
@@ -66,7 +65,6 @@ BASIC_PLUGIN = "tensorscope-basic"
 CAPTURE_ONLY = "bench.capture_only"
 ALL_ARTIFACTS = "bench.probe_all_artifacts"
 CLOCK_NAMES = {"cpu": "CPU time", "wall": "wall clock"}
-NOTE_RE = re.compile(r"artifact '(?P<name>[^']+)' held (?P<bytes>\d+) bytes per batch at most")
 
 
 def log(msg: str) -> None:
@@ -294,12 +292,12 @@ def memory_numbers(name: str, model: torch.nn.Module, view: Any, data: Any, one_
         probe_status = f"bench-error: {type(exc).__name__}: {exc}"
     combined = runs["ours_all"][0].ran
 
-    # the same numbers as analyze() records them in ModelRecord.notes
+    # the same numbers as analyze() records them in ModelRecord.artifact_bytes
     start = time.perf_counter()
     results = analyze({name: model}, data.sequences[None], metrics=list(basic), config=config)
     e2e = time.perf_counter() - start
     record = results.record.models[0]
-    noted = {m["name"]: int(m["bytes"]) for m in (NOTE_RE.search(n) for n in record.notes) if m}
+    noted = {name: b.held for name, b in record.artifact_bytes.items()}
 
     artifact_rows = []
     for a in data_artifacts:

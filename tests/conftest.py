@@ -4,7 +4,8 @@ token data, and a way to run analyze() against a registry with extra test metric
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def basic_registry() -> ts_plugins.Registry:
 
 
 @pytest.fixture
-def use_registry(monkeypatch: pytest.MonkeyPatch) -> Callable[..., ts_plugins.Registry]:
+def use_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., ts_plugins.Registry]]:
     """``use_registry(MetricA, MetricB)`` makes analyze() see the core, tensorscope-basic and
     a throwaway plugin registering those metrics; the previous registry comes back after
     the test."""
@@ -63,17 +64,19 @@ def use_registry(monkeypatch: pytest.MonkeyPatch) -> Callable[..., ts_plugins.Re
             extra_plugins=[("test-plugin", ts_plugins.plugin_module("x", register_metrics=register_metrics))])
         broken = [p for p in registry.plugins if p.status != "ok"]
         assert not broken, broken
-        monkeypatch.setattr(ts_plugins, "_REGISTRY", registry)
+        stack.enter_context(ts_plugins.registry_in_use(registry))
         return registry
 
-    return install
+    with ExitStack() as stack:
+        yield install
 
 
 @pytest.fixture
-def basic_only(monkeypatch: pytest.MonkeyPatch, basic_registry: ts_plugins.Registry) -> None:
+def basic_only(basic_registry: ts_plugins.Registry) -> Iterator[None]:
     """Run a test against core + tensorscope-basic only (the previous registry comes back
     after it). Core test modules use it through ``pytestmark``."""
-    monkeypatch.setattr(ts_plugins, "_REGISTRY", basic_registry)
+    with ts_plugins.registry_in_use(basic_registry):
+        yield
 
 
 @pytest.fixture

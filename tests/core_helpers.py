@@ -38,15 +38,18 @@ def flat(values: Iterable[Any]) -> torch.Tensor:
 
 
 def synthetic_record(models: dict[str, dict[str, dict[str, Any]]], *, data: str | dict[str, str] = "data-0",
-                     failed: dict[str, dict[str, str]] | None = None, seed: int = 0) -> Any:
+                     failed: dict[str, dict[str, str]] | None = None, seed: int = 0,
+                     derived_from: dict[str, list[str]] | None = None) -> Any:
     """A RunRecord without running anything: ``{model: {metric: {field: Value}}}``; ``failed``
-    adds ``{model: {metric: reason}}`` error results; ``data`` is one data fingerprint or one per model."""
+    adds ``{model: {metric: reason}}`` error results; ``data`` is one data fingerprint or one per model;
+    ``derived_from`` records ``{metric: sources}`` in the results, as the core does."""
     from tensorscope_core.results.schema import MetricResult, ModelRecord, RunRecord
 
     records = []
     for i, (name, metrics) in enumerate(models.items()):
         results = {m: MetricResult(metric=m, version="1", plugin=f"plugin-{m.split('.')[0]}", status="ok",
-                                   values=values) for m, values in metrics.items()}
+                                   values=values, derived_from=(derived_from or {}).get(m, []))
+                   for m, values in metrics.items()}
         for m, reason in (failed or {}).get(name, {}).items():
             results[m] = MetricResult(metric=m, version="1", plugin=f"plugin-{m.split('.')[0]}", status="error",
                                       reason=reason, error_type="RuntimeError")

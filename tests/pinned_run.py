@@ -29,7 +29,7 @@ from tensorscope_core.results.schema import (
     TableValue,
     TensorValue,
 )
-from tensorscope_core.testing import single_thread, tiny_model
+from tensorscope_core.testing import counting_model_calls, single_thread, tiny_model
 
 PINNED = Path(__file__).parent / "data" / "pinned_all_metrics.json"
 FAMILIES = ("gpt2", "llama", "bert")
@@ -81,15 +81,33 @@ def flatten(result: MetricResult, tensors: dict[str, torch.Tensor]) -> dict[str,
     return flat
 
 
+def _passes(res: Any) -> dict[str, Any]:
+    """What the run recorded of its passes: every model call it counted, and per metric the
+    passes it declared for itself vs the calls counted while it ran."""
+    results = [(m.name, r) for m in res.record.models for r in m.metrics.values()]
+    results += [("*", r) for r in res.record.model_set.values()]
+    recorded = sum(sum(m.model_calls.values()) for m in res.record.models)
+    recorded += sum(r.model_calls or 0 for r in res.record.model_set.values())
+    return {"recorded_calls": recorded,
+            "unattributed": sum(m.model_calls.get("unattributed", 0) for m in res.record.models),
+            "declared_vs_counted": {f"{run}/{r.metric}": (sum(r.passes_declared.values()), r.model_calls or 0)
+                                    for run, r in results if r.status != "skipped" and not r.from_cache}}
+
+
 def run(root: Path) -> dict[str, Any]:
-    """{family: {"status": {run/metric: status}, "values": {run/metric/field: numbers}}}."""
+    """{family: {"status": {run/metric: status}, "values": {run/metric/field: numbers},
+    "passes": what the run recorded of its passes, "counted_calls": model calls counted by hand}}."""
+    import transformers as tf
+
     out: dict[str, Any] = {}
+    classes = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "bert": tf.BertForMaskedLM}
     with single_thread():
         for family in FAMILIES:
             members = {f"{family}-a": tiny_model(family, root / f"{family}-a", seed=1),
                        f"{family}-b": tiny_model(family, root / f"{family}-b", seed=2)}
             base = tiny_model(family, root / f"{family}-base", seed=0)
-            res = analyze(members, data=pinned_data(), metrics="all", config=CONFIG, params=PARAMS, base=base)
+            with counting_model_calls([classes[family]]) as counts:
+                res = analyze(members, data=pinned_data(), metrics="all", config=CONFIG, params=PARAMS, base=base)
             status: dict[str, str] = {}
             values: dict[str, list[float | None]] = {}
             results = [(m.name, r) for m in res.record.models for r in m.metrics.values()]
@@ -99,7 +117,8 @@ def run(root: Path) -> dict[str, Any]:
                 if result.ok:
                     for field, numbers in flatten(result, res.tensors).items():
                         values[f"{run_name}/{result.metric}/{field}"] = numbers
-            out[family] = {"status": status, "values": values}
+            out[family] = {"status": status, "values": values, "passes": _passes(res),
+                           "counted_calls": counts[classes[family].__name__]}
     return out
 
 
@@ -114,11 +133,16 @@ def main() -> None:
     n = sum(len(d["values"]) for d in data.values())
     if args.write:
         PINNED.parent.mkdir(parents=True, exist_ok=True)
-        PINNED.write_text(json.dumps(data, indent=0, sort_keys=True) + "\n")
+        pinned = {f: {"status": d["status"], "values": d["values"]} for f, d in data.items()}
+        PINNED.write_text(json.dumps(pinned, indent=0, sort_keys=True) + "\n")
         print(f"wrote {n} pinned fields to {PINNED}")
     else:
         print(json.dumps({f: {k: v for k, v in d["status"].items() if v != "ok"} for f, d in data.items()},
                          indent=1))
+        for family, d in data.items():
+            wrong = {k: v for k, v in d["passes"]["declared_vs_counted"].items() if v[0] != v[1]}
+            print(f"{family}: counted {d['counted_calls']} model calls, recorded {d['passes']['recorded_calls']}, "
+                  f"unattributed {d['passes']['unattributed']}; declared != counted: {wrong}")
         print(f"{n} fields")
 
 

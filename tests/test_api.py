@@ -8,7 +8,7 @@ import pytest
 
 import tensorscope_core as ts
 from tensorscope_core.errors import BadParameterError
-from tensorscope_core.testing import random_token_data, tiny_model
+from tensorscope_core.testing import random_token_data, temporary_plugin, tiny_model
 
 
 def test_analyze_models_is_analyze() -> None:
@@ -58,9 +58,6 @@ def test_masked_lm_task_loss_does_not_depend_on_other_tasks(tmp_path: Path) -> N
 
 def test_a_parameter_can_name_the_metric_to_read(tmp_path: Path) -> None:
     """Metric.metric_needs(params): a dependency chosen by the user, resolved and passed like a fixed one."""
-    import tensorscope_core.plugins as plugins_module
-    from tensorscope_core.plugins import build_registry, plugin_module
-
     class SourceParams(ts.Params):
         source: str = "basic.weight_norms"
         field: str = "total_norm"
@@ -77,10 +74,7 @@ def test_a_parameter_can_name_the_metric_to_read(tmp_path: Path) -> None:
         def finalize(self):
             return {"read": self.deps[self.params.source].value(self.params.field)}
 
-    saved = plugins_module._REGISTRY
-    plugins_module._REGISTRY = build_registry(extra_plugins=[(
-        "t", plugin_module("t", register_metrics=lambda register: register(Reader)))])
-    try:
+    with temporary_plugin("t", metrics=[Reader]):
         folder = tiny_model("gpt2", tmp_path / "m", with_tokenizer=False)
         res = ts.analyze(str(folder), random_token_data(64, n=4, length=8), ["t.reader"],
                          params={"t.reader": {"source": "basic.loss", "field": "loss"}})
@@ -88,8 +82,6 @@ def test_a_parameter_can_name_the_metric_to_read(tmp_path: Path) -> None:
         assert "basic.weight_norms" not in res.model().metrics
         missing = ts.analyze(str(folder), None, ["t.reader"], params={"t.reader": {"source": "probes.masks"}})
         assert "pip install 'tensorscope[probes]'" in missing.get("t.reader").reason
-    finally:
-        plugins_module._REGISTRY = saved
 
 
 def test_a_metric_reads_the_tensors_of_the_results_it_needs(tmp_path: Path) -> None:
@@ -97,15 +89,11 @@ def test_a_metric_reads_the_tensors_of_the_results_it_needs(tmp_path: Path) -> N
     the per-model ones, also when the dependency comes from the cache; nothing else is passed."""
     import torch
 
-    import tensorscope_core.plugins as plugins_module
-    from tensorscope_core.plugins import build_registry, plugin_module
-
     class Source(ts.Metric):
         name = "t.source"
         artifacts = ("weights",)
 
         def finalize(self):
-            assert self.view is not None
             return {"first": next(self.view.model.parameters()).detach()[:3, :4].clone(), "n": 1.0}
 
     class Reader(ts.Metric):
@@ -119,9 +107,8 @@ def test_a_metric_reads_the_tensors_of_the_results_it_needs(tmp_path: Path) -> N
                 self.tensor_of(self.deps["t.source"], "n")
             return {"doubled": 2 * read}
 
-    class SetReader(ts.Metric):
+    class SetReader(ts.ModelSetMetric):
         name = "t.set_reader"
-        scope = "model_set"
         requires_metrics = ("t.source",)
 
         def compute_set(self, views, results):
@@ -136,14 +123,7 @@ def test_a_metric_reads_the_tensors_of_the_results_it_needs(tmp_path: Path) -> N
             assert set(self.dep_tensors) == {f"{self.view.name}::t.reader::doubled"}  # not t.source's
             return {"ok": 1.0}
 
-    def register_metrics(register) -> None:  # pluggy passes hook arguments by name
-        for cls in (Source, Reader, SetReader, Outsider):
-            register(cls)
-
-    saved = plugins_module._REGISTRY
-    plugins_module._REGISTRY = build_registry(extra_plugins=[("t", plugin_module(
-        "t", register_metrics=register_metrics))])
-    try:
+    with temporary_plugin("t", metrics=[Source, Reader, SetReader, Outsider]):
         a = tiny_model("gpt2", tmp_path / "a", with_tokenizer=False)
         b = tiny_model("gpt2", tmp_path / "b", seed=1, with_tokenizer=False)
         config = ts.RunConfig(cache_dir=tmp_path / "cache")
@@ -155,17 +135,11 @@ def test_a_metric_reads_the_tensors_of_the_results_it_needs(tmp_path: Path) -> N
             torch.testing.assert_close(res.tensor("t.reader", "doubled", model="a"), 2 * firsts[0])
             torch.testing.assert_close(res.tensor("t.set_reader", "sum"), firsts[0] + firsts[1])
         assert res.get("t.source", model="a").from_cache
-    finally:
-        plugins_module._REGISTRY = saved
 
 
 def test_a_per_model_metric_cannot_need_a_model_set_metric(tmp_path: Path) -> None:
-    import tensorscope_core.plugins as plugins_module
-    from tensorscope_core.plugins import build_registry, plugin_module
-
-    class SetMetric(ts.Metric):
+    class SetMetric(ts.ModelSetMetric):
         name = "t.set"
-        scope = "model_set"
 
         def compute_set(self, views, results):
             return {"n": float(len(views))}
@@ -178,14 +152,9 @@ def test_a_per_model_metric_cannot_need_a_model_set_metric(tmp_path: Path) -> No
         def finalize(self):
             return {"x": 1.0}
 
-    saved = plugins_module._REGISTRY
-    plugins_module._REGISTRY = build_registry(extra_plugins=[(
-        "t", plugin_module("t", register_metrics=lambda register: (register(SetMetric), register(NeedsSet))))])
-    try:
+    with temporary_plugin("t", metrics=[SetMetric, NeedsSet]):
         folder = tiny_model("gpt2", tmp_path / "m", with_tokenizer=False)
         res = ts.analyze(str(folder), None, ["t.needs_set", "basic.weight_norms"])
         result = res.get("t.needs_set")
         assert result.status == "error" and "model-set metric" in (result.reason or "")
         assert res.get("basic.weight_norms").ok
-    finally:
-        plugins_module._REGISTRY = saved

@@ -8,19 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import tensorscope_core.plugins as plugins_module
-from tensorscope_core import Metric, NoParams, ScalarValue, analyze
-from tensorscope_core.plugins import build_registry, plugin_module
-from tensorscope_core.testing import tiny_model
+from tensorscope_core import ModelSetMetric, NoParams, ScalarValue, analyze
+from tensorscope_core.testing import temporary_plugin, tiny_model
 
 
-class WeightDistance(Metric):
+class WeightDistance(ModelSetMetric):
     """||theta_b - theta_a||_2 between the first two models, and the change of total weight norm."""
 
     name = "testset.weight_distance"
     summary = "distance between two models' weights"
     Params = NoParams
-    scope = "model_set"
     requires_metrics = ("basic.weight_norms",)
     fields = {"distance": "L2 distance", "norm_change": "total_norm(b) - total_norm(a)"}
 
@@ -35,11 +32,8 @@ class WeightDistance(Metric):
 
 @pytest.fixture
 def registry_with_set_metric() -> Iterator[None]:
-    saved = plugins_module._REGISTRY
-    plugins_module._REGISTRY = build_registry(extra_plugins=[(
-        "testset", plugin_module("testset", register_metrics=lambda register: register(WeightDistance)))])
-    yield
-    plugins_module._REGISTRY = saved
+    with temporary_plugin("testset", metrics=[WeightDistance]):
+        yield
 
 
 def test_model_set_metric_gets_all_models_and_their_results(tmp_path: Path, registry_with_set_metric: None) -> None:

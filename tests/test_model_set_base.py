@@ -7,18 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from tensorscope_core import Analyzer, Metric, NoParams, RunConfig, ScalarValue, TextValue, analyze, plan
+from tensorscope_core import (
+    Analyzer,
+    ModelSetMetric,
+    NoParams,
+    RunConfig,
+    ScalarValue,
+    TextValue,
+    analyze,
+    plan,
+)
 from tensorscope_core.cli import main
 from tensorscope_core.errors import UsageError
 from tensorscope_core.testing import random_token_data, tiny_model
 
 
-class SeesBase(Metric):
+class SeesBase(ModelSetMetric):
     """Reports what the core told it: the base member and the members' order."""
 
     name = "testbase.sees"
     Params = NoParams
-    scope = "model_set"
     requires_metrics = ("basic.weight_norms",)
 
     def compute_set(self, views, results):
@@ -27,20 +35,18 @@ class SeesBase(Metric):
                 "base_norm": ScalarValue(value=base_norm), "has_data": ScalarValue(value=float(bool(self.data)))}
 
 
-class NeedsBase(Metric):
+class NeedsBase(ModelSetMetric):
     name = "testbase.needs"
     Params = NoParams
-    scope = "model_set"
     needs_base = True
 
     def compute_set(self, views, results):
         return {"n": ScalarValue(value=len(views))}
 
 
-class TwoOnly(Metric):
+class TwoOnly(ModelSetMetric):
     name = "testbase.two_only"
     Params = NoParams
-    scope = "model_set"
 
     @classmethod
     def set_skip_reason(cls, params, views, base_name):
@@ -50,12 +56,11 @@ class TwoOnly(Metric):
         return {"n": ScalarValue(value=len(views))}
 
 
-class ReadsData(Metric):
+class ReadsData(ModelSetMetric):
     """Sums the token ids of each member's batches: the data reaches compute_set unchanged."""
 
     name = "testbase.reads_data"
     Params = NoParams
-    scope = "model_set"
 
     @classmethod
     def uses_data(cls, params):
@@ -133,9 +138,10 @@ def test_uses_data_hands_every_members_batches_to_compute_set(family, use_regist
 def test_plan_and_analyzer_take_the_base(family, use_registry) -> None:
     use_registry(SeesBase)
     plans = plan({"math": family["math"]}, base=family["base"], metrics=["testbase.sees"])
-    assert [p.model for p in plans] == ["base", "math"]
+    assert [p.model for p in plans] == ["base", "math", "model set"]  # the model-set stage is planned too
     analyzer = Analyzer(["testbase.sees"])
-    assert [p.model for p in analyzer.plan({"math": family["math"]}, base=family["base"])] == ["base", "math"]
+    assert [p.model for p in analyzer.plan({"math": family["math"]}, base=family["base"])] == \
+        ["base", "math", "model set"]
     result = analyzer.run({"math": family["math"]}, base=family["base"]).get("testbase.sees")
     assert result.value("base").text == "base"
 
@@ -153,4 +159,4 @@ def test_cli_base_option(family, use_registry, tmp_path: Path, capsys: pytest.Ca
     code = main(["plan", f"math={family['math']}", "--base", str(family["base"]), "--metrics", "testbase.sees",
                  "--json"])
     assert code == 0
-    assert [p["model"] for p in json.loads(capsys.readouterr().out)] == ["base", "math"]
+    assert [p["model"] for p in json.loads(capsys.readouterr().out)] == ["base", "math", "model set"]

@@ -25,7 +25,14 @@ from tensorscope_core import HeadValue, Interpretation, Metric, Results, RunConf
 from tensorscope_core import plugins as ts_plugins
 from tensorscope_core.cli import main
 from tensorscope_core.errors import MissingDependencyError, PdfUnavailableError
-from tensorscope_core.report import plots
+from tensorscope_core.report import (
+    compare,
+    discover_correlations,
+    generate_html_report,
+    generate_pdf_report,
+    plots,
+    save_report,
+)
 from tensorscope_core.report.html import render_html
 from tensorscope_core.report.pdf import weasyprint_html
 from tensorscope_core.results.analysis import ReportRecord
@@ -97,14 +104,14 @@ def _registry() -> ts_plugins.Registry:
 @pytest.fixture(scope="module")
 def registry() -> Iterator[ts_plugins.Registry]:
     registry = _registry()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ts_plugins, "_REGISTRY", registry)
+    with ts_plugins.registry_in_use(registry):
         yield registry
 
 
 @pytest.fixture(autouse=True)
-def _use(registry: ts_plugins.Registry, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ts_plugins, "_REGISTRY", registry)
+def _use(registry: ts_plugins.Registry) -> Iterator[None]:
+    with ts_plugins.registry_in_use(registry):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +129,7 @@ def run(registry: ts_plugins.Registry, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="module")
 def report_html(run: Path) -> tuple[Results, str]:
     res = Results.load(run)
-    res.discover_correlations(unit="layer", min_n=5)  # tiny models: 3 x 2 layers; the user's settings win
+    discover_correlations(res, unit="layer", min_n=5)  # tiny models: 3 x 2 layers; the user's settings win
     return res, render_html(res)
 
 
@@ -173,7 +180,7 @@ def test_model_names_are_escaped(tmp_path: Path) -> None:
         SCRIPT: {"m.x": {"v": ScalarValue(value=1.0), "layers": LayerValue(values=[1.0, 2.0])}},
         "plain": {"m.x": {"v": ScalarValue(value=2.0), "layers": LayerValue(values=[2.0, 1.0])}}})
     res = Results(record)
-    path = res.generate_html_report(tmp_path / "report.html")
+    path = generate_html_report(res, tmp_path / "report.html")
     html = path.read_text()
     assert "<script" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html.replace("<wbr>", "")  # break hints in long cells
@@ -203,8 +210,8 @@ def test_single_model_report_has_no_comparison_section() -> None:
 # -- JSON, CSV and the round trip ---------------------------------------------------------------
 def test_save_report_writes_json_with_comparisons_and_findings_and_the_csv(run: Path, tmp_path: Path) -> None:
     res = Results.load(run)
-    found = res.discover_correlations(unit="layer", min_n=5)
-    path = res.save_report(tmp_path / "analysis.json")
+    found = discover_correlations(res, unit="layer", min_n=5)
+    path = save_report(res, tmp_path / "analysis.json")
     assert path == tmp_path / "analysis.json" and (tmp_path / "results.csv").exists()
     with open(tmp_path / "results.csv", newline="") as handle:
         assert handle.read() == res.to_csv()
@@ -215,7 +222,7 @@ def test_save_report_writes_json_with_comparisons_and_findings_and_the_csv(run: 
     loaded = Results.load(path)
     assert loaded.record == res.record
     assert loaded.comparisons == res.comparisons and loaded.correlations["layer"] == found
-    assert res.save_report(tmp_path / "folder").name == "analysis.json"
+    assert save_report(res, tmp_path / "folder").name == "analysis.json"
 
 
 # -- PDF ---------------------------------------------------------------------------------------
@@ -249,7 +256,7 @@ def test_pdf_without_weasyprint_still_writes_the_html(run: Path, tmp_path: Path,
     monkeypatch.setitem(sys.modules, "weasyprint", None)  # as if the extra were not installed
     res = Results.load(run)
     with pytest.raises(PdfUnavailableError) as info:
-        res.generate_pdf_report(tmp_path / "report.pdf")
+        generate_pdf_report(res, tmp_path / "report.pdf")
     assert "tensorscope[report]" in info.value.fix and "libpango-1.0-0" in info.value.fix
     assert (tmp_path / "report.html").exists() and str(tmp_path / "report.html") in info.value.fix
     assert not (tmp_path / "report.pdf").exists()
@@ -261,9 +268,9 @@ def test_analysis_needs_none_of_the_report_dependencies(monkeypatch: pytest.Monk
     folder = tiny_model("gpt2", tmp_path / "m", with_tokenizer=False)
     res = analyze(str(folder), metrics=["basic.weight_norms"], data=random_token_data(64, n=4, length=8))
     res.save(tmp_path / "out")
-    assert res.compare().scalars  # scipy only: one model, no effect sizes needed
+    assert compare(res).scalars  # scipy only: one model, no effect sizes needed
     with pytest.raises(MissingDependencyError, match="jinja2|matplotlib") as info:
-        res.generate_html_report(tmp_path / "r.html")
+        generate_html_report(res, tmp_path / "r.html")
     assert "tensorscope[report]" in info.value.fix
 
 

@@ -32,9 +32,9 @@ py-modules = ["{module}"]
 """
 
 GOOD = '''
-from tensorscope_core import Metric, NoParams, ScalarValue, hookimpl
+from tensorscope_core.plugin_api import Metric, NoParams, ScalarValue, hookimpl
 
-TENSORSCOPE_PLUGIN_API = 1
+TENSORSCOPE_PLUGIN_API = 2
 
 
 class TokenCount(Metric):
@@ -61,7 +61,7 @@ def register_metrics(register):
 '''
 
 BROKEN = "import a_module_that_does_not_exist\n"
-OLD_API = GOOD.replace("TENSORSCOPE_PLUGIN_API = 1", "TENSORSCOPE_PLUGIN_API = 0").replace(
+OLD_API = GOOD.replace("TENSORSCOPE_PLUGIN_API = 2", "TENSORSCOPE_PLUGIN_API = 1").replace(
     "thirdparty.token_count", "oldapi.token_count")
 
 
@@ -102,7 +102,7 @@ def test_plugins_lists_third_party_ok_and_broken_ones_broken(site: Path) -> None
     assert plugins["ts-broken"]["status"] == "broken"
     assert "a_module_that_does_not_exist" in plugins["ts-broken"]["error"]
     assert plugins["ts-oldapi"]["status"] == "broken"
-    assert "plugin API 0" in plugins["ts-oldapi"]["error"]
+    assert "plugin API 1" in plugins["ts-oldapi"]["error"]
     assert plugins["tensorscope-basic"]["status"] == "ok"
 
 

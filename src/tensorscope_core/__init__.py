@@ -1,8 +1,8 @@
 """TensorScope core: many analysis metrics of a model in one shared run.
 
 Public API: ``analyze`` (alias ``analyze_models``), ``plan``, ``RunConfig``, ``Results``,
-and for plugin authors ``Metric``, ``Params``, ``Step``, ``RunShape``, ``Cost``,
-``ArtifactSpec``, ``hookimpl``, ``Interpretation`` and the value types.
+and the value types. Plugin authors import from ``tensorscope_core.plugin_api`` (the versioned
+plugin API); ``Metric``, ``ModelSetMetric``, ``Params`` and the like are also here for notebooks.
 """
 
 from importlib import metadata as _metadata
@@ -17,7 +17,7 @@ from .artifacts import ArtifactSpec
 from .config import RunConfig
 from .data import Batch, builtin_corpus
 from .hookspecs import PLUGIN_API_VERSION, hookimpl
-from .metric import Metric, NoParams, Params, RunShape, Step
+from .metric import Metric, ModelSetMetric, NoParams, Params, RunShape, Step
 from .models.adapters import GenericAdapter
 from .models.load import ModelSource
 from .models.view import HeadWeights, ModelView
@@ -49,6 +49,7 @@ __all__ = [
     "LayerValue",
     "Metric",
     "MetricResult",
+    "ModelSetMetric",
     "ModelSource",
     "ModelView",
     "NoParams",

@@ -18,15 +18,17 @@ from .data import DataSpec, PreparedData, builtin_corpus, materialize, prepare_d
 from .errors import PlanDoesNotFitError, UsageError
 from .metric import RunShape
 from .models.adapters import Adapter
-from .models.load import ModelSource, load_model, modules_restored
+from .models.load import ModelSource, load_model, modules_restored, release
 from .models.view import ModelView
 from .plugins import Registry, get_registry
 from .results import Results
-from .results.schema import MetricResult, ModelRecord, RunRecord
+from .results.schema import ArtifactBytes, ModelRecord, RunRecord
 from .results.store import ResultCache
 from .scheduler.graph import MetricNode, resolve
-from .scheduler.plan import ModelPlan, make_plan
-from .scheduler.run import ModelRunner, needed_tensors, to_values
+from .scheduler.model_set import ModelSetRunner
+from .scheduler.passes import PassCounter
+from .scheduler.plan import ModelPlan, ModelSetPlan, make_plan, make_set_plan, set_costs, set_passes
+from .scheduler.run import ModelRunner
 
 ModelSpec = str | os.PathLike[str] | nn.Module | ModelSource
 ModelsArg = ModelSpec | Sequence[ModelSpec] | Mapping[str, ModelSpec]
@@ -64,15 +66,19 @@ class Prepared:
     data: PreparedData | None
     shape: RunShape
     plan: ModelPlan
+    weights_bytes: int
+    set_declared: dict[str, int]
+    set_passes: dict[str, dict[str, int]]
 
 
 def _needs_data(nodes: Sequence[MetricNode]) -> bool:
-    return any(set(n.cls.artifacts) - {"weights"} or (n.cls.scope == "model_set" and n.cls.uses_data(n.params))
+    return any(set(n.cls.artifacts) - {"weights"} or (n.cls.scope == "model_set" and n.set_cls.uses_data(n.params))
                for n in nodes if n.unavailable is None)
 
 
 def _prepare(src: ModelSource, data: DataSpec | None, nodes: Sequence[MetricNode], config: RunConfig,
-             registry: Registry, adapter: Adapter | None, tokenizer: Any) -> Prepared:
+             registry: Registry, adapter: Adapter | None, tokenizer: Any, members: Sequence[str],
+             base_name: str | None) -> Prepared:
     view = load_model(src, registry.adapters, dtype=config.dtype, device=config.device, adapter=adapter,
                       tokenizer=tokenizer)
     prepared_data = None
@@ -86,93 +92,73 @@ def _prepare(src: ModelSource, data: DataSpec | None, nodes: Sequence[MetricNode
         n_batches=prepared_data.n_batches() if prepared_data else 0,
         n_sequences=prepared_data.n_sequences if prepared_data else 0,
         tasks=tuple(prepared_data.tasks) if prepared_data else (),
-        seed=config.seed)
+        seed=config.seed, batches=prepared_data.batch_layout() if prepared_data else ())
     plan = make_plan(nodes, view, shape, registry, config.budget_bytes, config.min_micro_batch)
-    return Prepared(src, view, prepared_data, shape, plan)
+    return Prepared(src, view, prepared_data, shape, plan, view.param_bytes, set_costs(nodes, view, shape),
+                    set_passes(nodes, view, shape, members, base_name))
+
+
+def _reads_weights(nodes: Sequence[MetricNode]) -> bool:
+    """Whether a runnable model-set metric reads the members' weights (else they are released)."""
+    return any(n.set_cls.reads_weights for n in nodes if n.cls.scope == "model_set" and n.unavailable is None)
+
+
+def _releasable(src: ModelSource) -> bool:
+    """A member loaded by the run (from a path) can have its weights released; a module the
+    caller passed stays as it is (its memory is the caller's)."""
+    return isinstance(src.source, (str, os.PathLike))
+
+
+def _set_plan(nodes: Sequence[MetricNode], prepared: Sequence[Prepared], config: RunConfig) -> ModelSetPlan | None:
+    declared: dict[str, int] = {}
+    for p in prepared:
+        for name, nbytes in p.set_declared.items():
+            declared[name] = max(declared.get(name, 0), nbytes)
+    keep = _reads_weights(nodes)
+    kept = [p.weights_bytes if keep or not _releasable(p.source) else 0 for p in prepared]
+    return make_set_plan(nodes, [p.plan for p in prepared], kept, declared,
+                         config.budget_bytes, prepared[0].set_passes if prepared else {})
 
 
 def plan(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequence[str] = "all", *,
          config: RunConfig | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
          base_config: str | None = None, adapter: Adapter | None = None, tokenizer: Any = None,
-         base: ModelSpec | None = None) -> list[ModelPlan]:
-    """The pass and memory plan of each model (the base first, when given), without running any pass."""
+         base: ModelSpec | None = None, registry: Registry | None = None) -> list[ModelPlan | ModelSetPlan]:
+    """The pass and memory plan of each model (the base first, when given), then the model-set
+    stage's when model-set metrics are asked for, without running any pass."""
     config = config or RunConfig()
-    registry = get_registry()
+    registry = registry or get_registry()
     nodes = resolve(metrics, params or {}, registry)
     sources = _sources(models, base_config, base)
-    plans = []
+    names, base_name = [s.display_name for s in sources], (BASE_NAME if base is not None else None)
+    prepared = []
     with modules_restored(sources):
         for src in sources:
-            prepared = _prepare(src, data, nodes, config, registry, adapter, tokenizer)
-            plans.append(prepared.plan)
-            prepared.view = None
-    return plans
+            p = _prepare(src, data, nodes, config, registry, adapter, tokenizer, names, base_name)
+            p.view = None
+            prepared.append(p)
+    set_plan = _set_plan(nodes, prepared, config)
+    return [p.plan for p in prepared] + ([set_plan] if set_plan is not None else [])
 
 
 def _record_model(runner: ModelRunner, prepared: Prepared, order: Sequence[str]) -> ModelRecord:
     view = runner.view
     d = prepared.data
     notes = list(d.notes) if d else []
-    notes += [f"artifact '{k}' held {v} bytes per batch at most" for k, v in sorted(runner.artifact_bytes.items())]
     return ModelRecord(
         name=view.name, family=view.family, fingerprint=runner.model_fingerprint, dims=view.dims(),
         data_fingerprint=runner.data_fingerprint, n_sequences=len(d.used_sequences()) if d else 0,
         n_tokens=sum(len(s) for s in d.used_sequences()) if d else 0,
-        passes=dict(runner.passes), notes=notes,
+        passes=dict(runner.passes), model_calls=dict(sorted(runner.counter.calls.items())), notes=notes,
+        artifact_bytes={k: ArtifactBytes(declared=runner.artifact_declared.get(k, 0), held=v)
+                        for k, v in sorted(runner.artifact_bytes.items())},
         metrics={name: runner.results[name] for name in order if name in runner.results})
-
-
-def _run_model_set(nodes: Sequence[MetricNode], views: dict[str, ModelView], records: list[ModelRecord],
-                   tensors: dict[str, torch.Tensor], *, base_name: str | None = None,
-                   data: Mapping[str, PreparedData] | None = None,
-                   shape: RunShape | None = None) -> dict[str, MetricResult]:
-    results: dict[str, MetricResult] = {}
-    per_model = {r.name: r.metrics for r in records}
-    for node in nodes:
-        if node.cls.scope != "model_set":
-            continue
-        base = {"metric": node.name, "version": node.cls.version, "plugin": node.plugin,
-                "params": node.params.model_dump(mode="json")}
-        if node.unavailable:
-            results[node.name] = MetricResult(**base, status="error", reason=node.unavailable,
-                                              error_type="Unavailable")
-            continue
-        failed = [(model, dep, metrics[dep]) for model, metrics in per_model.items()
-                  for dep in node.needs if dep in metrics and not metrics[dep].ok]
-        if failed:  # as for per-model metrics: a dependency that did not end ok skips its dependents
-            model, dep, cause = failed[0]
-            results[node.name] = MetricResult(**base, status="skipped",
-                                              reason=f"dependency '{dep}' {cause.status} on {model}: {cause.reason}")
-            continue
-        if node.cls.needs_base and base_name is None:
-            results[node.name] = MetricResult(**base, status="skipped", reason=(
-                f"{node.name} compares fine-tunes with their base model and this run has none: "
-                f"pass base=... (CLI --base BASE_MODEL)"))
-            continue
-        start = time.perf_counter()
-        try:
-            reason = node.cls.set_skip_reason(node.params, views, base_name)
-            if reason is not None:
-                results[node.name] = MetricResult(**base, status="skipped", reason=reason)
-                continue
-            needed = needed_tensors((metrics[dep] for metrics in per_model.values() for dep in node.needs
-                                     if dep in metrics), tensors)
-            instance = node.cls(node.params, shape or RunShape(0, 0, 0, 0, (), 0), None, {}, needed,
-                                base_name=base_name, data=data)
-            output = instance.compute_set(views, per_model)
-            values = to_values(node.name, "*", output, tensors)
-            results[node.name] = MetricResult(**base, status="ok", values=values,
-                                              seconds=round(time.perf_counter() - start, 4))
-        except Exception as exc:
-            results[node.name] = MetricResult(**base, status="error", reason=f"{type(exc).__name__}: {exc}",
-                                              error_type=type(exc).__name__)
-    return results
 
 
 def analyze(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequence[str] = "all", *,
             config: RunConfig | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
             base_config: str | None = None, adapter: Adapter | None = None, tokenizer: Any = None,
-            base: ModelSpec | None = None) -> Results:
+            base: ModelSpec | None = None, registry: Registry | None = None) -> Results:
     """Compute ``metrics`` on each model in one shared run per model.
 
     ``models``: a path, a module, a list of them, or ``{name: model}``. ``base``: the base
@@ -181,9 +167,11 @@ def analyze(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequ
     .txt/.jsonl path, token id tensors, a DataLoader, or ``{task: data}``; None uses the
     built-in corpus. Every model is loaded, its data checked and its memory planned
     before any pass runs: a plan over ``config.memory_budget`` raises PlanDoesNotFitError.
+    ``registry``: the plugins to use (``tensorscope_core.testing.temporary_plugin`` builds one
+    with extra plugins); default: every installed plugin.
     """
     config = config or RunConfig()
-    registry = get_registry()
+    registry = registry or get_registry()
     nodes = resolve(metrics, params or {}, registry)
     sources = _sources(models, base_config, base)
     data = materialize(data)
@@ -196,8 +184,9 @@ def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[Metr
              registry: Registry, adapter: Adapter | None, tokenizer: Any, base_name: str | None = None) -> Results:
     started = time.perf_counter()
     prepared: list[Prepared] = []
+    names = [s.display_name for s in sources]
     for i, src in enumerate(sources):
-        p = _prepare(src, data, nodes, config, registry, adapter, tokenizer)
+        p = _prepare(src, data, nodes, config, registry, adapter, tokenizer, names, base_name)
         if not p.plan.fits:
             raise PlanDoesNotFitError(
                 f"the plan for {p.plan.model} needs {p.plan.peak_bytes} bytes, over the budget of "
@@ -207,6 +196,13 @@ def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[Metr
         if i < len(sources) - 1 and isinstance(src.source, (str, os.PathLike)):
             p.view = None  # reloaded when its turn comes: only one model is held at a time
         prepared.append(p)
+    set_plan = _set_plan(nodes, prepared, config)
+    if set_plan is not None and not set_plan.fits:
+        raise PlanDoesNotFitError(
+            f"the model-set stage needs {set_plan.peak_bytes} bytes (every member's weights stay loaded for it), "
+            f"over the budget of {config.budget_bytes}",
+            "raise memory_budget, analyse fewer models in one run, or drop the model-set metrics",
+            set_plan.render())
     cache = ResultCache(Path(config.cache_dir)) if config.cache_dir else None
     progress = None
     bar = None
@@ -218,9 +214,12 @@ def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[Metr
         progress = (lambda model, n: bar.update(n))  # noqa: E731
     records: list[ModelRecord] = []
     tensors: dict[str, torch.Tensor] = {}
-    keep_views = any(n.cls.scope == "model_set" for n in nodes)
+    keep_views = set_plan is not None
+    release_weights = keep_views and not _reads_weights(nodes)
     views: dict[str, ModelView] = {}
     set_data: dict[str, PreparedData] = {}
+    member_keys: dict[str, dict[str, str]] = {}
+    fingerprints: dict[str, tuple[str, str | None]] = {}
     order = [n.name for n in nodes]
     try:
         for p in prepared:
@@ -230,11 +229,16 @@ def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[Metr
             runner = ModelRunner(view=view, data=p.data, nodes=nodes, plan=p.plan, shape=p.shape,
                                  registry=registry, config=config, cache=cache,
                                  data_fingerprint=p.data.fingerprint() if p.data else None,
-                                 model_fingerprint=view.fingerprint(), progress=progress)
+                                 model_fingerprint=view.fingerprint(), progress=progress,
+                                 counter=PassCounter([type(view.model)]))
             runner.run()
             records.append(_record_model(runner, p, order))
             tensors.update(runner.tensors)
+            member_keys[view.name] = dict(runner.keys)
+            fingerprints[view.name] = (runner.model_fingerprint, runner.data_fingerprint)
             if keep_views:
+                if release_weights and _releasable(p.source):
+                    release(view)
                 views[view.name] = view
                 if p.data is not None:
                     set_data[view.name] = p.data
@@ -242,8 +246,14 @@ def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[Metr
     finally:
         if bar is not None:
             bar.close()
-    model_set = _run_model_set(nodes, views, records, tensors, base_name=base_name, data=set_data,
-                               shape=prepared[0].shape if prepared else None)
+    model_set = {}
+    if set_plan is not None:
+        set_runner = ModelSetRunner(
+            registry=registry, config=config, cache=cache, tensors=tensors, nodes=nodes, views=views,
+            per_model={r.name: r.metrics for r in records}, member_keys=member_keys, fingerprints=fingerprints,
+            shape=prepared[0].shape, declared=set_plan.declared_state, base_name=base_name, data=set_data,
+            counter=PassCounter({type(v.model) for v in views.values()}))
+        model_set = set_runner.run()
     record = RunRecord(
         tensorscope_version=registry.plugin_version("tensorscope-core") or "unknown",
         plugins=registry.plugins, config=config.model_dump(mode="json"), device=config.device,
@@ -267,7 +277,7 @@ class Analyzer:
         self.adapter = adapter
         resolve(metrics, self.params, get_registry())  # fail on bad names and parameters now, not later
 
-    def plan(self, models: ModelsArg, data: DataSpec | None = None, **kwargs: Any) -> list[ModelPlan]:
+    def plan(self, models: ModelsArg, data: DataSpec | None = None, **kwargs: Any) -> list[ModelPlan | ModelSetPlan]:
         return plan(models, data, self.metrics, config=self.config, params=self.params, adapter=self.adapter,
                     **kwargs)
 

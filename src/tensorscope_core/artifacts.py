@@ -6,19 +6,22 @@ so each pass runs once per batch. Plugins add artifacts through ``register_artif
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .models.view import ModelView
 
 if TYPE_CHECKING:
     from .capture import CaptureContext
 
-PassKind = Literal["weights", "forward", "backward"]
-PASS_ORDER: tuple[PassKind, ...] = ("weights", "forward", "backward")
+#: ``data``: the batches only (no model call: for metrics that make their own passes over them)
+PassKind = Literal["weights", "data", "forward", "backward"]
+PASS_ORDER: tuple[PassKind, ...] = ("weights", "data", "forward", "backward")
 Combine = Literal["cat", "sum"]
 BytesFn = Callable[[ModelView, int, int], int]
+#: what one consumer asks of a parameterised artifact (layers, modules, parameter names, label kinds)
+Request = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,23 @@ class ArtifactSpec:
     requires: tuple[str, ...] = ()
     combine: Combine = "cat"
     forward_kwargs: tuple[tuple[str, object], ...] = ()
+    own_passes: Callable[[ModelView, int, int, Request], dict[str, int]] | None = None
+    merge: Callable[[Sequence[Request]], Request] | None = None
+    request_nbytes: Callable[[ModelView, int, int, Request], int] | None = None
+    #: bytes the producer holds only while it derives one micro-batch (``view, rows, seq, request``):
+    #: the activations of a backward of its own, captured inputs; the plan adds them to the pass's
+    #: peak, and they are not part of the value the run measures
+    transient_nbytes: Callable[[ModelView, int, int, Request], int] | None = None
+
+    def transient_for(self, view: ModelView, rows: int, seq: int, request: Request) -> int:
+        """Bytes the producer holds while deriving one micro-batch of ``rows`` (0 when undeclared)."""
+        return 0 if self.transient_nbytes is None else self.transient_nbytes(view, rows, seq, request)
+
+    def bytes_for(self, view: ModelView, batch: int, seq: int, request: Request) -> int:
+        """Bytes of one batch of the artifact's value under the (merged) ``request``."""
+        if self.request_nbytes is not None:
+            return self.request_nbytes(view, batch, seq, request)
+        return self.nbytes(view, batch, seq)
 
 
 def act_bytes(view: ModelView, batch: int, seq: int) -> int:

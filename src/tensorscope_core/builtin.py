@@ -6,15 +6,16 @@ from collections.abc import Callable
 from typing import Any
 
 from .core_artifacts import CORE_ARTIFACTS
+from .example_grads import PER_EXAMPLE_GRADS
 from .hookspecs import hookimpl
 from .models.adapters import BUILTIN_ADAPTERS
 
-TENSORSCOPE_PLUGIN_API = 1
+TENSORSCOPE_PLUGIN_API = 2
 
 
 @hookimpl
 def register_artifacts(register: Callable[[Any], None]) -> None:
-    for spec in CORE_ARTIFACTS:
+    for spec in (*CORE_ARTIFACTS, PER_EXAMPLE_GRADS):
         register(spec)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,14 +15,18 @@ from .artifacts import ArtifactSpec
 from .data import Batch
 from .models.view import ModelView
 
+if TYPE_CHECKING:
+    from .core_artifacts import LossTargets
+
 
 @dataclass
 class CaptureContext:
     """What artifact producers see: the model view, the current micro-batch, and the store.
 
     ``store`` is emptied before every micro-batch; producers write tensors into it.
-    ``batch_tokens`` is the number of loss tokens in the whole batch, so a loss
-    summed over micro-batches equals the mean over the batch.
+    ``targets`` are the run's loss targets of the current micro-batch (what the shared
+    forward saw and predicts). ``batch_tokens`` is the number of loss tokens in the whole
+    batch, so a loss summed over micro-batches equals the mean over the batch.
     """
 
     view: ModelView
@@ -30,11 +34,18 @@ class CaptureContext:
     seed: int
     store: dict[str, Any] = field(default_factory=dict)
     batch: Batch | None = None
+    targets: LossTargets | None = None
     model_input: torch.Tensor | None = None
     outputs: Any = None
     batch_tokens: int = 0
     grad_enabled: bool = False
+    #: the merged request of each parameterised artifact of the pass (``ArtifactSpec.merge``)
+    requests: dict[str, Any] = field(default_factory=dict)
     _handles: list[RemovableHandle] = field(default_factory=list)
+
+    def request(self, name: str) -> Any:
+        """What the pass's consumers asked of artifact ``name``, merged (empty when none asked)."""
+        return self.requests.get(name, {})
 
     def forward_hook(self, module: nn.Module, fn: Any, *, pre: bool = False) -> None:
         """Register a hook for the run (removed when the run's capture scope exits)."""
@@ -56,9 +67,10 @@ class CaptureContext:
 
 
 @contextmanager
-def capture_scope(view: ModelView, specs: Sequence[ArtifactSpec], seed: int) -> Iterator[CaptureContext]:
+def capture_scope(view: ModelView, specs: Sequence[ArtifactSpec], seed: int,
+                  requests: dict[str, Any] | None = None) -> Iterator[CaptureContext]:
     """Install every wanted artifact's hooks once; remove them on exit, also on error."""
-    ctx = CaptureContext(view=view, wanted=frozenset(s.name for s in specs), seed=seed)
+    ctx = CaptureContext(view=view, wanted=frozenset(s.name for s in specs), seed=seed, requests=dict(requests or {}))
     try:
         for spec in specs:
             if spec.install is not None:
@@ -92,6 +104,8 @@ def combine_micro(parts: list[Any]) -> Any:
         return torch.cat(parts, dim=0)
     if isinstance(first, list):
         return [combine_micro([p[i] for p in parts]) for i in range(len(first))]
+    if callable(getattr(type(first), "cat", None)):  # a value type that joins its own micro-batches
+        return type(first).cat(parts)
     raise TypeError(f"cannot concatenate artifact values of type {type(first).__name__}")
 
 

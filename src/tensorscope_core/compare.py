@@ -147,8 +147,7 @@ def _compare_scalar(key: tuple[str, str], values: Mapping[str, ScalarValue], ord
 
 
 def _labelled(value: LayerValue) -> dict[str, float | None]:
-    labels = value.labels or [str(i) for i in range(len(value.values))]
-    return dict(zip(labels, value.values, strict=True))
+    return dict(zip(value.keys(), value.values, strict=True))
 
 
 def _layer_trajectories(order: ModelOrder, records: Mapping[str, ModelRecord],

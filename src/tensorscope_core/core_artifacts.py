@@ -104,7 +104,8 @@ def _derive_logits(ctx: CaptureContext) -> None:
 
 
 def _derive_token_loss(ctx: CaptureContext) -> None:
-    targets: LossTargets = ctx.store["_targets"]
+    targets = ctx.targets
+    assert targets is not None, "the runner sets the micro-batch's targets before the forward"
     logits = ctx.outputs.logits
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # half-precision log-softmax loses the small probabilities
@@ -133,6 +134,8 @@ def _resid_bytes(view: ModelView, batch: int, seq: int) -> int:
 
 CORE_ARTIFACTS: tuple[ArtifactSpec, ...] = (
     ArtifactSpec("weights", "weights", "the model's parameters (no data)", lambda v, b, s: 0),
+    ArtifactSpec("batches", "data", "the run's batches and their loss targets only (Step.batch, Step.targets), "
+                 "with no shared forward: for metrics that make their own passes over them", lambda v, b, s: 0),
     ArtifactSpec("logits", "forward", "output logits [batch, seq, vocab]",
                  lambda v, b, s: b * s * v.vocab_size * v.dtype_bytes, derive=_derive_logits),
     ArtifactSpec("token_loss", "forward",

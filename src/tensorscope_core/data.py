@@ -87,6 +87,19 @@ class PreparedData:
                 index += 1
                 n_batches += 1
 
+    def batch_layout(self) -> tuple[tuple[int, int, str | None], ...]:
+        """(rows, padded length, task) of each batch in order, without padding anything: what a
+        declared cost or pass count may depend on."""
+        layout = []
+        for task, seqs in self.sequences.items():
+            starts = range(0, len(seqs), self.batch_size)
+            if self.max_batches is not None:
+                starts = starts[:self.max_batches]
+            for start in starts:
+                rows = seqs[start:start + self.batch_size]
+                layout.append((len(rows), max(len(r) for r in rows), task))
+        return tuple(layout)
+
     def used_sequences(self) -> list[torch.Tensor]:
         """The sequences the batches actually hold (``max_batches`` may leave some out)."""
         used: list[torch.Tensor] = []

@@ -105,8 +105,10 @@ def run_demo(out: str | Path, *, steps: Sequence[int] = CHECKPOINT_STEPS, seed: 
 
 def write_available_reports(results: Results, out: Path, log: Callable[[str], None]) -> None:
     """HTML and PDF reports where their optional dependencies are installed; a note where not."""
+    from .report import generate_html_report, generate_pdf_report
+
     try:
-        log(f"wrote {results.generate_html_report(out / 'report.html')}")
-        log(f"wrote {results.generate_pdf_report(out / 'report.pdf')}")
+        log(f"wrote {generate_html_report(results, out / 'report.html')}")
+        log(f"wrote {generate_pdf_report(results, out / 'report.pdf')}")
     except MissingDependencyError as exc:
         log(f"report not written: {exc.problem} (fix: {exc.fix})")

@@ -3,10 +3,13 @@
 Units: ``layer`` (one observation per model and layer), ``head`` (model, layer, head),
 ``model`` (one scalar per model) and ``checkpoint`` (the change of a scalar between
 consecutive checkpoints: two metrics that both drift during training would
-otherwise always correlate through time alone). A metric is never paired with
-itself (any two of its fields) nor with a metric it is declared to derive from
-(``Metric.derived_from``, followed transitively). All tested pairs of one call are
-one Benjamini-Hochberg family.
+otherwise always correlate through time alone). Per-layer values are joined only with
+values on the same axis (``LayerValue.axis``: blocks, residual-stream positions, or
+labelled entries), so the embeddings (``resid`` position 0) never meet block 0. A metric
+is never paired with itself (any two of its fields) nor with a metric it is declared to
+derive from (``derived_from`` as recorded in the results, followed transitively), so a
+report made where a plugin is not installed excludes the same pairs. All tested pairs
+of one call are one Benjamini-Hochberg family.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .compare import order_models
@@ -34,15 +37,18 @@ class Variable:
     metric: str
     field: str
     values: dict[Key, float]
+    #: per-layer values: the axis their entries live on; pairs are formed within one axis
+    axis: str = ""
 
     @property
     def label(self) -> str:
         return f"{self.metric}.{self.field}"
 
 
-def _put(found: dict[str, Variable], metric: str, field: str, key: Key, value: float | None) -> None:
+def _put(found: dict[str, Variable], metric: str, field: str, key: Key, value: float | None,
+         axis: str = "") -> None:
     if value is not None and math.isfinite(value):
-        var = found.setdefault(f"{metric}.{field}", Variable(metric, field, {}))
+        var = found.setdefault(f"{metric}.{field}", Variable(metric, field, {}, axis))
         var.values[key] = value
 
 
@@ -57,9 +63,8 @@ def collect(record: RunRecord, unit: Unit, order: ModelOrder) -> dict[str, Varia
                 continue
             for field, value in result.values.items():
                 if unit == "layer" and isinstance(value, LayerValue):
-                    labels = value.labels or [str(i) for i in range(len(value.values))]
-                    for label, v in zip(labels, value.values, strict=True):
-                        _put(found, result.metric, field, (name, label), v)
+                    for key, v in zip(value.keys(), value.values, strict=True):
+                        _put(found, result.metric, field, (name, key), v, value.on_axis)
                 elif unit == "head" and isinstance(value, HeadValue):
                     for layer, row in enumerate(value.values):
                         for head, v in enumerate(row):
@@ -75,18 +80,16 @@ def collect(record: RunRecord, unit: Unit, order: ModelOrder) -> dict[str, Varia
     return found
 
 
-def derivations(metrics: Iterable[str], extra: Mapping[str, Sequence[str]] | None = None) -> dict[str, set[str]]:
-    """Each metric's declared sources (``Metric.derived_from`` in the registry, plus
-    ``extra``), followed transitively."""
-    from .plugins import get_registry
-
-    registry = get_registry()
+def derivations(record: RunRecord, extra: Mapping[str, Sequence[str]] | None = None) -> dict[str, set[str]]:
+    """Each metric's declared sources as recorded in its results (``MetricResult.derived_from``),
+    plus ``extra``, followed transitively."""
     direct: dict[str, set[str]] = {}
-    for name in metrics:
-        cls = registry.metrics.get(name)
-        direct[name] = set(getattr(cls, "derived_from", ()) or ()) | set((extra or {}).get(name, ()))
+    results = [r for m in record.models for r in m.metrics.values()] + list(record.model_set.values())
+    for result in results:
+        direct.setdefault(result.metric, set()).update(result.derived_from)
     for name, sources in (extra or {}).items():
         direct.setdefault(name, set()).update(sources)
+
     def sources_of(source: str) -> set[str]:
         """What ``source`` (a metric, or a ``metric.field`` label) is derived from in turn."""
         owner = next((m for m in direct if source == m or source.startswith(m + ".")), None)
@@ -145,9 +148,10 @@ def discover_correlations(record: RunRecord, metrics: Sequence[str] | None = Non
         raise UsageError("unit='checkpoint' needs models ordered as checkpoints",
                          "name them with their step (ckpt_step_1000, checkpoint-500) or pass order=[...]")
     found = _select(collect(record, unit, ordering), metrics)
-    derived_map = derivations({v.metric for v in found.values()}, derived)
+    derived_map = derivations(record, derived)
     out = Discovery(unit=unit, method=method, min_n=min_n, fdr=fdr, variables=sorted(found))
-    for x, y in itertools.combinations([found[k] for k in sorted(found)], 2):
+    pairs = [(x, y) for x, y in itertools.combinations([found[k] for k in sorted(found)], 2) if x.axis == y.axis]
+    for x, y in pairs:
         reason = _excluded(x, y, derived_map)
         if reason:
             out.excluded.append(ExcludedPair(x=x.label, y=y.label, reason=reason))

@@ -13,6 +13,7 @@ tensors passed in (for gradients, Hessian-vector products and fitted paths).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +27,7 @@ from .data import Batch
 from .models.view import ModelView
 
 _COPY_KEY = "tensorscope_core.functional.hook_free_copy"
+_VIEW_KEY = "tensorscope_core.functional.hook_free_view"
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
                "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
                "_backward_pre_hooks")
@@ -48,6 +50,32 @@ def hook_free_copy(view: ModelView) -> nn.Module:
                     setattr(module, attr, type(hooks)())
         view.extras[_COPY_KEY] = shadow
     return shadow
+
+
+def hook_free_view(view: ModelView) -> ModelView:
+    """The view of ``hook_free_copy(view)``: the same parameters and buffers, none of the run's
+    capture hooks, every mapped part (blocks, attention, MLP and attention output modules, final
+    norm, unembedding) replaced by its twin in the copy.
+
+    Forwards of a metric's own during the shared pass (inside ``update``) run on it, so the
+    capture hooks never see them. Built once per view.
+    """
+    twin_view: ModelView | None = view.extras.get(_VIEW_KEY)
+    if twin_view is None:
+        copy_ = hook_free_copy(view)
+        name_of = {id(module): name for name, module in view.model.named_modules()}
+        modules = dict(copy_.named_modules())
+
+        def twin(module: Any) -> Any:
+            return None if module is None else modules[name_of[id(module)]]
+
+        twin_view = dataclasses.replace(
+            view, model=copy_, embed=twin(view.embed), blocks=[twin(m) for m in view.blocks],
+            attn=[twin(m) for m in view.attn], mlp_out=[twin(m) for m in view.mlp_out],
+            attn_out=[twin(m) for m in view.attn_out], final_norm=twin(view.final_norm),
+            unembed=twin(view.unembed), extras={})
+        view.extras[_VIEW_KEY] = twin_view
+    return twin_view
 
 
 def batch_logits(view: ModelView, batch: Batch, targets: LossTargets,

@@ -17,7 +17,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 #: Bumped when a hook's contract changes incompatibly. A plugin module declares the
 #: version it was written for as ``TENSORSCOPE_PLUGIN_API``; a mismatch marks it broken.
-PLUGIN_API_VERSION = 1
+PLUGIN_API_VERSION = 2
 
 
 @hookspec

@@ -9,13 +9,14 @@ into typed values. Nothing here knows any metric maths.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from .core_artifacts import LossTargets, loss_targets
 from .data import Batch, PreparedData
 from .models.view import ModelView
 from .results.schema import Cost, MetricResult, TensorValue
@@ -40,7 +41,11 @@ class Params(BaseModel):
 
 @dataclass(frozen=True)
 class RunShape:
-    """The run's dimensions that declared costs may depend on."""
+    """The run's dimensions that declared costs and pass counts may depend on.
+
+    ``batches``: (rows, padded length, task) of each batch in data order (the last batch of a
+    task may hold fewer rows than ``batch_size``); empty where the run has no data.
+    """
 
     batch_size: int
     seq_len: int
@@ -48,15 +53,24 @@ class RunShape:
     n_sequences: int
     tasks: tuple[str, ...]
     seed: int
+    batches: tuple[tuple[int, int, str | None], ...] = ()
 
 
 @dataclass
 class Step:
-    """One batch as a metric sees it: the batch plus the artifacts it asked for."""
+    """One batch as a metric sees it: the batch, the artifacts it asked for, and the loss targets.
+
+    ``targets`` are the run's own (causal shift, or the seeded masked-LM masks): every metric
+    sees the same ones as the shared forward, so none recomputes them with another seed.
+    """
 
     batch: Batch
     artifacts: Mapping[str, Any]
-    target_mask: torch.Tensor | None = None
+    targets: LossTargets
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        return self.targets.target_mask
 
     def __getitem__(self, name: str) -> Any:
         return self.artifacts[name]
@@ -69,26 +83,18 @@ class Step:
 Output = Mapping[str, Any]  # field -> Value | float | list | torch.Tensor
 
 
-class Metric:
-    """Base class of every metric.
+class MetricBase:
+    """What every metric declares, per model or over a model set.
 
-    Declare, as class attributes: ``name`` (namespaced, ``family.metric``),
-    ``version`` (bump when values change), ``summary``, ``Params`` (a ``Params``
-    subclass), ``artifacts`` it reads per batch, ``requires_metrics`` (other metrics'
-    results, by name, from any plugin), ``scope``, ``fields`` (field -> meaning) and
-    ``derived_from`` (metrics whose values this one is computed from).
-    Override ``cost`` to declare the bytes your state holds (checked against what
-    the run measured), ``skip_reason`` when the metric does not apply and
-    ``interpret`` to flag hotspots and warnings in reports.
-
-    Per-model metrics implement ``update(step)`` and ``finalize()``; model-set
-    metrics implement ``compute_set(views, results)``. ``tensor_of(result, field)`` reads
-    the array behind a ``TensorValue`` of a result the metric needs.
-
-    Model-set metrics also see ``self.base_name`` (the member that is the base model, or
-    None when the run has no base) and ``self.data`` (each member's prepared data by model
-    name, when ``uses_data`` asked for it); ``needs_base`` and ``set_skip_reason`` make them
-    end ``skipped`` where they do not apply.
+    Declare, as class attributes: ``name`` (namespaced, ``family.metric``), ``version`` (bump
+    when values change), ``summary``, ``Params`` (a ``Params`` subclass), ``requires_metrics``
+    (other metrics' results, by name, from any plugin), ``fields`` (field -> meaning) and
+    ``derived_from`` (metrics whose values this one is computed from; recorded in each result,
+    so correlation discovery never pairs a metric with its sources).
+    Override ``cost`` to declare the bytes your state holds (checked against what the run
+    measured) and ``interpret`` to flag hotspots and warnings in reports. Every attribute the
+    metric sets is its state: the measured bytes count the tensors and arrays in it, through
+    lists, tuples, dicts and plain objects at any depth, so nothing needs registering.
     """
 
     name: ClassVar[str]
@@ -97,36 +103,24 @@ class Metric:
     Params: ClassVar[type[BaseModel]] = NoParams
     artifacts: ClassVar[tuple[str, ...]] = ()
     requires_metrics: ClassVar[tuple[str, ...]] = ()
-    scope: ClassVar[Scope] = "model"
+    scope: ClassVar[Scope]
     fields: ClassVar[dict[str, str]] = {}
     #: metrics (or ``metric.field`` labels) this one is computed from; correlation
     #: discovery never pairs a metric with its sources
     derived_from: ClassVar[tuple[str, ...]] = ()
-    #: model-set metrics only: skipped (with the fix) when the run has no base model
-    needs_base: ClassVar[bool] = False
 
     _framework_attrs: ClassVar[frozenset[str]] = frozenset({"view", "params", "deps", "dep_tensors", "shape",
-                                                            "views", "base_name", "data"})
+                                                            "base_name", "data"})
 
-    def __init__(self, params: Any, shape: RunShape, view: ModelView | None = None,
-                 deps: Mapping[str, MetricResult] | None = None,
-                 dep_tensors: Mapping[str, torch.Tensor] | None = None, *, base_name: str | None = None,
-                 data: Mapping[str, PreparedData] | None = None) -> None:
+    def __init__(self, params: Any, shape: RunShape, dep_tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         self.params = params
         self.shape = shape
-        self.view = view
-        self.deps: Mapping[str, MetricResult] = deps or {}
         #: the arrays of the needed results' ``TensorValue`` fields, by their key (read with ``tensor_of``)
         self.dep_tensors: Mapping[str, torch.Tensor] = dep_tensors or {}
-        #: model-set metrics: the name of the member that is the base model (None without a base)
-        self.base_name = base_name
-        #: model-set metrics that ``uses_data``: each member's prepared data, by model name
-        self.data: Mapping[str, PreparedData] = data or {}
-        self.setup()
 
     # -- to override ------------------------------------------------------------------
     def setup(self) -> None:
-        """Create the state tensors (called once, after params/view/deps are set)."""
+        """Create the state (called once, after the metric's inputs are set)."""
 
     @classmethod
     def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:
@@ -143,36 +137,9 @@ class Metric:
         return cls.requires_metrics
 
     @classmethod
-    def skip_reason(cls, params: Any, view: ModelView, data: PreparedData | None) -> str | None:
-        """A reason when the metric does not apply to this model or data (-> skipped)."""
-        return None
-
-    @classmethod
-    def uses_data(cls, params: Any) -> bool:
-        """Model-set metrics: whether ``compute_set`` reads the run's batches (``self.data``), so
-        the data is prepared even when no per-model metric reads it."""
-        return False
-
-    @classmethod
-    def set_skip_reason(cls, params: Any, views: Mapping[str, ModelView], base_name: str | None) -> str | None:
-        """Model-set metrics: a reason when the metric does not apply to this model set (-> skipped)."""
-        return None
-
-    @classmethod
     def interpret(cls, result: MetricResult) -> list[Interpretation]:
         """Readings of an ok result that the metric defines (hotspots, warnings); reports list them."""
         return []
-
-    def update(self, step: Step) -> None:
-        """Fold one batch into the state."""
-
-    def finalize(self) -> Output:
-        raise NotImplementedError(f"{self.name} implements neither finalize nor compute_set")
-
-    def compute_set(self, views: Mapping[str, ModelView],
-                    results: Mapping[str, Mapping[str, MetricResult]]) -> Output:
-        """Model-set metrics: all models' views and their per-model results by model name."""
-        raise NotImplementedError(f"{self.name} declares scope 'model_set' but has no compute_set")
 
     # -- for the metric's own use ------------------------------------------------------
     def tensor_of(self, result: MetricResult, field: str) -> torch.Tensor:
@@ -194,15 +161,16 @@ class Metric:
 
     # -- used by the core -------------------------------------------------------------
     def state_bytes(self) -> int:
-        """Bytes of tensors/arrays the metric currently holds (the measured cost)."""
+        """Bytes the metric currently holds (the measured cost): every attribute's tensors and
+        arrays, nested in containers at any depth."""
         from .capture import tensor_bytes
 
-        return sum(tensor_bytes(v) + int(getattr(v, "nbytes", 0) if not isinstance(v, torch.Tensor) else 0)
-                   for k, v in vars(self).items() if k not in self._framework_attrs)
+        return sum(_held_bytes(v, tensor_bytes) for k, v in vars(self).items() if k not in self._framework_attrs)
 
     @classmethod
-    def pass_kinds(cls, artifact_pass: Mapping[str, str]) -> set[str]:
-        return {artifact_pass[a] for a in cls.artifacts}
+    def class_path(cls) -> str:
+        """``module:QualifiedName`` of the class, recorded in each result (provenance)."""
+        return f"{cls.__module__}:{cls.__qualname__}"
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
@@ -216,3 +184,129 @@ class Metric:
                            "description": v.get("description", "")}
                        for k, v in schema.get("properties", {}).items()},
         }
+
+
+def _held_bytes(value: Any, tensor_bytes: Any) -> int:
+    """Bytes of tensors and numpy arrays in ``value``, through lists, tuples and dicts."""
+    if isinstance(value, torch.Tensor):
+        return int(tensor_bytes(value))
+    if isinstance(value, dict):
+        return sum(_held_bytes(v, tensor_bytes) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_held_bytes(v, tensor_bytes) for v in value)
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int) and not isinstance(value, type):
+        return nbytes
+    return int(tensor_bytes(value))
+
+
+class Metric(MetricBase):
+    """A per-model metric: it sees one model's view and that model's batches.
+
+    Declare ``artifacts`` it reads per batch (besides what ``MetricBase`` lists); implement
+    ``update(step)`` and ``finalize()``; override ``skip_reason`` when it does not apply to a
+    model or its data. ``self.view`` is the model, ``self.deps`` the results of the metrics it
+    needs on the same model.
+    """
+
+    scope: ClassVar[Scope] = "model"
+
+    def __init__(self, params: Any, shape: RunShape, view: ModelView,
+                 deps: Mapping[str, MetricResult] | None = None,
+                 dep_tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        super().__init__(params, shape, dep_tensors)
+        self.view = view
+        self.deps: Mapping[str, MetricResult] = deps or {}
+        self.setup()
+
+    @classmethod
+    def skip_reason(cls, params: Any, view: ModelView, data: PreparedData | None) -> str | None:
+        """A reason when the metric does not apply to this model or data (-> skipped)."""
+        return None
+
+    @classmethod
+    def artifact_requests(cls, params: Any, view: ModelView) -> dict[str, Mapping[str, Any]]:
+        """What the metric asks of parameterised artifacts it reads: name -> request (e.g. the
+        parameters or modules it needs). The scheduler merges the requests of one pass's
+        consumers (their union) and the artifact serves the merged one; default: none."""
+        return {}
+
+    @classmethod
+    def own_passes(cls, params: Any, view: ModelView, shape: RunShape) -> dict[str, int]:
+        """The whole-model passes the metric makes itself on one model over the run, by kind
+        (``replay_forward``, ``replay_backward``, ``sampled_backward``, ``per_example_backward``):
+        every call of the model (or of a copy of it) outside the shared pass. The plan shows them,
+        and the run counts the calls and records both; default: none."""
+        return {}
+
+    def update(self, step: Step) -> None:
+        """Fold one batch into the state."""
+
+    def finalize(self) -> Output:
+        raise NotImplementedError(f"{self.name} does not implement finalize")
+
+    @classmethod
+    def pass_kinds(cls, artifact_pass: Mapping[str, str]) -> set[str]:
+        return {artifact_pass[a] for a in cls.artifacts}
+
+
+class ModelSetMetric(MetricBase):
+    """A metric over all models of a run (checkpoints, fine-tunes and their base), computed once
+    after every member's per-model metrics.
+
+    Implement ``compute_set(views, results)``. ``self.base_name`` is the member that is the base
+    model (None without a base), ``self.data`` each member's prepared data by model name when
+    ``uses_data`` asks for it. ``needs_base`` and ``set_skip_reason`` make it end ``skipped``
+    where it does not apply. Set ``reads_weights = False`` when ``compute_set`` reads only the
+    members' results and metadata (names, configs, dims): when no model-set metric of a run reads
+    weights, the members' weights are released after their own metrics (their views stay, on
+    PyTorch's ``meta`` device) instead of staying loaded for this stage.
+    """
+
+    scope: ClassVar[Scope] = "model_set"
+    #: skipped (with the fix) when the run has no base model
+    needs_base: ClassVar[bool] = False
+    #: compute_set reads the members' parameter values; False: their results and metadata only
+    reads_weights: ClassVar[bool] = True
+
+    def __init__(self, params: Any, shape: RunShape, dep_tensors: Mapping[str, torch.Tensor] | None = None, *,
+                 base_name: str | None = None, data: Mapping[str, PreparedData] | None = None) -> None:
+        super().__init__(params, shape, dep_tensors)
+        #: the name of the member that is the base model (None without a base)
+        self.base_name = base_name
+        #: each member's prepared data, by model name (when ``uses_data`` asked for it)
+        self.data: Mapping[str, PreparedData] = data or {}
+        self.setup()
+
+    @classmethod
+    def uses_data(cls, params: Any) -> bool:
+        """Whether ``compute_set`` reads the run's batches (``self.data``), so the data is
+        prepared even when no per-model metric reads it."""
+        return False
+
+    @classmethod
+    def set_skip_reason(cls, params: Any, views: Mapping[str, ModelView], base_name: str | None) -> str | None:
+        """A reason when the metric does not apply to this model set (-> skipped)."""
+        return None
+
+    @classmethod
+    def own_passes(cls, params: Any, view: ModelView, shape: RunShape, members: Sequence[str],
+                   base_name: str | None) -> dict[str, int]:
+        """The whole-model passes ``compute_set`` makes over all ``members`` (names, the base
+        included) together, by kind (see ``Metric.own_passes``); ``view`` is one member's,
+        ``shape`` the run's, ``base_name`` the base member (None without one); default: none."""
+        return {}
+
+    def compute_set(self, views: Mapping[str, ModelView],
+                    results: Mapping[str, Mapping[str, MetricResult]]) -> Output:
+        """All members' views and their per-model results, by model name."""
+        raise NotImplementedError(f"{self.name} does not implement compute_set")
+
+    def loss_targets(self, view: ModelView, batch: Batch) -> LossTargets:
+        """The run's loss targets of ``batch`` on ``view`` (the same masked-LM masks as the
+        shared forward of that member saw)."""
+        return loss_targets(view, batch, self.shape.seed)
+
+
+#: a registered metric class: per model or over a model set
+MetricClass = type[Metric] | type[ModelSetMetric]

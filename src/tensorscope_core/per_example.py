@@ -36,6 +36,14 @@ ExampleLoss = Callable[..., torch.Tensor]
 _LOOP = "tensorscope_core.per_example.loop"
 
 
+def per_example_calls(view: ModelView, rows: int) -> int:
+    """The calls of the model ``per_example_grads`` makes for ``rows`` examples: one vmapped call,
+    or one per example for bidirectional encoders, whose attention mask (transformers'
+    ``create_bidirectional_mask``) branches on the data, which ``vmap`` refuses. A causal model
+    whose forward also branches is found on its first call (that call counts too) and loops after."""
+    return rows if view.extras.get(_LOOP) or not view.causal else 1
+
+
 def per_example_grads(view: ModelView, names: Sequence[str], loss: ExampleLoss, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor, *rows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-example gradients of the losses ``loss`` gives, w.r.t. the parameters ``names``.
@@ -67,6 +75,8 @@ def per_example_grads(view: ModelView, names: Sequence[str], loss: ExampleLoss, 
 
     args = (input_ids, attention_mask, *rows)
     grads: tuple[dict[str, torch.Tensor], ...]
+    if not view.causal:
+        view.extras[_LOOP] = True  # bidirectional masks branch on the data (see per_example_calls)
     if not view.extras.get(_LOOP):
         try:
             grads, values = vmap(one, in_dims=(None,) + (0,) * len(args))(wanted, *args)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -19,7 +20,7 @@ import pluggy
 from . import builtin, hookspecs
 from .artifacts import ArtifactSpec
 from .errors import PluginError, UnknownMetricError, did_you_mean
-from .metric import Metric
+from .metric import Metric, MetricClass, ModelSetMetric
 from .results.schema import PluginRecord
 
 ENTRY_POINT_GROUP = "tensorscope"
@@ -30,14 +31,14 @@ LOAD_ENV = "TENSORSCOPE_LOAD_PLUGINS"
 class Registry:
     """Everything registered by the loaded plugins, with who registered it."""
 
-    metrics: dict[str, type[Metric]] = field(default_factory=dict)
+    metrics: dict[str, MetricClass] = field(default_factory=dict)
     metric_plugin: dict[str, str] = field(default_factory=dict)
     artifacts: dict[str, ArtifactSpec] = field(default_factory=dict)
     adapters: list[Any] = field(default_factory=list)
     report_sections: list[tuple[str, Callable[..., Any]]] = field(default_factory=list)
     plugins: list[PluginRecord] = field(default_factory=list)
 
-    def metric(self, name: str) -> type[Metric]:
+    def metric(self, name: str) -> MetricClass:
         if name not in self.metrics:
             hint = did_you_mean(name, self.metrics)
             raise UnknownMetricError(f"unknown metric '{name}'" + (f": {hint}" if hint else ""),
@@ -50,9 +51,13 @@ class Registry:
 
 
 def _validate_metric(cls: Any, plugin: str, registry: Registry) -> None:
-    if not (isinstance(cls, type) and issubclass(cls, Metric)):
-        raise PluginError(f"plugin {plugin} registered {cls!r}, which is not a Metric subclass",
-                          "register classes derived from tensorscope_core.Metric")
+    if not (isinstance(cls, type) and issubclass(cls, (Metric, ModelSetMetric))):
+        raise PluginError(f"plugin {plugin} registered {cls!r}, which is neither a Metric nor a ModelSetMetric",
+                          "register classes derived from tensorscope_core.plugin_api.Metric (per model) or "
+                          "ModelSetMetric (over the models of a run)")
+    if issubclass(cls, Metric) and cls.scope != "model":
+        raise PluginError(f"plugin {plugin}: {cls.__name__} sets scope '{cls.scope}' on a per-model Metric",
+                          "derive metrics over the models of a run from plugin_api.ModelSetMetric")
     name = getattr(cls, "name", "")
     if "." not in name:
         raise PluginError(f"plugin {plugin}: metric name '{name}' is not namespaced",
@@ -72,7 +77,7 @@ def _register_plugin(pm: pluggy.PluginManager, obj: Any, name: str, version: str
     pm.register(obj, name=name)
     try:
         pm.check_pending()
-        added_metrics: dict[str, type[Metric]] = {}
+        added_metrics: dict[str, MetricClass] = {}
         added_artifacts: dict[str, ArtifactSpec] = {}
         added_adapters: list[Any] = []
         added_sections: list[tuple[str, Callable[..., Any]]] = []
@@ -174,6 +179,19 @@ def reset_registry() -> None:
     """Forget the registry so the next use reloads plugins (after installing one, in tests)."""
     global _REGISTRY
     _REGISTRY = None
+
+
+@contextmanager
+def registry_in_use(registry: Registry) -> Iterator[Registry]:
+    """Make ``registry`` the process-wide one inside the block (the CLI and ``analyze()`` without
+    ``registry=`` use it), and put the previous one back on exit."""
+    global _REGISTRY
+    saved = _REGISTRY
+    _REGISTRY = registry
+    try:
+        yield registry
+    finally:
+        _REGISTRY = saved
 
 
 def plugin_module(name: str, **hooks: Callable[..., Any]) -> types.ModuleType:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tensorscope_core import hookimpl
+from tensorscope_core.plugin_api import hookimpl
 
 from .metrics import EmbeddingRowNorm
 
@@ -57,7 +57,7 @@ METRICS = '''"""An example metric to replace with your own."""
 
 from __future__ import annotations
 
-from tensorscope_core import Cost, Metric, ModelView, NoParams, RunShape, ScalarValue
+from tensorscope_core.plugin_api import Cost, Metric, ModelView, NoParams, RunShape, ScalarValue
 
 
 class EmbeddingRowNorm(Metric):
@@ -82,8 +82,7 @@ class EmbeddingRowNorm(Metric):
 
 TEST = '''"""Checks the example metric against an independent reference computation."""
 
-from tensorscope_core.plugins import get_registry
-from tensorscope_core.testing import check_against_reference, check_declared_cost, run_metric, tiny_model
+from tensorscope_core.testing import check_against_reference, check_declared_cost, get_registry, run_metric, tiny_model
 
 
 def test_plugin_is_loaded():

@@ -8,6 +8,7 @@ built-in corpus.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from .api import analyze
 from .config import RunConfig
 from .data import builtin_corpus, pad_rows
+from .plugins import Registry, build_registry, get_registry, plugin_module, registry_in_use
 from .results import Results
 from .results.schema import MetricResult
 
@@ -78,6 +80,54 @@ def padded_batches(rows: Sequence[torch.Tensor], batch_size: int,
 
 
 @contextmanager
+def temporary_plugin(name: str = "test-plugin", *, metrics: Sequence[type] = (), artifacts: Sequence[Any] = (),
+                     adapters: Sequence[Any] = (),
+                     report_sections: Sequence[tuple[str, Callable[..., Any]]] = (),
+                     only_installed: Sequence[str] | None = None) -> Iterator[Registry]:
+    """A registry of the installed plugins plus one more, named ``name``, that registers
+    ``metrics``, ``artifacts``, ``adapters`` and ``report_sections`` (title, render); in use
+    process-wide inside the block (so the CLI and ``analyze()`` see it) and also yielded, for
+    ``analyze(..., registry=...)``.
+
+    ``only_installed``: load only these installed plugins (distribution or entry-point names),
+    as ``TENSORSCOPE_LOAD_PLUGINS`` would; default all. A plugin that fails to register (a bad
+    metric class, say) is listed as broken in the registry, as an installed one would be.
+    """
+    hooks: dict[str, Any] = {}
+    if metrics:
+        hooks["register_metrics"] = lambda register: [register(m) for m in metrics]
+    if artifacts:
+        hooks["register_artifacts"] = lambda register: [register(a) for a in artifacts]
+    if adapters:
+        hooks["register_adapters"] = lambda register: [register(a) for a in adapters]
+    if report_sections:
+        hooks["register_report_sections"] = lambda register: [register(t, r) for t, r in report_sections]
+    extra = [(name, plugin_module(name.replace("-", "_"), **hooks))]
+    with _installed_selection(only_installed):
+        registry = build_registry(extra_plugins=extra)
+    with registry_in_use(registry):
+        yield registry
+
+
+@contextmanager
+def _installed_selection(names: Sequence[str] | None) -> Iterator[None]:
+    from .plugins import LOAD_ENV
+
+    if names is None:
+        yield
+        return
+    saved = os.environ.get(LOAD_ENV)
+    os.environ[LOAD_ENV] = ",".join(names)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(LOAD_ENV, None)
+        else:
+            os.environ[LOAD_ENV] = saved
+
+
+@contextmanager
 def single_thread() -> Iterator[None]:
     """Run tiny-model tests on one intra-op thread: they gain nothing from more, and on a
     busy 2-core machine spin-waiting threads make them several times slower."""
@@ -113,6 +163,43 @@ def check_declared_cost(result: MetricResult, rel_tol: float = 0.15) -> None:
         raise AssertionError(f"{result.metric}: declared {declared} bytes, held {measured} "
                              f"(tolerance {rel_tol:.0%})")
 
+@contextmanager
+def counting_model_calls(classes: Sequence[type]) -> Iterator[dict[str, int]]:
+    """Count every call of these model classes' ``forward`` inside the block (by wrapping the
+    class's ``forward``, independently of the run's own counter): a check that what a run
+    recorded of its passes is what it did. Yields ``{class name: calls}``; copies of a model
+    (the hook-free copy) are counted too, as they share its class."""
+    counts = {c.__name__: 0 for c in classes}
+    saved = {c: c.forward for c in classes}  # type: ignore[attr-defined]
+
+    def wrapped(cls: type) -> Callable[..., Any]:
+        original = saved[cls]
+
+        def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if type(self) is cls:
+                counts[cls.__name__] += 1
+            return original(self, *args, **kwargs)
+
+        return forward
+
+    try:
+        for cls in classes:
+            cls.forward = wrapped(cls)  # type: ignore[attr-defined]
+        yield counts
+    finally:
+        for cls, forward in saved.items():
+            cls.forward = forward  # type: ignore[attr-defined]
+
+
+def check_declared_passes(result: MetricResult) -> None:
+    """Assert the metric made exactly the whole-model passes it declared (``own_passes``): the
+    calls of the model the run counted while it ran equal the declared count."""
+    declared = sum(result.passes_declared.values())
+    if result.model_calls is None or result.model_calls != declared:
+        raise AssertionError(f"{result.metric}: declared {result.passes_declared} ({declared} passes), "
+                             f"the run counted {result.model_calls} calls of the model")
+
+
 def check_against_reference(result: MetricResult, field: str, reference: Callable[[], Any],
                             rtol: float = 1e-5, atol: float = 1e-8) -> None:
     """Assert ``result``'s field equals what an independent ``reference()`` computes."""
@@ -144,5 +231,6 @@ def check_roundtrip(results: Results, folder: str | Path) -> Results:
             raise AssertionError(f"tensor {key} changed in a save/load round trip")
     return loaded
 
-__all__ = ["FAMILIES", "check_against_reference", "check_declared_cost", "check_roundtrip", "padded_batches",
-           "random_token_data", "run_metric", "single_thread", "tiny_config", "tiny_model", "tiny_tokenizer"]
+__all__ = ["FAMILIES", "check_against_reference", "check_declared_cost", "check_declared_passes", "check_roundtrip",
+           "counting_model_calls", "get_registry", "padded_batches", "random_token_data", "run_metric",
+           "single_thread", "temporary_plugin", "tiny_config", "tiny_model", "tiny_tokenizer"]

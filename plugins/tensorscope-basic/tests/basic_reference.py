@@ -17,8 +17,8 @@ import torch
 import transformers as tf
 
 from tensorscope_core import testing
-from tensorscope_core.core_artifacts import loss_targets
-from tensorscope_core.data import Batch
+from tensorscope_core.core_artifacts import loss_targets  # no public equivalent: the core's seeded MLM masks
+from tensorscope_core.plugin_api import Batch
 
 CAUSAL = ("gpt2", "llama")
 ALL = ("gpt2", "llama", "bert")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from basic_reference import ALL, CAUSAL, blocks_of, load_hf, modified_copy, resid_norm_mlm, resid_norm_solo, tokenize
 
-from tensorscope_core.errors import BadParameterError
+from tensorscope_core.plugin_api import BadParameterError
 from tensorscope_core.testing import check_declared_cost, run_metric
 
 METRIC = "basic.activation_stats"

@@ -22,7 +22,7 @@ def demo_checkpoints(tmp_path_factory) -> dict[str, Path]:
     repeated random sequences (batch 32; with seed 0 its layer-1 heads score as induction heads on
     the demo's period-16 repeats from about step 80).
     Trained once per session: about 6 s of CPU."""
-    from tensorscope_core.demo import train
+    from tensorscope_core.demo import train  # core internal: the demo's training loop, no public equivalent
 
     folders = train(tmp_path_factory.mktemp("circuits-demo"), steps=(0, 100), batch_size=32, log=lambda _: None)
     return {"before": folders["step-0000"], "after": folders["step-0100"]}

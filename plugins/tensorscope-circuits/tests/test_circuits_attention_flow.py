@@ -13,8 +13,8 @@ import torch
 from tensorscope_circuits.attention_flow import AttentionFlow, AttentionFlowParams
 from transformers import AutoModel, AutoTokenizer
 
-from tensorscope_core import Batch, RunConfig, RunShape, Step, analyze
-from tensorscope_core.core_artifacts import loss_targets
+from tensorscope_core import Batch, NoParams, RunConfig, RunShape, Step, analyze
+from tensorscope_core.plugin_api import LossTargets, ModelSetMetric
 from tensorscope_core.testing import check_declared_cost, check_roundtrip, padded_batches
 
 METRIC = "circuits.attention_flow"
@@ -35,11 +35,14 @@ def hand_step() -> Step:
     layer1 = torch.tensor([[PREVIOUS, PREVIOUS], [PREVIOUS, PREVIOUS]], dtype=torch.float32)
     layer0[1, :, 2] = layer1[1, :, 2] = 1 / 3  # the padded query row: must not matter
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    return Step(Batch(torch.zeros(2, 3, dtype=torch.long), mask, None, 0), {"attn_pattern": [layer0, layer1]})
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    targets = LossTargets(ids, ids, torch.zeros_like(mask))  # the rollout reads no targets
+    return Step(Batch(ids, mask, None, 0), {"attn_pattern": [layer0, layer1]}, targets)
 
 
 def test_hand_made_patterns_give_the_hand_computed_product():
-    metric = AttentionFlow(AttentionFlowParams(per_sequence=True), RunShape(2, 3, 1, 2, (), 0))
+    view = None  # the rollout reads only the patterns: no model is needed
+    metric = AttentionFlow(AttentionFlowParams(per_sequence=True), RunShape(2, 3, 1, 2, (), 0), view)
     metric.update(hand_step())
     out = metric.finalize()
     torch.testing.assert_close(out["rollout"][0], torch.tensor(ROLLOUT, dtype=torch.float64), rtol=0, atol=1e-15)
@@ -52,14 +55,21 @@ def test_hand_made_patterns_give_the_hand_computed_product():
     torch.testing.assert_close(out["rollout_mean"], torch.tensor(ROLLOUT, dtype=torch.float64), rtol=0, atol=1e-15)
 
 
+class RunTargets(ModelSetMetric):
+    """Used only for ``loss_targets``: the run's loss targets (an encoder's seeded masks), public API."""
+
+    name = "test.run_targets"
+
+
 def model_inputs(folder, texts, batch_size, causal) -> list[torch.Tensor]:
     """Each text's ids as the shared forward sees them: an encoder's carry the core's seeded masks."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     rows = [torch.tensor(tokenizer(text)["input_ids"]) for text in texts]
     view = SimpleNamespace(causal=causal, mask_token_id=tokenizer.mask_token_id)
+    run = RunTargets(NoParams(), RunShape(batch_size, 0, 0, 0, (), seed=0))
     inputs = []
     for index, (ids, mask) in enumerate(padded_batches(rows, batch_size)):
-        masked = loss_targets(view, Batch(ids, mask, None, index, index), seed=0).model_input
+        masked = run.loss_targets(view, Batch(ids, mask, None, index, index)).model_input  # type: ignore[arg-type]
         inputs += [masked[i, :int(mask[i].sum())] for i in range(len(ids))]
     return inputs
 

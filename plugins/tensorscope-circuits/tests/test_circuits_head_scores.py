@@ -8,9 +8,9 @@ import torch
 from tensorscope_circuits.head_scores import repeated_random_tokens, sequence_scores
 from transformers import AutoModelForCausalLM
 
-from tensorscope_core import analyze
-from tensorscope_core.models.load import ModelSource, load_model
-from tensorscope_core.plugins import get_registry
+from tensorscope_core import ModelSource, analyze
+from tensorscope_core.models.load import load_model  # core internal: no public loader of a ModelView
+from tensorscope_core.plugins import get_registry  # core internal: the installed adapters, for load_model
 from tensorscope_core.testing import check_declared_cost, run_metric
 
 METRIC = "circuits.head_scores"

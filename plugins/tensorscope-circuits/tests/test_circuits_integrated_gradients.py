@@ -8,12 +8,12 @@ import pytest
 import torch
 from circuits_toy_reference import ToyLM, toy_adapter
 from tensorscope_circuits.ig import integrated_gradients, mean_token_loss, quadrature
-from tensorscope_circuits.interventions import hook_free_view
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tensorscope_core import RunConfig, analyze
-from tensorscope_core.models.load import ModelSource, load_model
-from tensorscope_core.plugins import get_registry
+from tensorscope_core import ModelSource, RunConfig, analyze
+from tensorscope_core.models.load import load_model  # core internal: no public loader of a ModelView
+from tensorscope_core.plugin_api import hook_free_view
+from tensorscope_core.plugins import get_registry  # core internal: the installed adapters, for load_model
 from tensorscope_core.testing import check_declared_cost, run_metric
 
 METRIC = "circuits.integrated_gradients"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from tensorscope_circuits.interference import InterferenceParams, QKOVInterference, interference
 
-from tensorscope_core import HeadValue, MetricResult, RunShape, analyze, plugins
-from tensorscope_core.data import PreparedData
-from tensorscope_core.plugins import get_registry
+from tensorscope_core import HeadValue, MetricResult, RunShape, analyze
+from tensorscope_core.plugin_api import PreparedData
+from tensorscope_core.testing import temporary_plugin
 
 METRIC = "circuits.qkov_interference"
 
@@ -87,11 +87,11 @@ def test_skipped_without_two_tasks():
     assert QKOVInterference.skip_reason(InterferenceParams(), None, two) is None  # type: ignore[arg-type]
 
 
-def test_without_the_fisher_plugin_the_error_says_what_to_install(models, monkeypatch):
-    monkeypatch.setenv("TENSORSCOPE_LOAD_PLUGINS", "circuits")
-    monkeypatch.setattr(plugins, "_REGISTRY", plugins.build_registry())
+def test_without_the_fisher_plugin_the_error_says_what_to_install(models):
     ids = torch.randint(5, 300, (4, 8), generator=torch.Generator().manual_seed(0))
-    result = analyze(models["gpt2"], data={"a": ids, "b": ids}, metrics=[METRIC]).get(METRIC)
+    with temporary_plugin(only_installed=["circuits"]) as registry:
+        assert "fisher.grouped" not in registry.metrics
+        result = analyze(models["gpt2"], data={"a": ids, "b": ids}, metrics=[METRIC]).get(METRIC)
     assert result.status == "error" and result.error_type == "Unavailable"
     assert "pip install 'tensorscope[fisher]'" in result.reason
 
@@ -99,11 +99,12 @@ def test_without_the_fisher_plugin_the_error_says_what_to_install(models, monkey
 def test_end_to_end_with_the_fisher_plugin(models):
     """Runs once fisher.grouped is registered: the overlaps are the pairwise minima of the shares of
     the fisher plugin's own per-task head fields."""
-    if "fisher.grouped" not in get_registry().metrics:
-        pytest.skip("fisher.grouped is not registered (the tensorscope-fisher plugin provides it)")
-    gen = torch.Generator().manual_seed(0)
-    data = {task: torch.randint(5, 300, (8, 12), generator=gen) for task in ("math", "code")}
-    res = analyze(models["llama"], data=data, metrics=[METRIC])
+    with temporary_plugin() as registry:
+        if "fisher.grouped" not in registry.metrics:
+            pytest.skip("fisher.grouped is not registered (the tensorscope-fisher plugin provides it)")
+        gen = torch.Generator().manual_seed(0)
+        data = {task: torch.randint(5, 300, (8, 12), generator=gen) for task in ("math", "code")}
+        res = analyze(models["llama"], data=data, metrics=[METRIC])
     result, grouped = res.get(METRIC), res.get("fisher.grouped")
     assert result.ok, result.reason
     for part in ("qk", "ov"):

@@ -7,8 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tensorscope_core import analyze
-from tensorscope_core.data import builtin_corpus
+from tensorscope_core import analyze, builtin_corpus
 from tensorscope_core.testing import check_declared_cost, run_metric
 
 METRIC = "circuits.logit_lens"

@@ -10,10 +10,10 @@ from circuits_toy_reference import ToyLM, toy_adapter
 from tensorscope_circuits.patching import Patcher
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tensorscope_core import analyze
-from tensorscope_core.errors import BadParameterError
-from tensorscope_core.models.load import ModelSource, load_model
-from tensorscope_core.plugins import get_registry
+from tensorscope_core import ModelSource, analyze
+from tensorscope_core.models.load import load_model  # core internal: no public loader of a ModelView
+from tensorscope_core.plugin_api import BadParameterError
+from tensorscope_core.plugins import get_registry  # core internal: the installed adapters, for load_model
 
 METRIC = "circuits.patching"
 CLEAN = ["the cat came on the old boat", "a boat came to the old bridge"]  # words of the tiny vocabulary

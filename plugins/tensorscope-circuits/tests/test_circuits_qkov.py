@@ -11,9 +11,9 @@ from tensorscope_circuits.factored import composition_scores, copying_scores, ro
 from tensorscope_circuits.qkov import rotary_frequencies
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from tensorscope_core import GenericAdapter, analyze
-from tensorscope_core.models.load import ModelSource, load_model
-from tensorscope_core.plugins import get_registry
+from tensorscope_core import GenericAdapter, ModelSource, analyze
+from tensorscope_core.models.load import load_model  # core internal: no public loader of a ModelView
+from tensorscope_core.plugins import get_registry  # core internal: the installed adapters, for load_model
 from tensorscope_core.testing import check_roundtrip, run_metric, tiny_config
 
 METRIC = "circuits.qkov"

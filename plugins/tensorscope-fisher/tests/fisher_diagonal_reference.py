@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import stats
-from tensorscope_fisher.fisher_grads import draw_labels
 from transformers import AutoModelForCausalLM
 
-from tensorscope_core import Batch
-from tensorscope_core.data import pad_rows
+from tensorscope_core.plugin_api import Batch, draw_labels
+from tensorscope_core.testing import padded_batches
 
 
 def load_causal(folder: Path) -> torch.nn.Module:
@@ -34,7 +33,7 @@ def example_squares(model: torch.nn.Module, batches: list[tuple[list[torch.Tenso
     """
     out = []
     for rows, task, index in batches:
-        ids, mask = pad_rows(rows)
+        ((ids, mask),) = padded_batches(rows, len(rows))
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits
         drawn = draw_labels(logits, Batch(ids, mask, task, 0, index), ids, seed)

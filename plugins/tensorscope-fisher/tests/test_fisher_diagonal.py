@@ -104,9 +104,9 @@ def test_true_unembedding_expectation(models):
 def test_draws_follow_the_softmax():
     """Chi-square goodness of fit of 4000 draws (distinct rows, so distinct generators) to p."""
     from scipy import stats
-    from tensorscope_fisher.fisher_grads import draw_labels
 
     from tensorscope_core import Batch
+    from tensorscope_core.plugin_api import draw_labels
 
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5], dtype=torch.float64)
     ids = torch.arange(4000)[:, None] + 10

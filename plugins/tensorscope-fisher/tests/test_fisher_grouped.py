@@ -9,8 +9,7 @@ from fisher_diagonal_reference import load_causal
 from tensorscope_fisher.grouped import head_sums
 
 from tensorscope_core import RunConfig, analyze
-from tensorscope_core.models.load import ModelSource, load_model
-from tensorscope_core.plugins import get_registry
+from tensorscope_core.plugin_api import model_view
 from tensorscope_core.testing import check_roundtrip, random_token_data
 
 CONFIG = RunConfig(batch_size=4, max_length=32, dtype="float64")
@@ -76,15 +75,12 @@ def test_grouped_equals_sums_of_the_diagonal(family, models, tmp_path):
             assert total == pytest.approx(trace, rel=1e-12)
     p = sum(t.numel() for t in model.parameters())
     assert grouped.value("n_entries") == p
+    assert grouped.values["true/block"].axis == "block" and len(grouped.value("true/block")) == cfg.num_hidden_layers
     assert grouped.value("memory_reduction") == pytest.approx(p / grouped.value("n_grouped"))
     check_roundtrip(res, tmp_path / "out")
 
 
-def _view(folder):
-    return load_model(ModelSource(folder), get_registry().adapters, dtype="float64")
-
-
-def test_gqa_heads_match_a_model_with_kv_repeated_by_hand(models, tmp_path):
+def test_gqa_heads_match_a_model_with_kv_repeated_by_hand(models):
     """LLaMA with 4 query and 2 key/value heads against the same function written with 4 key/value
     heads (k_proj, v_proj rows repeated per query head): both compute identical logits; with the
     K/V diagonal of the repeated model set to the shared head's value / g, the per-head groups agree."""
@@ -104,21 +100,22 @@ def test_gqa_heads_match_a_model_with_kv_repeated_by_hand(models, tmp_path):
     ids = random_token_data(cfg.vocab_size, n=2, length=6, seed=1)
     with torch.no_grad():  # (float32 rotary tables: equal to ~1e-8; a wrong repeat differs by O(1))
         torch.testing.assert_close(mha(ids).logits, gqa(ids).logits, rtol=0, atol=1e-6)
-    mha.save_pretrained(tmp_path / "mha")
-    view_gqa, view_mha = _view(models["llama"]), _view(tmp_path / "mha")
-    gen = torch.Generator().manual_seed(0)
-    diag = {n: torch.rand(p.shape, generator=gen, dtype=torch.float64) for n, p in view_gqa.model.named_parameters()}
-    diag_mha = {n: repeat(t) / g if n.endswith(("k_proj.weight", "v_proj.weight")) else t for n, t in diag.items()}
-    for layer in range(cfg.num_hidden_layers):
-        qk, ov = head_sums(view_gqa, layer, diag)
-        qk_mha, ov_mha = head_sums(view_mha, layer, diag_mha)
-        torch.testing.assert_close(qk, qk_mha, rtol=1e-13, atol=0)
-        torch.testing.assert_close(ov, ov_mha, rtol=1e-13, atol=0)
-        # the heads partition the projections: the K/V totals are counted exactly once
-        a = f"model.layers.{layer}.self_attn."
-        total = sum(float(diag[a + p].sum()) for p in ("q_proj.weight", "k_proj.weight", "v_proj.weight",
-                                                       "o_proj.weight"))
-        assert float((qk + ov).sum()) == pytest.approx(total, rel=1e-13)
+    with model_view(gqa) as view_gqa, model_view(mha) as view_mha:  # the installed adapters' views
+        gen = torch.Generator().manual_seed(0)
+        diag = {n: torch.rand(p.shape, generator=gen, dtype=torch.float64)
+                for n, p in view_gqa.model.named_parameters()}
+        diag_mha = {n: repeat(t) / g if n.endswith(("k_proj.weight", "v_proj.weight")) else t
+                    for n, t in diag.items()}
+        for layer in range(cfg.num_hidden_layers):
+            qk, ov = head_sums(view_gqa, layer, diag)
+            qk_mha, ov_mha = head_sums(view_mha, layer, diag_mha)
+            torch.testing.assert_close(qk, qk_mha, rtol=1e-13, atol=0)
+            torch.testing.assert_close(ov, ov_mha, rtol=1e-13, atol=0)
+            # the heads partition the projections: the K/V totals are counted exactly once
+            a = f"model.layers.{layer}.self_attn."
+            total = sum(float(diag[a + p].sum()) for p in ("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                                           "o_proj.weight"))
+            assert float((qk + ov).sum()) == pytest.approx(total, rel=1e-13)
 
 
 def test_generic_adapter_without_heads_is_skipped(models):

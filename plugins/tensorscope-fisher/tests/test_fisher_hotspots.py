@@ -15,8 +15,13 @@ from tensorscope_fisher.hotspots_rules import HeadStats, HotspotParams, classify
 from transformers import AutoModelForCausalLM
 
 from tensorscope_core import RunConfig, analyze
-from tensorscope_core.plugins import get_registry
-from tensorscope_core.testing import check_declared_cost, check_roundtrip, random_token_data, tiny_model
+from tensorscope_core.testing import (
+    check_declared_cost,
+    check_roundtrip,
+    random_token_data,
+    temporary_plugin,
+    tiny_model,
+)
 
 #            trace   eigmax  cond   e8      expected            compression_potential   efficiency
 HAND = [(1.0, 1.0, 1.0, 0.5, "moderate", 100 * 0.5 * 0.5, 100.0),
@@ -148,7 +153,8 @@ def test_report_section_renders(two_runs, models):
     html = hotspots_section(two_runs)
     assert html is not None and html.count('class="plot"') == 4  # a category map and a scatter per model
     assert "<h3>llama</h3>" in html and "How to read" in html and 'alt="llama: Fisher category of each head"' in html
-    registered = [render for title, render in get_registry().report_sections if title == "Fisher hotspots"]
+    with temporary_plugin("fisher-report-check") as registry:  # the installed plugins (and an empty one)
+        registered = [render for title, render in registry.report_sections if title == "Fisher hotspots"]
     assert registered == [hotspots_section]  # the report calls it through register_report_sections
     other = analyze(models["gpt2"], data=random_token_data(300, n=4, length=8), metrics=["fisher.kfac"])
     assert hotspots_section(other) is None  # no hotspots result: the section stays out

@@ -85,6 +85,7 @@ def test_capacity_matches_explicit_kronecker_eigenvalues(model64):
     assert row["cond"] == pytest.approx(float((lam.max() + 1e-3) / (lam.min() + 1e-3)), rel=1e-8)
     assert row["eigmax"] == pytest.approx(float(lam.max()), rel=1e-10)
     assert result.value("trace") == pytest.approx([row["trace"]], rel=1e-12)  # one module in layer 0
+    assert result.values["trace"].axis == "block" and result.values["trace"].labels == ["0"]
 
 
 def test_undamped_logdet_is_the_factor_formula():

@@ -86,6 +86,8 @@ def test_masks_and_overlap_against_numpy(models, two_tasks, scope, tmp_path):
     sa, sb = set(np.nonzero(a)[0]), set(np.nonzero(b)[0])
     assert overlap.value("jaccard_overall/math/code") == pytest.approx(len(sa & sb) / len(sa | sb))
     assert overlap.value("pairs").rows[0][:5] == ["math", "code", len(sa), len(sb), len(sa & sb)]
+    per_block = overlap.values["jaccard/math/code"]  # the blocks and "outside": named entries
+    assert per_block.axis == "labelled" and per_block.labels == ["0", "1", "outside"]
     check_roundtrip(res, tmp_path / "out")
 
 

@@ -13,8 +13,7 @@ from tensorscope_fisher.spectrum import Spectrum, SpectrumParams
 from transformers import AutoModelForCausalLM
 
 from tensorscope_core import RunConfig, analyze
-from tensorscope_core.models.load import ModelSource, load_model
-from tensorscope_core.plugins import get_registry
+from tensorscope_core.plugin_api import model_view
 from tensorscope_core.testing import check_declared_cost, check_roundtrip, random_token_data, tiny_model
 
 ROWS = [torch.arange(n) * 7 % 290 + 5 + n for n in (9, 4, 12, 6, 3, 10)]  # 6 examples, padded batches of 4
@@ -56,6 +55,7 @@ def test_blocks_match_dense_pxp_fisher(family, small):
     attn = res.tensor("fisher.spectrum", "attn_eigenvalues")
     mlp = res.tensor("fisher.spectrum", "mlp_eigenvalues")
     assert result.value("n_examples") == 6 and attn.shape == (2, 2, 6)
+    assert result.values["mlp_trace"].axis == "block" and len(result.value("mlp_trace")) == 2
     rtol = 1e-9 if family == "gpt2" else 1e-5  # LLaMA's padded forward differs from unpadded at ~1e-7
     for layer in range(2):
         blocks = [(attn[layer, h], result.value("attn_trace")[layer][h], result.value("attn_cond")[layer][h],
@@ -111,6 +111,6 @@ def test_max_examples_cost_and_roundtrip(models, tmp_path):
 
 
 def test_model_without_head_map_is_skipped(models):
-    view = load_model(ModelSource(models["gpt2"]), get_registry().adapters)
-    reason = Spectrum.skip_reason(SpectrumParams(), dataclasses.replace(view, head_weights_fn=None), None)
+    with model_view(AutoModelForCausalLM.from_pretrained(models["gpt2"])) as view:
+        reason = Spectrum.skip_reason(SpectrumParams(), dataclasses.replace(view, head_weights_fn=None), None)
     assert reason is not None and "per-head weights" in reason

@@ -21,7 +21,7 @@ from tensorscope_fisher.stein import (
 from tensorscope_fisher.stein_api import _sites, model_view
 from transformers import AutoModelForCausalLM
 
-from tensorscope_core.errors import BadParameterError, UnsupportedModelError
+from tensorscope_core.plugin_api import BadParameterError, UnsupportedModelError
 
 
 def _load(folder, dtype=torch.float64, attn="eager"):

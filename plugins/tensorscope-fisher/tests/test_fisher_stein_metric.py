@@ -96,7 +96,8 @@ def test_topk_and_eig_against_exact(models, exact_run):
 
 def test_default_layers_and_positions_all(models):
     result = run_metric(STEIN, models["gpt2"], TEXTS[:2], {"positions": "all", "method": "sampled", "draws": 4})
-    assert result.values["trace"].labels == ["layer 0", "layer 1"]  # 2 blocks: 2 * {1,2,3} // 4
+    trace = result.values["trace"]
+    assert trace.labels == ["0", "1"] and trace.axis == "resid"  # 2 blocks: residuals 2 * {1,2,3} // 4
     lengths = [len(r) for r in _rows(models["gpt2"])[:2]]
     assert result.value("n_sites") == sum(lengths)
 
@@ -109,7 +110,7 @@ def test_encoder_skipped_and_bad_parameters(models):
     assert failed.status == "error" and failed.error_type == "BadParameterError" and "0..2" in (failed.reason or "")
     far = analyze(models["gpt2"], data=TEXTS[:2], metrics=[STEIN], params={STEIN: {"positions": [40]}}).get(STEIN)
     assert far.status == "error" and "position 40 is out of range" in (far.reason or "")
-    from tensorscope_core.errors import BadParameterError
+    from tensorscope_core.plugin_api import BadParameterError
 
     with pytest.raises(BadParameterError):
         analyze(models["gpt2"], data=TEXTS[:2], metrics=[STEIN], params={STEIN: {"positions": []}})

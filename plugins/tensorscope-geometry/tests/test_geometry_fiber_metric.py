@@ -12,7 +12,7 @@ from tensorscope_geometry.singularities import Singularities, decode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tensorscope_core import RunConfig, analyze
-from tensorscope_core.errors import BadParameterError
+from tensorscope_core.plugin_api import BadParameterError
 from tensorscope_core.testing import check_declared_cost, check_roundtrip
 
 FIBER, SING = "geometry.fiber_bundle", "geometry.singularities"

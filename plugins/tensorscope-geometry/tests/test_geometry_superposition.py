@@ -13,7 +13,7 @@ from tensorscope_geometry.frames import frame_stats, regime, welch_bound
 from transformers import AutoModelForCausalLM
 
 from tensorscope_core import analyze
-from tensorscope_core.errors import BadParameterError
+from tensorscope_core.plugin_api import BadParameterError
 from tensorscope_core.testing import run_metric
 
 MERCEDES = torch.tensor([[math.cos(2 * math.pi * k / 3), math.sin(2 * math.pi * k / 3)] for k in range(3)],

@@ -64,13 +64,19 @@ def flat_grad(model: torch.nn.Module, names: Sequence[str] | None = None) -> tor
 
 
 def example_grads(model: torch.nn.Module, rows: Sequence[torch.Tensor],
-                  names: Sequence[str] | None = None, pad_to: Sequence[int] | None = None) -> torch.Tensor:
-    """[n, P]: one backward pass per example, float64.
+                  names: Sequence[str] | None = None, pad_to: Sequence[int] | None = None,
+                  summed: bool = False) -> torch.Tensor:
+    """[n, P]: one backward pass per example of its mean token loss, float64.
 
     ``pad_to``: run example i alone but right-padded to ``pad_to[i]`` tokens (attention mask 0
     on the padding), as in its batch. LLaMA's rotary embedding computes its angles in float32,
     so in float64 a sequence padded to a longer length differs from the same sequence alone by
     ~1e-8; padding it the same way isolates what the tests check.
+
+    ``summed``: the backward pass of the *summed* token loss, divided by the number of targets
+    after (the same gradient, rounded as the core's ``per_example_grads`` rounds it: LLaMA's
+    RMSNorm computes in float32, so in float64 the two orders differ by float32 rounding, ~1e-7
+    of the gradient's size).
     """
     out = []
     for i, row in enumerate(rows):
@@ -80,8 +86,13 @@ def example_grads(model: torch.nn.Module, rows: Sequence[torch.Tensor],
         ids[0, :len(row)] = row
         mask = (torch.arange(width) < len(row)).long()[None]
         logp = model(input_ids=ids, attention_mask=mask).logits[0, :len(row) - 1].log_softmax(-1)
-        (-logp.gather(1, row[1:, None]).mean()).backward()
-        out.append(flat_grad(model, names))
+        nll = -logp.gather(1, row[1:, None])
+        if summed:
+            nll.sum().backward()
+            out.append(flat_grad(model, names) / max(1, nll.numel()))
+        else:
+            nll.mean().backward()
+            out.append(flat_grad(model, names))
     model.zero_grad(set_to_none=True)
     return torch.stack(out)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import tensorscope_gradients.per_sample as per_sample
 import torch
 
 from tensorscope_core import RunConfig, analyze, builtin_corpus
@@ -28,23 +27,16 @@ def _numbers(result) -> list[float]:
     return [math.nan if x is None else x for x in out]
 
 
-def test_all_metrics_share_one_run(models, monkeypatch, tmp_path):
+def test_all_metrics_share_one_run(models, tmp_path):
     corpus = builtin_corpus()
     data = {"train": corpus[:12], "test": corpus[12:20]}  # 3 + 2 batches
-    calls: list[int] = []
-    original = per_sample.per_example_grads
-
-    def counting(view, layout, *args):
-        calls.append(len(args[0]))
-        return original(view, layout, *args)
-
-    monkeypatch.setattr(per_sample, "per_example_grads", counting)
     res = analyze(models["llama"], data=data, metrics=PER_MODEL + MODEL_SET,
                   params={"gradients.tracin": {"default_learning_rate": 1e-3},
                           "gradients.critical_samples": {"default_learning_rate": 1e-3}}, config=CONFIG)
     record = res.record.models[0]
-    assert record.passes == {"forward": 5, "backward": 5}
-    assert calls == [4, 4, 4, 4, 4]  # once per batch for sample_conflicts and tracin_terms together
+    assert record.passes == {"forward": 5, "backward": 5, "per_example_backward": 5}
+    # one vmapped per-example call per batch for sample_conflicts and tracin_terms together
+    assert record.model_calls["artifact:per_example_grads"] == 5
     for name in PER_MODEL:
         result = record.metrics[name]
         assert result.status == "ok", (name, result.reason)

@@ -70,6 +70,25 @@ def test_tracin_equals_backward_passes_with_trainer_state_rates(checkpoints, spl
     assert "at least 8 are needed" in res.get(CRITICAL).values["diagnosis"].text
 
 
+def test_declared_state_of_the_model_set_metrics(checkpoints, split, models):
+    """Two [n_train, n_test] float64 matrices and four per-example vectors, whatever the number of
+    checkpoints: 6 x 3 examples over two checkpoints, over one, and with other task names."""
+    want = 8 * (2 * 6 * 3 + 2 * (6 + 3))
+    runs = [(checkpoints, split, {}),
+            (models["llama"], split, {}),
+            (checkpoints, {"fit": split["train"], "held_out": split["test"]},
+             {TERMS: {"train_task": "fit", "test_task": "held_out"}})]
+    for folders, data, params in runs:
+        res = analyze(folders, data=data, metrics=[TRACIN, CRITICAL], config=RunConfig(batch_size=4),
+                      params={**params, TRACIN: {"default_learning_rate": 0.1},
+                              CRITICAL: {"default_learning_rate": 0.1, "min_examples": 3}})
+        for metric in (TRACIN, CRITICAL):
+            result = res.get(metric)
+            assert result.status == "ok", result.reason
+            assert result.measured_bytes == result.declared_bytes == want
+            check_declared_cost(result)
+
+
 def test_learning_rates_given_override_and_are_checked(checkpoints, split):
     params = {TRACIN: {"learning_rates": {"ckpt-10": 1.0, "ckpt-20": 0.0}}}
     res = analyze(checkpoints, data=split, metrics=[TRACIN], params=params, config=RunConfig(batch_size=4))

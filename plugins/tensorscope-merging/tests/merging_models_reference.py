@@ -3,14 +3,14 @@ and registries with only the plugins a test wants (plus throwaway test metrics).
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from tensorscope_core import plugins as ts_plugins
+from tensorscope_core.testing import temporary_plugin
 
 
 def load(folder: Path) -> torch.nn.Module:
@@ -64,26 +64,11 @@ def _copy_tokenizer(base: Path, out: Path) -> None:
 
 
 @contextmanager
-def registry(plugins: str, *metrics: type) -> Iterator[ts_plugins.Registry]:
+def registry(plugins: str, *metrics: type) -> Iterator[Any]:
     """Only the entry-point plugins named in ``plugins`` (comma-separated) plus a throwaway plugin
-    registering ``metrics``; the previous registry comes back afterwards."""
-    saved_env, saved = os.environ.get(ts_plugins.LOAD_ENV), ts_plugins._REGISTRY
-    os.environ[ts_plugins.LOAD_ENV] = plugins
-
-    def register_metrics(register: Callable[[type], None]) -> None:
-        for cls in metrics:
-            register(cls)
-
-    try:
-        extra = [("merging-test", ts_plugins.plugin_module("merging_test", register_metrics=register_metrics))] \
-            if metrics else []
-        ts_plugins._REGISTRY = built = ts_plugins.build_registry(extra_plugins=extra)
+    registering ``metrics`` (``tensorscope_core.testing.temporary_plugin``); the previous registry
+    comes back afterwards."""
+    with temporary_plugin("merging-test", metrics=metrics, only_installed=plugins.split(",")) as built:
         broken = [p for p in built.plugins if p.status != "ok"]
         assert not broken, broken
         yield built
-    finally:
-        ts_plugins._REGISTRY = saved
-        if saved_env is None:
-            os.environ.pop(ts_plugins.LOAD_ENV, None)
-        else:
-            os.environ[ts_plugins.LOAD_ENV] = saved_env

@@ -7,8 +7,9 @@ import torch
 from merging_models_reference import finetune, load, registry
 from tensorscope_merging.fisher_weighted import fisher_merge, plain_average
 
-from tensorscope_core import Metric, NoParams, RunConfig, analyze
-from tensorscope_core.testing import random_token_data
+from tensorscope_core import RunConfig, analyze
+from tensorscope_core.plugin_api import Metric, NoParams
+from tensorscope_core.testing import check_declared_cost, random_token_data
 
 BLOCK1 = ".h.1."
 BIG = 1e6
@@ -90,6 +91,23 @@ def test_per_task_fisher_is_read_when_the_task_is_named_like_the_member(pair) ->
     assert out.value("fisher_source").text == "x: true/x/<param>; y: true/y/<param>"
     assert out.value("relative_shift")[1] == pytest.approx(1.0, abs=1e-5)  # now x holds block 1's mass
     assert {"merged_loss/fisher/x", "merged_loss/fisher/y", "merged_loss/average", "loss/x/y"} <= set(out.values)
+
+
+def test_declared_state_is_the_two_merges(models, pair, tmp_path) -> None:
+    """Three merged members and a base, no evaluation: the two merges (the parameters' bytes each) are
+    what the metric holds, whatever the number of members."""
+    gen = torch.Generator().manual_seed(8)
+    third = finetune(models["gpt2"], tmp_path / "z", {n: 0.02 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                                                      for n, p in load(models["gpt2"]).named_parameters()})
+    with registry("merging", HandFisher):
+        res = analyze({**pair, "z": third}, base=models["gpt2"], data=_data(("x", "y")),
+                      metrics=["merging.fisher_weighted"], config=RunConfig(batch_size=4),
+                      params={"merging.fisher_weighted": {"evaluate": False}})
+    out = res.get("merging.fisher_weighted")
+    assert out.status == "ok", out.reason
+    param_bytes = sum(p.numel() * p.element_size() for p in load(models["gpt2"]).parameters())
+    assert out.measured_bytes == out.declared_bytes == 2 * param_bytes
+    check_declared_cost(out)
 
 
 def test_without_the_fisher_plugin_the_error_names_it(pair) -> None:

@@ -15,8 +15,8 @@ from tensorscope_merging.landscape import (
     surface,
 )
 
-from tensorscope_core import RunConfig, analyze
-from tensorscope_core.models.load import ModelSource, load_model
+from tensorscope_core import ModelSource, RunConfig, analyze
+from tensorscope_core.models.load import load_model
 from tensorscope_core.plugins import get_registry
 from tensorscope_core.testing import check_declared_cost, random_token_data, run_metric
 

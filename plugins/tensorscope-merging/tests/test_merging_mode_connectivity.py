@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from merging_models_reference import permuted_mlp_copy, registry
+from merging_models_reference import load, permuted_mlp_copy, registry
 from tensorscope_merging.mode_connectivity import barrier, bezier_point
 
 from tensorscope_core import RunConfig, analyze
-from tensorscope_core.testing import random_token_data, tiny_model
+from tensorscope_core.testing import check_declared_cost, random_token_data, tiny_model
 
 METRIC = "merging.mode_connectivity"
 CONFIG = RunConfig(batch_size=4, seed=3)
@@ -83,6 +83,26 @@ def test_alignment_recovers_a_hand_permutation_and_removes_the_barrier(models, t
     assert max(abs(v - ends[0]) for v in unaligned) > 1e-4
 
 
+@pytest.mark.parametrize("params", [{"n_points": 3, "align": True, "bezier_steps": 2},
+                                    {"n_points": 3, "bezier_steps": 0},
+                                    {"n_points": 2, "align": True, "bezier": False}],
+                         ids=["align+fit", "unfitted-bezier", "align-linear"])
+def test_declared_state(models, tmp_path, params) -> None:
+    """In the parameters' dtype: a path point; with the Bezier fit its middle point, gradient and two Adam
+    moments (only the middle point without steps); with ``align`` the permuted MLP weights."""
+    gen = torch.Generator().manual_seed(2)
+    copy = permuted_mlp_copy(models["gpt2"], tmp_path / "perm", [torch.randperm(128, generator=gen) for _ in range(2)])
+    out = _run({"a": models["gpt2"], "b": copy}, params)
+    model = load(models["gpt2"])
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    mlp = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".mlp.c_fc." in n
+              or n.endswith("mlp.c_proj.weight"))
+    copies = 1 + (0 if params.get("bezier") is False else 4 if params["bezier_steps"] else 1)
+    assert out.declared_bytes == copies * param_bytes + (mlp if params.get("align") else 0)
+    assert out.measured_bytes == out.declared_bytes
+    check_declared_cost(out)
+
+
 def test_endpoints_must_be_chosen_among_three_models(models, tmp_path) -> None:
     b, c = tiny_model("gpt2", tmp_path / "b", seed=1), tiny_model("gpt2", tmp_path / "c", seed=2)
     with registry("merging"):
@@ -105,7 +125,7 @@ def test_alignment_of_a_bert_mlp_is_skipped_with_the_reason(models) -> None:
 
 
 def test_parameters_are_checked() -> None:
-    from tensorscope_core.errors import BadParameterError
+    from tensorscope_core.plugin_api import BadParameterError
 
     with registry("merging"), pytest.raises(BadParameterError, match="endpoints"):
         analyze([], metrics=[METRIC], params={METRIC: {"endpoints": ["only-one"]}})

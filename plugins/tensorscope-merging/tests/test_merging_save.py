@@ -8,7 +8,8 @@ import pytest
 import torch
 from tensorscope_merging.save import save_merged
 
-from tensorscope_core.models.load import ModelSource, load_model
+from tensorscope_core import ModelSource
+from tensorscope_core.models.load import load_model
 from tensorscope_core.plugins import get_registry
 
 

@@ -11,11 +11,10 @@ import torch
 from scipy.optimize import brentq
 from tensorscope_merging.sharpness import hutchinson_trace, sam_sharpness
 
-from tensorscope_core import RunConfig, analyze
+from tensorscope_core import ModelSource, RunConfig, analyze
 from tensorscope_core.core_artifacts import loss_targets
-from tensorscope_core.data import Batch
-from tensorscope_core.functional import batch_loss
-from tensorscope_core.models.load import ModelSource, load_model
+from tensorscope_core.models.load import load_model
+from tensorscope_core.plugin_api import Batch, batch_loss
 from tensorscope_core.plugins import get_registry
 from tensorscope_core.testing import check_declared_cost, random_token_data
 

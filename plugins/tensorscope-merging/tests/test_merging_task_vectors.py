@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from merging_models_reference import finetune, registry
+from merging_models_reference import finetune, load, registry
 
 from tensorscope_core import analyze
-from tensorscope_core.testing import tiny_model
+from tensorscope_core.testing import check_declared_cost, tiny_model
 
 FC1 = "transformer.h.1.mlp.c_fc.weight"
 WTE = "transformer.wte.weight"  # tied with lm_head: one parameter, counted once
@@ -24,12 +24,16 @@ def deltas() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def result(models, deltas, tmp_path_factory):
+def finetunes(models, deltas, tmp_path_factory):
     root = tmp_path_factory.mktemp("tv")
-    a = finetune(models["gpt2"], root / "a", {FC1: deltas["a"]})
-    b = finetune(models["gpt2"], root / "b", {FC1: deltas["b"], WTE: deltas["b_wte"]})
+    return {"a": finetune(models["gpt2"], root / "a", {FC1: deltas["a"]}),
+            "b": finetune(models["gpt2"], root / "b", {FC1: deltas["b"], WTE: deltas["b_wte"]})}
+
+
+@pytest.fixture(scope="module")
+def result(models, finetunes):
     with registry("merging"):
-        res = analyze({"a": a, "b": b}, base=models["gpt2"], metrics=["merging.task_vectors"])
+        res = analyze(finetunes, base=models["gpt2"], metrics=["merging.task_vectors"])
     out = res.get("merging.task_vectors")
     assert out.status == "ok", out.reason
     return out
@@ -61,6 +65,24 @@ def test_cosines_per_layer_and_overall(result, deltas) -> None:
     assert table.columns == ["task", "a", "b"]
     assert table.rows[0][0] == "a" and table.rows[0][1] == 1.0
     assert table.rows[0][2] == pytest.approx(overall, rel=1e-5, abs=1e-6) and table.rows[1][1] == table.rows[0][2]
+
+
+def test_declared_state_is_one_task_vector_whatever_the_number_of_fine_tunes(models, finetunes, deltas, result,
+                                                                            tmp_path) -> None:
+    """The metric holds one materialised task vector (the other of a pair is read one parameter at a
+    time), so the declaration (the parameters' bytes) holds for two fine-tunes and for three."""
+    param_bytes = sum(p.numel() * p.element_size() for p in load(models["gpt2"]).parameters())
+    assert result.declared_bytes == param_bytes
+    check_declared_cost(result)
+    c = finetune(models["gpt2"], tmp_path / "c", {FC1: -deltas["a"]})
+    with registry("merging"):
+        res = analyze({**finetunes, "c": c}, base=models["gpt2"], metrics=["merging.task_vectors"])
+    out = res.get("merging.task_vectors")
+    assert out.status == "ok", out.reason
+    assert out.measured_bytes == out.declared_bytes == param_bytes
+    check_declared_cost(out)
+    assert out.value("cosine/a/c") == pytest.approx(-1.0, abs=1e-6)
+    assert out.value("cosine/a/b") == result.value("cosine/a/b")  # the pairs are those of the two-task run
 
 
 def test_without_a_base_it_is_skipped_with_the_fix(models, tmp_path) -> None:

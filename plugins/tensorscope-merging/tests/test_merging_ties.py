@@ -10,7 +10,7 @@ from tensorscope_merging.ties import keep_count, sign_agreement_ratio, sign_coun
 from tensorscope_merging.ties_conflicts import TiesConflicts
 
 from tensorscope_core import RunConfig, analyze
-from tensorscope_core.testing import random_token_data
+from tensorscope_core.testing import check_declared_cost, random_token_data
 
 TAU = torch.tensor([[0.5, -0.1, 0.3, -0.8, 0.05],
                     [-0.6, 0.2, 0.1, -0.4, 0.0],
@@ -95,6 +95,9 @@ def test_worked_example_planted_in_a_model(models, planted, tmp_path) -> None:
     delta = merged - base
     assert delta[0, :5].tolist() == pytest.approx(MERGED, abs=1e-6)
     assert float(delta.abs().sum() - delta[0, :5].abs().sum()) == 0.0
+    # the declaration is sized for two fine-tunes (a model-set cost sees one member): the third holds
+    # its flat task vector and trimmed copy (float32) on top, as the cost's docstring states
+    assert out.measured_bytes == out.declared_bytes + 2 * 4 * n_params
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +131,21 @@ def test_identical_fine_tunes_ties_is_the_fine_tune_and_arithmetic_scales_it(mod
     state = load_file(str(file))
     fine = dict(load(twins["x"]).named_parameters())
     assert all(torch.allclose(state[n], fine[n].detach(), atol=1e-6) for n in fine)
+    check_declared_cost(out)  # both merges held: TIES and task arithmetic
+
+
+def test_declared_state_without_evaluation(models, twins) -> None:
+    """Two fine-tunes, no evaluation: the stacked task vectors and their trimmed copy (float32, 2 x 2 x d),
+    the TIES update (d) and merged weights (the parameters' bytes), all held when compute_set returns."""
+    with registry("merging"):
+        res = analyze(twins, base=models["gpt2"], metrics=["merging.ties_conflicts"],
+                      params={"merging.ties_conflicts": {"density": 0.5, "evaluate": False}})
+    out = res.get("merging.ties_conflicts")
+    assert out.status == "ok", out.reason
+    n_params = sum(p.numel() for p in load(models["gpt2"]).parameters())
+    assert out.declared_bytes == (2 * 2 + 1) * 4 * n_params + 4 * n_params
+    assert out.measured_bytes == out.declared_bytes
+    check_declared_cost(out)
 
 
 def test_one_fine_tune_is_skipped(models, planted) -> None:
@@ -138,7 +156,7 @@ def test_one_fine_tune_is_skipped(models, planted) -> None:
 
 
 def test_bad_density_is_refused() -> None:
-    from tensorscope_core.errors import BadParameterError
+    from tensorscope_core.plugin_api import BadParameterError
 
     with registry("merging"), pytest.raises(BadParameterError, match="density"):
         analyze([], metrics=["merging.ties_conflicts"], params={"merging.ties_conflicts": {"density": 0}})

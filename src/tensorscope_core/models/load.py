@@ -228,3 +228,34 @@ def load_model(src: ModelSource, adapters: Sequence[Adapter], *, dtype: str = "f
         raise UnsupportedModelError(f"adapter '{chosen.name}' could not map {type(module).__name__}: {exc}",
                                     "use GenericAdapter with this model's module names") from exc
     return view
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
+                torch.float16: "float16"}
+
+
+@contextmanager
+def model_view(model: nn.Module | ModelView, adapter: Adapter | None = None) -> Iterator[ModelView]:
+    """A ModelView of ``model`` through the installed adapters, in the model's own dtype and device,
+    for functional APIs used outside a run (a ModelView passes through unchanged).
+
+    Loading switches the module to eval mode and eager attention (forward-mode AD does not run
+    through the fused SDPA kernel); all of that is put back on exit.
+    """
+    if isinstance(model, ModelView):
+        yield model
+        return
+    from ..plugins import get_registry
+
+    first = next(model.parameters())
+    source = ModelSource(model)
+    with modules_restored([source]):
+        yield load_model(source, get_registry().adapters, dtype=_DTYPE_NAMES[first.dtype], device=str(first.device),
+                         adapter=adapter)
+
+
+def release(view: ModelView) -> None:
+    """Free a loaded model's parameters and buffers, keeping its structure, names, shapes and
+    config (on PyTorch's ``meta`` device), and drop what was derived from them (hook-free copies)."""
+    view.extras.clear()
+    view.model.to("meta")

@@ -21,17 +21,18 @@ REPORT_JSON = "analysis.json"
 def ensure_analyses(results: Results, *, units: Sequence[Unit] | None = None, method: str = "spearman",
                     min_n: int = 30, fdr: float = 0.05, order: Sequence[str] | None = None,
                     outcome: Mapping[str, float] | None = None) -> None:
-    """Run ``compare()`` (two or more models) and ``discover_correlations()`` for ``units``
+    """Run ``compare`` (two or more models) and ``discover_correlations`` for ``units``
     (default: every unit with at least two variables), unless the user already did: their
     settings win. Floor warnings are collected into the report instead of being emitted."""
     from ..compare import order_models
     from ..discovery import UNITS, collect
+    from .analyses import compare, discover_correlations
 
     record = results.record
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", InsufficientSampleWarning)
         if results.comparisons is None and len(record.models) >= 2:
-            results.compare(order=order, outcome=outcome, alpha=fdr, min_n=min_n)
+            compare(results, order=order, outcome=outcome, alpha=fdr, min_n=min_n)
         ordering = results.comparisons.order if results.comparisons is not None else order_models(results.models)
         explicit = ordering.names if ordering.ordered_by == "explicit" else None
         for unit in units or UNITS:
@@ -42,7 +43,7 @@ def ensure_analyses(results: Results, *, units: Sequence[Unit] | None = None, me
             if units is None and unit == "model" and len(record.models) < 3:
                 continue
             if units is not None or len(collect(record, unit, ordering)) >= 2:
-                results.discover_correlations(unit=unit, method=method, min_n=min_n, fdr=fdr, order=explicit)
+                discover_correlations(results, unit=unit, method=method, min_n=min_n, fdr=fdr, order=explicit)
 
 
 def report_record(results: Results) -> ReportRecord:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,7 @@ from .store import atomic_write, load_tensors, save_tensors
 from .table import COLUMNS, tall_rows
 
 if TYPE_CHECKING:
-    from .analysis import Comparisons, Discovery, ReportRecord, Unit
+    from .analysis import Comparisons, Discovery
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -29,13 +28,15 @@ def _norm(name: str) -> str:
 
 
 class Results:
-    """What ``analyze`` returns. ``record`` is the pydantic RunRecord; large arrays live in
-    ``tensors`` under the keys their TensorValue names."""
+    """What ``analyze`` returns: plain data. ``record`` is the pydantic RunRecord; large arrays
+    live in ``tensors`` under the keys their TensorValue names. Comparisons, correlations and
+    reports are computed by ``tensorscope_core.report`` and kept here (``comparisons``,
+    ``correlations``) for the reports to reuse."""
 
     def __init__(self, record: RunRecord, tensors: dict[str, torch.Tensor] | None = None) -> None:
         self.record = record
         self.tensors = tensors or {}
-        #: the latest ``compare()`` and ``discover_correlations()`` per unit; reports reuse them
+        #: the latest ``report.compare()`` and ``report.discover_correlations()`` per unit; reports reuse them
         self.comparisons: Comparisons | None = None
         self.correlations: dict[str, Discovery] = {}
 
@@ -122,57 +123,6 @@ class Results:
             return results
         record = RunRecord.model_validate(raw)
         return cls(record, load_tensors(json_path.parent / TENSORS_FILE))
-
-    # -- statistics and reports (scipy always; pingouin, jinja2, matplotlib, weasyprint: extra 'report') --
-    def compare(self, *, order: Sequence[str] | None = None, outcome: Mapping[str, float] | None = None,
-                early: str | None = None, alpha: float = 0.05, min_n: int = 30, trend_min_n: int = 5,
-                seed: int | None = None) -> Comparisons:
-        """Per metric across models: values, highest/lowest, differences with significance where
-        per-example values exist, trends over checkpoints (ordered by the step in their names,
-        or ``order``), and early indicators of the final values or of ``outcome`` per model."""
-        from ..compare import compare
-
-        self.comparisons = compare(self.record, order=order, outcome=outcome, early=early, alpha=alpha,
-                                   min_n=min_n, trend_min_n=trend_min_n, seed=seed)
-        return self.comparisons
-
-    def discover_correlations(self, metrics: Sequence[str] | None = None, unit: Unit = "layer",
-                              method: str = "spearman", min_n: int = 30, fdr: float = 0.05,
-                              **kwargs: Any) -> Discovery:
-        """Every pair of metric values sharing ``unit`` (layer, head, model, checkpoint), FDR-corrected,
-        with r, CI and n; below ``min_n`` pairs nothing is claimed. Never pairs a metric with itself
-        or with a declared derivation. Keywords: ``order``, ``derived``, ``seed``, ``n_resamples``."""
-        from ..discovery import discover_correlations
-
-        found = discover_correlations(self.record, metrics, unit, method, min_n, fdr,  # type: ignore[arg-type]
-                                      **kwargs)
-        self.correlations[unit] = found
-        return found
-
-    def report_record(self) -> ReportRecord:
-        """The run record with comparisons and correlation findings (computed with defaults if absent)."""
-        from ..report.build import report_record
-
-        return report_record(self)
-
-    def save_report(self, path: str | Path) -> Path:
-        """Write the report JSON to ``path`` (a folder gets analysis.json) and results.csv beside it."""
-        from ..report.build import save_report
-
-        return save_report(self, Path(path))
-
-    def generate_html_report(self, path: str | Path, *, progress: bool = False) -> Path:
-        """A self-contained HTML report (plots inline as SVG)."""
-        from ..report.html import write_html
-
-        return write_html(self, Path(path), progress=progress)
-
-    def generate_pdf_report(self, path: str | Path, *, progress: bool = False) -> Path:
-        """The HTML report as PDF (weasyprint). Without weasyprint or pango, raises
-        PdfUnavailableError after writing the HTML beside ``path``."""
-        from ..report.pdf import write_pdf
-
-        return write_pdf(self, Path(path), progress=progress)
 
     def __repr__(self) -> str:
         n = sum(len(m.metrics) for m in self.record.models) + len(self.record.model_set)

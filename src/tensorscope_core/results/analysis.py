@@ -98,7 +98,7 @@ class EarlyIndicator(_Record):
 
 
 class Comparisons(_Record):
-    """What ``Results.compare()`` returns."""
+    """What ``report.compare(results)`` returns."""
 
     order: ModelOrder
     scalars: list[ScalarComparison] = Field(default_factory=list)
@@ -133,7 +133,7 @@ class ExcludedPair(_Record):
 
 
 class Discovery(_Record):
-    """What ``Results.discover_correlations()`` returns: tested pairs sorted by strength
+    """What ``report.discover_correlations(results)`` returns: tested pairs sorted by strength
     (``findings``), pairs below the floor or undefined (``not_claimed``) and pairs never
     tested because one derives from the other (``excluded``)."""
 

@@ -22,7 +22,7 @@ def schema_text() -> str:
 
 
 def report_schema() -> dict[str, object]:
-    """The JSON Schema of the report JSON that ``Results.save_report()`` and ``tensorscope report
+    """The JSON Schema of the report JSON that ``report.save_report(results)`` and ``tensorscope report
     --save-json`` write: results.json (the RunRecord) with ``report_version``, ``comparisons`` and
     ``correlations`` added (``ReportRecord`` in results/analysis.py)."""
     from .analysis import ReportRecord  # imports scipy (stats types); kept out of schema_text's path

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.1"  # 1.1: ScalarValue.samples (optional, additive)
+SCHEMA_VERSION = "1.2"  # 1.1: ScalarValue.samples; 1.2: LayerValue.axis, MetricResult provenance (additive)
 
 Float = float | None  # NaN and infinities are written as null
 
@@ -32,12 +32,35 @@ class ScalarValue(_Value):
     samples: list[Float] | None = None
 
 
+#: what the entries of a per-layer value are: ``block`` (one per transformer block, 0..n-1),
+#: ``resid`` (the residual stream, 0 = the embeddings .. n = after the last block) or
+#: ``labelled`` (named entries, e.g. parameter groups, joined across metrics by label)
+LayerAxis = Literal["block", "resid", "labelled"]
+
+
 class LayerValue(_Value):
-    """One number per layer; ``labels`` names the entries when they are not plain layers."""
+    """One number per layer, on a stated axis (correlation discovery joins equal axes only).
+
+    On the ``block`` and ``resid`` axes ``labels``, when given, are the entries' positions on
+    the axis (``"0"``, ``"3"``: a subset of the blocks); on ``labelled`` they name the entries.
+    ``axis`` None (results written before schema 1.2): ``labelled`` with labels, else ``block``.
+    """
 
     kind: Literal["per_layer"] = "per_layer"
     values: list[Float]
     labels: list[str] | None = None
+    axis: LayerAxis | None = None
+
+    @property
+    def on_axis(self) -> LayerAxis:
+        """The axis the entries live on (``axis``, or what results before 1.2 meant)."""
+        if self.axis is not None:
+            return self.axis
+        return "labelled" if self.labels else "block"
+
+    def keys(self) -> list[str]:
+        """Each entry's key on its axis: the label where given, else the position."""
+        return list(self.labels) if self.labels else [str(i) for i in range(len(self.values))]
 
 
 class HeadValue(_Value):
@@ -105,6 +128,14 @@ class MetricResult(BaseModel):
     measured_bytes: int | None = None
     seconds: float | None = None
     from_cache: bool = False
+    #: provenance, recorded by the core so reports never consult the installed plugins:
+    #: ``module:Class`` of the metric, and the metrics (or ``metric.field`` labels) it derives from
+    class_path: str | None = None
+    derived_from: list[str] = Field(default_factory=list)
+    #: the whole-model passes the metric declared for itself (kind -> count), and the calls of the
+    #: model the run counted while the metric ran (equal when the declaration is true)
+    passes_declared: dict[str, int] = Field(default_factory=dict)
+    model_calls: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -128,6 +159,15 @@ class PluginRecord(BaseModel):
     metrics: list[str] = Field(default_factory=list)
 
 
+class ArtifactBytes(BaseModel):
+    """One artifact's bytes for its largest batch: what its declaration said, what it held."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    declared: int
+    held: int
+
+
 class ModelRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -138,7 +178,13 @@ class ModelRecord(BaseModel):
     data_fingerprint: str | None = None
     n_sequences: int = 0
     n_tokens: int = 0
+    #: passes by kind: the shared ones (weights, forward, backward: one per batch and stage) and
+    #: the whole-model passes metrics and artifacts declared for themselves
     passes: dict[str, int] = Field(default_factory=dict)
+    #: calls of the model the run counted, by who made them (``shared``, ``artifact:NAME``, a metric)
+    model_calls: dict[str, int] = Field(default_factory=dict)
+    #: per artifact of the shared passes: declared vs held bytes of one batch (the largest)
+    artifact_bytes: dict[str, ArtifactBytes] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
     metrics: dict[str, MetricResult] = Field(default_factory=dict)
 

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ..errors import BadParameterError, MetricCycleError, close_matches, did_you_mean
-from ..metric import Metric
+from ..metric import Metric, MetricClass, ModelSetMetric
 from ..plugins import Registry
 
 
@@ -19,15 +19,29 @@ class MetricNode:
     """One metric to run, with validated params and its stage (0 = needs no other metric)."""
 
     name: str
-    cls: type[Metric]
+    cls: MetricClass
     params: BaseModel
     plugin: str
     stage: int
     unavailable: str | None = None  # why it cannot run (missing dependency or artifact)
     needs: tuple[str, ...] = ()  # metrics it reads (Metric.metric_needs for its params)
 
+    @property
+    def model_cls(self) -> type[Metric]:
+        """The class of a per-model metric (the scheduler runs it per model only)."""
+        if not issubclass(self.cls, Metric):
+            raise TypeError(f"{self.name} is not a per-model metric")
+        return self.cls
 
-def validate_params(cls: type[Metric], raw: Mapping[str, Any]) -> BaseModel:
+    @property
+    def set_cls(self) -> type[ModelSetMetric]:
+        """The class of a model-set metric (run once, over every member)."""
+        if not issubclass(self.cls, ModelSetMetric):
+            raise TypeError(f"{self.name} is not a model-set metric")
+        return self.cls
+
+
+def validate_params(cls: MetricClass, raw: Mapping[str, Any]) -> BaseModel:
     try:
         return cls.Params(**raw)
     except ValidationError as exc:

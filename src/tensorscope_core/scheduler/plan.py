@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from ..artifacts import ArtifactSpec, act_bytes
+from ..artifacts import ArtifactSpec, Request, act_bytes
 from ..config import format_bytes
+from ..errors import PluginError
 from ..metric import RunShape
 from ..models.view import ModelView
 from ..plugins import Registry
 from .graph import MetricNode
+from .passes import check_declared
 
 
 @dataclass
@@ -18,13 +20,18 @@ class PassPlan:
     """One pass over the data (or over the weights) serving a stage's metrics together."""
 
     stage: int
-    kind: str  # "weights" | "forward" | "forward+backward"
+    kind: str  # "weights" | "data" | "forward" | "forward+backward"
     metrics: list[str]
     artifacts: list[str]
     artifact_bytes: int = 0
     activation_bytes: int = 0
     state_bytes: int = 0
     peak_bytes: int = 0
+    #: whole-model passes the stage's metrics and artifacts make themselves over the run:
+    #: who (a metric, or ``artifact:NAME``) -> kind -> count
+    own_passes: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: activations the heaviest of those passes keeps (a replay of one batch)
+    own_pass_bytes: int = 0
 
 
 @dataclass
@@ -60,6 +67,10 @@ class ModelPlan:
                          f"metric state {format_bytes(p.state_bytes)})")
             lines.append(f"      artifacts: {', '.join(p.artifacts) or '-'}")
             lines.append(f"      metrics:   {', '.join(p.metrics)}")
+            if p.own_passes:
+                lines.append(f"      own passes (activations {format_bytes(p.own_pass_bytes)}): " + "; ".join(
+                    f"{who} " + ", ".join(f"{kind} x{n}" for kind, n in kinds.items())
+                    for who, kinds in p.own_passes.items()))
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"  declared peak {format_bytes(self.peak_bytes)}: {verdict} in {format_bytes(self.budget_bytes)}")
         return "\n".join(lines)
@@ -82,25 +93,78 @@ def closure(names: Sequence[str], registry: Registry) -> list[ArtifactSpec]:
     return list(seen.values())
 
 
+def merged_requests(specs: Sequence[ArtifactSpec], consumers: Sequence[MetricNode],
+                    view: ModelView) -> dict[str, Request]:
+    """Each parameterised artifact's merged request over the pass's ``consumers`` (the union
+    ``ArtifactSpec.merge`` makes of what each asked in ``artifact_requests``)."""
+    asked: dict[str, list[Request]] = {}
+    for node in consumers:
+        try:
+            wanted = node.model_cls.artifact_requests(node.params, view)
+        except Exception:  # e.g. parameters that match nothing: the metric fails on its own when set up
+            continue
+        for name, request in wanted.items():
+            asked.setdefault(name, []).append(request)
+    merged: dict[str, Request] = {}
+    for spec in specs:
+        requests = [r for r in asked.pop(spec.name, []) if r]
+        if spec.merge is not None:
+            merged[spec.name] = spec.merge(requests)
+        elif requests:
+            raise PluginError(f"artifact '{spec.name}' takes no requests, and a metric of this pass asked it "
+                              f"{requests[0]!r}", "ask parameters of parameterised artifacts (ArtifactSpec.merge) only")
+    if asked:
+        raise PluginError(f"metrics asked artifacts they do not read: {sorted(asked)}",
+                          "list every artifact a metric requests in its `artifacts`")
+    return merged
+
+
 def pass_kind(specs: Sequence[ArtifactSpec]) -> str:
     kinds = {s.pass_kind for s in specs}
     if "backward" in kinds:
         return "forward+backward"
     if "forward" in kinds:
         return "forward"
+    if "data" in kinds:
+        return "data"
     return "weights"
 
 
+def _activations(view: ModelView, kind: str, rows: int, seq: int) -> int:
+    """Activation bytes one pass of ``kind`` over ``rows`` sequences keeps."""
+    if kind in ("forward+backward", "backward", "replay_backward", "sampled_backward", "per_example_backward"):
+        return act_bytes(view, rows, seq)  # what autograd keeps for the backward
+    if kind in ("forward", "replay_forward"):
+        return act_bytes(view, rows, seq) // max(view.n_layers, 1)  # one block's worth at a time
+    return 0
+
+
 def _pass_peak(view: ModelView, p: PassPlan, micro: int, seq: int, specs: Sequence[ArtifactSpec],
-               batch_size: int) -> None:
-    p.artifact_bytes = sum(s.nbytes(view, batch_size, seq) for s in specs)
-    if p.kind == "forward+backward":
-        p.activation_bytes = act_bytes(view, micro, seq)  # gradients are the param_grad artifact
-    elif p.kind == "forward":
-        p.activation_bytes = act_bytes(view, micro, seq) // max(view.n_layers, 1)
-    else:
-        p.activation_bytes = 0
-    p.peak_bytes = view.param_bytes + p.artifact_bytes + p.activation_bytes + p.state_bytes
+               shape: RunShape, requests: dict[str, Request]) -> None:
+    p.artifact_bytes = sum(s.bytes_for(view, shape.batch_size, seq, requests.get(s.name, {})) for s in specs)
+    p.activation_bytes = _activations(view, p.kind, micro, seq)
+    micro_batches = shape.n_batches * -(-shape.batch_size // max(micro, 1))
+    for spec in specs:
+        if spec.own_passes is not None and shape.n_batches:
+            own = spec.own_passes(view, micro, seq, requests.get(spec.name, {}))
+            p.own_passes[f"artifact:{spec.name}"] = {k: v * micro_batches for k, v in own.items() if v}
+    # A metric's own passes replay whole batches after the shared pass, one at a time; an artifact's
+    # run inside the shared pass per micro-batch, and its declared bytes already hold what they keep.
+    p.own_pass_bytes = max((_activations(view, kind, shape.batch_size, seq)
+                            for who, kinds in p.own_passes.items() if not who.startswith("artifact:")
+                            for kind in kinds), default=0)
+    transient = max((s.transient_for(view, micro, seq, requests.get(s.name, {})) for s in specs), default=0)
+    p.activation_bytes += transient  # a producer's own backward runs while the shared pass's activations are held
+    p.peak_bytes = view.param_bytes + p.artifact_bytes + max(p.activation_bytes, p.own_pass_bytes) + p.state_bytes
+
+
+def _declared_passes(node: MetricNode, view: ModelView, shape: RunShape) -> dict[str, int]:
+    """A per-model metric's own passes; a declaration that fails counts none (the metric's
+    own run reports the error)."""
+    try:
+        return check_declared(node.model_cls.own_passes(node.params, view, shape), node.name)
+    except Exception:
+        return {}
 
 
 def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, registry: Registry,
@@ -108,26 +172,119 @@ def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, reg
     """Group runnable metrics into passes by stage and find the largest micro-batch that fits."""
     runnable = [n for n in nodes if n.unavailable is None and n.cls.scope == "model"]
     declared = {n.name: n.cls.cost(n.params, view, shape).state_bytes for n in runnable}
-    passes: list[tuple[PassPlan, list[ArtifactSpec]]] = []
+    own = {n.name: _declared_passes(n, view, shape) for n in runnable}
+    passes: list[tuple[PassPlan, list[ArtifactSpec], dict[str, Request]]] = []
     for stage in sorted({n.stage for n in runnable}):
         members = [n for n in runnable if n.stage == stage]
         weights_only = [n.name for n in members if not (set(n.cls.artifacts) - {"weights"})]
         data_metrics = [n for n in members if n.name not in weights_only]
         if weights_only:
             passes.append((PassPlan(stage, "weights", weights_only, ["weights"],
-                                    state_bytes=sum(declared[m] for m in weights_only)), []))
+                                    state_bytes=sum(declared[m] for m in weights_only),
+                                    own_passes={m: own[m] for m in weights_only if own[m]}), [], {}))
         if data_metrics:
             wanted = sorted({a for n in data_metrics for a in n.cls.artifacts} - {"weights"})
             specs = closure(wanted, registry)
             passes.append((PassPlan(stage, pass_kind(specs), [n.name for n in data_metrics],
                                     [s.name for s in specs],
-                                    state_bytes=sum(declared[n.name] for n in data_metrics)), specs))
+                                    state_bytes=sum(declared[n.name] for n in data_metrics),
+                                    own_passes={n.name: own[n.name] for n in data_metrics if own[n.name]}), specs,
+                           merged_requests(specs, data_metrics, view)))
     micro = shape.batch_size
     while True:
-        for p, specs in passes:
-            _pass_peak(view, p, micro, shape.seq_len, specs, shape.batch_size)
-        plan = ModelPlan(view.name, [p for p, _ in passes], view.param_bytes, micro, shape.batch_size,
+        for p, specs, requests in passes:
+            p.own_passes = {k: v for k, v in p.own_passes.items() if not k.startswith("artifact:")}
+            _pass_peak(view, p, micro, shape.seq_len, specs, shape, requests)
+        plan = ModelPlan(view.name, [p for p, _, _ in passes], view.param_bytes, micro, shape.batch_size,
                          budget_bytes, declared)
         if plan.fits or micro <= min_micro_batch:
             return plan
         micro = max(min_micro_batch, micro // 2)
+
+
+@dataclass
+class ModelSetPlan:
+    """The model-set stage: metrics over every member, run after all members' own passes.
+
+    When a model-set metric reads weights, every member's weights stay loaded from its own run to
+    the end of this stage, so the peak while member i runs is its own peak plus the weights of the
+    members before it; otherwise ``member_weights`` are 0 (released) but for modules the caller
+    passed in, which stay as they are.
+    """
+
+    metrics: list[str]
+    members: list[str]
+    member_weights: list[int]
+    member_peaks: list[int]
+    budget_bytes: int
+    declared_state: dict[str, int] = field(default_factory=dict)
+    #: whole-model passes each model-set metric makes itself over all members: metric -> kind -> count
+    own_passes: dict[str, dict[str, int]] = field(default_factory=dict)
+    model: str = "model set"
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(self.member_weights)
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(self.declared_state.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        during_members = [peak + sum(self.member_weights[:i]) for i, peak in enumerate(self.member_peaks)]
+        return max([self.weights_bytes + self.state_bytes, *during_members])
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget_bytes
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data.update(weights_bytes=self.weights_bytes, state_bytes=self.state_bytes, peak_bytes=self.peak_bytes,
+                    fits=self.fits)
+        return data
+
+    def render(self) -> str:
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        return "\n".join([
+            f"plan for the model set ({', '.join(self.members)}): budget {format_bytes(self.budget_bytes)}",
+            f"  model-set stage: members' weights kept {format_bytes(self.weights_bytes)}, "
+            f"metric state {format_bytes(self.state_bytes)}",
+            f"      metrics:   {', '.join(self.metrics)}",
+            *(["      own passes: " + "; ".join(f"{who} " + ", ".join(f"{k} x{n}" for k, n in kinds.items())
+                                               for who, kinds in self.own_passes.items())] if self.own_passes else []),
+            f"  declared peak {format_bytes(self.peak_bytes)} (with the weights of the members run before each): "
+            f"{verdict} in {format_bytes(self.budget_bytes)}"])
+
+
+def set_costs(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape) -> dict[str, int]:
+    """Declared state bytes of the runnable model-set metrics, sized on one member."""
+    return {n.name: n.cls.cost(n.params, view, shape).state_bytes for n in nodes
+            if n.unavailable is None and n.cls.scope == "model_set"}
+
+
+def set_passes(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, members: Sequence[str],
+               base_name: str | None) -> dict[str, dict[str, int]]:
+    """The own passes of the runnable model-set metrics over ``members`` models, sized on one member."""
+    out: dict[str, dict[str, int]] = {}
+    for n in nodes:
+        if n.unavailable is None and n.cls.scope == "model_set":
+            try:
+                own = check_declared(n.set_cls.own_passes(n.params, view, shape, members, base_name), n.name)
+            except Exception:
+                own = {}  # the metric's own run reports the error
+            if own:
+                out[n.name] = own
+    return out
+
+
+def make_set_plan(nodes: Sequence[MetricNode], members: Sequence[ModelPlan], member_weights: Sequence[int],
+                  declared: dict[str, int], budget_bytes: int,
+                  own_passes: dict[str, dict[str, int]] | None = None) -> ModelSetPlan | None:
+    """The model-set stage's plan, or None when the run has no model-set metric."""
+    names = [n.name for n in nodes if n.cls.scope == "model_set"]
+    if not names:
+        return None
+    return ModelSetPlan(names, [p.model for p in members], list(member_weights), [p.peak_bytes for p in members],
+                        budget_bytes, declared, own_passes or {})

@@ -20,13 +20,14 @@ from ..config import RunConfig
 from ..core_artifacts import LossTargets, loss_targets
 from ..data import Batch, PreparedData
 from ..errors import MetricTimeoutError, TensorScopeError
-from ..metric import Metric, RunShape, Step
+from ..metric import RunShape, Step
 from ..models.view import ModelView
 from ..plugins import Registry
 from ..results.schema import MetricResult, ScalarValue, SeriesValue, TensorValue
 from ..results.store import ResultCache, cache_key
 from .graph import MetricNode
-from .plan import ModelPlan, closure, pass_kind
+from .passes import PassCounter, check_declared
+from .plan import ModelPlan, closure, merged_requests, pass_kind
 
 
 class MetricFailed(TensorScopeError):
@@ -97,51 +98,54 @@ def needed_tensors(results: Iterable[MetricResult], store: Mapping[str, torch.Te
 @dataclass
 class ActiveMetric:
     node: MetricNode
-    instance: Metric
+    instance: Any
     declared: int
     seconds: float = 0.0
     measured: int = 0
+    #: the whole-model passes the metric declared for itself (kind -> count)
+    own_passes: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
-class ModelRunner:
-    """Runs the per-model metrics of one model against its plan."""
+@dataclass(kw_only=True)
+class Executor:
+    """What running a metric means, per model or over a model set: the cache, the time limit,
+    fail_fast, error isolation, declared and measured bytes, and the result's provenance."""
 
-    view: ModelView
-    data: PreparedData | None
-    nodes: Sequence[MetricNode]
-    plan: ModelPlan
-    shape: RunShape
     registry: Registry
     config: RunConfig
     cache: ResultCache | None
-    data_fingerprint: str | None
-    model_fingerprint: str
-    progress: Callable[[str, int], Any] | None = None
+    #: counts every call of the run's models, attributed to the metric or artifact that made it
+    counter: PassCounter
     results: dict[str, MetricResult] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    passes: dict[str, int] = field(default_factory=dict)
-    artifact_bytes: dict[str, int] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
 
-    # -- bookkeeping -----------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        """The run the results belong to, as tensor keys name it: a model's name, or ``*``."""
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        """The run as messages name it."""
+        return self.where
+
     def _result(self, node: MetricNode, status: str, **kw: Any) -> MetricResult:
         return MetricResult(metric=node.name, version=node.cls.version, plugin=node.plugin, status=status,
-                            params=node.params.model_dump(mode="json"), **kw)
+                            params=node.params.model_dump(mode="json"), class_path=node.cls.class_path(),
+                            derived_from=list(node.cls.derived_from), **kw)
 
     def _fail(self, active: ActiveMetric, exc: BaseException) -> None:
         if self.config.fail_fast:
-            raise MetricFailed(f"{active.node.name} failed on {self.view.name}: {type(exc).__name__}: {exc}",
+            raise MetricFailed(f"{active.node.name} failed on {self.label}: {type(exc).__name__}: {exc}",
                                "fix the cause, or run without fail_fast to keep the other metrics' results") from exc
         self.results[active.node.name] = self._result(
             active.node, "error", reason=f"{type(exc).__name__}: {exc}", error_type=type(exc).__name__,
-            declared_bytes=active.declared, measured_bytes=active.measured, seconds=active.seconds)
+            declared_bytes=active.declared, measured_bytes=active.measured, seconds=round(active.seconds, 4),
+            **self._passes_of(active))
 
-    def _key(self, node: MetricNode) -> str:
-        return cache_key(model=self.model_fingerprint, data=self.data_fingerprint, metric=node.name,
-                         version=node.cls.version, params=node.params.model_dump(mode="json"),
-                         config=self.config.numeric_key(),
-                         deps=sorted(self.keys.get(d, "") for d in node.needs))
+    def _passes_of(self, active: ActiveMetric) -> dict[str, Any]:
+        return {"passes_declared": dict(active.own_passes), "model_calls": self.counter.calls[active.node.name]}
 
     def _call(self, active: ActiveMetric, fn: Callable[[], Any]) -> Any:
         """Run one metric call under its remaining time budget, timing it."""
@@ -149,13 +153,93 @@ class ModelRunner:
         remaining = None if limit is None else max(limit - active.seconds, 1e-3)
         start = time.perf_counter()
         try:
-            with time_limit(remaining, f"{active.node.name} on {self.view.name}", limit):
+            with time_limit(remaining, f"{active.node.name} on {self.label}", limit), \
+                    self.counter.attributed(active.node.name):
                 return fn()
         finally:
             active.seconds += time.perf_counter() - start
 
+    def _cached(self, node: MetricNode) -> bool:
+        """Take the metric's result from the cache when it holds one for this key."""
+        if self.cache is None:
+            return False
+        hit = self.cache.get(self.keys[node.name])
+        if hit is None:
+            return False
+        result, tensors = hit
+        self.results[node.name] = result.model_copy(update={"from_cache": True})
+        self.tensors.update(tensors)
+        return True
+
+    def _dependency_failed(self, node: MetricNode, results: Mapping[str, Mapping[str, MetricResult]]) -> bool:
+        """A needed metric that did not end ok (on any model in ``results``) skips this one."""
+        for model, metrics in results.items():
+            for dep in node.needs:
+                if dep in metrics and not metrics[dep].ok:
+                    cause = metrics[dep]
+                    on = f" on {model}" if model != self.where else ""
+                    self.results[node.name] = self._result(
+                        node, "skipped", reason=f"dependency '{dep}' {cause.status}{on}: {cause.reason}")
+                    return True
+        return False
+
+    def _finish_one(self, active: ActiveMetric, compute: Callable[[], Any]) -> None:
+        """Compute the output, type it, record it ok (and cache it), or record the failure."""
+        try:
+            output = self._call(active, compute)
+            active.measured = max(active.measured, active.instance.state_bytes())
+            tensors: dict[str, torch.Tensor] = {}
+            values = to_values(active.node.name, self.where, output, tensors)
+        except Exception as exc:
+            self._fail(active, exc)
+            return
+        result = self._result(active.node, "ok", values=values, declared_bytes=active.declared,
+                              measured_bytes=active.measured, seconds=round(active.seconds, 4),
+                              **self._passes_of(active))
+        self.results[active.node.name] = result
+        self.tensors.update(tensors)
+        if self.cache is not None:
+            self.cache.put(self.keys[active.node.name], result, tensors)
+
+
+@dataclass(kw_only=True)
+class ModelRunner(Executor):
+    """Runs the per-model metrics of one model against its plan."""
+
+    view: ModelView
+    data: PreparedData | None
+    nodes: Sequence[MetricNode]
+    plan: ModelPlan
+    shape: RunShape
+    data_fingerprint: str | None
+    model_fingerprint: str
+    progress: Callable[[str, int], Any] | None = None
+    passes: dict[str, int] = field(default_factory=dict)
+    #: per artifact: the most bytes one batch of it held, and what its declaration said for that batch
+    artifact_bytes: dict[str, int] = field(default_factory=dict)
+    artifact_declared: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return self.view.name
+
+    def _key(self, node: MetricNode) -> str:
+        return cache_key(model=self.model_fingerprint, data=self.data_fingerprint, metric=node.name,
+                         version=node.cls.version, params=node.params.model_dump(mode="json"),
+                         config=self.config.numeric_key(),
+                         deps=sorted(self.keys.get(d, "") for d in node.needs))
+
     # -- the run ----------------------------------------------------------------------
     def run(self) -> None:
+        with self.counter.active():
+            self._run_stages()
+        for result in self.results.values():
+            if result.from_cache:
+                continue  # its passes ran in an earlier run
+            for kind, count in result.passes_declared.items():
+                self.passes[kind] = self.passes.get(kind, 0) + count
+
+    def _run_stages(self) -> None:
         for stage in sorted({n.stage for n in self.nodes}):
             members = [n for n in self.nodes if n.stage == stage and n.cls.scope == "model"]
             active = [a for a in (self._admit(n) for n in members) if a is not None]
@@ -181,38 +265,29 @@ class ModelRunner:
 
     def _admit(self, node: MetricNode) -> ActiveMetric | None:
         """Cache hit, unavailable, dependency failed, not applicable -> a result now; else run it."""
-        self.keys[node.name] = key = self._key(node)
+        self.keys[node.name] = self._key(node)
         if node.unavailable:
             self.results[node.name] = self._result(node, "error", reason=node.unavailable, error_type="Unavailable")
             return None
-        failed = [d for d in node.needs if d in self.results and not self.results[d].ok]
-        if failed:
-            cause = self.results[failed[0]]
-            self.results[node.name] = self._result(
-                node, "skipped", reason=f"dependency '{failed[0]}' {cause.status}: {cause.reason}")
+        if self._dependency_failed(node, {self.where: self.results}) or self._cached(node):
             return None
-        if self.cache is not None:
-            hit = self.cache.get(key)
-            if hit is not None:
-                result, tensors = hit
-                self.results[node.name] = result.model_copy(update={"from_cache": True})
-                self.tensors.update(tensors)
-                return None
-        reason = node.cls.skip_reason(node.params, self.view, self.data)
+        cls = node.model_cls
+        reason = cls.skip_reason(node.params, self.view, self.data)
         if reason is None and self.data is None and set(node.cls.artifacts) - {"weights"}:
             reason = "this run has no data"
-        if reason is None and "token_loss" in {a.name for a in closure(node.cls.artifacts, self.registry)} and \
-                not self.view.causal and self.view.mask_token_id is None:
+        if reason is None and {"token_loss", "batches"} & {a.name for a in closure(node.cls.artifacts, self.registry)} \
+                and not self.view.causal and self.view.mask_token_id is None:
             reason = "a masked-LM loss needs the tokenizer's mask token: save the tokenizer with the model"
         if reason is not None:
             self.results[node.name] = self._result(node, "skipped", reason=reason)
             return None
         deps = {d: self.results[d] for d in node.needs}
         declared = self.plan.declared_state.get(node.name, 0)
-        active = ActiveMetric(node, None, declared)  # type: ignore[arg-type]
+        active = ActiveMetric(node, None, declared)
         try:
+            active.own_passes = check_declared(cls.own_passes(node.params, self.view, self.shape), node.name)
             tensors = needed_tensors(deps.values(), self.tensors)
-            active.instance = self._call(active, lambda: node.cls(node.params, self.shape, self.view, deps, tensors))
+            active.instance = self._call(active, lambda: cls(node.params, self.shape, self.view, deps, tensors))
         except Exception as exc:
             self._fail(active, exc)
             return None
@@ -222,20 +297,7 @@ class ModelRunner:
         for active in group:
             if active.node.name in self.results:
                 continue  # failed during the pass
-            try:
-                output = self._call(active, active.instance.finalize)
-                active.measured = max(active.measured, active.instance.state_bytes())
-                tensors: dict[str, torch.Tensor] = {}
-                values = to_values(active.node.name, self.view.name, output, tensors)
-            except Exception as exc:
-                self._fail(active, exc)
-                continue
-            result = self._result(active.node, "ok", values=values, declared_bytes=active.declared,
-                                  measured_bytes=active.measured, seconds=round(active.seconds, 4))
-            self.results[active.node.name] = result
-            self.tensors.update(tensors)
-            if self.cache is not None:
-                self.cache.put(self.keys[active.node.name], result, tensors)
+            self._finish_one(active, active.instance.finalize)
             del active.instance
 
     # -- the shared data pass ---------------------------------------------------------
@@ -244,17 +306,20 @@ class ModelRunner:
         # Capture what the metrics that actually run need: members of the planned pass that were
         # cached, skipped or failed need nothing (a resumed run must not redo their backward).
         specs = closure(sorted({n for a in group for n in a.node.cls.artifacts} - {"weights"}), self.registry)
-        backward = pass_kind(specs) == "forward+backward"
+        kind = pass_kind(specs)
+        backward = kind == "forward+backward"
         micro = self.plan.micro_batch
         model = self.view.model
         model.zero_grad(set_to_none=True)
-        with capture_scope(self.view, specs, self.config.seed) as ctx:
+        requests = merged_requests(specs, [a.node for a in group], self.view)
+        with capture_scope(self.view, specs, self.config.seed, requests) as ctx:
             for batch in self.data.batches():
                 batch = batch.to(self.config.device)
                 targets = loss_targets(self.view, batch, self.config.seed)
                 while True:
                     try:
-                        artifacts = self._run_batch(ctx, specs, batch, targets, micro, backward)
+                        artifacts = self._run_batch(ctx, specs, batch, targets, micro, backward) \
+                            if kind != "data" else {s.name: None for s in specs}
                         break
                     except Exception as exc:
                         model.zero_grad(set_to_none=True)
@@ -266,12 +331,16 @@ class ModelRunner:
                                 f"out of memory at micro-batch {micro} on {self.view.name}",
                                 "lower batch_size or max_length, or use a device with more memory") from exc
                         micro = max(self.config.min_micro_batch, micro // 2)
-                self.passes["forward"] = self.passes.get("forward", 0) + 1
+                shared = "data" if kind == "data" else "forward"
+                self.passes[shared] = self.passes.get(shared, 0) + 1
                 if backward:
                     self.passes["backward"] = self.passes.get("backward", 0) + 1
                 for name, value in artifacts.items():
                     self.artifact_bytes[name] = max(self.artifact_bytes.get(name, 0), tensor_bytes(value))
-                self._feed(group, Step(batch, artifacts, targets.target_mask))
+                    self.artifact_declared[name] = max(self.artifact_declared.get(name, 0), self.registry.artifacts[
+                        name].bytes_for(self.view, batch.input_ids.shape[0], batch.input_ids.shape[1],
+                                        requests.get(name, {})))
+                self._feed(group, Step(batch, artifacts, targets))
                 del artifacts
                 model.zero_grad(set_to_none=True)  # param_grad handed metrics the .grad tensors themselves
                 if self.progress is not None:
@@ -285,7 +354,7 @@ class ModelRunner:
         artifacts = dict(step.artifacts)
         for i, active in enumerate(live):
             view = Step(step.batch, {k: artifacts[k] for k in active.node.cls.artifacts if k in artifacts},
-                        step.target_mask)
+                        step.targets)
             try:
                 self._call(active, functools.partial(active.instance.update, view))
                 active.measured = max(active.measured, active.instance.state_bytes())
@@ -307,25 +376,36 @@ class ModelRunner:
         for start in range(0, batch.input_ids.shape[0], micro):
             sub, sub_targets = batch.slice(start, start + micro), targets.slice(start, start + micro)
             ctx.store.clear()
-            ctx.batch, ctx.store["_targets"] = sub, sub_targets
+            ctx.batch, ctx.targets = sub, sub_targets
             with torch.set_grad_enabled(backward):
-                ctx.outputs = model(input_ids=sub_targets.model_input, attention_mask=sub.attention_mask,
-                                    use_cache=False, **kwargs)
+                with self.counter.attributed("shared"):
+                    ctx.outputs = model(input_ids=sub_targets.model_input, attention_mask=sub.attention_mask,
+                                        use_cache=False, **kwargs)
                 for spec in forward_specs:
-                    if spec.derive is not None:
-                        spec.derive(ctx)
+                    self._derive(spec, ctx, sub)
                 if backward:
                     (ctx.store["token_loss"].sum() / ctx.batch_tokens).backward()
             for spec in per_micro_backward:
-                if spec.derive is not None:
-                    spec.derive(ctx)
+                self._derive(spec, ctx, sub)
             ctx.outputs = None
             for name in ctx.wanted:
                 if name in ctx.store and name not in {s.name for s in summed}:
                     parts.setdefault(name, []).append(detach_all(ctx.store[name]))
         for spec in summed:
-            if spec.derive is not None:
-                spec.derive(ctx)
+            self._derive(spec, ctx, batch)
             parts[spec.name] = [ctx.store[spec.name]]
         ctx.store.clear()
         return {name: combine_micro(values) for name, values in parts.items()}
+
+    def _derive(self, spec: ArtifactSpec, ctx: CaptureContext, batch: Batch) -> None:
+        """Fill one artifact for ``batch`` (a micro-batch, or the whole batch for summed ones),
+        counting the passes its producer makes itself."""
+        if spec.derive is None:
+            return
+        if spec.own_passes is not None:
+            own = check_declared(spec.own_passes(self.view, batch.input_ids.shape[0], batch.input_ids.shape[1],
+                                                 ctx.request(spec.name)), f"artifact '{spec.name}'")
+            for kind, count in own.items():
+                self.passes[kind] = self.passes.get(kind, 0) + count
+        with self.counter.attributed(f"artifact:{spec.name}"):
+            spec.derive(ctx)

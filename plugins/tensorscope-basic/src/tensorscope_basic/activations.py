@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, LayerValue, Metric, ModelView, Params, RunShape, Step
+from tensorscope_core.plugin_api import Cost, LayerValue, Metric, ModelView, Params, RunShape, Step
 
 
 class ActivationParams(Params):
@@ -30,7 +30,6 @@ class ActivationStats(Metric):
               "dead_fraction": "fraction of MLP units never above the threshold, per layer"}
 
     def setup(self) -> None:
-        assert self.view is not None
         self.norm_sum = torch.zeros(self.view.n_layers + 1, dtype=torch.float64)
         self.tokens = torch.zeros((), dtype=torch.float64)
         self.peak = torch.zeros(self.view.n_layers, self.view.d_mlp, dtype=torch.float32)
@@ -50,5 +49,5 @@ class ActivationStats(Metric):
 
     def finalize(self) -> dict[str, LayerValue]:
         dead = (self.peak <= self.params.dead_threshold).double().mean(dim=1)
-        return {"resid_norm": LayerValue(values=(self.norm_sum / self.tokens).tolist()),
-                "dead_fraction": LayerValue(values=dead.tolist())}
+        return {"resid_norm": LayerValue(values=(self.norm_sum / self.tokens).tolist(), axis="resid"),
+                "dead_fraction": LayerValue(values=dead.tolist(), axis="block")}

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from tensorscope_core import Cost, LayerValue, Metric, ModelView, NoParams, RunShape, ScalarValue, Step
-from tensorscope_core.numerics import sum_of_squares
-from tensorscope_core.stats import bootstrap_ratio_ci
+from tensorscope_core.plugin_api import (
+    Cost,
+    LayerValue,
+    Metric,
+    ModelView,
+    NoParams,
+    RunShape,
+    ScalarValue,
+    Step,
+    bootstrap_ratio_ci,
+    sum_of_squares,
+)
 
 
 class GradNorms(Metric):
@@ -28,7 +37,6 @@ class GradNorms(Metric):
               "total_norm": "mean over batches of the global gradient norm, CI over batches"}
 
     def setup(self) -> None:
-        assert self.view is not None
         self.layer_of = self.view.layer_of_parameter()
         self.per_batch = torch.zeros(self.shape.n_batches, self.view.n_layers + 2, dtype=torch.float64)
         self.seen = 0
@@ -38,7 +46,6 @@ class GradNorms(Metric):
         return Cost(state_bytes=8 * shape.n_batches * (view.n_layers + 2))
 
     def update(self, step: Step) -> None:
-        assert self.view is not None
         squares = torch.zeros(self.view.n_layers + 1, dtype=torch.float64)
         for name, grad in step["param_grad"].items():
             layer = self.layer_of.get(name)
@@ -51,7 +58,7 @@ class GradNorms(Metric):
     def finalize(self) -> dict[str, object]:
         done = self.per_batch[:self.seen]
         mean = done.mean(dim=0)
-        out: dict[str, object] = {"layer_norm": LayerValue(values=mean[:-2].tolist())}
+        out: dict[str, object] = {"layer_norm": LayerValue(values=mean[:-2].tolist(), axis="block")}
         for field, column in (("outside_norm", -2), ("total_norm", -1)):
             per_batch = done[:, column].tolist()
             low, high = bootstrap_ratio_ci(per_batch, [1.0] * len(per_batch), seed=self.shape.seed)

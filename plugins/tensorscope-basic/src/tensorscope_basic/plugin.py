@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tensorscope_core import hookimpl
+from tensorscope_core.plugin_api import hookimpl
 
 from .activations import ActivationStats
 from .gradients import GradNorms
 from .loss import Loss
 from .weights import WeightNorms
 
-TENSORSCOPE_PLUGIN_API = 1
+TENSORSCOPE_PLUGIN_API = 2
 
 
 @hookimpl

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tensorscope_core import LayerValue, Metric, NoParams, ScalarValue
+from tensorscope_core.plugin_api import LayerValue, Metric, NoParams, ScalarValue
 
 
 class WeightNorms(Metric):
@@ -20,13 +20,12 @@ class WeightNorms(Metric):
               "total_norm": "norm of all parameters"}
 
     def finalize(self) -> dict[str, object]:
-        assert self.view is not None
         layer_of = self.view.layer_of_parameter()
         squares = torch.zeros(self.view.n_layers + 1, dtype=torch.float64)
         for name, p in self.view.model.named_parameters():  # named_parameters() skips tied duplicates
             layer = layer_of[name]
             index = self.view.n_layers if layer is None else layer
             squares[index] += torch.linalg.vector_norm(p.detach(), dtype=torch.float64).square().cpu()
-        return {"layer_norm": LayerValue(values=squares[:-1].sqrt().tolist()),
+        return {"layer_norm": LayerValue(values=squares[:-1].sqrt().tolist(), axis="block"),
                 "outside_norm": ScalarValue(value=float(squares[-1].sqrt())),
                 "total_norm": ScalarValue(value=float(squares.sum().sqrt()))}

@@ -8,21 +8,20 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from tensorscope_core import (
+from tensorscope_core.plugin_api import (
     Cost,
     HeadValue,
     LayerValue,
     Metric,
     ModelView,
     Params,
+    PreparedData,
     RunShape,
     ScalarValue,
     Step,
     TableValue,
+    bootstrap_ratio_ci,
 )
-from tensorscope_core.core_artifacts import loss_targets
-from tensorscope_core.data import PreparedData
-from tensorscope_core.stats import bootstrap_ratio_ci
 
 from .interventions import Edit, edit_heads, edit_output, head_attn_out_reason, hooked, logits_of, token_ce
 
@@ -82,6 +81,15 @@ class Ablation(Metric):
         forwards = components * len(params.modes) + ("mean" in params.modes)
         return Cost(state_bytes=8 * (4 * n * t + 2 * n), flops=2.0 * view.n_params * n * t * forwards)
 
+    @classmethod
+    def own_passes(cls, params: AblationParams, view: ModelView, shape: RunShape) -> dict[str, int]:
+        """In ``finalize``, per batch of the run: one forward per component and mode (modes
+        counted as listed), plus one that collects the means when a mode is ``mean``. Planned
+        count: a run whose data hold no loss target at all fails before any of them."""
+        components = view.n_layers * (view.n_heads * params.heads + params.mlps)
+        forwards = components * len(params.modes) + ("mean" in params.modes)
+        return {"replay_forward": len(shape.batches) * forwards}
+
     def setup(self) -> None:
         n = self.shape.n_sequences
         self.batches: list[torch.Tensor] = []  # [4, batch, seq]: model input, attention mask, targets, target mask
@@ -90,8 +98,7 @@ class Ablation(Metric):
         self.filled = 0
 
     def update(self, step: Step) -> None:
-        assert self.view is not None and step.target_mask is not None
-        targets = loss_targets(self.view, step.batch, self.shape.seed)
+        targets = step.targets
         self.batches.append(torch.stack([targets.model_input, step.batch.attention_mask, targets.target_ids,
                                          step.target_mask]).cpu())
         rows = slice(self.filled, self.filled + step.batch.input_ids.shape[0])
@@ -101,21 +108,18 @@ class Ablation(Metric):
 
     # -- the ablations -------------------------------------------------------------------
     def _data(self) -> Batches:
-        assert self.view is not None
         device = self.view.embed.weight.device
         for stacked in self.batches:
             ids, mask, target_ids, target_mask = stacked.to(device)
             yield ids, mask, target_ids, target_mask
 
     def _components(self) -> list[Component]:
-        assert self.view is not None
         heads: list[Component] = [("head", layer, h) for layer in range(self.view.n_layers)
                                   for h in range(self.view.n_heads)]
         mlps: list[Component] = [("mlp", layer, None) for layer in range(self.view.n_layers)]
         return (heads if self.params.heads else []) + (mlps if self.params.mlps else [])
 
     def _hook(self, component: Component, edit: Edit) -> Any:
-        assert self.view is not None
         kind, layer, _ = component
         if kind == "head":
             return edit_heads(self.view, layer, edit)
@@ -123,7 +127,6 @@ class Ablation(Metric):
 
     def _means(self) -> dict[tuple[str, int], torch.Tensor]:
         """Mean over all real tokens of each layer's head outputs [n_heads, d_head] and MLP output [d_model]."""
-        assert self.view is not None
         sums: dict[tuple[str, int], torch.Tensor] = {}
         count = 0
         keys = {(kind, layer) for kind, layer, _ in self._components()}
@@ -156,7 +159,6 @@ class Ablation(Metric):
 
     def _ablated_sums(self, edit: Callable[[torch.Tensor], torch.Tensor], component: Component) -> torch.Tensor:
         """Per-sequence token-loss sums with ``component`` edited, in data order."""
-        assert self.view is not None
         sums = []
         for ids, mask, target_ids, target_mask in self._data():
             with hooked([self._hook(component, edit)]), torch.no_grad():
@@ -165,7 +167,6 @@ class Ablation(Metric):
         return torch.cat(sums)
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         used = self.tokens[:self.filled] > 0
         if not bool(used.any()):
             raise ValueError("the data hold no loss targets: nothing to measure the loss change on")
@@ -194,5 +195,5 @@ class Ablation(Metric):
             if self.params.heads:
                 out[f"head_{mode}"] = HeadValue(values=grids[mode].tolist())
             if self.params.mlps:
-                out[f"mlp_{mode}"] = LayerValue(values=layers[mode].tolist())
+                out[f"mlp_{mode}"] = LayerValue(values=layers[mode].tolist(), axis="block")
         return out

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, Metric, ModelView, Params, RunShape, Step
+from tensorscope_core.plugin_api import Cost, Metric, ModelView, Params, RunShape, Step
 
 #: weight of the identity (the residual connection) in each layer's mixing matrix
 RESIDUAL_WEIGHT = 0.5

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from tensorscope_core import Cost, Metric, ModelView, NoParams, RunShape, Step
+from tensorscope_core.plugin_api import Cost, Metric, ModelView, NoParams, RunShape, Step
 
 from .headstats import ratio_grid
 from .patterns import entropy_sums
@@ -46,7 +46,6 @@ class AttentionEntropy(Metric):
         return Cost(state_bytes=8 * shape.n_sequences * per_seq, flops=flops)
 
     def setup(self) -> None:
-        assert self.view is not None
         n, layers, heads = self.shape.n_sequences, self.view.n_layers, self.view.n_heads
         self.entropy = torch.zeros(n, layers, heads, dtype=torch.float64)
         self.normalised = torch.zeros(n, layers, heads, dtype=torch.float64)
@@ -54,7 +53,6 @@ class AttentionEntropy(Metric):
         self.filled = 0
 
     def update(self, step: Step) -> None:
-        assert self.view is not None
         mask = step.batch.attention_mask
         rows = slice(self.filled, self.filled + mask.shape[0])
         for layer, attn in enumerate(step["attn_pattern"]):

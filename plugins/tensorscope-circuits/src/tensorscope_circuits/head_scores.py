@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, Metric, ModelView, Params, RunShape, TableValue, TextValue
-from tensorscope_core.data import PreparedData
+from tensorscope_core.plugin_api import Cost, Metric, ModelView, Params, PreparedData, RunShape, TableValue, TextValue
 
 from .headstats import mean_grid
 from .patterns import detection_scores, duplicate_token_pattern, induction_pattern, previous_token_pattern
@@ -175,8 +174,13 @@ class HeadScores(Metric):
         flops = 2.0 * view.n_params * n * seq + 4.0 * view.n_layers * n * seq * seq * view.d_model
         return Cost(state_bytes=8 * n * view.n_layers * view.n_heads * len(cls._kinds(view)), flops=flops)
 
+    @classmethod
+    def own_passes(cls, params: HeadScoresParams, view: ModelView, shape: RunShape) -> dict[str, int]:
+        """One forward (eager attention, no gradients) per ``batch_size`` of the ``n_sequences``
+        random sequences, in ``finalize``; the run's data are not used."""
+        return {"replay_forward": -(-params.n_sequences // params.batch_size)}
+
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         p: HeadScoresParams = self.params
         length, bos = _plan(p, self.view)
         kinds = self._kinds(self.view)

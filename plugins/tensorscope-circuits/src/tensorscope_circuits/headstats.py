@@ -1,4 +1,4 @@
-"""Layer x head grids with bootstrap CIs over sequences (on tensorscope_core.stats)."""
+"""Layer x head grids with bootstrap CIs over sequences (on the core's bootstrap_ci / bootstrap_ratio_ci)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 
-from tensorscope_core import HeadValue
-from tensorscope_core.stats import bootstrap_ci, bootstrap_ratio_ci
+from tensorscope_core.plugin_api import HeadValue, bootstrap_ci, bootstrap_ratio_ci
 
 
 def _grid(values: np.ndarray) -> HeadValue:

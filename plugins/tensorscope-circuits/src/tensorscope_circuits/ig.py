@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tensorscope_core import ModelView
+from tensorscope_core.plugin_api import ModelView
 
 from .interventions import token_ce
 

@@ -6,14 +6,23 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from tensorscope_core import Cost, Metric, ModelView, Params, RunShape, ScalarValue, Step
-from tensorscope_core.core_artifacts import loss_targets
-from tensorscope_core.data import PreparedData
+from tensorscope_core.plugin_api import (
+    Cost,
+    DataError,
+    Metric,
+    ModelView,
+    Params,
+    PreparedData,
+    RunShape,
+    ScalarValue,
+    Step,
+    hook_free_view,
+)
 
 from .ig import Objective, Rule, integrated_gradients, mean_token_loss
-from .interventions import hook_free_view, logits_of
+from .interventions import logits_of
 from .tokens import token_id
 
 
@@ -28,6 +37,12 @@ class IGParams(Params):
     steps: int = Field(50, ge=1, description="quadrature nodes along the path")
     rule: Rule = Field("gausslegendre", description="quadrature rule (Captum's names)")
     chunk: int = Field(10, ge=1, description="path nodes per forward/backward (bounds the memory)")
+
+    @model_validator(mode="after")
+    def _enough_steps(self) -> IGParams:
+        if self.rule == "riemann_trapezoid" and self.steps < 2:
+            raise ValueError(f"rule riemann_trapezoid needs at least 2 steps, got {self.steps}")
+        return self
 
 
 class IntegratedGradients(Metric):
@@ -79,6 +94,24 @@ class IntegratedGradients(Metric):
         flops = 6.0 * view.n_params * n * t * (params.steps + 2)  # a forward and a backward per node
         return Cost(state_bytes=8 * (n * t + 2 * n), flops=flops)
 
+    @classmethod
+    def own_passes(cls, params: IGParams, view: ModelView, shape: RunShape) -> dict[str, int]:
+        """Per batch of the run, in ``update`` (on the hook-free twin): ceil(steps / chunk)
+        forward+backward calls along the path; one forward without gradients for F at the ends
+        (the baseline alone for the loss, input and baseline together for a logit); one more
+        for the top prediction when ``target='logit'`` and ``token`` is None. None when the
+        named token is not a single token of the vocabulary (the first batch fails before any
+        call). Planned count: a ``position`` outside some sequence fails that batch."""
+        logit = params.target == "logit"
+        if logit and params.token is not None:
+            try:
+                token_id(view, params.token, "token")
+            except DataError:
+                return {}
+        n = len(shape.batches)
+        return {"replay_forward": n * (1 + (logit and params.token is None)),
+                "replay_backward": n * -(-params.steps // params.chunk)}
+
     def setup(self) -> None:
         n, t = self.shape.n_sequences, self.shape.seq_len
         self.attributions = torch.full((n, t), math.nan, dtype=torch.float64)
@@ -86,7 +119,6 @@ class IntegratedGradients(Metric):
         self.filled = 0
 
     def _baseline(self, input_ids: torch.Tensor) -> torch.Tensor:
-        assert self.view is not None
         embed = self.view.embed
         shape = (*input_ids.shape, self.view.d_model)
         if self.params.baseline == "zero":
@@ -97,7 +129,6 @@ class IntegratedGradients(Metric):
 
     def _objective(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_ids: torch.Tensor,
                    target_mask: torch.Tensor) -> Objective:
-        assert self.view is not None
         if self.params.target == "loss":
             return mean_token_loss(target_ids, target_mask)
         lengths = attention_mask.sum(-1)
@@ -118,8 +149,7 @@ class IntegratedGradients(Metric):
         return logit
 
     def update(self, step: Step) -> None:
-        assert self.view is not None
-        targets = loss_targets(self.view, step.batch, self.shape.seed)
+        targets = step.targets
         ids, mask = targets.model_input, step.batch.attention_mask
         objective = self._objective(ids, mask, targets.target_ids, targets.target_mask)
         at_input = None

@@ -10,8 +10,17 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from tensorscope_core import Cost, HeadValue, Metric, MetricResult, ModelView, Params, RunShape, TableValue
-from tensorscope_core.data import PreparedData
+from tensorscope_core.plugin_api import (
+    Cost,
+    HeadValue,
+    Metric,
+    MetricResult,
+    ModelView,
+    Params,
+    PreparedData,
+    RunShape,
+    TableValue,
+)
 
 PARTS = ("qk", "ov")
 

@@ -9,7 +9,6 @@ also on error. The functions passed in receive the tensor and return its replace
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,38 +16,9 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from tensorscope_core import ModelView
-from tensorscope_core.functional import hook_free_copy
+from tensorscope_core.plugin_api import ModelView
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
-_HOOK_FREE = "tensorscope_circuits.hook_free_view"
-
-
-def hook_free_view(view: ModelView) -> ModelView:
-    """The view of ``tensorscope_core.functional.hook_free_copy(view)``: the same parameters and
-    buffers, none of the run's capture hooks, every mapped part replaced by its twin in the copy.
-
-    Forwards of a metric's own during the shared pass (inside ``update``) run on it, so the
-    capture hooks never see them. Built once per view (kept in ``view.extras``).
-    """
-    twin_view: ModelView | None = view.extras.get(_HOOK_FREE)
-    if twin_view is None:
-        copy = hook_free_copy(view)
-        name_of = {id(module): name for name, module in view.model.named_modules()}
-        modules = dict(copy.named_modules())
-
-        def twin(module: Any) -> Any:
-            return None if module is None else modules[name_of[id(module)]]
-
-        twin_view = dataclasses.replace(
-            view, model=copy, embed=twin(view.embed), blocks=[twin(m) for m in view.blocks],
-            attn=[twin(m) for m in view.attn], mlp_out=[twin(m) for m in view.mlp_out],
-            attn_out=[twin(m) for m in view.attn_out], final_norm=twin(view.final_norm),
-            unembed=twin(view.unembed), extras={})
-        view.extras[_HOOK_FREE] = twin_view
-    return twin_view
-
-
 @contextmanager
 def hooked(handles: list[RemovableHandle]) -> Iterator[None]:
     """Keep ``handles`` for the block, remove them after it."""

@@ -6,9 +6,7 @@ from typing import Any
 
 import torch
 
-from tensorscope_core import Cost, LayerValue, Metric, ModelView, NoParams, RunShape, Step
-from tensorscope_core.core_artifacts import loss_targets
-from tensorscope_core.data import PreparedData
+from tensorscope_core.plugin_api import Cost, LayerValue, Metric, ModelView, NoParams, PreparedData, RunShape, Step
 
 #: target tokens sent through the unembedding at once (bounds the [tokens, vocab] float64 block)
 TOKENS_PER_CHUNK = 64
@@ -73,13 +71,11 @@ class LogitLens(Metric):
         return Cost(state_bytes=8 * (len(QUANTITIES) * (view.n_layers + 1) + 1), flops=flops)
 
     def setup(self) -> None:
-        assert self.view is not None
         self.sums = torch.zeros(self.view.n_layers + 1, len(QUANTITIES), dtype=torch.float64)
         self.tokens = torch.zeros((), dtype=torch.float64)
 
     def update(self, step: Step) -> None:
-        assert self.view is not None and step.target_mask is not None
-        targets = loss_targets(self.view, step.batch, self.shape.seed)
+        targets = step.targets
         where = step.target_mask.bool()
         target_ids = targets.target_ids[where]
         resid = [r[where] for r in step["resid"]]
@@ -94,7 +90,7 @@ class LogitLens(Metric):
         self.tokens += float(where.sum())
 
     def _self_check(self, last: torch.Tensor, final_logp: torch.Tensor) -> None:
-        assert self.view is not None and self.view.final_norm is not None and self.view.unembed is not None
+        assert self.view.final_norm is not None and self.view.unembed is not None
         with torch.no_grad():
             lens = torch.log_softmax(self.view.unembed(self.view.final_norm(last)).double(), dim=-1)
         gap = float((lens - final_logp).abs().max()) if lens.numel() else 0.0
@@ -104,9 +100,7 @@ class LogitLens(Metric):
                                "norm and an unembedding, so the logit lens does not apply")
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         if float(self.tokens) == 0:
             raise ValueError("the data hold no target tokens (every sequence has a single token)")
         means = self.sums / self.tokens
-        labels = ["embed"] + [f"block {layer}" for layer in range(self.view.n_layers)]
-        return {q: LayerValue(values=means[:, i].tolist(), labels=labels) for i, q in enumerate(QUANTITIES)}
+        return {q: LayerValue(values=means[:, i].tolist(), axis="resid") for i, q in enumerate(QUANTITIES)}

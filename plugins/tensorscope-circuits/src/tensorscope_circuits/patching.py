@@ -9,9 +9,17 @@ import torch
 from pydantic import Field, model_validator
 from torch.utils.hooks import RemovableHandle
 
-from tensorscope_core import Cost, HeadValue, Metric, ModelView, Params, RunShape, ScalarValue
-from tensorscope_core.data import PreparedData
-from tensorscope_core.errors import DataError
+from tensorscope_core.plugin_api import (
+    Cost,
+    DataError,
+    HeadValue,
+    Metric,
+    ModelView,
+    Params,
+    PreparedData,
+    RunShape,
+    ScalarValue,
+)
 
 from .interventions import edit_heads, edit_resid, head_attn_out_reason, hooked, logits_of, record
 from .tokens import token_id
@@ -37,6 +45,41 @@ class PatchingParams(Params):
             if self.clean and len(tokens) not in (1, len(self.clean)):
                 raise ValueError(f"{name} needs one token, or one per pair ({len(self.clean)}), got {len(tokens)}")
         return self
+
+
+def _prompt_ids(view: ModelView, prompts: Sequence[Prompt], what: str) -> list[list[int]]:
+    rows = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if view.tokenizer is None:
+                raise DataError(f"{what} prompt {i} is text but {view.name} has no tokenizer",
+                                "pass token ids, or save the tokenizer with the model")
+            prompt = list(view.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if not prompt or min(prompt) < 0 or max(prompt) >= view.vocab_size:
+            raise DataError(f"{what} prompt {i} is empty or has ids outside the vocabulary "
+                            f"({view.vocab_size} tokens)", "pass non-empty prompts in the model's vocabulary")
+        rows.append(prompt)
+    return rows
+
+
+def _checked(params: PatchingParams, view: ModelView) -> tuple[list[list[int]], list[list[int]], int, list[int],
+                                                                list[int]]:
+    """(clean ids, corrupted ids, position >= 0, answer ids, wrong ids); raises DataError on
+    prompts or tokens the metric cannot use (before any forward)."""
+    clean, corrupted = _prompt_ids(view, params.clean, "clean"), _prompt_ids(view, params.corrupted, "corrupted")
+    lengths = {len(row) for row in clean + corrupted}
+    if len(lengths) != 1:
+        detail = ", ".join(f"pair {i}: {len(c)} / {len(x)}" for i, (c, x) in enumerate(zip(clean, corrupted,
+                                                                                          strict=True)))
+        raise DataError(f"patching needs every prompt to have the same number of tokens ({detail})",
+                        "make each corrupted prompt token-aligned with its clean one, and all pairs one length")
+    t = lengths.pop()
+    position = t + params.position if params.position < 0 else params.position
+    if not 0 <= position < t:
+        raise DataError(f"position {params.position} lies outside prompts of {t} tokens", "choose -t..t-1")
+    answer = [token_id(view, token, "answer") for token in params.answer]
+    wrong = [token_id(view, token, "wrong") for token in params.wrong]
+    return clean, corrupted, position, answer, wrong
 
 
 class Patcher:
@@ -136,44 +179,31 @@ class ActivationPatching(Metric):
         forwards = 2 + (view.n_layers + 1) * t + view.n_layers * view.n_heads * params.heads
         return Cost(state_bytes=0, flops=2.0 * view.n_params * pairs * t * forwards)
 
-    def _ids(self, prompts: Sequence[Prompt], what: str) -> list[list[int]]:
-        assert self.view is not None
-        rows = []
-        for i, prompt in enumerate(prompts):
-            if isinstance(prompt, str):
-                if self.view.tokenizer is None:
-                    raise DataError(f"{what} prompt {i} is text but {self.view.name} has no tokenizer",
-                                    "pass token ids, or save the tokenizer with the model")
-                prompt = list(self.view.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-            if not prompt or min(prompt) < 0 or max(prompt) >= self.view.vocab_size:
-                raise DataError(f"{what} prompt {i} is empty or has ids outside the vocabulary "
-                                f"({self.view.vocab_size} tokens)", "pass non-empty prompts in the model's vocabulary")
-            rows.append(prompt)
-        return rows
-
-    def _tokens(self, tokens: list[int | str], what: str, n: int) -> torch.Tensor:
-        assert self.view is not None
-        ids = [token_id(self.view, t, what) for t in tokens]
-        return torch.tensor(ids * n if len(ids) == 1 else ids, device=self.view.embed.weight.device)
+    @classmethod
+    def own_passes(cls, params: PatchingParams, view: ModelView, shape: RunShape) -> dict[str, int]:
+        """In ``finalize``, on the prompt pairs (all at once): one forward of the clean and one
+        of the corrupted prompts, one per resid entry and position ((n_layers + 1) x T, T the
+        prompts' token count) and, with ``heads``, one per head. None when the prompts or answer
+        tokens are refused (the metric fails before any call). Planned count: when the clean
+        and corrupted prompts give the same logit difference it fails after the first two."""
+        try:
+            clean, *_ = _checked(params, view)
+        except DataError:
+            return {}
+        t = len(clean[0])
+        return {"replay_forward": 2 + (view.n_layers + 1) * t + view.n_layers * view.n_heads * params.heads}
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         p = self.params
-        clean, corrupted = self._ids(p.clean, "clean"), self._ids(p.corrupted, "corrupted")
-        lengths = {len(row) for row in clean + corrupted}
-        if len(lengths) != 1:
-            detail = ", ".join(f"pair {i}: {len(c)} / {len(x)}" for i, (c, x) in enumerate(zip(clean, corrupted,
-                                                                                              strict=True)))
-            raise DataError(f"patching needs every prompt to have the same number of tokens ({detail})",
-                            "make each corrupted prompt token-aligned with its clean one, and all pairs one length")
-        t = lengths.pop()
-        position = t + p.position if p.position < 0 else p.position
-        if not 0 <= position < t:
-            raise DataError(f"position {p.position} lies outside prompts of {t} tokens", "choose -t..t-1")
+        clean, corrupted, position, answer, wrong = _checked(p, self.view)
+        t = len(clean[0])
         device = self.view.embed.weight.device
+
+        def tokens(ids: list[int]) -> torch.Tensor:
+            return torch.tensor(ids * len(clean) if len(ids) == 1 else ids, device=device)
+
         patcher = Patcher(self.view, torch.tensor(clean, device=device), torch.tensor(corrupted, device=device),
-                          self._tokens(p.answer, "answer", len(clean)), self._tokens(p.wrong, "wrong", len(clean)),
-                          position, p.heads)
+                          tokens(answer), tokens(wrong), position, p.heads)
         resid = torch.tensor([[patcher.resid(i, pos) for pos in range(t)] for i in range(self.view.n_layers + 1)],
                              dtype=torch.float64)
         out: dict[str, Any] = {"resid": resid,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tensorscope_core import hookimpl
+from tensorscope_core.plugin_api import hookimpl
 
 from .ablation import Ablation
 from .attention_flow import AttentionFlow
@@ -17,7 +17,7 @@ from .patching import ActivationPatching
 from .qkov import QKOV
 from .specialisation import HeadSpecialisation
 
-TENSORSCOPE_PLUGIN_API = 1
+TENSORSCOPE_PLUGIN_API = 2
 
 METRICS: tuple[type, ...] = (
     LogitLens,

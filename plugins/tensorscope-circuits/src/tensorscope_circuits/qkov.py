@@ -9,8 +9,17 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, HeadValue, Metric, ModelView, Params, RunShape, SeriesValue, TextValue
-from tensorscope_core.data import PreparedData
+from tensorscope_core.plugin_api import (
+    Cost,
+    HeadValue,
+    Metric,
+    ModelView,
+    Params,
+    PreparedData,
+    RunShape,
+    SeriesValue,
+    TextValue,
+)
 
 from .factored import composition_scores, copying_scores, factored_svdvals, gram, product_norm, rotary_matrix
 
@@ -162,7 +171,6 @@ class QKOV(Metric):
         return Cost(state_bytes=0, flops=flops)
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         view, p = self.view, self.params
         unembed = getattr(view.unembed, "weight", None)
         full = p.full_circuits and isinstance(unembed, torch.Tensor) and unembed.shape[-1] == view.d_model
@@ -200,7 +208,6 @@ class QKOV(Metric):
         return out
 
     def _rotary(self) -> dict[str, Any]:
-        assert self.view is not None
         view, offsets = self.view, self.params.rotary_offsets
         if not view.rotary:
             return {"rotary": TextValue(text="no rotary embedding: QK does not depend on the offset")}

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 from scipy.cluster.hierarchy import fcluster, linkage
 
-from tensorscope_core import Cost, HeadValue, Metric, ModelView, Params, RunShape, TableValue, TextValue
+from tensorscope_core.plugin_api import Cost, HeadValue, Metric, ModelView, Params, RunShape, TableValue, TextValue
 
 Feature = Literal["previous_token", "duplicate_token", "induction", "entropy", "copying"]
 #: feature -> (metric, field); every field is a layer x head grid with values in [0, 1]
@@ -81,7 +81,6 @@ class HeadSpecialisation(Metric):
         return Cost(state_bytes=0, flops=float(n * n * len(params.features)))
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         used, columns, notes = [], [], []
         for feature in dict.fromkeys(self.params.features):
             metric, field = SOURCES[feature]

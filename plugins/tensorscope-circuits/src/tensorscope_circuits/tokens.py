@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from tensorscope_core import ModelView
-from tensorscope_core.errors import DataError
+from tensorscope_core.plugin_api import DataError, ModelView
 
 
 def token_id(view: ModelView, token: int | str, what: str) -> int:

@@ -17,15 +17,24 @@ G plus the terms of the logits' curvature weighted by the residuals p - e_y.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch.func import functional_call, grad, jvp, vjp
 
-from tensorscope_core import Cost, Metric, ModelView, Params, RunShape, ScalarValue, SeriesValue, Step
-from tensorscope_core.core_artifacts import LossTargets, loss_targets
-from tensorscope_core.functional import hook_free_copy
+from tensorscope_core.plugin_api import (
+    Cost,
+    LossTargets,
+    Metric,
+    ModelView,
+    Params,
+    RunShape,
+    ScalarValue,
+    SeriesValue,
+    Step,
+    hook_free_copy,
+)
 
 from .fisher_grads import layout_of, layout_size
 from .lanczos import top_eigenpairs
@@ -45,11 +54,30 @@ class CurvatureParams(Params):
     seed: int = Field(0, description="seed of the Lanczos start vector")
 
 
+def room_for(params: CurvatureParams, stored: int, rows: int) -> int:
+    """Rows of the next batch ``update`` keeps: up to ``max_examples`` in all (every row when None)."""
+    return rows if params.max_examples is None else min(rows, params.max_examples - stored)
+
+
+def kept_batches(params: CurvatureParams, shape: RunShape) -> int:
+    """How many of the run's batches ``update`` keeps (every batch until ``max_examples`` rows
+    are kept; every batch with ``max_examples=None``)."""
+    kept = stored = 0
+    for rows, _, _ in shape.batches:
+        room = room_for(params, stored, rows)
+        if room > 0:
+            kept += 1
+            stored += room
+    return kept
+
+
 class _Lanczos(Metric):
     """Keeps the examples' inputs per batch; finalize runs Lanczos on ``matvec``."""
 
     Params = CurvatureParams
-    artifacts = ("token_loss",)
+    #: calls of the model per Lanczos product and kept batch
+    calls_per_product: ClassVar[int] = 1
+    artifacts = ("batches",)  # the batches only: it makes its own passes over them
     fields = {
         "eigenvalues": "the k largest eigenvalues, descending",
         "residual_norms": "||A v - lambda v|| of each returned eigenpair (unit v)",
@@ -68,6 +96,19 @@ class _Lanczos(Metric):
         # about two forwards and two backwards of the kept tokens
         return Cost(state_bytes=4 * 8 * tokens, flops=float(params.max_iter * 8 * view.n_params * tokens))
 
+    @classmethod
+    def own_passes(cls, params: CurvatureParams, view: ModelView, shape: RunShape) -> dict[str, int]:
+        """``calls_per_product`` calls of the (hook-free copy of the) model per Lanczos product and
+        kept batch (``kept_batches``), all differentiated: ``replay_backward``. The products are at most
+        ``min(max(max_iter, k), n_params)``; Lanczos stops earlier when every Ritz pair meets ``tol``
+        (known only at run time, reported in ``iterations``), so this is the planned maximum. None when
+        ``k`` exceeds the trainable parameters (finalize refuses before any product)."""
+        size = layout_size(layout_of(view))
+        if params.k > size:
+            return {}
+        products = min(max(params.max_iter, params.k), size)
+        return {"replay_backward": cls.calls_per_product * products * kept_batches(params, shape)}
+
     def setup(self) -> None:
         self.inputs: list[torch.Tensor] = []
         self.attention: list[torch.Tensor] = []
@@ -75,11 +116,10 @@ class _Lanczos(Metric):
         self.target_masks: list[torch.Tensor] = []
 
     def update(self, step: Step) -> None:
-        assert self.view is not None
-        room = (self.params.max_examples or step.batch.input_ids.shape[0]) - sum(len(x) for x in self.inputs)
+        room = room_for(self.params, sum(len(x) for x in self.inputs), step.batch.input_ids.shape[0])
         if room <= 0:
             return
-        targets = loss_targets(self.view, step.batch, self.shape.seed).slice(0, room)  # the run's own targets
+        targets = step.targets.slice(0, room)  # the run's own targets
         self.inputs.append(targets.model_input.detach().cpu())
         self.target_ids.append(targets.target_ids.detach().cpu())
         self.target_masks.append(targets.target_mask.detach().cpu())
@@ -90,7 +130,6 @@ class _Lanczos(Metric):
         raise NotImplementedError
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         view = self.view
         layout = layout_of(view)
         size = layout_size(layout)
@@ -190,6 +229,7 @@ class FisherLanczos(_Lanczos):
     name = "fisher.lanczos"
     version = "1"
     summary = "top-k eigenvalues of the full-parameter Fisher (GGN products J^T H J v), Lanczos"
+    calls_per_product = 2  # torch.func.jvp and vjp: one forward each
 
     def matvec_factory(self, model: torch.nn.Module, weights: Weights, examples: Examples,
                        scale: float) -> Callable[[Weights], Weights]:
@@ -208,6 +248,7 @@ class HessianLanczos(_Lanczos):
     name = "hessian.lanczos"
     version = "1"
     summary = "top-k eigenvalues of the loss Hessian (Hessian-vector products), Lanczos"
+    calls_per_product = 1  # torch.func.jvp of grad: one forward
 
     def matvec_factory(self, model: torch.nn.Module, weights: Weights, examples: Examples,
                        scale: float) -> Callable[[Weights], Weights]:

@@ -12,9 +12,19 @@ import torch
 from pydantic import Field
 from scipy import stats
 
-from tensorscope_core import Cost, Metric, MetricResult, ModelView, Params, RunShape, ScalarValue, Step, TensorValue
+from tensorscope_core.plugin_api import (
+    Cost,
+    Metric,
+    MetricResult,
+    ModelView,
+    Params,
+    RunShape,
+    ScalarValue,
+    Step,
+    TensorValue,
+)
 
-from .fisher_grads import ARTIFACT, FisherGrads, layout_of, layout_size
+from .fisher_grads import ARTIFACT, REQUEST, FisherGrads, layout_of, layout_size
 
 Kind = Literal["true", "empirical"]
 KINDS: tuple[Kind, ...] = ("true", "empirical")
@@ -104,6 +114,11 @@ class FisherDiagonal(Metric):
     }
 
     @classmethod
+    def artifact_requests(cls, params: Any, view: ModelView) -> dict[str, Any]:
+        """Every trainable parameter's scores, with labels drawn from the model and observed."""
+        return {ARTIFACT: REQUEST}
+
+    @classmethod
     def cost(cls, params: DiagonalParams, view: ModelView, shape: RunShape) -> Cost:
         segments = 1 + len(shape.tasks)
         size = layout_size(layout_of(view))
@@ -114,7 +129,6 @@ class FisherDiagonal(Metric):
         return Cost(state_bytes=segments * len(KINDS) * per_kind + squares, flops=10.0 * view.n_params * tokens)
 
     def setup(self) -> None:
-        assert self.view is not None
         size = layout_size(layout_of(self.view))
         self.stats: dict[tuple[str | None, str], Welford] = {
             (task, kind): Welford(size) for task in (None, *self.shape.tasks) for kind in KINDS}
@@ -122,8 +136,7 @@ class FisherDiagonal(Metric):
         self.squares = torch.zeros(self.shape.batch_size, size, dtype=torch.float64)
 
     def update(self, step: Step) -> None:
-        assert self.view is not None
-        grads = FisherGrads.of(self.view, step[ARTIFACT])
+        grads = FisherGrads.of(step[ARTIFACT])
         real = grads.n_targets > 0
         n = int(real.sum())
         for kind in KINDS:
@@ -136,7 +149,6 @@ class FisherDiagonal(Metric):
                 self.norms[(task, kind)].add(squares.sum(dim=1, keepdim=True), self.params.ema_decay)
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         layout = layout_of(self.view)
         out: dict[str, Any] = {}
         for (task, kind), acc in self.stats.items():

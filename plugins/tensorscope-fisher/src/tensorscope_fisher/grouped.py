@@ -8,9 +8,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorscope_core import Cost, HeadValue, LayerValue, Metric, ModelView, NoParams, RunShape, ScalarValue
-from tensorscope_core.data import PreparedData
-from tensorscope_core.models.adapters.base import linear_out_in
+from tensorscope_core.plugin_api import (
+    Cost,
+    HeadValue,
+    LayerValue,
+    Metric,
+    ModelView,
+    NoParams,
+    PreparedData,
+    RunShape,
+    ScalarValue,
+    linear_out_in,
+)
 
 from .diagonal import KINDS, read_diagonal
 
@@ -125,7 +134,6 @@ class FisherGrouped(Metric):
         return Cost(state_bytes=0)  # computed from fisher.diagonal's result, nothing held across batches
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         view = self.view
         result = self.deps["fisher.diagonal"]
         layer_of = view.layer_of_parameter()
@@ -151,7 +159,7 @@ class FisherGrouped(Metric):
                 for name, d in diag.items():
                     owner = layer_of.get(name)
                     blocks[view.n_layers if owner is None else owner] += d.sum()
-                out[seg + "block"] = LayerValue(values=blocks[:-1].tolist())
+                out[seg + "block"] = LayerValue(values=blocks[:-1].tolist(), axis="block")
                 out[seg + "outside"] = ScalarValue(value=float(blocks[-1]))
         n_grouped = view.n_layers * (3 * view.n_heads + view.d_mlp + 1) + 1
         out["n_entries"] = ScalarValue(value=float(n_entries))

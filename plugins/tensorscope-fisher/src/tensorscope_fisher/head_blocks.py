@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tensorscope_core import ModelView
+from tensorscope_core.plugin_api import ModelView
 
 from .grouped import entries_of
 

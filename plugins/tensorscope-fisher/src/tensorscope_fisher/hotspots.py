@@ -6,7 +6,7 @@ import math
 import statistics
 from typing import Any
 
-from tensorscope_core import (
+from tensorscope_core.plugin_api import (
     Cost,
     HeadValue,
     Interpretation,
@@ -141,7 +141,6 @@ class FisherHotspots(Metric):
         return Cost(state_bytes=0, flops=float(100 * view.n_layers * view.n_heads))
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         spectrum = self.deps["fisher.spectrum"]
         heads = head_stats(spectrum)
         verdicts = classify(heads, self.params)

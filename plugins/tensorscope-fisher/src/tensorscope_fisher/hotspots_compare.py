@@ -6,14 +6,23 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from tensorscope_core import Metric, MetricResult, ModelView, NoParams, ScalarValue, SeriesValue, TableValue, TextValue
-from tensorscope_core.stats import correlation
+from tensorscope_core.plugin_api import (
+    MetricResult,
+    ModelSetMetric,
+    ModelView,
+    NoParams,
+    ScalarValue,
+    SeriesValue,
+    TableValue,
+    TextValue,
+    correlation,
+)
 
 from .hotspots import GLOBAL_STATS
 from .hotspots_rules import CATEGORIES
 
 
-class HotspotsCompare(Metric):
+class HotspotsCompare(ModelSetMetric):
     """``fisher.hotspots`` across the models of a run, in the order given (for checkpoints: by step).
 
     - ``table``: every model's tall table ``run_name, layer, head, metric, value`` joined.
@@ -25,11 +34,11 @@ class HotspotsCompare(Metric):
     - ``summary``: the comparison in words.
     """
 
+    reads_weights = False  # the members' fisher.hotspots results only
     name = "fisher.hotspots_compare"
     version = "1"
     summary = "FIM hotspots compared across models: joined table, global stats, category changes"
     Params = NoParams
-    scope = "model_set"
     requires_metrics = ("fisher.hotspots",)
     derived_from = ("fisher.hotspots",)
     fields = {"table": "tall table of every model (run_name = model)",

@@ -26,7 +26,9 @@ def hotspots_section(results: Any) -> str | None:
     """Every model with an ok fisher.hotspots result; nothing when none has one."""
     from markupsafe import escape
 
-    from tensorscope_core.report import plots
+    from tensorscope_core.plugin_api import report_plots
+
+    plots = report_plots()
 
     shown = [m for m in results.models if "fisher.hotspots" in results.model(m).metrics
              and results.get("fisher.hotspots", model=m).ok]

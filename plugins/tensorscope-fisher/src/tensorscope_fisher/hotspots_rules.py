@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from pydantic import Field, model_validator
 
-from tensorscope_core import Params
+from tensorscope_core.plugin_api import Params
 
 CATEGORIES = ("high_potential", "moderate", "critical")  # codes 0, 1, 2 of the ``category`` grid
 METRICS = ("trace", "eigmax", "cond", "energy_r8", "energy_r16", "effective_rank")

@@ -8,10 +8,20 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, LayerValue, Metric, ModelView, Params, RunShape, ScalarValue, Step, TableValue
-from tensorscope_core.data import PreparedData
+from tensorscope_core.plugin_api import (
+    Cost,
+    LayerValue,
+    Metric,
+    ModelView,
+    Params,
+    PreparedData,
+    RunShape,
+    ScalarValue,
+    Step,
+    TableValue,
+)
 
-from .kfac_stats import ARTIFACT, Labels, block_linears, factor_dims, request
+from .kfac_stats import ARTIFACT, KfacStats, Labels, block_linears, factor_dims
 from .kronecker import factor_eigenvalues, kron_capacity
 from .values import finite_or_none
 
@@ -85,10 +95,13 @@ class Kfac(Metric):
         flops = tokens * (6 * view.n_params + 2 * squares) + sum(10 * (d_a**3 + d_g**3) for d_a, d_g in dims)
         return Cost(state_bytes=8 * squares + 8, flops=float(flops))
 
+    @classmethod
+    def artifact_requests(cls, params: KfacParams, view: ModelView) -> dict[str, Any]:
+        """The selected modules' statistics, with the chosen labels."""
+        return {ARTIFACT: {"modules": tuple(selected_modules(params, view)), "labels": params.labels}}
+
     def setup(self) -> None:
-        assert self.view is not None
         self.names = selected_modules(self.params, self.view)
-        request(self.view, tuple(self.names), self.params.labels)
         modules = block_linears(self.view)
         self.layers = [modules[n][0] for n in self.names]
         dims = [factor_dims(modules[n][1]) for n in self.names]
@@ -97,14 +110,14 @@ class Kfac(Metric):
         self.count = torch.zeros((), dtype=torch.float64)
 
     def update(self, step: Step) -> None:
-        counts, stats = step[ARTIFACT]
-        self.count += counts.sum().cpu()
-        for i, (a_sum, g_sum) in enumerate(stats):
+        served: KfacStats = step[ARTIFACT]
+        self.count += served.counts.sum().cpu()
+        for i, name in enumerate(self.names):
+            a_sum, g_sum = served.of(name)
             self.a_sums[i] += a_sum.sum(0).cpu()
             self.g_sums[i] += g_sum.sum(0).cpu()
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         n = float(self.count)
         if n == 0:
             raise ValueError("fisher.kfac saw no example positions (no token had a loss target): give it "
@@ -122,7 +135,8 @@ class Kfac(Metric):
                 out[f"A/{name}"], out[f"G/{name}"] = a, g
         used = sorted(set(self.layers))
         out["capacity"] = TableValue(columns=CAPACITY_COLUMNS, rows=rows)
-        out["trace"] = LayerValue(values=[trace[i] for i in used], labels=[str(i) for i in used])
-        out["logdet"] = LayerValue(values=[finite_or_none(logdet[i]) for i in used], labels=[str(i) for i in used])
+        blocks = [str(i) for i in used]  # the blocks holding a selected module, by index
+        out["trace"] = LayerValue(values=[trace[i] for i in used], labels=blocks, axis="block")
+        out["logdet"] = LayerValue(values=[finite_or_none(logdet[i]) for i in used], labels=blocks, axis="block")
         out["n_examples"] = ScalarValue(value=n, n=int(n))
         return out

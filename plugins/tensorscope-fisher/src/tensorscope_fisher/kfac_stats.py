@@ -14,40 +14,51 @@ prediction (``labels="sampled"``: the true Fisher) or are the observed next toke
 (``labels="observed"``: the empirical Fisher).
 
 The forward and backward run on the core's hook-free copy of the model
-(``tensorscope_core.functional.hook_free_copy``), so the run's capture hooks never see them and the
-model's ``.grad`` is untouched. The labels are drawn as ``fisher.per_example_grads`` draws them
-(``fisher_grads.draw_labels``: seeded per sequence), so both see the same y and micro-batching
-never changes the draws.
+(``tensorscope_core.plugin_api.hook_free_copy``), so the run's capture hooks never see them and the
+model's ``.grad`` is untouched. The labels are drawn as the core's ``per_example_grads`` draws its
+``sampled`` labels (``draw_labels``: seeded per sequence), so both see the same y and
+micro-batching never changes the draws.
 
-Value: ``[n_examples [m], [[A_sum [m, dA, dA], G_sum [m, dG, dG]] per module]]`` in float64, one
-entry of the leading dimension per micro-batch (``m``); consumers sum over it. The modules and the
-labels are those of ``request(view, ...)``, made by the consuming metric in ``setup``.
+A parameterised artifact: a consumer asks ``{"modules": names, "labels": "sampled"|"observed"}``
+(``artifact_requests``); the pass serves the union of the modules (in model order) with one label
+set (consumers asking different label sets are refused), and is sized by what it serves.
+Value: ``KfacStats``: the modules served, ``counts`` [m] and per module ``[A_sum [m, dA, dA],
+G_sum [m, dG, dG]]`` in float64, one entry of the leading dimension per micro-batch (``m``);
+consumers sum over it and pick their modules with ``of(name)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from tensorscope_core import ArtifactSpec, ModelView
-from tensorscope_core.artifacts import act_bytes
-from tensorscope_core.capture import CaptureContext
-from tensorscope_core.functional import hook_free_copy
-
-from .fisher_grads import draw_labels
+from tensorscope_core.plugin_api import ArtifactSpec, CaptureContext, ModelView, act_bytes, draw_labels, hook_free_copy
 
 ARTIFACT = "fisher.kfac_stats"
 Labels = Literal["sampled", "observed"]
-_REQUEST = "tensorscope_fisher.kfac.request"
 
 
 @dataclass(frozen=True)
-class KfacRequest:
+class KfacStats:
+    """One batch of the artifact: the modules served, the example counts, each module's sums."""
+
     modules: tuple[str, ...]
-    labels: Labels
+    counts: torch.Tensor
+    stats: list[list[torch.Tensor]]
+
+    def of(self, name: str) -> list[torch.Tensor]:
+        """``[A_sum [m, dA, dA], G_sum [m, dG, dG]]`` of module ``name``."""
+        return self.stats[self.modules.index(name)]
+
+    @classmethod
+    def cat(cls, parts: list[KfacStats]) -> KfacStats:
+        first = parts[0]
+        return cls(first.modules, torch.cat([p.counts for p in parts]),
+                   [[torch.cat([p.stats[i][k] for p in parts]) for k in (0, 1)] for i in range(len(first.modules))])
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -70,26 +81,34 @@ def factor_dims(module: nn.Module) -> tuple[int, int]:
     return d_in + (getattr(module, "bias", None) is not None), d_out
 
 
-def request(view: ModelView, modules: tuple[str, ...], labels: Labels) -> None:
-    """Ask the artifact for these modules' statistics with these labels (one request per view)."""
-    view.extras[_REQUEST] = KfacRequest(modules, labels)
+def merge_requests(requests: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The union of the modules asked (in model order) with the one label set they share."""
+    labels = {r.get("labels", "sampled") for r in requests} or {"sampled"}
+    if len(labels) > 1:
+        raise ValueError(f"{ARTIFACT}: consumers of one pass ask different labels {sorted(labels)}; "
+                         "one pass serves one label set")
+    asked = {m for r in requests for m in r.get("modules", ())}
+    return {"modules": tuple(asked), "labels": labels.pop()}
 
 
-def _requested(view: ModelView) -> KfacRequest:
-    found = view.extras.get(_REQUEST)
-    return found if found is not None else KfacRequest(tuple(block_linears(view)), "sampled")
+def _served(view: ModelView, request: Mapping[str, Any]) -> tuple[list[str], Labels]:
+    """The modules the pass serves, in model order (all block linears when nobody asked)."""
+    asked = set(request.get("modules", ()))
+    linears = block_linears(view)
+    return [n for n in linears if not asked or n in asked], request.get("labels", "sampled")
 
 
 def _derive(ctx: CaptureContext) -> None:
     assert ctx.batch is not None
-    want = _requested(ctx.view)
-    targets = ctx.store["_targets"]
+    names, label_set = _served(ctx.view, ctx.request(ARTIFACT))
+    targets = ctx.targets
+    assert targets is not None
     shadow = hook_free_copy(ctx.view)
     modules = dict(shadow.named_modules())
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
     handles = []
-    for name in want.modules:
+    for name in names:
         def keep(module: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> None:
             inputs[name], outputs[name] = args[0].detach(), output
         handles.append(modules[name].register_forward_hook(keep))
@@ -99,43 +118,61 @@ def _derive(ctx: CaptureContext) -> None:
                             use_cache=False).logits
             if logits.dtype in (torch.float16, torch.bfloat16):
                 logits = logits.float()
-            labels = targets.target_ids if want.labels == "observed" else draw_labels(
+            labels = targets.target_ids if label_set == "observed" else draw_labels(
                 logits, ctx.batch, ctx.batch.input_ids, ctx.seed)
             logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None]).squeeze(-1)
             loss = (logp * targets.target_mask.to(logp.dtype)).sum()
-            missing = [n for n in want.modules if n not in outputs]
+            missing = [n for n in names if n not in outputs]
             if missing:
                 raise ValueError(f"fisher.kfac: the model's forward never calls {missing[0]}; leave it out "
                                  "(modules=...)")
-            frozen = [n for n in want.modules if not outputs[n].requires_grad]
+            frozen = [n for n in names if not outputs[n].requires_grad]
             if frozen:
                 raise ValueError(f"fisher.kfac: the output of {frozen[0]} does not depend on trainable parameters; "
                                  "set requires_grad on the model's parameters or leave the module out (modules=...)")
-            grads = torch.autograd.grad(loss, [outputs[n] for n in want.modules], allow_unused=True)
+            grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
     examples = (targets.target_mask if ctx.view.causal else ctx.batch.attention_mask).bool()
     stats = []
-    for name, grad in zip(want.modules, grads, strict=True):
+    for name, grad in zip(names, grads, strict=True):
         a = inputs[name][examples].double()
         if getattr(modules[name], "bias", None) is not None:
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
         g = torch.zeros(a.shape[0], outputs[name].shape[-1], dtype=torch.float64, device=a.device) \
             if grad is None else grad[examples].double()
         stats.append([(a.T @ a)[None], (g.T @ g)[None]])
-    ctx.store[ARTIFACT] = [examples.sum().double().reshape(1), stats]
+    ctx.store[ARTIFACT] = KfacStats(tuple(names), examples.sum().double().reshape(1), stats)
 
 
-def _bytes(view: ModelView, batch: int, seq: int) -> int:
-    dims = [factor_dims(m) for _, m in block_linears(view).values()]
-    per_token = sum(d_a + d_g for d_a, d_g in dims)
-    return sum(8 * (d_a * d_a + d_g * d_g) for d_a, d_g in dims) + 8 * batch * seq * per_token + \
-        act_bytes(view, batch, seq)
+def _factor_dims(view: ModelView, request: Mapping[str, Any]) -> list[tuple[int, int]]:
+    linears = block_linears(view)
+    return [factor_dims(linears[n][1]) for n in _served(view, request)[0]]
+
+
+def _bytes(view: ModelView, batch: int, seq: int, request: Mapping[str, Any]) -> int:
+    """The served modules' factor sums (one entry per micro-batch; declared for one) and the count."""
+    return sum(8 * (d_a * d_a + d_g * d_g) for d_a, d_g in _factor_dims(view, request)) + 8
+
+
+def _transient(view: ModelView, rows: int, seq: int, request: Mapping[str, Any]) -> int:
+    """While deriving a micro-batch: the modules' inputs and output gradients per token in float64,
+    and what the backward of the hook-free copy keeps."""
+    per_token = sum(d_a + d_g for d_a, d_g in _factor_dims(view, request))
+    return 8 * rows * seq * per_token + act_bytes(view, rows, seq)
+
+
+def _own_passes(view: ModelView, rows: int, seq: int, request: Mapping[str, Any]) -> dict[str, int]:
+    """One forward and backward of the hook-free copy per micro-batch: with labels drawn from the
+    model (``sampled``, the default) a ``sampled_backward``, with the observed ones a ``replay_backward``."""
+    kind = "sampled_backward" if _served(view, request)[1] == "sampled" else "replay_backward"
+    return {kind: 1}
 
 
 KFAC_STATS = ArtifactSpec(
     ARTIFACT, "forward",
-    "K-FAC sums per block Linear/Conv1D module, one backward of log p(y|x) with y drawn from the model: "
-    "[n_examples [m], [[A_sum [m, dA, dA], G_sum [m, dG, dG]] per module]] (m micro-batches)",
-    _bytes, derive=_derive, requires=("token_loss",))
+    "K-FAC sums per requested block Linear/Conv1D module (request: modules, labels), one backward of "
+    "log p(y|x): KfacStats (counts [m], [A_sum [m, dA, dA], G_sum [m, dG, dG]] per module; m micro-batches)",
+    lambda v, b, s: _bytes(v, b, s, {}), derive=_derive, requires=("token_loss",), own_passes=_own_passes,
+    merge=merge_requests, request_nbytes=_bytes, transient_nbytes=_transient)

@@ -10,8 +10,18 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, LayerValue, Metric, ModelView, Params, RunShape, ScalarValue, TableValue
-from tensorscope_core.data import PreparedData, tasks_skip_reason
+from tensorscope_core.plugin_api import (
+    Cost,
+    LayerValue,
+    Metric,
+    ModelView,
+    Params,
+    PreparedData,
+    RunShape,
+    ScalarValue,
+    TableValue,
+    tasks_skip_reason,
+)
 
 from .diagonal import read_diagonal
 from .fisher_grads import layout_of
@@ -63,7 +73,6 @@ class FisherMasks(Metric):
         return Cost(state_bytes=0)  # computed from fisher.diagonal's result, nothing held across batches
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         out: dict[str, Any] = {}
         for task in (None, *self.shape.tasks):
             diag = read_diagonal(self.view, self.deps["fisher.diagonal"], self.tensor_of, self.params.kind, task)
@@ -110,7 +119,6 @@ class FisherOverlap(Metric):
         return Cost(state_bytes=0)
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         view = self.view
         result = self.deps["fisher.masks"]
         layer_of = view.layer_of_parameter()
@@ -125,8 +133,8 @@ class FisherOverlap(Metric):
         for a, b in itertools.combinations(self.shape.tasks, 2):
             counts = pair_counts(masks[a], masks[b], index, view.n_layers + 1)
             jaccard, coef = overlaps(counts)
-            out[f"jaccard/{a}/{b}"] = LayerValue(values=jaccard, labels=labels)
-            out[f"overlap_coef/{a}/{b}"] = LayerValue(values=coef, labels=labels)
+            out[f"jaccard/{a}/{b}"] = LayerValue(values=jaccard, labels=labels, axis="labelled")
+            out[f"overlap_coef/{a}/{b}"] = LayerValue(values=coef, labels=labels, axis="labelled")
             totals = counts.sum(dim=1, keepdim=True)
             (overall_j,), (overall_c,) = overlaps(totals)
             out[f"jaccard_overall/{a}/{b}"] = ScalarValue(value=overall_j)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tensorscope_core import hookimpl
+from tensorscope_core.plugin_api import hookimpl
 
 from .curvature import FisherLanczos, HessianLanczos
 from .diagonal import FisherDiagonal
-from .fisher_grads import PER_EXAMPLE_GRADS
 from .grouped import FisherGrouped
 from .hotspots import FisherHotspots
 from .hotspots_compare import HotspotsCompare
@@ -21,7 +20,7 @@ from .masks import FisherMasks, FisherOverlap
 from .spectrum import Spectrum
 from .stein_metric import FisherStein
 
-TENSORSCOPE_PLUGIN_API = 1
+TENSORSCOPE_PLUGIN_API = 2
 
 METRICS: tuple[type, ...] = (
     FisherDiagonal,
@@ -46,7 +45,6 @@ def register_metrics(register: Callable[[type], None]) -> None:
 
 @hookimpl
 def register_artifacts(register: Callable[[Any], None]) -> None:
-    register(PER_EXAMPLE_GRADS)
     register(KFAC_STATS)
 
 

@@ -7,10 +7,20 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, HeadValue, LayerValue, Metric, ModelView, Params, RunShape, ScalarValue, Step
-from tensorscope_core.data import PreparedData
+from tensorscope_core.plugin_api import (
+    Cost,
+    HeadValue,
+    LayerValue,
+    Metric,
+    ModelView,
+    Params,
+    PreparedData,
+    RunShape,
+    ScalarValue,
+    Step,
+)
 
-from .fisher_grads import ARTIFACT, FisherGrads, layout_of
+from .fisher_grads import ARTIFACT, REQUEST, FisherGrads, layout_of
 from .gram import gram_eigenvalues, nonzero_part
 from .head_blocks import Block, head_blocks, mlp_block
 from .spectral import SUMMARY_KEYS, spectral_summary
@@ -81,6 +91,11 @@ class Spectrum(Metric):
     }
 
     @classmethod
+    def artifact_requests(cls, params: Any, view: ModelView) -> dict[str, Any]:
+        """Every trainable parameter's scores, with labels drawn from the model and observed."""
+        return {ARTIFACT: REQUEST}
+
+    @classmethod
     def skip_reason(cls, params: SpectrumParams, view: ModelView, data: PreparedData | None) -> str | None:
         try:
             head_blocks(view, 0)
@@ -99,7 +114,6 @@ class Spectrum(Metric):
                     flops=float(sum(2 * n * n * p + 10 * n**3 for p in sizes)))
 
     def setup(self) -> None:
-        assert self.view is not None
         self.blocks = all_blocks(self.view)
         self.columns, self.positions = _columns(self.view, self.blocks)
         self.grads = torch.zeros(capacity(self.params, self.shape), self.columns.numel(),
@@ -107,15 +121,13 @@ class Spectrum(Metric):
         self.filled = 0
 
     def update(self, step: Step) -> None:
-        assert self.view is not None
-        value = FisherGrads.of(self.view, step[ARTIFACT])
+        value = FisherGrads.of(step[ARTIFACT])
         grads = value.true if self.params.fisher == "true" else value.empirical
         rows = (value.n_targets > 0).nonzero().flatten()[: self.grads.shape[0] - self.filled]
         self.grads[self.filled:self.filled + rows.numel()] = grads[rows.to(grads.device)][:, self.columns].cpu()
         self.filled += rows.numel()
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         n = self.filled
         if n == 0:
             raise ValueError("fisher.spectrum saw no example with a loss target: give it sequences of at least "
@@ -136,7 +148,7 @@ class Spectrum(Metric):
         out: dict[str, Any] = {}
         for k in KEYS:
             out[f"attn_{k}"] = HeadValue(values=[r[:-1] for r in stats[k]])
-            out[f"mlp_{k}"] = LayerValue(values=[r[-1] for r in stats[k]])
+            out[f"mlp_{k}"] = LayerValue(values=[r[-1] for r in stats[k]], axis="block")
         out["attn_eigenvalues"], out["mlp_eigenvalues"] = spectra[:, :-1], spectra[:, -1]
         out["n_examples"] = ScalarValue(value=float(n), n=n)
         out["head_params"], out["mlp_params"] = float(self.blocks[0][0].size), float(self.blocks[0][-1].size)

@@ -40,8 +40,7 @@ from torch.autograd import forward_ad
 from torch.nn import functional as F  # noqa: N812
 from transformers import AttentionInterface
 
-from tensorscope_core import ModelView
-from tensorscope_core.errors import BadParameterError, UnsupportedModelError
+from tensorscope_core.plugin_api import BadParameterError, ModelView, UnsupportedModelError
 
 from .lanczos import LanczosResult, top_eigenpairs
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from tensorscope_core import ModelSource, ModelView
-from tensorscope_core.errors import BadParameterError
-from tensorscope_core.models.load import load_model, modules_restored
+from tensorscope_core.plugin_api import BadParameterError, ModelView, model_view
 
 from .stein import (
     METHODS,
@@ -25,28 +21,6 @@ from .stein import (
     sampled_fisher,
     topk_fisher,
 )
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
-                torch.float16: "float16"}
-
-
-@contextmanager
-def model_view(model: nn.Module | ModelView, adapter: Any = None) -> Iterator[ModelView]:
-    """A ModelView of ``model`` through the installed adapters, in the model's own dtype and device.
-
-    Loading switches the module to eval mode and eager attention (forward-mode AD does not run through
-    the fused SDPA kernel); all of that is put back on exit.
-    """
-    if isinstance(model, ModelView):
-        yield model
-        return
-    from tensorscope_core.plugins import get_registry
-
-    first = next(model.parameters())
-    source = ModelSource(model)
-    with modules_restored([source]):
-        yield load_model(source, get_registry().adapters, dtype=_DTYPE_NAMES[first.dtype], device=str(first.device),
-                         adapter=adapter)
 
 
 def _sites(view: ModelView, layer: int, input_ids: torch.Tensor, position: int) -> list[Site]:

@@ -7,12 +7,23 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from tensorscope_core import Cost, LayerValue, Metric, ModelView, Params, RunShape, ScalarValue, SeriesValue, Step
-from tensorscope_core.data import PreparedData
-from tensorscope_core.errors import EmptyDataError
+from tensorscope_core.plugin_api import (
+    Cost,
+    EmptyDataError,
+    LayerValue,
+    Metric,
+    ModelView,
+    Params,
+    PreparedData,
+    RunShape,
+    ScalarValue,
+    SeriesValue,
+    Step,
+)
 
 from .spectral import SUMMARY_KEYS, spectral_summary
 from .stein import (
+    SCORE_CHUNK,
     Extension,
     Method,
     Site,
@@ -28,6 +39,16 @@ from .stein import (
 def default_layers(n_layers: int) -> list[int]:
     """A few residuals spread over depth: n_layers * {1, 2, 3} // 4."""
     return sorted({n_layers * i // 4 for i in (1, 2, 3)})
+
+
+def planned_positions(positions: Literal["last", "all"] | list[int], length: int) -> int:
+    """Positions evaluated in a sequence of ``length`` real tokens (``resolve_positions``' count;
+    indices out of range count as they are, the metric refuses them at run time)."""
+    if positions == "last":
+        return 1
+    if positions == "all":
+        return length
+    return len({p + length if p < 0 else p for p in positions})
 
 
 class SteinParams(Params):
@@ -85,7 +106,7 @@ class FisherStein(Metric):
     version = "1"
     summary = "activation Fisher of the next-token distribution at intermediate residuals (exact/sampled/topk/eig)"
     Params = SteinParams
-    artifacts = ("token_loss",)
+    artifacts = ("batches",)  # the batches only: it makes its own passes over them
     fields = {
         "fisher/layer_<l>": "mean F over sites [d, d] (float64); not for method eig",
         "eigenvalues/layer_<l>": "eigenvalues of the mean F, descending (eig: the top rank)",
@@ -125,8 +146,46 @@ class FisherStein(Metric):
         # the token ids kept until finalize: int32 [n_sequences, seq_len] and int64 lengths
         return Cost(state_bytes=shape.n_sequences * (4 * shape.seq_len + 8), flops=flops)
 
+    @classmethod
+    def own_passes(cls, params: SteinParams, view: ModelView, shape: RunShape) -> dict[str, int]:
+        """Every call is of the whole model (``view.model``; none is a block call): per sequence, one
+        forward of it with the KV cache (``context_states``), then per site (position, or sampled
+        extension with ``num_samples``) the model's forward on the site's single token over the cached
+        context, with h swapped in at block ``layer`` (``forward_site``). With ``S`` sites of a
+        sequence, ``L`` analysed layers (``layers``, repeats included), ``R`` sequences:
+
+        - exact / topk: per layer and sequence ``1 + S`` forwards (context; p at the site, no graph)
+          and ``S`` differentiated calls (``jacobian_g``): ``L * sum(1 + S)`` replay_forward,
+          ``L * sum(S)`` replay_backward;
+        - sampled: the same forwards and ``ceil(draws / 256)`` backwards of sampled tokens per site
+          (``score_vectors``' chunks): ``L * sum(S) * ceil(draws / 256)`` sampled_backward;
+        - eig: the contexts once (``R`` replay_forward), then per layer and site one call with a graph
+          and one forward-mode call per Lanczos product: ``L * sum(S) * (1 + products)``
+          replay_backward, ``products = min(max(max_iter, r), d_model)``, ``r = min(rank, d_model)``,
+          the planned maximum (Lanczos stops earlier when every pair meets ``tol``).
+
+        ``S = positions x max(1, num_samples)``, positions 1 for ``last``; for ``all`` and index lists
+        they depend on each sequence's real length, which the run shape does not give: the batch's
+        padded length stands in (exact when the sequences are not padded; an upper bound for
+        ``all``)."""
+        if not view.causal or not shape.batches:
+            return {}
+        layers = len(params.layers) if params.layers is not None else len(default_layers(view.n_layers))
+        per_site = max(1, params.num_samples)
+        rows = sum(r for r, _, _ in shape.batches)
+        sites = sum(r * planned_positions(params.positions, length) * per_site for r, length, _ in shape.batches)
+        if params.method == "eig":
+            rank = min(params.rank, view.d_model)
+            products = min(max(params.max_iter, rank), view.d_model)
+            return {"replay_forward": rows, "replay_backward": layers * sites * (1 + products)}
+        out = {"replay_forward": layers * (rows + sites)}
+        if params.method == "sampled":
+            out["sampled_backward"] = layers * sites * -(-params.draws // SCORE_CHUNK)
+        else:
+            out["replay_backward"] = layers * sites
+        return out
+
     def setup(self) -> None:
-        assert self.view is not None
         self.layers = self.params.layers if self.params.layers is not None else default_layers(self.view.n_layers)
         for layer in self.layers:
             check_layer(self.view, layer)
@@ -149,7 +208,6 @@ class FisherStein(Metric):
         return [self.ids[i, :int(self.lengths[i])].long() for i in range(self.filled)]
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         if not self.filled:
             raise EmptyDataError("fisher.stein saw no sequence", "pass data with at least one non-empty sequence")
         view, params = self.view, self.params
@@ -189,11 +247,11 @@ class FisherStein(Metric):
                 extra["dropped_mass"].append(float(masses.mean()))
                 extra["dropped_mass_max"].append(float(masses.max()))
                 extra["error_bound"].append(float(torch.tensor(bounds["bound"], dtype=torch.float64).mean()))
-        labels = [f"layer {layer}" for layer in self.layers]
+        labels = [str(layer) for layer in self.layers]  # residual-stream positions (0 = embeddings)
         for key in SUMMARY_KEYS:
-            out[key] = LayerValue(values=[s[key] for s in summaries], labels=labels)
+            out[key] = LayerValue(values=[s[key] for s in summaries], labels=labels, axis="resid")
         if params.method == "topk":
-            out.update({key: LayerValue(values=vals, labels=labels) for key, vals in extra.items()})
+            out.update({key: LayerValue(values=vals, labels=labels, axis="resid") for key, vals in extra.items()})
         out["n_sites"] = ScalarValue(value=float(n_sites), n=n_sites)
         return out
 
@@ -204,7 +262,6 @@ class FisherStein(Metric):
         layer sees the same sites (the protocol's draws restart from the run's seed); ``sampled`` draws
         its tokens from a second stream.
         """
-        assert self.view is not None
         view, params = self.view, self.params
         d = view.d_model
         total = torch.zeros(d, d, dtype=torch.float64, device=view.embed.weight.device)
@@ -220,7 +277,6 @@ class FisherStein(Metric):
 
     def _site_fisher(self, layer: int, site: Site, generator: torch.Generator,
                      bounds: dict[str, list[float]]) -> torch.Tensor:
-        assert self.view is not None
         if self.params.method == "exact":
             return exact_fisher(self.view, layer, site).detach()
         if self.params.method == "sampled":

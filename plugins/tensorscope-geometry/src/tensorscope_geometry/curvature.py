@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, Metric, ModelView, Params, RunShape, ScalarValue
-from tensorscope_core.stats import bootstrap_ci
+from tensorscope_core.plugin_api import Cost, Metric, ModelView, Params, RunShape, ScalarValue, bootstrap_ci
 
 from .volume_curvature import curvature_fit, pooled_curvature
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, LayerValue, Metric, ModelView, Params, RunShape, Step, TableValue
+from tensorscope_core.plugin_api import Cost, LayerValue, Metric, ModelView, Params, RunShape, Step, TableValue
 
 from .spectra import CovarianceAccumulator, covariance_singular_values, effective_rank, participation_ratio
 
@@ -61,7 +61,6 @@ class EffectiveRank(Metric):
         return Cost(state_bytes=sum(CovarianceAccumulator.declared_bytes(d) for d in dims), flops=flops)
 
     def setup(self) -> None:
-        assert self.view is not None
         self.accumulators = {
             source: [CovarianceAccumulator(d) for d in _source_dims((source,), self.view)]
             for source in self.params.sources}
@@ -80,8 +79,9 @@ class EffectiveRank(Metric):
                 s, lam = covariance_singular_values(acc.scatter)
                 eranks.append(effective_rank(s) if acc.count >= 2 else float("nan"))
                 ratios.append(participation_ratio(lam) if acc.count >= 2 else float("nan"))
-            out[f"{source}_erank"] = LayerValue(values=eranks)
-            out[f"{source}_participation_ratio"] = LayerValue(values=ratios)
+            axis = "resid" if source == "resid" else "block"  # resid: n_layers + 1 entries; mlp_hidden: n_layers
+            out[f"{source}_erank"] = LayerValue(values=eranks, axis=axis)
+            out[f"{source}_participation_ratio"] = LayerValue(values=ratios, axis=axis)
         if self.params.weights:
             out.update(_weight_ranks(self.view))
         return out
@@ -94,8 +94,7 @@ def _source_dims(sources: tuple[str, ...], view: ModelView) -> list[int]:
     return dims
 
 
-def _weight_ranks(view: ModelView | None) -> dict[str, Any]:
-    assert view is not None
+def _weight_ranks(view: ModelView) -> dict[str, Any]:
     layer_of = view.layer_of_parameter()
     matrices = [(name, p) for name, p in view.model.named_parameters() if p.ndim == 2 and (
         layer_of.get(name) is not None or p is view.embed.weight
@@ -112,4 +111,5 @@ def _weight_ranks(view: ModelView | None) -> dict[str, Any]:
             per_layer[layer].append(fraction)
     columns = ["layer", "parameter", "rows", "cols", "erank", "erank_fraction", "participation_ratio"]
     return {"weights": TableValue(columns=columns, rows=rows),
-            "weights_erank_fraction": LayerValue(values=[sum(f) / len(f) if f else float("nan") for f in per_layer])}
+            "weights_erank_fraction": LayerValue(values=[sum(f) / len(f) if f else float("nan") for f in per_layer],
+                                                  axis="block")}

@@ -8,9 +8,17 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from tensorscope_core import Cost, LayerValue, Metric, ModelView, Params, RunShape, TableValue
-from tensorscope_core.data import PreparedData
-from tensorscope_core.models.adapters.base import linear_out_in
+from tensorscope_core.plugin_api import (
+    Cost,
+    LayerValue,
+    Metric,
+    ModelView,
+    Params,
+    PreparedData,
+    RunShape,
+    TableValue,
+    linear_out_in,
+)
 
 from .frames import FrameStats, frame_stats, regime
 
@@ -112,7 +120,6 @@ class SuperpositionFeatures(Metric):
         return Cost(state_bytes=0, flops=flops)
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         matrices = feature_matrices(self.view, self.params)
         stats = [(label, layer, frame_stats(f)) for label, layer, f in matrices]
         return features_fields(stats, self.params)
@@ -177,7 +184,7 @@ def features_fields(stats: list[tuple[str, int | None, FrameStats]], p: Features
     labels = [label for label, _, _ in stats]
 
     def per_matrix(values: list[float]) -> LayerValue:
-        return LayerValue(values=values, labels=labels)
+        return LayerValue(values=values, labels=labels, axis="labelled")
 
     s = [st for _, _, st in stats]
     out: dict[str, Any] = {

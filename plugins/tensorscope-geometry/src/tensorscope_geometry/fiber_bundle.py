@@ -8,9 +8,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from tensorscope_core import Cost, Metric, ModelView, Params, RunShape
-from tensorscope_core.data import PreparedData
-from tensorscope_core.stats import fdr_bh
+from tensorscope_core.plugin_api import Cost, Metric, ModelView, Params, PreparedData, RunShape, fdr_bh
 
 from .neighbours import MARGIN, knn_radii
 from .strata import check_window, stratify, verdicts
@@ -111,7 +109,6 @@ class FiberBundle(Metric):
                     flops=float(2 * v * v * view.d_model + 3 * v * take * view.d_model + forwards))
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         p = self.params
         points = token_points(self.view, p.source, p.layer)
         v = points.shape[0]

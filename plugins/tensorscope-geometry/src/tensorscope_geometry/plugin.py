@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tensorscope_core import hookimpl
+from tensorscope_core.plugin_api import hookimpl
 
 from .curvature import Curvature
 from .effective_rank import EffectiveRank
@@ -15,7 +15,7 @@ from .similarity_terms import SimilarityTerms
 from .singularities import Singularities
 from .sparsity import SuperpositionSparsity
 
-TENSORSCOPE_PLUGIN_API = 1
+TENSORSCOPE_PLUGIN_API = 2
 
 METRICS: tuple[type, ...] = (
     EffectiveRank, SimilarityTerms, CKA, RSA, CKAAcross, RSAAcross, SuperpositionFeatures, SuperpositionSparsity,

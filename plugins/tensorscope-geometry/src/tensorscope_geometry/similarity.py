@@ -12,12 +12,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from tensorscope_core import (
+from tensorscope_core.plugin_api import (
     Cost,
     Interpretation,
     LayerValue,
     Metric,
     MetricResult,
+    ModelSetMetric,
     ModelView,
     Params,
     RunShape,
@@ -55,7 +56,7 @@ class Terms:
             yield self.grams[b, :, :n, :n], self.correlations[b, :, :n, :n]
 
 
-def read_terms(metric: Metric, result: MetricResult, model: str = "") -> Terms:
+def read_terms(metric: Metric | ModelSetMetric, result: MetricResult, model: str = "") -> Terms:
     if not result.ok:
         raise ValueError(f"{TERMS} of {model or 'the model'} ended {result.status}: {result.reason}")
     return Terms(metric.tensor_of(result, "grams"), metric.tensor_of(result, "correlations"),
@@ -124,7 +125,7 @@ def rsa_mean(a: Terms, b: Terms) -> tuple[np.ndarray, int]:
 
 def adjacent(matrix: torch.Tensor) -> LayerValue:
     """Similarity of resid entry l with entry l + 1 (the change across block l), n_layers entries."""
-    return LayerValue(values=[float(matrix[i, i + 1]) for i in range(matrix.shape[0] - 1)])
+    return LayerValue(values=[float(matrix[i, i + 1]) for i in range(matrix.shape[0] - 1)], axis="block")
 
 
 class CKAParams(Params):
@@ -223,7 +224,8 @@ class RSA(Metric):
         return {"rsa": matrix, "adjacent": adjacent(matrix), "n_batches": ScalarValue(value=batches)}
 
 
-def _model_terms(metric: Metric, results: Mapping[str, Mapping[str, MetricResult]]) -> tuple[list[str], list[Terms]]:
+def _model_terms(metric: ModelSetMetric,
+                 results: Mapping[str, Mapping[str, MetricResult]]) -> tuple[list[str], list[Terms]]:
     names = list(results)
     terms = [read_terms(metric, results[name][TERMS], name) for name in names]
     check_aligned(names, terms)
@@ -241,12 +243,12 @@ def _same_layer(names: list[str], terms: list[Terms], pair: dict[tuple[int, int]
     return out
 
 
-class _Across(Metric):
+class _Across(ModelSetMetric):
     """What the two model-set metrics share: their input, and that they need two models."""
 
-    scope = "model_set"
     requires_metrics = (TERMS,)
     derived_from = (TERMS,)
+    reads_weights = False  # the members' similarity_terms only
 
     @classmethod
     def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:

@@ -12,8 +12,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, Metric, ModelView, Params, RunShape, SeriesValue, Step
-from tensorscope_core.data import PreparedData
+from tensorscope_core.plugin_api import Cost, Metric, ModelView, Params, PreparedData, RunShape, SeriesValue, Step
 
 from .kernels import centred_gram, correlation_matrix
 
@@ -68,7 +67,6 @@ class SimilarityTerms(Metric):
         return Cost(state_bytes=state, flops=4.0 * shape.n_batches * layers * m * m * view.d_model)
 
     def setup(self) -> None:
-        assert self.view is not None
         m = _capacity(self.params, self.shape.batch_size, self.shape.seq_len)
         shape = (self.shape.n_batches, self.view.n_layers + 1, m, m)
         self.grams = torch.zeros(shape, dtype=torch.float64)

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from tensorscope_core import (
+from tensorscope_core.plugin_api import (
     Cost,
     Interpretation,
     Metric,
@@ -18,8 +18,8 @@ from tensorscope_core import (
     ScalarValue,
     SeriesValue,
     TableValue,
+    bootstrap_ci,
 )
-from tensorscope_core.stats import bootstrap_ci
 
 FIBER = "geometry.fiber_bundle"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -91,7 +91,6 @@ class Singularities(Metric):
                 for row in table.rows[:HOTSPOTS]]
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         fiber = self.deps[FIBER]
 
         def read(field: str) -> np.ndarray:

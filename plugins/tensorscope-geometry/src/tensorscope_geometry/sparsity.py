@@ -8,7 +8,17 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, Interpretation, LayerValue, Metric, MetricResult, ModelView, Params, RunShape, Step
+from tensorscope_core.plugin_api import (
+    Cost,
+    Interpretation,
+    LayerValue,
+    Metric,
+    MetricResult,
+    ModelView,
+    Params,
+    RunShape,
+    Step,
+)
 
 DEAD_WARNING = 0.1  # fraction of a layer's units never active above which reports warn
 
@@ -79,7 +89,6 @@ class SuperpositionSparsity(Metric):
                     flops=float(tokens) * units * (4 + math.log2(params.top_k + 1)))
 
     def setup(self) -> None:
-        assert self.view is not None
         layers, units, k = self.view.n_layers, self.view.d_mlp, self.params.top_k
         self.inactive = torch.zeros(layers, units, dtype=torch.float64)
         self.top_values = torch.full((layers, units, k), -math.inf, dtype=torch.float64)
@@ -89,10 +98,9 @@ class SuperpositionSparsity(Metric):
         self.tokens = torch.zeros((), dtype=torch.float64)
 
     def update(self, step: Step) -> None:
-        assert self.view is not None
         real = step.batch.attention_mask.bool()
         ids = step.batch.input_ids
-        if not self.view.causal and self.view.mask_token_id is not None and step.target_mask is not None:
+        if not self.view.causal and self.view.mask_token_id is not None:
             ids = ids.masked_fill(step.target_mask.bool(), self.view.mask_token_id)  # what the encoder saw
         token_ids = ids[real]
         for layer, acts in enumerate(step["mlp_hidden"]):
@@ -107,7 +115,6 @@ class SuperpositionSparsity(Metric):
         self.tokens += int(real.sum())
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         n = float(self.tokens)
         if n == 0:
             raise ValueError("no real tokens: sparsity needs data")
@@ -115,11 +122,14 @@ class SuperpositionSparsity(Metric):
         l0 = self.l0_sum / n
         l0_std = (self.l0_squares / n - l0.square()).clamp_min(0).sqrt()
         poly = torch.stack([token_perplexity(v, i) for v, i in zip(self.top_values, self.top_ids, strict=True)])
-        return {"zero_fraction": zero, "layer_zero_fraction": LayerValue(values=zero.mean(1).tolist()),
-                "dead_fraction": LayerValue(values=(zero == 1).double().mean(1).tolist()),
-                "l0": LayerValue(values=l0.tolist()), "l0_fraction": LayerValue(values=(l0 / zero.shape[1]).tolist()),
-                "l0_std": LayerValue(values=l0_std.tolist()),
-                "polysemanticity": poly, "layer_polysemanticity": LayerValue(values=poly.nanmean(1).tolist()),
+        def per_block(values: torch.Tensor) -> LayerValue:  # one entry per block's MLP
+            return LayerValue(values=values.tolist(), axis="block")
+
+        return {"zero_fraction": zero, "layer_zero_fraction": per_block(zero.mean(1)),
+                "dead_fraction": per_block((zero == 1).double().mean(1)),
+                "l0": per_block(l0), "l0_fraction": per_block(l0 / zero.shape[1]),
+                "l0_std": per_block(l0_std),
+                "polysemanticity": poly, "layer_polysemanticity": per_block(poly.nanmean(1)),
                 "n_tokens": n}
 
     @classmethod

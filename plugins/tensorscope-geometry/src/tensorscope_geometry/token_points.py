@@ -6,8 +6,7 @@ from typing import Any, Literal
 
 import torch
 
-from tensorscope_core import ModelView
-from tensorscope_core.capture import first_tensor
+from tensorscope_core.plugin_api import ModelView, first_tensor
 
 Source = Literal["embed", "unembed", "resid"]
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tensorscope_core import ModelView
+from tensorscope_core.plugin_api import ModelView
 
 TRAINER_STATE = "trainer_state.json"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tensorscope_core import ModelView
+from tensorscope_core.plugin_api import ModelView
 
 TEXT_CHARS = 120
 

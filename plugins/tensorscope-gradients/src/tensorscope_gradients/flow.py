@@ -7,8 +7,17 @@ import math
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, LayerValue, Metric, ModelView, Params, RunShape, ScalarValue, Step
-from tensorscope_core.stats import bootstrap_ratio_ci
+from tensorscope_core.plugin_api import (
+    Cost,
+    LayerValue,
+    Metric,
+    ModelView,
+    Params,
+    RunShape,
+    ScalarValue,
+    Step,
+    bootstrap_ratio_ci,
+)
 
 from .common import block_squares
 
@@ -48,7 +57,6 @@ class GradientFlow(Metric):
               "total_snr": "the SNR of the whole mean gradient"}
 
     def setup(self) -> None:
-        assert self.view is not None
         self.layer_of = self.view.layer_of_parameter()
         self.sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in self.view.model.named_parameters()
                      if p.requires_grad}
@@ -62,7 +70,6 @@ class GradientFlow(Metric):
                     flops=float(3 * n_params * shape.n_batches))
 
     def update(self, step: Step) -> None:
-        assert self.view is not None
         grads = step["param_grad"]
         squares = block_squares(self.view, self.layer_of, grads)
         self.per_batch[self.seen, :-1] = squares
@@ -73,7 +80,6 @@ class GradientFlow(Metric):
         self.seen += 1
 
     def finalize(self) -> dict[str, object]:
-        assert self.view is not None
         L, B = self.view.n_layers, self.seen
         squares = self.per_batch[:B]  # squared norms per batch, per group
         norms = squares.sqrt()
@@ -94,10 +100,10 @@ class GradientFlow(Metric):
         ratio = lr * mean / weight_norm
         total = norms[:, -1].tolist()
         low, high = bootstrap_ratio_ci(total, [1.0] * len(total), seed=self.shape.seed)
-        return {"grad_norm_mean": LayerValue(values=mean[:L].tolist()),
-                "grad_norm_var": LayerValue(values=var[:L].tolist()),
-                "update_ratio": LayerValue(values=ratio[:L].tolist()),
-                "snr": LayerValue(values=snr[:L].tolist()),
+        return {"grad_norm_mean": LayerValue(values=mean[:L].tolist(), axis="block"),
+                "grad_norm_var": LayerValue(values=var[:L].tolist(), axis="block"),
+                "update_ratio": LayerValue(values=ratio[:L].tolist(), axis="block"),
+                "snr": LayerValue(values=snr[:L].tolist(), axis="block"),
                 "outside_grad_norm": ScalarValue(value=float(mean[L]), n=B),
                 "total_grad_norm": ScalarValue(value=float(mean[-1]), ci_low=low, ci_high=high, n=B),
                 "total_update_ratio": ScalarValue(value=float(ratio[-1]), n=B),

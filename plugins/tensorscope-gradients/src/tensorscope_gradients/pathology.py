@@ -7,7 +7,17 @@ import math
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, LayerValue, Metric, ModelView, Params, RunShape, ScalarValue, Step, TextValue
+from tensorscope_core.plugin_api import (
+    Cost,
+    LayerValue,
+    Metric,
+    ModelView,
+    Params,
+    RunShape,
+    ScalarValue,
+    Step,
+    TextValue,
+)
 
 from .common import block_squares
 
@@ -78,7 +88,6 @@ class GradientPathology(Metric):
               "diagnosis": "plain-language diagnosis and suggested fix"}
 
     def setup(self) -> None:
-        assert self.view is not None
         self.layer_of = self.view.layer_of_parameter()
         self.mlp = _mlp_weights(self.view)
         self.per_batch = torch.zeros(self.shape.n_batches, self.view.n_layers, dtype=torch.float64)
@@ -93,7 +102,6 @@ class GradientPathology(Metric):
         return Cost(state_bytes=8 * shape.n_batches * view.n_layers + 4 * units)
 
     def update(self, step: Step) -> None:
-        assert self.view is not None
         grads = step["param_grad"]
         self.per_batch[self.seen] = block_squares(self.view, self.layer_of, grads)[:-1].sqrt()
         for layer, m in enumerate(self.mlp):
@@ -106,7 +114,6 @@ class GradientPathology(Metric):
         self.seen += 1
 
     def finalize(self) -> dict[str, object]:
-        assert self.view is not None
         p = self.params
         mean = self.per_batch[:self.seen].mean(dim=0)
         median = float(mean.quantile(0.5))  # the middle block, or the mean of the two middle ones
@@ -118,11 +125,12 @@ class GradientPathology(Metric):
         van = [i for i, v in enumerate(vanishing) if v]
         exp = [i for i, v in enumerate(exploding) if v]
         n_dead = sum(d for d in dead if not math.isnan(d))
-        return {"relative_norm": LayerValue(values=rel.tolist()),
-                "vanishing": LayerValue(values=[float(v) for v in vanishing]),
-                "exploding": LayerValue(values=[float(v) for v in exploding]),
+        return {"relative_norm": LayerValue(values=rel.tolist(), axis="block"),
+                "vanishing": LayerValue(values=[float(v) for v in vanishing], axis="block"),
+                "exploding": LayerValue(values=[float(v) for v in exploding], axis="block"),
                 "n_vanishing": ScalarValue(value=len(van)), "n_exploding": ScalarValue(value=len(exp)),
-                "dead_units": LayerValue(values=dead), "dead_fraction": LayerValue(values=frac),
+                "dead_units": LayerValue(values=dead, axis="block"),
+                "dead_fraction": LayerValue(values=frac, axis="block"),
                 "n_dead_units": ScalarValue(value=n_dead),
                 "diagnosis": TextValue(text=self._diagnosis(van, exp, dead, rel, median))}
 

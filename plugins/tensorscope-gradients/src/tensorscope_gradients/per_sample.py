@@ -1,108 +1,51 @@
-"""The ``per_sample_grad`` artifact: per-example gradients, computed once per batch and shared.
+"""Per-example gradients from the core's ``per_example_grads`` artifact, as this plugin's metrics use them.
 
-The per-example loss is the core's token loss (``tensorscope_core.core_artifacts.loss_targets``:
-next-token cross-entropy over the target mask for causal models, the seeded masked
-positions for masked-LM encoders) averaged over *that example's* target tokens:
+The core computes, once per micro-batch for every consumer of the pass, the gradient of each
+example's *summed* token NLL (the run's ``LossTargets``: next tokens of a causal model, the seeded
+masked positions of a masked-LM encoder), with the observed labels, on the union of the
+parameters its consumers ask for (``artifact_requests``). This plugin's metrics use the gradient of
+each example's *mean* token loss,
 
-    l_i(theta) = sum_t m_it * CE(logits_it, y_it) / max(1, sum_t m_it)
+    l_i(theta) = sum_t m_it * CE(logits_it, y_it) / max(1, sum_t m_it),
 
-so the core's ``param_grad`` (the gradient of the batch-mean token loss) equals
-sum_i T_i g_i / sum_i T_i with T_i the example's number of targets. An example without
-targets has loss 0 and a zero gradient.
-
-The gradients come from the core's ``tensorscope_core.per_example.per_example_grads``:
-``torch.func`` ``vmap`` over the rows of each micro-batch, through ``functional_call`` on a
-hook-free shallow copy of the model that shares its parameter tensors (so the capture hooks
-of the shared run never see these extra forwards). Models whose forward branches on the
-data under ``vmap`` (transformers' bidirectional mask for BERT-style encoders) fall back to
-a loop of single-example calls, with the same numbers.
-
-Value: a list ``[grads, loss, n_targets]``: ``grads`` [batch, P] in the model's dtype,
-flattened in the layout of ``requested_layout(view)``; ``loss`` [batch] and ``n_targets``
-[batch] in float64. Consumers declare the parameters they need with
-``request_parameters`` in ``setup()``; the artifact then differentiates only the union of
-those requests (all trainable parameters when any consumer asks for all, or none asked).
-Consumers must not modify the tensors in place (the plugin's stores keep them uncopied).
+so the core's batch-mean ``param_grad`` equals sum_i T_i g_i / sum_i T_i with T_i the example's
+number of targets; an example without targets has loss 0 and a zero gradient. ``mean_loss_rows``
+picks a metric's entries out of the artifact's vectors first and divides those by T_i after
+(cheaper than dividing every column). Consumers must not modify the tensors in place (the
+plugin's stores keep them uncopied).
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from tensorscope_core import ArtifactSpec, ModelView
-from tensorscope_core.artifacts import act_bytes
-from tensorscope_core.capture import CaptureContext
-from tensorscope_core.per_example import per_example_grads as core_per_example_grads
+from tensorscope_core.plugin_api import ExampleGrads, ModelView
 
-from .selection import Layout, layout_of
+from .selection import Layout, Subset, SubsetParams, layout_of, select_parameters
 
-ARTIFACT = "per_sample_grad"
-_REQUESTS = "tensorscope_gradients.per_sample.requests"
-_LAYOUTS = "tensorscope_gradients.per_sample.layouts"
+ARTIFACT = "per_example_grads"
 
 
-def request_parameters(view: ModelView, consumer: str, names: Sequence[str] | None) -> None:
-    """Ask the artifact for the gradients of ``names`` (None: every trainable parameter)."""
-    view.extras.setdefault(_REQUESTS, {})[consumer] = None if names is None else tuple(names)
+def per_example_request(params: SubsetParams, view: ModelView) -> dict[str, Mapping[str, Any]]:
+    """``artifact_requests`` of a metric on a parameter subset: the observed-label gradients of the
+    parameters its ``parameters`` / ``layers`` select (known before any mask is read)."""
+    return {ARTIFACT: {"parameters": select_parameters(view, params.parameters, params.layers),
+                       "labels": ("observed",)}}
 
 
-def release_parameters(view: ModelView, consumer: str) -> None:
-    view.extras.get(_REQUESTS, {}).pop(consumer, None)
-
-
-def requested_layout(view: ModelView) -> Layout:
-    """The layout of the artifact's vectors: the union of the consumers' requests."""
-    requests = view.extras.get(_REQUESTS, {})
-    if not requests or any(v is None for v in requests.values()):
-        key: frozenset[str] | None = None
-    else:
-        key = frozenset(itertools.chain.from_iterable(v for v in requests.values() if v is not None))
-    layouts: dict[Any, Layout] = view.extras.setdefault(_LAYOUTS, {})
-    if key not in layouts:
-        layouts[key] = layout_of(view, None if key is None else sorted(key))
-    return layouts[key]
-
-
-def _mean_token_loss(logits: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """One example's mean token cross-entropy over its targets (0 without targets)."""
-    ce = torch.nn.functional.cross_entropy(logits, target_ids, reduction="none")
-    weights = target_mask.to(ce.dtype)
-    return (ce * weights).sum() / weights.sum().clamp(min=1)
-
-
-def per_example_grads(view: ModelView, layout: Layout, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      target_ids: torch.Tensor, target_mask: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-example gradients [batch, layout.size], losses [batch] and target counts [batch].
-
-    Rows of the inputs are examples; the loss of an example is its mean token
-    cross-entropy over its targets (see the module docstring).
-    """
-    (flat,), loss = core_per_example_grads(view, layout.names, _mean_token_loss, input_ids, attention_mask,
-                                           target_ids, target_mask)
-    return flat, loss[:, 0], target_mask.sum(dim=1).double().cpu()
-
-
-def _derive(ctx: CaptureContext) -> None:
-    assert ctx.batch is not None
-    targets = ctx.store["_targets"]
-    layout = requested_layout(ctx.view)
-    flat, loss, n_targets = per_example_grads(ctx.view, layout, targets.model_input, ctx.batch.attention_mask,
-                                              targets.target_ids, targets.target_mask)
-    ctx.store[ARTIFACT] = [flat, loss, n_targets]
-
-
-def _bytes(view: ModelView, batch: int, seq: int) -> int:
-    # the batch's gradients, plus what the vmapped backward keeps (as a backward of the batch)
-    return batch * view.n_params * view.dtype_bytes + act_bytes(view, batch, seq)
-
-
-PER_SAMPLE_GRAD = ArtifactSpec(
-    ARTIFACT, "forward",
-    "per-example gradients of each example's mean token loss (torch.func vmap of grad): "
-    "[grads [batch, P], loss [batch], n_targets [batch]]",
-    _bytes, derive=_derive)
+def mean_loss_rows(view: ModelView, chosen: Subset, grads: ExampleGrads,
+                   layouts: dict[tuple[str, ...], Layout]) -> torch.Tensor:
+    """The gradients [batch, kept] of each example's mean token loss on ``chosen``'s entries (its
+    parameters, and with masks their kept entries), in the model's dtype and on its device.
+    ``layouts`` caches the plugin's ``Layout`` of the artifact's parameters (one per merged request)."""
+    key = tuple(grads.layout)
+    layout = layouts.get(key)
+    if layout is None:
+        layout = layouts[key] = layout_of(view, list(key))
+    flat = grads.of("observed")
+    columns = chosen.columns(layout)
+    rows = flat if columns is None else flat[:, columns.to(flat.device)]
+    return rows / grads.n_targets.clamp(min=1).to(device=rows.device, dtype=rows.dtype)[:, None]

@@ -1,20 +1,19 @@
-"""Entry point of the plugin: registers the per_sample_grad artifact and the metrics with the core."""
+"""Entry point of the plugin: registers the metrics with the core (their per-example gradients come
+from the core's ``per_example_grads`` artifact)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from tensorscope_core import hookimpl
+from tensorscope_core.plugin_api import hookimpl
 
 from .flow import GradientFlow
 from .pathology import GradientPathology
-from .per_sample import PER_SAMPLE_GRAD
 from .sample_conflicts import SampleConflicts
 from .task_conflict import TaskConflict
 from .tracin import CriticalSamples, TracIn, TracInTerms
 
-TENSORSCOPE_PLUGIN_API = 1
+TENSORSCOPE_PLUGIN_API = 2
 
 METRICS = (GradientFlow, GradientPathology, TaskConflict, SampleConflicts, TracInTerms, TracIn, CriticalSamples)
 
@@ -23,8 +22,3 @@ METRICS = (GradientFlow, GradientPathology, TaskConflict, SampleConflicts, TracI
 def register_metrics(register: Callable[[type], None]) -> None:
     for metric in METRICS:
         register(metric)
-
-
-@hookimpl
-def register_artifacts(register: Callable[[Any], None]) -> None:
-    register(PER_SAMPLE_GRAD)

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, ModelView, RunShape, ScalarValue, SeriesValue, Step, TableValue
-from tensorscope_core.data import PreparedData, tasks_skip_reason
+from tensorscope_core.plugin_api import (
+    Cost,
+    ModelView,
+    PreparedData,
+    RunShape,
+    ScalarValue,
+    SeriesValue,
+    Step,
+    TableValue,
+    tasks_skip_reason,
+)
 
 from .common import example_texts, upper_bound_examples
 from .maths import bh, fisher_z, null_p_values, robust_null
-from .per_sample import ARTIFACT, release_parameters, request_parameters, requested_layout
-from .selection import SubsetMetric, SubsetParams, planned_size, subset_size
+from .per_sample import ARTIFACT, mean_loss_rows, per_example_request
+from .selection import Layout, SubsetMetric, SubsetParams, planned_size, subset_size
 from .store import Compression, GradientStore
 
 
@@ -29,9 +40,10 @@ class SampleConflictParams(SubsetParams):
 
 
 class SampleConflicts(SubsetMetric):
-    """Per-example gradients g_i (the shared ``per_sample_grad`` artifact: gradient of the
-    example's mean token loss; optionally a parameter subset, optionally compressed) and,
-    for every pair (i, j) of examples from different tasks, c_ij = cos(g_i, g_j).
+    """Per-example gradients g_i (the core's shared ``per_example_grads`` artifact, divided by
+    the example's number of targets: gradient of its mean token loss; optionally a parameter
+    subset, optionally compressed) and, for every pair (i, j) of examples from different tasks,
+    c_ij = cos(g_i, g_j).
 
     Null and test (Efron's empirical null): for each task pair (A, B) with at least
     ``min_pairs`` pairs, z_ij = atanh(c_ij); the bulk of the A-B pairs is fitted robustly as
@@ -77,15 +89,18 @@ class SampleConflicts(SubsetMetric):
         return tasks_skip_reason(data)
 
     def setup(self) -> None:
-        assert self.view is not None
         self.chosen = self.subset()
-        request_parameters(self.view, self.name, self.chosen.names)
+        self.layouts: dict[tuple[str, ...], Layout] = {}
         self.store = GradientStore(subset_size(self.view, self.chosen), self.params.compression)
         self.tasks: list[str] = []
         self.index_in_task: list[int] = []
         self.seen: dict[str, int] = {}
         self.texts: list[str] = []
         self.n_targets = torch.zeros(0, dtype=torch.float64)
+
+    @classmethod
+    def artifact_requests(cls, params: SampleConflictParams, view: ModelView) -> dict[str, Mapping[str, Any]]:
+        return per_example_request(params, view)
 
     @classmethod
     def cost(cls, params: SampleConflictParams, view: ModelView, shape: RunShape) -> Cost:
@@ -96,12 +111,12 @@ class SampleConflicts(SubsetMetric):
                     flops=float(2 * n * n * size))
 
     def update(self, step: Step) -> None:
-        assert self.view is not None and step.task is not None
-        grads, _, n_targets = step[ARTIFACT]
-        columns = self.chosen.columns(requested_layout(self.view))
-        self.store.add(grads if columns is None else grads[:, columns])
+        assert step.task is not None
+        g = step[ARTIFACT]
+        n_targets = g.n_targets
+        self.store.add(mean_loss_rows(self.view, self.chosen, g, self.layouts))
         counter = self.seen.get(step.task, 0)
-        rows = grads.shape[0]
+        rows = n_targets.shape[0]
         self.seen[step.task] = counter + rows
         self.tasks += [step.task] * rows
         self.index_in_task += list(range(counter, counter + rows))
@@ -109,8 +124,6 @@ class SampleConflicts(SubsetMetric):
         self.n_targets = torch.cat([self.n_targets, n_targets.double()])
 
     def finalize(self) -> dict[str, object]:
-        assert self.view is not None
-        release_parameters(self.view, self.name)
         p = self.params
         n = len(self.store)
         norms = self.store.norms

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from tensorscope_core import Metric, MetricResult, ModelView, Params, ScalarValue, TensorValue
+from tensorscope_core.plugin_api import Metric, MetricResult, ModelView, Params, ScalarValue, TensorValue
 
 
 class SubsetParams(Params):
@@ -258,5 +258,4 @@ class SubsetMetric(Metric):
 
     def subset(self) -> Subset:
         """This instance's subset (call in ``setup``: ``self.deps`` holds the mask metric's result)."""
-        assert self.view is not None
         return resolve_subset(self.view, self.params, self.deps, self.tensor_of)

@@ -11,8 +11,17 @@ import torch
 from pydantic import Field
 from scipy import stats
 
-from tensorscope_core import Cost, LayerValue, ModelView, RunShape, ScalarValue, Step, TableValue
-from tensorscope_core.data import PreparedData, tasks_skip_reason
+from tensorscope_core.plugin_api import (
+    Cost,
+    LayerValue,
+    ModelView,
+    PreparedData,
+    RunShape,
+    ScalarValue,
+    Step,
+    TableValue,
+    tasks_skip_reason,
+)
 
 from .maths import cosine, pcgrad
 from .selection import SubsetMetric, SubsetParams, layout_of, planned_size
@@ -84,7 +93,6 @@ class TaskConflict(SubsetMetric):
         return tasks_skip_reason(data)
 
     def setup(self) -> None:
-        assert self.view is not None
         chosen = self.subset()
         self.layout = layout_of(self.view, chosen.names)
         self.entries = chosen.entries
@@ -104,7 +112,6 @@ class TaskConflict(SubsetMetric):
         self.tasks.append(step.task)
 
     def finalize(self) -> dict[str, object]:
-        assert self.view is not None
         L = self.view.n_layers
         X = torch.stack(self.rows).double()
         tasks = list(dict.fromkeys(self.tasks))
@@ -151,8 +158,8 @@ class TaskConflict(SubsetMetric):
         update_change = float((total_pc - total).norm() / total.norm()) if float(total.norm()) > 0 else math.nan
         return {"cosine": ScalarValue(value=float(np.mean(pair_cos)), n=len(pair_cos)),
                 "conflict_score": ScalarValue(value=pooled, ci_low=low, ci_high=high, n=n_pairs),
-                "layer_cosine": LayerValue(values=[float(v) for v in layer_mean]),
-                "layer_conflict": LayerValue(values=[float(v) for v in layer_conflict]),
+                "layer_cosine": LayerValue(values=[float(v) for v in layer_mean], axis="block"),
+                "layer_conflict": LayerValue(values=[float(v) for v in layer_conflict], axis="block"),
                 "pairs": TableValue(columns=["task_a", "task_b", "cosine", "conflict_fraction", "ci_low", "ci_high",
                                              "n_batch_pairs"], rows=pair_rows),
                 "pcgrad": TableValue(columns=["task", "relative_change", "cosine_to_original", "n_projections"],

@@ -5,17 +5,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from tensorscope_core import (
+from tensorscope_core.plugin_api import (
     Cost,
-    Metric,
     MetricResult,
+    ModelSetMetric,
     ModelView,
     Params,
+    PreparedData,
     RunShape,
     ScalarValue,
     SeriesValue,
@@ -23,13 +25,12 @@ from tensorscope_core import (
     TableValue,
     TextValue,
 )
-from tensorscope_core.data import PreparedData
 
 from .checkpoints import CheckpointRate, learning_rates
 from .common import example_texts, upper_bound_examples
-from .maths import bh, combine_checkpoints, null_p_values, robust_null
-from .per_sample import ARTIFACT, release_parameters, request_parameters, requested_layout
-from .selection import SubsetMetric, SubsetParams, planned_size, subset_size
+from .maths import bh, null_p_values, robust_null
+from .per_sample import ARTIFACT, mean_loss_rows, per_example_request
+from .selection import Layout, SubsetMetric, SubsetParams, planned_size, subset_size
 from .store import CountSketch, GradientStore, row_squares
 
 TERMS = "gradients.tracin_terms"
@@ -45,8 +46,9 @@ class TermsParams(SubsetParams):
 class TracInTerms(SubsetMetric):
     """The TracIn terms of one checkpoint: for training examples z (task ``train_task``) and
     test examples z' (task ``test_task``), the dot products g(z) . g(z') and the squared norms
-    ||g(z)||^2, ||g(z')||^2 of the per-example gradients (the shared ``per_sample_grad``
-    artifact: gradient of the example's mean token loss), optionally on a parameter subset
+    ||g(z)||^2, ||g(z')||^2 of the per-example gradients (the core's shared ``per_example_grads``
+    artifact, divided by the example's number of targets: gradient of its mean token loss),
+    optionally on a parameter subset
     (names, blocks, and the masked entries of a ``mask_metric``) and/or count-sketch
     projected to ``projection_dim`` dimensions (the squared norms stay exact).
     ``gradients.tracin`` and ``gradients.critical_samples`` weight and sum them over the
@@ -77,10 +79,9 @@ class TracInTerms(SubsetMetric):
         return None
 
     def setup(self) -> None:
-        assert self.view is not None
         p = self.params
         self.chosen = self.subset()
-        request_parameters(self.view, self.name, self.chosen.names)
+        self.layouts: dict[tuple[str, ...], Layout] = {}
         size = subset_size(self.view, self.chosen)
         self.sketch = CountSketch(size, p.projection_dim, self.shape.seed) if p.projection_dim else None
         width = p.projection_dim or size
@@ -93,6 +94,10 @@ class TracInTerms(SubsetMetric):
         self.proj_n = 0
 
     @classmethod
+    def artifact_requests(cls, params: TermsParams, view: ModelView) -> dict[str, Mapping[str, Any]]:
+        return per_example_request(params, view)
+
+    @classmethod
     def cost(cls, params: TermsParams, view: ModelView, shape: RunShape) -> Cost:
         size, index_bytes = planned_size(view, params)
         n = upper_bound_examples(shape.n_sequences, shape.n_batches, shape.batch_size)
@@ -100,14 +105,13 @@ class TracInTerms(SubsetMetric):
         return Cost(state_bytes=GradientStore.declared_bytes(n, width, "none", item) + 8 * n + index_bytes)
 
     def update(self, step: Step) -> None:
-        assert self.view is not None
         splits = [s for s, task in (("train", self.params.train_task), ("test", self.params.test_task))
                   if step.task == task]
         if not splits:
             return
-        grads, loss, n_targets = step[ARTIFACT]
-        columns = self.chosen.columns(requested_layout(self.view))
-        rows = grads if columns is None else grads[:, columns]
+        g = step[ARTIFACT]
+        loss, n_targets = g.loss, g.n_targets
+        rows = mean_loss_rows(self.view, self.chosen, g, self.layouts)
         squares = row_squares(rows.cpu())
         if self.sketch is not None:
             exact = rows.double().cpu()
@@ -130,8 +134,6 @@ class TracInTerms(SubsetMetric):
             self.meta[split] += [(float(a), float(b), t) for a, b, t in zip(loss, n_targets, texts, strict=True)]
 
     def finalize(self) -> dict[str, object]:
-        assert self.view is not None
-        release_parameters(self.view, self.name)
         dots = self.train.cross(self.test)
         n_train, n_test = dots.shape
         ii, jj = torch.meshgrid(torch.arange(n_train), torch.arange(n_test), indexing="ij")
@@ -171,48 +173,105 @@ class Combined:
     terms_params: dict[str, object]
 
 
+#: rows of a ``dots`` table parsed at a time (bounds the parsing scratch: 40 bytes a row)
+PARSE_ROWS = 1 << 16
+
+
 def _dots(result: MetricResult) -> torch.Tensor:
     n_train, n_test = int(result.value("n_train")), int(result.value("n_test"))
     out = torch.zeros(n_train, n_test, dtype=torch.float64)
     rows = result.values["dots"].rows  # type: ignore[union-attr]
-    if rows:
-        arr = np.asarray(rows, dtype=np.float64)
+    for start in range(0, len(rows), PARSE_ROWS):
+        arr = np.asarray(rows[start:start + PARSE_ROWS], dtype=np.float64)
         out[torch.as_tensor(arr[:, 0].astype(np.int64)), torch.as_tensor(arr[:, 1].astype(np.int64))] = \
             torch.from_numpy(arr[:, 2])
     return out
 
 
-def combine(views: Mapping[str, ModelView], results: Mapping[str, Mapping[str, MetricResult]],
-            params: CheckpointParams) -> Combined:
-    """TracInCP over the model set from each checkpoint's ``gradients.tracin_terms``."""
-    rates = learning_rates(dict(views), params.learning_rates, params.default_learning_rate)
-    dots, train_selfs, test_selfs, terms = [], [], [], []
-    for rate in rates:
-        result = results[rate.model][TERMS]
-        terms.append(result)
-        dots.append(_dots(result))
-        train_selfs.append(torch.tensor(result.value("train_self"), dtype=torch.float64))
-        test_selfs.append(torch.tensor(result.value("test_self"), dtype=torch.float64))
-    shapes = {tuple(d.shape) for d in dots}
-    if len(shapes) != 1:
-        raise ValueError(f"the checkpoints saw different numbers of train x test examples {sorted(shapes)}: "
-                         "run every checkpoint on the same data")
-    lrs = [r.learning_rate for r in rates]
-    influence, self_influence = combine_checkpoints(dots, train_selfs, lrs)
-    _, test_self = combine_checkpoints(dots, test_selfs, lrs)
-    examples = terms[0].values["examples"].rows  # type: ignore[union-attr]
-    return Combined(influence, self_influence, test_self, rates,
-                    [str(r[4]) for r in examples if r[0] == "train"], [str(r[4]) for r in examples if r[0] == "test"],
-                    max(float(t.value("projection_error") or 0.0) for t in terms),
-                    max(float(t.value("projection_error_bound") or 0.0) for t in terms),
-                    dict(terms[0].params))
+def split_sizes(shape: RunShape) -> tuple[int, int]:
+    """(training, test) examples each checkpoint's ``gradients.tracin_terms`` sees, from the run's
+    batches: the rows of its default tasks (``train``, ``test``); where the run lacks either, the
+    two largest tasks (the largest train x test product any two tasks can give). A model-set cost
+    sees only its own parameters, not those of ``gradients.tracin_terms``: with other task names
+    chosen there while ``train`` and ``test`` also exist, this follows ``train`` and ``test``."""
+    rows: dict[str | None, int] = {}
+    for n, _, task in shape.batches:
+        rows[task] = rows.get(task, 0) + n
+    train, test = (TermsParams.model_fields[f].default for f in ("train_task", "test_task"))
+    if train in rows and test in rows:
+        return rows[train], rows[test]
+    largest = [*sorted(rows.values(), reverse=True)[:2], 0, 0]
+    return largest[0], largest[1]
+
+
+class CheckpointSetMetric(ModelSetMetric):
+    """Base of the model-set metrics that sum the checkpoints' ``gradients.tracin_terms``
+    (TracInCP) one checkpoint at a time.
+
+    State (all float64, see ``cost``): the running sums ``influence`` [n_train, n_test],
+    ``self_influence`` [n_train] and ``test_self_influence`` [n_test], and the checkpoint being
+    added (``checkpoint_dots`` [n_train, n_test], ``checkpoint_selfs``: [n_train] and [n_test]),
+    whatever the number of checkpoints.
+    """
+
+    requires_metrics = (TERMS,)
+    reads_weights = False  # the checkpoints' tracin_terms and their names/configs (learning rates) only
+
+    @classmethod
+    def cost(cls, params: CheckpointParams, view: ModelView, shape: RunShape) -> Cost:
+        """Two [n_train, n_test] matrices and four per-example vectors in float64 (see the class);
+        n_train, n_test from ``split_sizes``."""
+        n_train, n_test = split_sizes(shape)
+        return Cost(state_bytes=8 * (2 * n_train * n_test + 2 * (n_train + n_test)))
+
+    def setup(self) -> None:
+        self.influence = torch.zeros(0, dtype=torch.float64)
+        self.self_influence = torch.zeros(0, dtype=torch.float64)
+        self.test_self_influence = torch.zeros(0, dtype=torch.float64)
+        self.checkpoint_dots = torch.zeros(0, dtype=torch.float64)
+        self.checkpoint_selfs: tuple[torch.Tensor, ...] = ()
+
+    def combine(self, views: Mapping[str, ModelView], results: Mapping[str, Mapping[str, MetricResult]]) -> Combined:
+        """TracInCP over the model set from each checkpoint's ``gradients.tracin_terms``: the sums of
+        ``maths.combine_checkpoints`` (the same operations in the same order), added one checkpoint at
+        a time into the running sums instead of over a list of every checkpoint's matrices."""
+        params: CheckpointParams = self.params
+        rates = learning_rates(dict(views), params.learning_rates, params.default_learning_rate)
+        terms = [results[rate.model][TERMS] for rate in rates]
+        shapes = []
+        for rate, result in zip(rates, terms, strict=True):
+            self.checkpoint_dots = torch.zeros(0, dtype=torch.float64)  # dropped before the next is parsed
+            self.checkpoint_dots = dots = _dots(result)
+            self.checkpoint_selfs = selfs = (torch.tensor(result.value("train_self"), dtype=torch.float64),
+                                             torch.tensor(result.value("test_self"), dtype=torch.float64))
+            shapes.append(tuple(dots.shape))
+            if len(set(shapes)) > 1:
+                continue  # an error, raised below once every checkpoint's shape is known
+            if len(shapes) == 1:
+                self.influence = torch.zeros_like(dots, dtype=torch.float64)
+                self.self_influence = torch.zeros_like(selfs[0], dtype=torch.float64)
+                self.test_self_influence = torch.zeros_like(selfs[1], dtype=torch.float64)
+            lr = float(rate.learning_rate)
+            self.influence.add_(dots.mul_(lr))
+            self.self_influence.add_(selfs[0].mul_(lr))
+            self.test_self_influence.add_(selfs[1].mul_(lr))
+        if len(set(shapes)) != 1:
+            raise ValueError(f"the checkpoints saw different numbers of train x test examples {sorted(set(shapes))}: "
+                             "run every checkpoint on the same data")
+        examples = terms[0].values["examples"].rows  # type: ignore[union-attr]
+        return Combined(self.influence, self.self_influence, self.test_self_influence, rates,
+                        [str(r[4]) for r in examples if r[0] == "train"],
+                        [str(r[4]) for r in examples if r[0] == "test"],
+                        max(float(t.value("projection_error") or 0.0) for t in terms),
+                        max(float(t.value("projection_error_bound") or 0.0) for t in terms),
+                        dict(terms[0].params))
 
 
 class TracInParams(CheckpointParams):
     top_k: int = Field(5, ge=1, description="proponents and opponents listed per test example")
 
 
-class TracIn(Metric):
+class TracIn(CheckpointSetMetric):
     """TracInCP (Pruthi et al. 2020) over the model set's checkpoints c with learning rates eta_c:
 
         TracIn(z, z') = sum_c eta_c g_c(z) . g_c(z'),    self-influence(z) = sum_c eta_c ||g_c(z)||^2
@@ -229,8 +288,6 @@ class TracIn(Metric):
     version = "1"
     summary = "TracInCP influence of training examples on test examples over checkpoints; self-influence"
     Params = TracInParams
-    scope = "model_set"
-    requires_metrics = (TERMS,)
     fields = {"influence": "[n_train, n_test] TracInCP influence", "self_influence": "per training example",
               "test_self_influence": "per test example",
               "top_proponents": "per test example the top_k training examples with the largest positive influence",
@@ -239,14 +296,9 @@ class TracIn(Metric):
               "projection_error": "largest projection_error of the checkpoints' terms (0: exact)",
               "projection_error_bound": "sqrt(2 / projection_dim) (0: exact)"}
 
-    @classmethod
-    def cost(cls, params: TracInParams, view: ModelView, shape: RunShape) -> Cost:
-        n = shape.n_sequences
-        return Cost(state_bytes=8 * n * n)
-
     def compute_set(self, views: Mapping[str, ModelView],
                     results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, object]:
-        c = combine(views, results, self.params)
+        c = self.combine(views, results)
         infl = c.influence
         k = self.params.top_k
         pro, opp = [], []
@@ -274,7 +326,7 @@ class CriticalParams(CheckpointParams):
     min_examples: int = Field(8, ge=3, description="fewest training examples for the tests (else no test)")
 
 
-class CriticalSamples(Metric):
+class CriticalSamples(CheckpointSetMetric):
     """Training examples that hurt the held-out set or stand out by self-influence, from TracInCP
     over the model set (as ``gradients.tracin``).
 
@@ -292,8 +344,6 @@ class CriticalSamples(Metric):
     version = "1"
     summary = "training examples with significantly negative influence or unusually high self-influence"
     Params = CriticalParams
-    scope = "model_set"
-    requires_metrics = (TERMS,)
     fields = {"mean_influence": "per training example: mean TracIn influence on the test examples",
               "negative_fraction": "per training example: share of test examples it influences negatively",
               "negative_q": "per training example: BH-adjusted p of the negative-influence test",
@@ -305,18 +355,21 @@ class CriticalSamples(Metric):
               "n_high_self_influence": "examples flagged for high self-influence",
               "diagnosis": "plain-language summary and suggested check"}
 
-    @classmethod
-    def cost(cls, params: CriticalParams, view: ModelView, shape: RunShape) -> Cost:
-        n = shape.n_sequences
-        return Cost(state_bytes=8 * n * n)
+    def setup(self) -> None:
+        super().setup()
+        #: 1.0 where the influence is negative [n_train, n_test]: takes the place of the checkpoint's matrix
+        self.negative = torch.zeros(0, dtype=torch.float64)
 
     def compute_set(self, views: Mapping[str, ModelView],
                     results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, object]:
-        c = combine(views, results, self.params)
+        c = self.combine(views, results)
         p = self.params
         n = c.influence.shape[0]
         mean = c.influence.mean(dim=1).numpy() if c.influence.shape[1] else np.full(n, np.nan)
-        neg_frac = (c.influence < 0).double().mean(dim=1).numpy() if c.influence.shape[1] else np.full(n, np.nan)
+        if c.influence.shape[1]:  # the sums are complete: the checkpoint's matrix makes way for the signs
+            self.checkpoint_dots = torch.zeros(0, dtype=torch.float64)
+            self.negative = (c.influence < 0).double()
+        neg_frac = self.negative.mean(dim=1).numpy() if c.influence.shape[1] else np.full(n, np.nan)
         selfs = c.self_influence.numpy()
         with np.errstate(divide="ignore"):
             log_self = np.where(selfs > 0, np.log(np.where(selfs > 0, selfs, 1.0)), np.nan)

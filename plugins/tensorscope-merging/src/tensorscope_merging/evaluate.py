@@ -1,27 +1,35 @@
 """Loss and accuracy of a model under substituted weights (a merge, a point on a path) on the run's data.
 
-The weights are swapped in by ``tensorscope_core.functional.batch_logits`` (``functional_call``
+The weights are swapped in by ``tensorscope_core.plugin_api.batch_logits`` (``functional_call``
 on the core's hook-free copy of the module), so no member's module is modified. Targets are
-the core's (``loss_targets``: next token for causal models, the seeded masked tokens for
-masked LMs), so the numbers match ``basic.loss`` on the members themselves.
+the run's (a model-set metric's ``self.loss_targets``: next token for causal models, the seeded
+masked tokens for masked LMs), so the numbers match ``basic.loss`` on the members themselves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tensorscope_core import ModelView, ScalarValue, TableValue
-from tensorscope_core.core_artifacts import loss_targets
-from tensorscope_core.data import Batch, PreparedData
-from tensorscope_core.functional import batch_logits
+from tensorscope_core.plugin_api import (
+    Batch,
+    LossTargets,
+    ModelView,
+    PreparedData,
+    ScalarValue,
+    TableValue,
+    batch_logits,
+)
 
 from .weights import number
 
 POOLED = None  # the key of the score over all of the run's data
+
+#: the run's loss targets of a batch on a model: a model-set metric's ``self.loss_targets``
+TargetsFn = Callable[[ModelView, Batch], LossTargets]
 
 
 @dataclass(frozen=True)
@@ -34,14 +42,15 @@ class Score:
 
 
 def batch_scores(view: ModelView, weights: Mapping[str, torch.Tensor] | None, batch: Batch,
-                 seed: int) -> tuple[float, int, int]:
+                 targets_of: TargetsFn) -> tuple[float, int, int]:
     """(summed target cross-entropy, correct top-1 predictions, number of targets) of one batch.
 
-    ``weights`` replace the parameters of those names (``tensorscope_core.functional.batch_logits``).
+    ``weights`` replace the parameters of those names (``tensorscope_core.plugin_api.batch_logits``);
+    ``targets_of`` gives the run's loss targets of the batch (a model-set metric's ``self.loss_targets``).
     """
     device = next(view.model.parameters()).device
     batch = batch.to(str(device))
-    targets = loss_targets(view, batch, seed)
+    targets = targets_of(view, batch)
     with torch.no_grad():
         logits = batch_logits(view, batch, targets, weights)
     mask = targets.target_mask.bool()
@@ -56,11 +65,11 @@ def task_batches(data: PreparedData) -> Iterator[tuple[str | None, Batch]]:
 
 
 def evaluate(view: ModelView, weights: Mapping[str, torch.Tensor] | None, data: PreparedData,
-             seed: int) -> dict[str | None, Score]:
+             targets_of: TargetsFn) -> dict[str | None, Score]:
     """Score per task (key None: all of the data; the only key for untasked data)."""
     sums: dict[str | None, list[float]] = {}
     for task, batch in task_batches(data):
-        loss, correct, n = batch_scores(view, weights, batch, seed)
+        loss, correct, n = batch_scores(view, weights, batch, targets_of)
         for key in {task, POOLED}:
             acc = sums.setdefault(key, [0.0, 0.0, 0])
             acc[0] += loss
@@ -100,7 +109,7 @@ def score_table(rows: Mapping[str, Mapping[str | None, Score]]) -> tuple[list[st
 
 
 def compare_merges(views: Mapping[str, ModelView], host: ModelView, merges: Mapping[str, Mapping[str, torch.Tensor]],
-                   data: PreparedData, seed: int) -> dict[str, Any]:
+                   data: PreparedData, targets_of: TargetsFn) -> dict[str, Any]:
     """Every member's score on ``data`` beside each merge's (its weights run in ``host``'s module).
 
     Fields ``loss/<member>[/<task>]``, ``merged_loss/<merge>[/<task>]`` (and ``accuracy``), and a
@@ -109,10 +118,10 @@ def compare_merges(views: Mapping[str, ModelView], host: ModelView, merges: Mapp
     rows: dict[str, dict[str | None, Score]] = {}
     out: dict[str, Any] = {}
     for name, view in views.items():
-        rows[name] = evaluate(view, None, data, seed)
+        rows[name] = evaluate(view, None, data, targets_of)
         out.update(score_fields(name, rows[name]))
     for label, weights in merges.items():
-        rows[f"{label} (merge)"] = scores = evaluate(host, weights, data, seed)
+        rows[f"{label} (merge)"] = scores = evaluate(host, weights, data, targets_of)
         out.update(score_fields(label, scores, prefix="merged_"))
     columns, table = score_table(rows)
     out["losses"] = TableValue(columns=columns, rows=table)

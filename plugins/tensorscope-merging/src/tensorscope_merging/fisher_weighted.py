@@ -9,7 +9,16 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, Metric, MetricResult, ModelView, Params, RunShape, ScalarValue, TextValue
+from tensorscope_core.plugin_api import (
+    Cost,
+    MetricResult,
+    ModelSetMetric,
+    ModelView,
+    Params,
+    RunShape,
+    ScalarValue,
+    TextValue,
+)
 
 from .evaluate import compare_merges, loss_skip_reason
 from .weights import Groups, check_compatible, members, number, parameters
@@ -49,7 +58,7 @@ def fisher_field(result: MetricResult, kind: str, task: str, param: str) -> str:
     return per_task if per_task in result.values else f"{kind}/{param}"
 
 
-class FisherWeighted(Metric):
+class FisherWeighted(ModelSetMetric):
     """Fisher-weighted averaging of the fine-tunes (Matena & Raffel, "Merging Models with Fisher-Weighted
     Averaging", NeurIPS 2022): ``theta_F = sum_m (F_m + floor) theta_m / sum_m (F_m + floor)``, entrywise.
 
@@ -68,7 +77,6 @@ class FisherWeighted(Metric):
     name = "merging.fisher_weighted"
     version = "1"
     summary = "Fisher-weighted vs plain averaging of fine-tunes: per-layer shift and the merges' loss per task"
-    scope = "model_set"
     requires_metrics = (FISHER,)
     Params = FisherParams
     fields = {
@@ -83,9 +91,20 @@ class FisherWeighted(Metric):
 
     @classmethod
     def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:
-        """Two merged copies of the model (Fisher-weighted and plain average) in the parameters' dtype."""
+        """Two merged copies of the model (``merged``: Fisher-weighted and plain average) in the
+        parameters' dtype, whatever the number of members (their weights and Fishers are read, not
+        copied; the differences behind ``shift`` are taken one parameter at a time)."""
         forward = 2.0 * view.n_params * shape.n_batches * shape.batch_size * shape.seq_len if params.evaluate else 0
         return Cost(state_bytes=2 * view.param_bytes, flops=float(6 * view.n_params) + forward)
+
+    @classmethod
+    def own_passes(cls, params: Any, view: ModelView, shape: RunShape, members: Sequence[str],
+                   base_name: str | None) -> dict[str, int]:
+        """With ``evaluate``, one forward per batch of the first merged model's data for every merged
+        model (every member but the base) and for each of the two merges (Fisher-weighted, plain
+        average): ``(merged + 2) * n_batches``; none without."""
+        merged = len([m for m in members if m != base_name])
+        return {"replay_forward": (merged + 2) * shape.n_batches} if params.evaluate else {}
 
     @classmethod
     def uses_data(cls, params: Any) -> bool:
@@ -97,6 +116,10 @@ class FisherWeighted(Metric):
         if len(found) < 2:
             return f"needs at least two models to merge besides the base (got {len(found)})"
         return loss_skip_reason(views) if params.evaluate else None
+
+    def setup(self) -> None:
+        #: the two merges, by name (``fisher``, ``average``): the metric's model-sized state
+        self.merged: dict[str, dict[str, torch.Tensor]] = {}
 
     def compute_set(self, views: Mapping[str, ModelView],
                     results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, Any]:
@@ -112,11 +135,11 @@ class FisherWeighted(Metric):
             fishers.append({param: self.tensor_of(result, field) for param, field in fields.items()})
             per_task = all(f.startswith(f"{p.kind}/{m}/") for f in fields.values())
             sources.append(f"{m}: {p.kind}/{m}/<param>" if per_task else f"{m}: {p.kind}/<param> (pooled)")
-        fisher = fisher_merge(thetas, fishers, p.floor)
-        average = plain_average(thetas)
+        self.merged["fisher"] = fisher = fisher_merge(thetas, fishers, p.floor)
+        self.merged["average"] = average = plain_average(thetas)
         groups = Groups.of_view(views[names[0]])
-        shift = groups.sum_squares({n: fisher[n].double() - average[n].double() for n in fisher})
-        spread = torch.stack([groups.sum_squares({n: t[n].double() - average[n].double() for n in t})
+        shift = groups.sum_squares((n, fisher[n].double() - average[n].double()) for n in fisher)
+        spread = torch.stack([groups.sum_squares((n, t[n].double() - average[n].double()) for n in t)
                               for t in thetas]).mean(dim=0)
         relative = [math.sqrt(s / v) if v > 0 else math.nan for s, v in zip(shift.tolist(), spread.tolist(),
                                                                             strict=True)]
@@ -130,5 +153,5 @@ class FisherWeighted(Metric):
         if p.evaluate:
             data = self.data[names[0]]
             out.update(compare_merges(merged_views, views[names[0]], {"fisher": fisher, "average": average},
-                                      data, self.shape.seed))
+                                      data, self.loss_targets))
         return out

@@ -17,9 +17,19 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from tensorscope_core import Cost, Metric, ModelView, Params, RunShape, ScalarValue, SeriesValue, Step
-from tensorscope_core.core_artifacts import loss_targets
-from tensorscope_core.functional import batch_loss
+from tensorscope_core.plugin_api import (
+    Cost,
+    Metric,
+    ModelView,
+    Params,
+    RunShape,
+    ScalarValue,
+    SeriesValue,
+    Step,
+    batch_loss,
+)
+
+from .passes import loss_batches
 
 Tensors = dict[str, torch.Tensor]
 
@@ -121,14 +131,14 @@ class LossSurface2D(Metric):
     is the model's own loss on those batches. ``roughness`` is the total variation (mean
     |difference| of neighbouring points); ``direction_cosine`` checks the axes' orthogonality.
     Each grid point is one forward of the batch through a hook-free copy with the perturbed
-    weights passed in (``tensorscope_core.functional``); the model is never modified.
+    weights passed in (``tensorscope_core.plugin_api.batch_loss``); the model is never modified.
     """
 
     name = "landscape.surface_2d"
     version = "1"
     summary = "filter-normalised 2-D loss surface (Li et al. 2018): grid, roughness, loss mean/std"
     Params = SurfaceParams
-    artifacts = ("token_loss",)
+    artifacts = ("batches",)  # the batches only: it makes its own passes over them
     fields = {"surface": "loss at theta + alpha*delta + beta*eta, a tensor [grid, grid] (rows alpha, columns beta)",
               "coordinates": "the alpha (= beta) values of the grid",
               "center_loss": "f(0, 0): the model's own loss on the batches used",
@@ -146,8 +156,13 @@ class LossSurface2D(Metric):
         return Cost(state_bytes=2 * view.param_bytes + 8 * params.grid**2,
                     flops=float(params.grid**2 * batches * forward))
 
+    @classmethod
+    def own_passes(cls, params: SurfaceParams, view: ModelView, shape: RunShape) -> dict[str, int]:
+        """One forward per grid point and batch used (the first ``max_batches`` with a loss target):
+        ``grid**2 * batches``."""
+        return {"replay_forward": params.grid ** 2 * loss_batches(view, shape, params.max_batches)}
+
     def setup(self) -> None:
-        assert self.view is not None
         theta = self._theta()
         gen = torch.Generator().manual_seed(self.params.direction_seed)
         rows = output_row_dims(self.view.model)
@@ -160,15 +175,12 @@ class LossSurface2D(Metric):
         self.batches = 0
 
     def _theta(self) -> Tensors:
-        assert self.view is not None
         return {n: p.detach() for n, p in self.view.model.named_parameters() if p.requires_grad}
 
     def update(self, step: Step) -> None:
-        assert self.view is not None
         if self.params.max_batches is not None and self.batches >= self.params.max_batches:
             return
-        view, batch = self.view, step.batch
-        targets = loss_targets(view, batch, self.shape.seed)
+        view, batch, targets = self.view, step.batch, step.targets
         n = targets.n_targets
         if n == 0:
             return

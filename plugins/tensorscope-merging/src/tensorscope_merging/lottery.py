@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator
 
-from tensorscope_core import (
+from tensorscope_core.plugin_api import (
     Cost,
     LayerValue,
     Metric,
     MetricResult,
+    ModelSetMetric,
     ModelView,
     Params,
     RunShape,
@@ -27,9 +28,10 @@ from tensorscope_core import (
     SeriesValue,
     Step,
     TextValue,
+    batch_loss,
 )
-from tensorscope_core.core_artifacts import loss_targets
-from tensorscope_core.functional import batch_loss
+
+from .passes import loss_batches
 
 Masks = dict[str, torch.Tensor]
 
@@ -145,7 +147,7 @@ class MagnitudeMasks(Metric):
     version = "1"
     summary = "global and layer-wise magnitude pruning masks, the loss after pruning, overlap with other masks"
     Params = MasksParams
-    artifacts = ("token_loss",)  # the data pass that feeds the batches; losses are recomputed per mask
+    artifacts = ("batches",)  # the batches only; losses are recomputed per mask
     fields = {"mask/<s>/<param>": "global magnitude mask at sparsity s (True = kept), shaped like the parameter",
               "block_sparsity/<s>": "per block: fraction of its prunable weights removed by the global mask",
               "sparsities": "the sparsities, in increasing order",
@@ -168,8 +170,14 @@ class MagnitudeMasks(Metric):
         return Cost(state_bytes=2 * len(params.sparsities) * n + 8 * (2 * len(params.sparsities) + 2),
                     flops=float((2 * len(params.sparsities) + 1) * batches * forward))
 
+    @classmethod
+    def own_passes(cls, params: MasksParams, view: ModelView, shape: RunShape) -> dict[str, int]:
+        """Per batch used (the first ``max_batches`` with a loss target) one dense forward and one per
+        sparsity and mask family (global, layer-wise): ``(1 + 2 * len(sparsities)) * batches``."""
+        per_batch = 1 + 2 * len(params.sparsities)
+        return {"replay_forward": per_batch * loss_batches(view, shape, params.max_batches)}
+
     def setup(self) -> None:
-        assert self.view is not None
         weights = prunable(self.view, self.params.include_embeddings)
         if not weights:
             raise ValueError(f"{self.view.name} has no weight matrix to prune inside its blocks; "
@@ -181,11 +189,9 @@ class MagnitudeMasks(Metric):
         self.batches = 0
 
     def update(self, step: Step) -> None:
-        assert self.view is not None
         if self.params.max_batches is not None and self.batches >= self.params.max_batches:
             return
-        view, batch = self.view, step.batch
-        targets = loss_targets(view, batch, self.shape.seed)
+        view, batch, targets = self.view, step.batch, step.targets
         n = targets.n_targets
         if n == 0:
             return
@@ -200,7 +206,6 @@ class MagnitudeMasks(Metric):
         self.batches += 1
 
     def finalize(self) -> dict[str, Any]:
-        assert self.view is not None
         if self.dense[1] == 0:
             raise ValueError("no batch had a loss target: the pruned losses need data with at least two tokens "
                              "per sequence (causal) or a mask token (masked LM)")
@@ -225,7 +230,7 @@ class MagnitudeMasks(Metric):
                 if layer is not None:
                     removed[layer] += float((~mask).sum())
                     total[layer] += mask.numel()
-            out[f"block_sparsity/{label}"] = LayerValue(values=(removed / total.clamp(min=1)).tolist())
+            out[f"block_sparsity/{label}"] = LayerValue(values=(removed / total.clamp(min=1)).tolist(), axis="block")
         if self.params.compare_masks is not None:
             out.update(self._compare())
         return out
@@ -254,7 +259,7 @@ class EarlyBirdParams(Params):
                                                               "below this (You et al. use 0.1)")
 
 
-class EarlyBird(Metric):
+class EarlyBird(ModelSetMetric):
     """Early-Bird detection over checkpoints in the order they were given (You et al., ICLR
     2020, with magnitude masks of the weights instead of channel masks): the mask distance
     between checkpoints i and j is the fraction of prunable entries that exactly one of their
@@ -263,11 +268,11 @@ class EarlyBird(Metric):
     checkpoint i+1 is below ``threshold``: from there on the ticket barely changes.
     """
 
+    reads_weights = False  # the checkpoints' lottery.magnitude_masks results only
     name = "lottery.early_bird"
     version = "1"
     summary = "mask distances between consecutive checkpoints and the first where the pruning mask settles"
     Params = EarlyBirdParams
-    scope = "model_set"
     requires_metrics = ("lottery.magnitude_masks",)
     fields = {"distances": "mask distance of each checkpoint to the next, in the order given",
               "pairwise": "mask distance between every pair of checkpoints, a tensor [models, models]",

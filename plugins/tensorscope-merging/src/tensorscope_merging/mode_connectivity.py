@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from pydantic import Field
 
-from tensorscope_core import (
+from tensorscope_core.plugin_api import (
     Cost,
-    Metric,
     MetricResult,
+    ModelSetMetric,
     ModelView,
     Params,
+    PreparedData,
     RunShape,
     ScalarValue,
     SeriesValue,
     TextValue,
+    batch_loss,
 )
-from tensorscope_core.core_artifacts import loss_targets
-from tensorscope_core.data import PreparedData
-from tensorscope_core.functional import batch_loss
 
-from .evaluate import POOLED, Score, evaluate, loss_skip_reason
-from .permutation import align, mlp_unit_axes
+from .evaluate import POOLED, Score, TargetsFn, evaluate, loss_skip_reason
+from .permutation import align, aligned_bytes, mlp_unit_axes
 from .weights import check_compatible, members, number, parameters
 
 Weights = dict[str, torch.Tensor]
@@ -60,10 +60,17 @@ def barrier(losses: list[float], ts: list[float]) -> float:
 
 
 def fit_bezier(view: ModelView, a: Weights, b: Weights, data: PreparedData, steps: int, lr: float,
-               seed: int) -> tuple[Weights, list[float]]:
+               seed: int, targets_of: TargetsFn, held: dict[str, Any] | None = None) -> tuple[Weights, list[float]]:
     """The middle point, started at the midpoint of a and b and moved by ``steps`` Adam steps on the
-    loss at a random t of the curve (Garipov et al. 2018), and the loss of each step."""
+    loss at a random t of the curve (Garipov et al. 2018), and the loss of each step.
+
+    ``seed`` draws the t of each step; ``targets_of`` gives the run's loss targets of a batch.
+    ``held`` (a dict the caller keeps) gets what the fit holds at its peak, for the caller's state:
+    ``middle`` (the fitted tensors), ``point`` (the curve point of the step), after the fit ``grads``
+    (the last step's gradients) and ``moments`` (Adam's two moment estimates of every tensor)."""
+    held = {} if held is None else held
     middle = {n: (a[n] + 0.5 * (b[n] - a[n])).clone().requires_grad_(True) for n in a}
+    held["middle"] = middle
     optimiser = torch.optim.Adam(list(middle.values()), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     batches = list(data.batches())
@@ -71,11 +78,16 @@ def fit_bezier(view: ModelView, a: Weights, b: Weights, data: PreparedData, step
     for step in range(steps):
         t = float(torch.rand((), generator=generator))
         batch = batches[step % len(batches)].to(str(next(iter(a.values())).device))
-        loss = batch_loss(view, batch, loss_targets(view, batch, seed), bezier_point(a, middle, b, t))
+        held["point"] = {}
+        held["point"] = bezier_point(a, middle, b, t)
+        loss = batch_loss(view, batch, targets_of(view, batch), held["point"])
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         history.append(float(loss.detach()))
+    held["grads"] = [v.grad for v in middle.values() if v.grad is not None]
+    held["moments"] = [optimiser.state[v][k] for v in middle.values() for k in ("exp_avg", "exp_avg_sq")
+                       if k in optimiser.state[v]]
     return {n: v.detach() for n, v in middle.items()}, history
 
 
@@ -94,7 +106,7 @@ def resolve_endpoints(params: ConnectivityParams, views: Mapping[str, ModelView]
     return candidates[0], candidates[1]
 
 
-class ModeConnectivity(Metric):
+class ModeConnectivity(ModelSetMetric):
     """Loss (and next-token / masked-token accuracy) along paths between two models A and B, on the run's data.
 
     Linear path ``theta(t) = A + t (B - A)``; quadratic Bezier path ``(1-t)^2 A + 2t(1-t) M + t^2 B``
@@ -114,7 +126,6 @@ class ModeConnectivity(Metric):
     name = "merging.mode_connectivity"
     version = "1"
     summary = "loss barrier along linear and fitted Bezier paths between two models, optionally after unit alignment"
-    scope = "model_set"
     Params = ConnectivityParams
     fields = {
         "endpoints": "the two models connected, A then B",
@@ -130,13 +141,30 @@ class ModeConnectivity(Metric):
 
     @classmethod
     def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:
-        """One path point, and with the Bezier fit its middle point, gradient and two Adam moments, in the
-        parameters' dtype; FLOPs: a forward per evaluation point and path, a forward and backward per fitting step."""
+        """In the parameters' dtype: one path point (``point``, the weights evaluated or fitted at);
+        with ``bezier`` the middle point, and when it takes Adam steps also its gradient and Adam's
+        two moments (``fit``); with ``align`` the permuted copies of the MLP weights of the second
+        endpoint (``aligned``). The endpoints are the members' own weights, read, not copied.
+        FLOPs: a forward per evaluation point and path, a forward and backward per fitting step."""
         tokens = shape.n_batches * shape.batch_size * shape.seq_len
         paths = 1 + int(params.bezier) + int(params.align)
         flops = 2.0 * view.n_params * tokens * params.n_points * paths
         flops += 6.0 * view.n_params * shape.batch_size * shape.seq_len * params.bezier_steps * int(params.bezier)
-        return Cost(state_bytes=(5 if params.bezier else 1) * view.param_bytes, flops=flops)
+        copies = 1 + (0 if not params.bezier else 4 if params.bezier_steps > 0 else 1)
+        return Cost(state_bytes=copies * view.param_bytes + (aligned_bytes(view) if params.align else 0), flops=flops)
+
+    @classmethod
+    def own_passes(cls, params: Any, view: ModelView, shape: RunShape, members: Sequence[str],
+                   base_name: str | None) -> dict[str, int]:
+        """On the first endpoint's data: one forward per evaluation point and batch of each path
+        evaluated (linear, with ``align`` the aligned linear, with ``bezier`` the Bezier):
+        ``n_points * n_batches * (1 + align + bezier)``; the Bezier fit differentiates one call per
+        step: ``bezier_steps`` (with ``bezier``). Independent of ``members``: two endpoints."""
+        paths = 1 + int(params.align) + int(params.bezier)
+        own = {"replay_forward": params.n_points * shape.n_batches * paths}
+        if params.bezier:
+            own["replay_backward"] = params.bezier_steps
+        return own
 
     @classmethod
     def uses_data(cls, params: Any) -> bool:
@@ -154,6 +182,13 @@ class ModeConnectivity(Metric):
                 return f"align=True: {exc}"
         return loss_skip_reason({c: views[c] for c in chosen})
 
+    def setup(self) -> None:
+        #: what compute_set holds (see ``cost``): the current path point, the Bezier fit's middle
+        #: point, gradients and Adam moments, and the aligned endpoint's permuted MLP weights
+        self.point: Weights = {}
+        self.fit: dict[str, Any] = {}
+        self.aligned: Weights = {}
+
     def compute_set(self, views: Mapping[str, ModelView],
                     results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, Any]:
         p: ConnectivityParams = self.params
@@ -161,25 +196,38 @@ class ModeConnectivity(Metric):
         assert not isinstance(chosen, str)
         first, second = chosen
         check_compatible({first: views[first], second: views[second]})
-        view, data, seed = views[first], self.data[first], self.shape.seed
+        view, data, seed, targets_of = views[first], self.data[first], self.shape.seed, self.loss_targets
         a, b = parameters(views[first]), parameters(views[second])
         ts = [i / (p.n_points - 1) for i in range(p.n_points)]
         out: dict[str, Any] = {"endpoints": TextValue(text=f"{first} -> {second}"),
                                "t": SeriesValue(values=ts, index_name="point")}
-        out.update(self._path("linear", [evaluate(view, linear_point(a, b, t), data, seed)[POOLED] for t in ts], ts))
+        path = [self._score(view, data, functools.partial(linear_point, a, b, t)) for t in ts]
+        out.update(self._path("linear", path, ts))
         if p.align:
+            unaligned = b
             b, perms = align(view, a, b)
-            path = [evaluate(view, linear_point(a, b, t), data, seed)[POOLED] for t in ts]
+            self.aligned = {n: w for n, w in b.items() if w is not unaligned[n]}  # the permuted copies
+            path = [self._score(view, data, functools.partial(linear_point, a, b, t)) for t in ts]
             out.update(self._path("linear_aligned", path, ts))
             out["permutation"] = perms
             identity = torch.arange(perms.shape[1]).expand_as(perms)
             out["units_moved"] = ScalarValue(value=float((perms != identity).double().mean()))
         if p.bezier:
-            middle, history = fit_bezier(view, a, b, data, p.bezier_steps, p.bezier_lr, seed)
-            path = [evaluate(view, bezier_point(a, middle, b, t), data, seed)[POOLED] for t in ts]
+            self.point = {}  # the fit holds its own point
+            middle, history = fit_bezier(view, a, b, data, p.bezier_steps, p.bezier_lr, seed, targets_of,
+                                         held=self.fit)
+            self.fit.pop("point", None)  # the last fitting step's: the evaluation holds its own
+            path = [self._score(view, data, functools.partial(bezier_point, a, middle, b, t)) for t in ts]
             out.update(self._path("bezier", path, ts))
             out["bezier_fit_loss"] = SeriesValue(values=history, index_name="step")
         return out
+
+    def _score(self, view: ModelView, data: PreparedData, point: Callable[[], Weights]) -> Score:
+        """The pooled score at the weights ``point()`` makes, held as ``self.point`` while evaluated
+        (the previous point is dropped first)."""
+        self.point = {}
+        self.point = point()
+        return evaluate(view, self.point, data, self.loss_targets)[POOLED]
 
     @staticmethod
     def _path(label: str, scores: list[Score], ts: list[float]) -> dict[str, Any]:

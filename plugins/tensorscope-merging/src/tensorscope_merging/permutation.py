@@ -15,7 +15,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from tensorscope_core import ModelView
+from tensorscope_core.plugin_api import ModelView
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,17 @@ def mlp_unit_axes(view: ModelView, layer: int) -> list[UnitAxis]:
         if size != view.d_mlp:
             raise ValueError(f"{a.name} has {size} entries along its unit axis, not d_mlp = {view.d_mlp}")
     return axes
+
+
+def aligned_bytes(view: ModelView) -> int:
+    """Bytes of the weights ``align`` permutes (every block's MLP unit parameters), i.e. of the copies it
+    makes; 0 for MLPs it does not support."""
+    params = dict(view.model.named_parameters())
+    try:
+        names = {x.name for layer in range(view.n_layers) for x in mlp_unit_axes(view, layer)}
+    except ValueError:
+        return 0
+    return sum(params[n].numel() * params[n].element_size() for n in names)
 
 
 def _units(tensor: torch.Tensor, axis: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tensorscope_core import hookimpl
+from tensorscope_core.plugin_api import hookimpl
 
 from .fisher_weighted import FisherWeighted
 from .landscape import LossSurface2D
@@ -14,7 +14,7 @@ from .sharpness import Sharpness
 from .task_vectors import TaskVectors
 from .ties_conflicts import TiesConflicts
 
-TENSORSCOPE_PLUGIN_API = 1
+TENSORSCOPE_PLUGIN_API = 2
 
 METRICS: tuple[type, ...] = (
     TaskVectors, TiesConflicts, FisherWeighted, ModeConnectivity,

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tensorscope_core import ModelView
-from tensorscope_core.results.store import atomic_write
+from tensorscope_core.plugin_api import ModelView, atomic_write
 
 
 def merged_state(view: ModelView, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,10 +14,19 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from tensorscope_core import Cost, Metric, ModelView, Params, RunShape, ScalarValue, Step
-from tensorscope_core.core_artifacts import loss_targets
-from tensorscope_core.functional import batch_loss
-from tensorscope_core.stats import bootstrap_ci
+from tensorscope_core.plugin_api import (
+    Cost,
+    Metric,
+    ModelView,
+    Params,
+    RunShape,
+    ScalarValue,
+    Step,
+    batch_loss,
+    bootstrap_ci,
+)
+
+from .passes import loss_batches
 
 Tensors = dict[str, torch.Tensor]
 LossFn = Callable[[Tensors], torch.Tensor]
@@ -117,7 +126,7 @@ class Sharpness(Metric):
     version = "1"
     summary = "SAM sharpness (first-order and multi-step ascent) and the Hutchinson Hessian trace"
     Params = SharpnessParams
-    artifacts = ("token_loss",)
+    artifacts = ("batches",)  # the batches only: it makes its own passes over them
     fields = {"loss": "mean batch loss at theta over the batches used",
               "sharpness_first_order": "mean over batches of L(theta + rho g/||g||) - L(theta)",
               "sharpness_ascent": "mean over batches of the largest increase found by projected gradient ascent",
@@ -133,6 +142,17 @@ class Sharpness(Metric):
         n_probes = batches * params.hutchinson_probes
         return Cost(state_bytes=8 * (3 * batches + n_probes), flops=float(per_batch * batches))
 
+    @classmethod
+    def own_passes(cls, params: SharpnessParams, view: ModelView, shape: RunShape) -> dict[str, int]:
+        """Per batch used (the first ``max_batches`` with a loss target), every call differentiated:
+        the gradient at theta, one gradient per ascent step, and with probes one double-backward
+        graph shared by all of them: ``(1 + ascent_steps + [hutchinson_probes > 0]) * batches``.
+
+        A planned count: a batch whose loss gradient is exactly zero stops after the first call
+        (no ascent), which the declaration cannot foresee."""
+        per_batch = 1 + params.ascent_steps + int(params.hutchinson_probes > 0)
+        return {"replay_backward": per_batch * loss_batches(view, shape, params.max_batches)}
+
     def setup(self) -> None:
         cap = self.shape.n_batches if self.params.max_batches is None else min(self.shape.n_batches,
                                                                                 self.params.max_batches)
@@ -142,11 +162,9 @@ class Sharpness(Metric):
         self.seen = 0
 
     def update(self, step: Step) -> None:
-        assert self.view is not None
         if self.seen >= self.per_batch.shape[0]:
             return
-        view, batch = self.view, step.batch
-        targets = loss_targets(view, batch, self.shape.seed)
+        view, batch, targets = self.view, step.batch, step.targets
         if targets.n_targets == 0:
             return
         theta = {n: p.detach() for n, p in view.model.named_parameters() if p.requires_grad}

@@ -9,9 +9,18 @@ from typing import Any
 
 import torch
 
-from tensorscope_core import Cost, Metric, MetricResult, ModelView, NoParams, RunShape, ScalarValue, TableValue
+from tensorscope_core.plugin_api import (
+    Cost,
+    MetricResult,
+    ModelSetMetric,
+    ModelView,
+    NoParams,
+    RunShape,
+    ScalarValue,
+    TableValue,
+)
 
-from .weights import Groups, check_compatible, members, number, task_vectors
+from .weights import Groups, TaskVector, check_compatible, members, number, parameters
 
 
 def _cosine(dot: float, sq_a: float, sq_b: float) -> float:
@@ -20,7 +29,7 @@ def _cosine(dot: float, sq_a: float, sq_b: float) -> float:
     return dot / denom if denom > 0 else math.nan
 
 
-class TaskVectors(Metric):
+class TaskVectors(ModelSetMetric):
     """Task vectors ``tau_t = theta_t - theta_base`` (Ilharco et al., ICLR 2023) of each fine-tune.
 
     Per layer (block 0..L-1, then ``outside``: embeddings, final norm, head; a tied tensor counts
@@ -33,7 +42,6 @@ class TaskVectors(Metric):
     name = "merging.task_vectors"
     version = "1"
     summary = "task-vector norms per layer, layer shares and pairwise task cosines (base + fine-tunes)"
-    scope = "model_set"
     needs_base = True
     Params = NoParams
     fields = {
@@ -47,7 +55,8 @@ class TaskVectors(Metric):
 
     @classmethod
     def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:
-        """One task vector per fine-tune, in the parameters' dtype (stated per fine-tune)."""
+        """One task vector, in the parameters' dtype (``task_vector``: the only model-sized array held,
+        whatever the number of fine-tunes; the other vector of a pair is taken one parameter at a time)."""
         return Cost(state_bytes=view.param_bytes, flops=float(3 * view.n_params))
 
     @classmethod
@@ -56,23 +65,34 @@ class TaskVectors(Metric):
             return "needs at least one fine-tune beside the base: analyze({'math': ft}, base=base_model)"
         return None
 
+    def setup(self) -> None:
+        #: the task vector of one fine-tune (``held``), the metric's only model-sized array
+        self.task_vector: dict[str, torch.Tensor] = {}
+        self.held: str | None = None
+
     def compute_set(self, views: Mapping[str, ModelView],
                     results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, Any]:
         assert self.base_name is not None
         check_compatible(views)
         groups = Groups.of_view(views[self.base_name])
-        taus = task_vectors(views, self.base_name)
-        squares = {t: groups.sum_squares(tau) for t, tau in taus.items()}
+        base = parameters(views[self.base_name])
+        thetas = {m: parameters(views[m]) for m in members(views, self.base_name)}  # the members' own tensors
+        squares = {}
+        for task in thetas:
+            self._hold(task, thetas, base)
+            squares[task] = groups.sum_squares(self.task_vector)
         out: dict[str, Any] = {}
         for task, sq in squares.items():
             total = float(sq.sum())
             out[f"norm/{task}"] = groups.layer_value(sq.sqrt())
             out[f"total_norm/{task}"] = ScalarValue(value=math.sqrt(total))
             out[f"share/{task}"] = groups.layer_value(sq / total if total > 0 else torch.full_like(sq, math.nan))
-        names = list(taus)
+        names = list(thetas)
         matrix = {(a, a): 1.0 if float(squares[a].sum()) > 0 else math.nan for a in names}
         for a, b in itertools.combinations(names, 2):
-            dots = groups.sum_products(taus[a], taus[b])
+            if self.held != a:
+                self._hold(a, thetas, base)
+            dots = groups.sum_products(self.task_vector, TaskVector(thetas[b], base))
             layer = [_cosine(float(d), float(x), float(y)) for d, x, y in zip(dots, squares[a], squares[b],
                                                                               strict=True)]
             overall = _cosine(float(dots.sum()), float(squares[a].sum()), float(squares[b].sum()))
@@ -82,3 +102,10 @@ class TaskVectors(Metric):
         out["cosine_matrix"] = TableValue(columns=["task", *names], rows=[
             [a, *[number(matrix[(a, b)]) for b in names]] for a in names])
         return out
+
+    def _hold(self, task: str, thetas: Mapping[str, Mapping[str, torch.Tensor]],
+              base: Mapping[str, torch.Tensor]) -> None:
+        """Make ``task``'s task vector the one held (the previous one is dropped first)."""
+        self.task_vector = {}
+        self.task_vector = dict(TaskVector(thetas[task], base))
+        self.held = task

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field
 
-from tensorscope_core import (
+from tensorscope_core.plugin_api import (
     Cost,
     Interpretation,
-    Metric,
     MetricResult,
+    ModelSetMetric,
     ModelView,
     Params,
     RunShape,
@@ -26,7 +26,7 @@ from tensorscope_core import (
 from .evaluate import compare_merges, loss_skip_reason
 from .save import save_merged
 from .ties import SignCounts, keep_count, sign_counts, task_arithmetic, ties_merge
-from .weights import Groups, check_compatible, members, number, parameters, task_vectors
+from .weights import Groups, check_compatible, members, number, parameters
 
 
 class TiesParams(Params):
@@ -42,15 +42,29 @@ class TiesParams(Params):
                                                   "the input) or a .safetensors file (bare state dict)")
 
 
+#: fine-tunes the declared cost is sized for (a TIES merge needs at least two; see ``TiesConflicts.cost``)
+TASKS_DECLARED = 2
+
+
 def percent(share: float) -> str:
     """0.65 -> '65%', 0.0017 -> '0.17%' (three significant digits)."""
     return f"{100 * share:.3g}%"
 
 
-def flatten(tensors: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-    """One vector over ``names`` in order, at least float32 (half-precision sums lose the small entries)."""
-    dtype = torch.promote_types(tensors[names[0]].dtype, torch.float32)
-    return torch.cat([tensors[n].reshape(-1).to(dtype) for n in names])
+def stacked_task_vectors(views: Mapping[str, ModelView], base: Mapping[str, torch.Tensor], tasks: list[str],
+                         names: list[str]) -> torch.Tensor:
+    """[n_tasks, d]: each task's ``theta_task - theta_base`` as one vector over ``names`` in order, at least
+    float32 (half-precision sums lose the small entries). Written row by row into one tensor: no
+    per-task dict of task vectors, nor a second copy from stacking, is ever held."""
+    dtype = torch.promote_types(base[names[0]].dtype, torch.float32)
+    out = torch.empty(len(tasks), sum(base[n].numel() for n in names), dtype=dtype, device=base[names[0]].device)
+    for row, task in zip(out, tasks, strict=True):
+        theta, start = parameters(views[task]), 0
+        for n in names:
+            size = base[n].numel()
+            row[start:start + size] = (theta[n] - base[n]).reshape(-1).to(dtype)
+            start += size
+    return out
 
 
 def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
@@ -73,7 +87,7 @@ def counts_per_group(stack: torch.Tensor, like: Mapping[str, torch.Tensor], name
     return counts
 
 
-class TiesConflicts(Metric):
+class TiesConflicts(ModelSetMetric):
     """TIES-merging (Yadav et al., NeurIPS 2023) of the fine-tunes' task vectors and their sign conflicts.
 
     Each task vector is one flat vector over all parameters (sorted names; a tied tensor once).
@@ -96,7 +110,6 @@ class TiesConflicts(Metric):
     name = "merging.ties_conflicts"
     version = "1"
     summary = "TIES trim/elect/merge of fine-tunes, per-layer sign conflicts and the merged model's loss"
-    scope = "model_set"
     needs_base = True
     Params = TiesParams
     fields = {
@@ -119,10 +132,27 @@ class TiesConflicts(Metric):
 
     @classmethod
     def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:
-        """Per fine-tune: its flat task vector and its trimmed copy, at least float32 (plus the merged
-        models); FLOPs: the k-th value selection and the forward passes of the evaluation."""
+        """What ``compute_set`` holds at once, d = the parameters' entries, at least float32 for the
+        flat vectors: the stacked task vectors and their trimmed copy (``vectors``, ``trimmed``:
+        2 x TASKS_DECLARED x d), the merged update(s) (``updates``: d each) and the merged weights in
+        the parameters' dtype (``merged``: d each): TIES, and with ``evaluate`` task arithmetic too.
+
+        The core sizes a model-set cost on one member, so the number of fine-tunes is not known here:
+        the declaration is for the two a TIES merge needs at least; each further fine-tune holds
+        2 x d more. FLOPs: the k-th value selection and the forward passes of the evaluation."""
         forward = 2.0 * view.n_params * shape.n_batches * shape.batch_size * shape.seq_len if params.evaluate else 0
-        return Cost(state_bytes=2 * max(4, view.dtype_bytes) * view.n_params, flops=float(10 * view.n_params) + forward)
+        merges = 2 if params.evaluate else 1
+        flat = max(4, view.dtype_bytes) * view.n_params
+        return Cost(state_bytes=(2 * TASKS_DECLARED + merges) * flat + merges * view.param_bytes,
+                    flops=float(10 * view.n_params) + forward)
+
+    @classmethod
+    def own_passes(cls, params: Any, view: ModelView, shape: RunShape, members: Sequence[str],
+                   base_name: str | None) -> dict[str, int]:
+        """With ``evaluate``, one forward per batch of the base's data for every member (the base
+        and each fine-tune: ``members``) and for each of the two merges (TIES, task arithmetic):
+        ``(members + 2) * n_batches``; none without."""
+        return {"replay_forward": (len(members) + 2) * shape.n_batches} if params.evaluate else {}
 
     @classmethod
     def uses_data(cls, params: Any) -> bool:
@@ -144,6 +174,14 @@ class TiesConflicts(Metric):
                     "analyze({'math': ft1, 'code': ft2}, base=base_model)")
         return loss_skip_reason(views) if params.evaluate else None
 
+    def setup(self) -> None:
+        #: what compute_set holds (see ``cost``): [n_tasks, d] task vectors and their trimmed copy,
+        #: the flat merged update of each merge and its merged weights, by merge
+        self.vectors = torch.zeros(0)
+        self.trimmed = torch.zeros(0)
+        self.updates: dict[str, torch.Tensor] = {}
+        self.merged: dict[str, dict[str, torch.Tensor]] = {}
+
     def compute_set(self, views: Mapping[str, ModelView],
                     results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, Any]:
         assert self.base_name is not None
@@ -153,13 +191,15 @@ class TiesConflicts(Metric):
         base = parameters(base_view)
         names = sorted(base)
         groups = Groups.of_view(base_view)
-        taus = task_vectors(views, self.base_name)
-        stack = torch.stack([flatten(tau, names) for tau in taus.values()])
-        trimmed, _, merged = ties_merge(stack, p.density)
-        post = counts_per_group(trimmed, base, names, groups)
-        pre = counts_per_group(stack, base, names, groups)
+        tasks = members(views, self.base_name)
+        self.vectors = stacked_task_vectors(views, base, tasks, names)
+        self.trimmed, _, merged = ties_merge(self.vectors, p.density)
+        self.updates["ties"] = merged
+        post = counts_per_group(self.trimmed, base, names, groups)
+        pre = counts_per_group(self.vectors, base, names, groups)
         total_post, total_pre = sum(post, SignCounts(0, 0, 0, 0.0)), sum(pre, SignCounts(0, 0, 0, 0.0))
-        ties_weights = {n: base[n] + p.lam * t for n, t in unflatten(merged, base, names).items()}
+        self.merged["ties"] = ties_weights = {n: base[n] + p.lam * t for n, t in unflatten(merged, base,
+                                                                                          names).items()}
         out: dict[str, Any] = {
             "conflict": groups.layer_value([c.conflict_fraction for c in post]),
             "conflict_among_shared": groups.layer_value([c.conflict_among_shared for c in post]),
@@ -169,19 +209,20 @@ class TiesConflicts(Metric):
             "conflict_total": ScalarValue(value=number(total_post.conflict_fraction), n=total_post.total),
             "conflict_pre_trim_total": ScalarValue(value=number(total_pre.conflict_fraction), n=total_pre.total),
             "sign_agreement_total": ScalarValue(value=number(total_post.agreement), n=total_post.total),
-            "keep_count": ScalarValue(value=keep_count(stack.shape[1], p.density)),
+            "keep_count": ScalarValue(value=keep_count(self.vectors.shape[1], p.density)),
             "merged_norm": groups.layer_value(groups.sum_squares(
-                {n: w - base[n] for n, w in ties_weights.items()}).sqrt()),
+                (n, w - base[n]) for n, w in ties_weights.items()).sqrt()),
         }
-        for task, row in zip(taus, trimmed, strict=True):
+        for task, row in zip(tasks, self.trimmed, strict=True):
             out[f"kept_fraction/{task}"] = ScalarValue(value=float((row != 0).sum()) / row.numel())
         out.update(self._ranking(post, pre, groups))
         if p.evaluate:
-            arithmetic = {n: base[n] + t for n, t in unflatten(task_arithmetic(stack, p.arithmetic_lam), base,
-                                                               names).items()}
+            self.updates["task_arithmetic"] = task_arithmetic(self.vectors, p.arithmetic_lam)
+            self.merged["task_arithmetic"] = arithmetic = {
+                n: base[n] + t for n, t in unflatten(self.updates["task_arithmetic"], base, names).items()}
             data = self.data[self.base_name]
             out.update(compare_merges(views, base_view, {"ties": ties_weights, "task_arithmetic": arithmetic},
-                                      data, self.shape.seed))
+                                      data, self.loss_targets))
         if p.save_to:
             out["saved_to"] = TextValue(text=str(save_merged(base_view, ties_weights, Path(p.save_to))))
         return out

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from tensorscope_core import LayerValue, ModelView
+from tensorscope_core.plugin_api import LayerValue, ModelView
 
 OUTSIDE = "outside"  # label of the parameters outside every block (embeddings, final norm, head)
 
@@ -62,13 +62,15 @@ class Groups:
         return self.labels[group]
 
     def layer_value(self, values: torch.Tensor | list[float]) -> LayerValue:
-        """One entry per block plus the last, ``outside``."""
-        return LayerValue(values=[number(v) for v in values], labels=self.labels)
+        """One entry per block plus the last, ``outside`` (n_layers + 1 named entries: axis ``labelled``)."""
+        return LayerValue(values=[number(v) for v in values], labels=self.labels, axis="labelled")
 
-    def sum_squares(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of squared entries per group, float64 [n_layers + 1]."""
+    def sum_squares(self, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """Sum of squared entries per group, float64 [n_layers + 1]. ``tensors``: by name, or
+        (name, tensor) pairs, e.g. a generator that computes each tensor only when its turn comes,
+        so no model-sized dict of them is ever held."""
         out = torch.zeros(self.n_layers + 1, dtype=torch.float64)
-        for name, t in tensors.items():
+        for name, t in tensors.items() if isinstance(tensors, Mapping) else tensors:
             out[self.of[name]] += t.double().pow(2).sum().cpu()
         return out
 
@@ -80,7 +82,19 @@ class Groups:
         return out
 
 
-def task_vectors(views: Mapping[str, ModelView], base_name: str) -> dict[str, dict[str, torch.Tensor]]:
-    """``tau_t = theta_t - theta_base`` per parameter, for every member other than the base."""
-    base = parameters(views[base_name])
-    return {m: {k: v - base[k] for k, v in parameters(views[m]).items()} for m in members(views, base_name)}
+class TaskVector(Mapping[str, torch.Tensor]):
+    """``theta_member - theta_base``, computed one parameter at a time when read: nothing of the
+    model's size is held (``dict(TaskVector(...))`` materialises it)."""
+
+    def __init__(self, member: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> None:
+        self.member = member
+        self.base = base
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.member[name] - self.base[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.member)
+
+    def __len__(self) -> int:
+        return len(self.member)

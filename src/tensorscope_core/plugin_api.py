@@ -1,0 +1,124 @@
+"""The public plugin API: everything a metric plugin may import from the core, in one module.
+
+A plugin imports ``from tensorscope_core.plugin_api import ...`` and nothing else of the core
+(its tests may also use ``tensorscope_core.testing`` and the user API of ``tensorscope_core``).
+The core's internal modules may be renamed or split at any time; what is listed in ``__all__``
+here changes only with ``PLUGIN_API_VERSION``, which a plugin module declares as
+``TENSORSCOPE_PLUGIN_API`` and the core checks when it loads the plugin. First-party plugins are
+held to this by an import-linter contract (``[tool.importlinter]`` in pyproject.toml).
+
+What is here, by job:
+
+- declaring a metric: ``Metric`` (per model), ``ModelSetMetric`` (over the models of a run),
+  ``Params``, ``NoParams``, ``RunShape``, ``Step``, ``Cost``, ``Interpretation``;
+- the values a metric returns: ``ScalarValue``, ``LayerValue``, ``HeadValue``, ``SeriesValue``,
+  ``TableValue``, ``TensorValue``, ``TextValue``, ``MetricResult`` (read from needed metrics);
+- artifacts: ``ArtifactSpec``, ``CaptureContext``, ``act_bytes``, ``first_tensor``; the value of the
+  core's ``per_example_grads`` artifact, ``ExampleGrads``, its ``example_grads_layout`` and the
+  seeded ``draw_labels`` it samples labels with;
+- the model vocabulary: ``ModelView``, ``HeadWeights``, ``linear_out_in``, ``model_view``;
+- data: ``Batch``, ``PreparedData``, ``LossTargets``, ``tasks_skip_reason``;
+- functional helpers: ``batch_loss``, ``batch_logits``, ``hook_free_copy``, ``hook_free_view``,
+  ``per_example_grads``, ``per_example_calls``, ``sum_of_squares``, ``atomic_write``;
+- statistics: ``bootstrap_ci``, ``bootstrap_ratio_ci``, ``correlation``, ``fdr_bh``;
+- errors: ``TensorScopeError``, ``BadParameterError``, ``DataError``, ``EmptyDataError``,
+  ``UnsupportedModelError``;
+- plugin registration: ``hookimpl``, ``PLUGIN_API_VERSION``;
+- report sections: ``report_plots()`` returns the plotting helpers (needs the ``report`` extra).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from .artifacts import ArtifactSpec, act_bytes
+from .capture import CaptureContext, first_tensor
+from .core_artifacts import LossTargets
+from .data import Batch, PreparedData, tasks_skip_reason
+from .errors import BadParameterError, DataError, EmptyDataError, TensorScopeError, UnsupportedModelError
+from .example_grads import ExampleGrads, draw_labels, example_grads_layout
+from .functional import batch_logits, batch_loss, hook_free_copy, hook_free_view
+from .hookspecs import PLUGIN_API_VERSION, hookimpl
+from .metric import Metric, ModelSetMetric, NoParams, Params, RunShape, Step
+from .models.adapters.base import linear_out_in
+from .models.load import model_view
+from .models.view import HeadWeights, ModelView
+from .numerics import sum_of_squares
+from .per_example import per_example_calls, per_example_grads
+from .results.analysis import Interpretation
+from .results.schema import (
+    Cost,
+    HeadValue,
+    LayerValue,
+    MetricResult,
+    ScalarValue,
+    SeriesValue,
+    TableValue,
+    TensorValue,
+    TextValue,
+)
+from .results.store import atomic_write
+from .stats import bootstrap_ci, bootstrap_ratio_ci, correlation, fdr_bh
+
+
+def report_plots() -> ModuleType:
+    """The report's plotting helpers (``heatmap``, ``line``, ``category_grid``, ...), for a plugin's
+    report section; imported on use because they need matplotlib (the ``report`` extra)."""
+    from .report import plots
+
+    return plots
+
+
+__all__ = [
+    "PLUGIN_API_VERSION",
+    "ArtifactSpec",
+    "BadParameterError",
+    "Batch",
+    "CaptureContext",
+    "Cost",
+    "DataError",
+    "EmptyDataError",
+    "ExampleGrads",
+    "HeadValue",
+    "HeadWeights",
+    "Interpretation",
+    "LayerValue",
+    "LossTargets",
+    "Metric",
+    "MetricResult",
+    "ModelSetMetric",
+    "ModelView",
+    "NoParams",
+    "Params",
+    "PreparedData",
+    "RunShape",
+    "ScalarValue",
+    "SeriesValue",
+    "Step",
+    "TableValue",
+    "TensorScopeError",
+    "TensorValue",
+    "TextValue",
+    "UnsupportedModelError",
+    "act_bytes",
+    "atomic_write",
+    "batch_logits",
+    "batch_loss",
+    "bootstrap_ci",
+    "bootstrap_ratio_ci",
+    "correlation",
+    "draw_labels",
+    "example_grads_layout",
+    "fdr_bh",
+    "first_tensor",
+    "hook_free_copy",
+    "hook_free_view",
+    "hookimpl",
+    "linear_out_in",
+    "model_view",
+    "per_example_calls",
+    "per_example_grads",
+    "report_plots",
+    "sum_of_squares",
+    "tasks_skip_reason",
+]
