@@ -214,3 +214,44 @@ def test_tied_state_dict_saved_with_save_model_loads(tmp_path) -> None:
                         config=config).get("basic.loss").value("loss")
     from_folder = analyze(str(folder), data, ["basic.loss"], config=config).get("basic.loss").value("loss")
     assert from_file == from_folder
+
+
+REMOTE_CODE = '''
+from pathlib import Path
+Path(__file__).with_name("CODE_RAN").write_text("the folder's Python file ran")
+from transformers import PretrainedConfig
+
+
+class EvilConfig(PretrainedConfig):
+    model_type = "tensorscope-evil"
+'''
+
+
+def test_code_from_a_model_folder_never_runs(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A config with an unknown model_type and an auto_map pointing at the folder's own Python file:
+    transformers would ask on stdin (trust_remote_code unset) and a piped "y" ran the file. The load is
+    refused before that, with the reason, also with "y" on stdin and as a state dict's base config."""
+    import json
+    import subprocess
+    import sys
+
+    folder = tmp_path / "evil"
+    shutil.copytree(model_dirs["gpt2"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="tensorscope-evil", auto_map={"AutoConfig": "evil.EvilConfig",
+                                                           "AutoModelForCausalLM": "evil.EvilModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "evil.py").write_text(REMOTE_CODE)
+    proc = subprocess.run([sys.executable, "-m", "tensorscope_core.cli", "analyze", str(folder), "--metrics",
+                           "basic.loss", "--out", str(tmp_path / "out"), "--json"], input="y\ny\n",
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    error = json.loads(proc.stdout)
+    assert error["error"] == "UnsupportedModelError" and "trust_remote_code is refused" in error["problem"], error
+    assert not (folder / "CODE_RAN").exists()
+    assert not (tmp_path / "out").exists()
+    weights = tmp_path / "weights.safetensors"
+    shutil.copy(folder / "model.safetensors", weights)
+    with pytest.raises(ModelLoadError, match="never runs code from a model folder"):
+        analyze(ModelSource(str(weights), base_config=str(folder)), None, ["basic.weight_norms"])
+    assert not (folder / "CODE_RAN").exists()

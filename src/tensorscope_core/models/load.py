@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -48,13 +49,34 @@ def _auto_class(config: Any) -> Any:
     return transformers.AutoModelForMaskedLM if _is_masked_lm(config) else transformers.AutoModelForCausalLM
 
 
+#: every Hugging Face loading call: local files only, and never code from the model's folder
+#: (``trust_remote_code`` left unset makes transformers ask on standard input, and a "y" runs it)
+HF_SAFE = {"local_files_only": True, "trust_remote_code": False}
+
+
+def _refuse_remote_code(folder: Path) -> None:
+    """A config whose classes live in the folder's own Python files (``auto_map``) is refused
+    before transformers sees it: TensorScope never runs code from a model folder."""
+    config = folder / "config.json"
+    try:
+        asks = config.exists() and "auto_map" in json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return  # a corrupt config.json is reported by the loader itself
+    if asks:
+        raise UnsupportedModelError(
+            f"{folder} defines its model in Python files of its own (auto_map in config.json); TensorScope "
+            "never runs code from a model folder (trust_remote_code is refused)",
+            "use an architecture transformers ships, or load the model yourself (trusting its code) and pass "
+            "the nn.Module to analyze() with an adapter (GenericAdapter)")
+
+
 def _load_tokenizer(folder: Path) -> Any:
     if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt")):
         return None
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return AutoTokenizer.from_pretrained(folder, **HF_SAFE)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"tokenizer files in {folder} could not be read: {exc}",
                              "repair or remove the tokenizer files, or pass token ids as data") from exc
@@ -63,9 +85,10 @@ def _load_tokenizer(folder: Path) -> Any:
 def _from_hf_folder(folder: Path) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig
 
+    _refuse_remote_code(folder)
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        model = _auto_class(config).from_pretrained(folder, local_files_only=True, attn_implementation="eager")
+        config = AutoConfig.from_pretrained(folder, **HF_SAFE)
+        model = _auto_class(config).from_pretrained(folder, attn_implementation="eager", **HF_SAFE)
     except Exception as exc:  # missing or corrupt files (OSError, ValueError, SafetensorError, ...)
         raise ModelLoadError(f"could not load a Hugging Face model from {folder}: {exc}",
                              "check that the folder holds config.json and model weights "
@@ -82,7 +105,8 @@ def _from_state_dict(path: Path, base_config: Path | None) -> tuple[nn.Module, A
     if not (config_dir / "config.json").exists():
         raise ModelLoadError(f"{path.name} is a bare state dict and no config.json was found in {config_dir}",
                              "pass base_config='folder/with/config.json' (CLI: --base-config)")
-    config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
+    _refuse_remote_code(config_dir)
+    config = AutoConfig.from_pretrained(config_dir, **HF_SAFE)
     config._attn_implementation = "eager"
     model = _auto_class(config).from_config(config, attn_implementation="eager")
     try:
@@ -122,9 +146,9 @@ def _from_gguf(path: Path) -> tuple[nn.Module, Any]:
                              "pip install 'tensorscope[gguf]'") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
-                                                 attn_implementation="eager")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, attn_implementation="eager",
+                                                 **HF_SAFE)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **HF_SAFE)
     return model, tokenizer
 
 
