@@ -158,3 +158,22 @@ def test_a_per_model_metric_cannot_need_a_model_set_metric(tmp_path: Path) -> No
         result = res.get("t.needs_set")
         assert result.status == "error" and "model-set metric" in (result.reason or "")
         assert res.get("basic.weight_norms").ok
+
+
+def test_two_models_with_one_name_are_refused_with_how_to_name_them(tmp_path: Path) -> None:
+    """Two modules of one class, or one path given twice, would share a name and overwrite each
+    other's results: a usage error naming the fix, before anything loads."""
+    import transformers
+
+    from tensorscope_core.errors import UsageError
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
+    a, b = transformers.GPT2LMHeadModel(config), transformers.GPT2LMHeadModel(config)
+    with pytest.raises(UsageError, match="named 'GPT2LMHeadModel'") as err:
+        ts.analyze([a, b], None, ["basic.weight_norms"])
+    assert "analyze({'a': model_a, 'b': model_b})" in err.value.fix
+    folder = tiny_model("gpt2", tmp_path / "m", with_tokenizer=False)
+    with pytest.raises(UsageError, match="one path given twice"):
+        ts.plan([str(folder), str(folder) + "/"], None, ["basic.weight_norms"])
+    named = ts.analyze({"a": a, "b": b}, None, ["basic.weight_norms"])
+    assert [m.name for m in named.record.models] == ["a", "b"]

@@ -49,12 +49,26 @@ def _sources(models: ModelsArg, base_config: str | None, base: ModelSpec | None 
         sources = [one(models)]
     else:
         sources = [one(m) for m in models]
+    _refuse_duplicate_names(sources)
     if base is None:
         return sources
     if any(s.display_name == BASE_NAME for s in sources):
         raise UsageError(f"a member of the model set is named '{BASE_NAME}', the name the base model (base=) takes",
                          f"rename that member, or pass it as the base instead of naming it '{BASE_NAME}'")
     return [dataclasses.replace(one(base), name=BASE_NAME), *sources]
+
+
+def _refuse_duplicate_names(sources: Sequence[ModelSource]) -> None:
+    """Results are keyed by model name: two members with one name would overwrite each other's."""
+    seen: dict[str, int] = {}
+    for src in sources:
+        seen[src.display_name] = seen.get(src.display_name, 0) + 1
+    twice = sorted(name for name, n in seen.items() if n > 1)
+    if twice:
+        raise UsageError(f"two models of this run are named {twice[0]!r} (two modules of one class, or one path "
+                         "given twice): their results would overwrite each other",
+                         "name the members: analyze({'a': model_a, 'b': model_b}) or, on the command line, "
+                         "a=PATH b=PATH; leave out a path given twice")
 
 
 @dataclass
