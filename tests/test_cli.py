@@ -113,3 +113,28 @@ def test_named_models_and_task_data(capsys, model_dir: Path, tmp_path: Path) -> 
 def test_missing_model_is_a_failure_exit_1(capsys, tmp_path: Path) -> None:
     code, _, err = run(capsys, "analyze", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert code == 1 and "does not exist" in err
+
+
+@pytest.mark.parametrize("where", ["is_a_file", "under_a_file"])
+def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_any_computing(capsys, model_dir: Path, tmp_path: Path,
+                                                                           where: str) -> None:
+    """Found at the first write it cost the whole run (a raw NotADirectoryError): exit 2 with the
+    fix under --json, before a model loads, and nothing written."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    out = blocker if where == "is_a_file" else blocker / "out"
+    code = main(["analyze", str(model_dir), "--metrics", "basic.loss", "--out", str(out), "--json"])
+    error = json.loads(capsys.readouterr().out)
+    assert code == 2 and error["error"] == "UsageError" and "is a file" in error["problem"], error
+    assert "--out" in error["fix"]
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_any_pass(model_dir: Path, tmp_path: Path) -> None:
+    from tensorscope_core import RunConfig, analyze
+    from tensorscope_core.errors import UsageError
+
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    with pytest.raises(UsageError, match="cache dir"):
+        analyze(str(model_dir), None, ["basic.weight_norms"], config=RunConfig(cache_dir=cache))

@@ -23,7 +23,7 @@ from .models.view import ModelView
 from .plugins import Registry, get_registry
 from .results import Results
 from .results.schema import ArtifactBytes, ModelRecord, RunRecord
-from .results.store import ResultCache
+from .results.store import ResultCache, check_writable_folder
 from .scheduler.graph import MetricNode, resolve
 from .scheduler.model_set import ModelSetRunner
 from .scheduler.passes import PassCounter
@@ -217,6 +217,8 @@ def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[Metr
             f"over the budget of {config.budget_bytes}",
             "raise memory_budget, analyse fewer models in one run, or drop the model-set metrics",
             set_plan.render())
+    if config.cache_dir:
+        check_writable_folder(Path(config.cache_dir), "cache dir", "cache_dir (CLI: --out, or --no-cache)")
     cache = ResultCache(Path(config.cache_dir)) if config.cache_dir else None
     progress = None
     bar = None

@@ -75,8 +75,10 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
 # -- commands -------------------------------------------------------------------------------
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .api import analyze
+    from .results.store import check_writable_folder
 
     out = Path(args.out)
+    check_writable_folder(out, "out dir", "--out")  # before any computing, not at the first write
     config = _config(args, fail_fast=args.fail_fast, metric_timeout_s=args.metric_timeout,
                      cache_dir=None if args.no_cache else out / ".cache", progress=sys.stderr.isatty())
     results = analyze(_models(args.models), data=_data(args.data), metrics=_metric_list(args.metrics),

@@ -36,6 +36,24 @@ def atomic_write(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
         raise
 
 
+def check_writable_folder(path: Path, what: str, option: str) -> None:
+    """Refuse, before any computing, a folder the run could not write into: one that is a file,
+    or under a file, or in a place without write permission. Creates nothing."""
+    from ..errors import UsageError
+
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"the {what} {path} cannot be a folder: {probe} is a file",
+                         f"choose another {option}, or move the file {probe} away")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"the {what} {path} is not writable here ({probe} denies writing)",
+                         f"choose an {option} you may write to")
+
+
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save
 
