@@ -99,7 +99,7 @@ def test_roundtrip_with_tensors(use_registry: Callable[..., Any], model_dirs: di
     assert loaded.get("basic.loss").value("loss") == res.get("basic.loss").value("loss")
     # the JSON is plain JSON (no NaN tokens) with the schema version at the root
     raw = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert raw["schema_version"] == SCHEMA_VERSION == "1.2"
+    assert raw["schema_version"] == SCHEMA_VERSION == "1.3"
     assert raw["models"][0]["metrics"]["t.tensor"]["values"]["nan"]["value"] is None
 
 

@@ -344,8 +344,9 @@ def test_out_of_memory_at_the_floor_fails_the_pass_metrics(model_dirs: dict[str,
 
 
 def _peak_at_micro_batch_1(source: Any, tokens: torch.Tensor, metrics: list[str]) -> int:
-    """The declared peak at micro-batch 1: plan against a 1-byte budget (it halves to 1)."""
-    (p,) = plan(source, tokens, metrics, config=CFG.model_copy(update={"memory_budget": 1}))
+    """The declared peak at micro-batch 1: plan against a 1-byte budget (it halves to 1), every
+    metric kept (strict_budget)."""
+    (p,) = plan(source, tokens, metrics, config=CFG.model_copy(update={"memory_budget": 1, "strict_budget": True}))
     assert p.micro_batch == 1 and not p.fits
     return p.peak_bytes
 
@@ -380,7 +381,7 @@ def test_plan_that_does_not_fit_refuses_before_running(model_dirs: dict[str, Pat
     module = gpt2_module(model_dirs)
     rec = RowsRecorder(module)
     cache = tmp_path / "cache"
-    config = CFG.model_copy(update={"memory_budget": budget, "cache_dir": cache})
+    config = CFG.model_copy(update={"memory_budget": budget, "cache_dir": cache, "strict_budget": True})
     with pytest.raises(PlanDoesNotFitError) as info:
         analyze(module, data=tokens, metrics=metrics, config=config)
     assert info.value.exit_code == 3

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,27 +14,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import RunConfig
+from .config import RunConfig, format_bytes
 from .data import DataSpec, PreparedData, builtin_corpus, materialize, prepare_data
 from .errors import PlanDoesNotFitError, UsageError
-from .metric import RunShape
+from .example_store import scratch_under
+from .machine import Budget
+from .metric import Rung, RunShape
 from .models.adapters import Adapter
-from .models.load import ModelSource, load_model, modules_restored, release
+from .models.load import Dispatch, ModelSource, is_meta, load_model, modules_restored, release
 from .models.view import ModelView
 from .plugins import Registry, get_registry
 from .results import Results
 from .results.schema import ArtifactBytes, ModelRecord, RunRecord
 from .results.store import ResultCache, check_writable_folder
+from .scheduler.fitting import check_pins, fit_model_plan, fit_set_plan, set_rung_costs
 from .scheduler.graph import MetricNode, resolve
+from .scheduler.ladder import Ladders, apply
 from .scheduler.model_set import ModelSetRunner
 from .scheduler.passes import PassCounter
-from .scheduler.plan import ModelPlan, ModelSetPlan, make_plan, make_set_plan, set_costs, set_passes
+from .scheduler.plan import ModelPlan, ModelSetPlan, set_passes
 from .scheduler.run import ModelRunner
 
 ModelSpec = str | os.PathLike[str] | nn.Module | ModelSource
 ModelsArg = ModelSpec | Sequence[ModelSpec] | Mapping[str, ModelSpec]
 #: the model name the base of a model set (``base=``) takes
 BASE_NAME = "base"
+#: the folder under the cache dir where disk-backed stores keep their files while the run lasts
+SCRATCH_DIR = "scratch"
 
 
 def _sources(models: ModelsArg, base_config: str | None, base: ModelSpec | None = None) -> list[ModelSource]:
@@ -81,23 +88,33 @@ class Prepared:
     shape: RunShape
     plan: ModelPlan
     weights_bytes: int
-    set_declared: dict[str, int]
+    set_costs: dict[str, list[tuple[Rung, int]]]
     set_passes: dict[str, dict[str, int]]
+    #: the levels of the metrics' ladders this model's plan ended at
+    ladders: Ladders
 
 
 def _needs_data(nodes: Sequence[MetricNode]) -> bool:
     return any(set(n.cls.artifacts) - {"weights"} or (n.cls.scope == "model_set" and n.set_cls.uses_data(n.params))
-               for n in nodes if n.unavailable is None)
+               for n in nodes if n.planned)
 
 
 def _prepare(src: ModelSource, data: DataSpec | None, nodes: Sequence[MetricNode], config: RunConfig,
              registry: Registry, adapter: Adapter | None, tokenizer: Any, members: Sequence[str],
-             base_name: str | None) -> Prepared:
-    view = load_model(src, registry.adapters, dtype=config.dtype, device=config.device, adapter=adapter,
-                      tokenizer=tokenizer)
+             base_name: str | None, budget: Budget, floor: Ladders | None) -> Prepared:
+    """Load one model and its data, and fit its plan into ``budget`` (from the ladder levels
+    ``floor`` an earlier model of the run ended at)."""
+    view = _load(src, registry, config, adapter, tokenizer)
     prepared_data = None
+    notes = [dispatch_note(view)] if view.device_map is not None else []
+    if is_meta(view.model) and view.device_map is None:
+        notes.append("built from config.json on the meta device: no weights loaded, nothing can run")
     if _needs_data(nodes):
         spec = data if data is not None else builtin_corpus()
+        if data is None and view.tokenizer is None and is_meta(view.model):
+            spec = _synthetic_tokens(view, config)
+            notes.append(f"no tokenizer and no data: planned on {len(spec)} sequences of {spec[0].numel()} "
+                         "token ids (the built-in corpus's count, --max-length or 128 tokens)")
         prepared_data = prepare_data(spec, view, batch_size=config.batch_size, max_length=config.max_length,
                                      max_batches=config.max_batches)
     shape = RunShape(
@@ -107,14 +124,40 @@ def _prepare(src: ModelSource, data: DataSpec | None, nodes: Sequence[MetricNode
         n_sequences=prepared_data.n_sequences if prepared_data else 0,
         tasks=tuple(prepared_data.tasks) if prepared_data else (),
         seed=config.seed, batches=prepared_data.batch_layout() if prepared_data else ())
-    plan = make_plan(nodes, view, shape, registry, config.budget_bytes, config.min_micro_batch)
-    return Prepared(src, view, prepared_data, shape, plan, view.param_bytes, set_costs(nodes, view, shape),
-                    set_passes(nodes, view, shape, members, base_name))
+    _, plan, ladders = fit_model_plan(nodes, view, shape, registry, budget, config, floor)
+    plan.notes = notes + plan.notes
+    return Prepared(src, view, prepared_data, shape, plan, view.param_bytes, set_rung_costs(nodes, view, shape),
+                    set_passes(nodes, view, shape, members, base_name), ladders)
+
+
+def dispatch_note(view: ModelView) -> str:
+    """What accelerate did with a dispatched model, for its plan and record."""
+    devices = sorted({str(d) for d in (view.device_map or {}).values()})
+    offloaded = sum(p.numel() for p in view.model.parameters() if p.is_meta)
+    return (f"dispatched over {', '.join(devices)} by accelerate (device_map): {offloaded:,} of {view.n_params:,} "
+            "parameters offloaded; only metrics that support dispatch run")
+
+
+def _load(src: ModelSource, registry: Registry, config: RunConfig, adapter: Adapter | None,
+          tokenizer: Any) -> ModelView:
+    """One model of the run, on the run's device and dtype, or placed by accelerate (``device_map``)."""
+    dispatch = None if config.device_map is None else Dispatch(config.device_map, config.max_memory,
+                                                                config.offload_dir, config.dtype)
+    return load_model(src, registry.adapters, dtype=config.dtype, device=config.device, adapter=adapter,
+                      tokenizer=tokenizer, dispatch=dispatch)
+
+
+def _synthetic_tokens(view: ModelView, config: RunConfig) -> list[torch.Tensor]:
+    """Token ids shaped like a default run (a config-only model has no tokenizer to read the corpus)."""
+    vocab = int(getattr(view.model.config, "vocab_size", 2))
+    gen = torch.Generator().manual_seed(config.seed)
+    length = config.max_length or 128
+    return [torch.randint(0, vocab, (length,), generator=gen) for _ in builtin_corpus()]
 
 
 def _reads_weights(nodes: Sequence[MetricNode]) -> bool:
     """Whether a runnable model-set metric reads the members' weights (else they are released)."""
-    return any(n.set_cls.reads_weights for n in nodes if n.cls.scope == "model_set" and n.unavailable is None)
+    return any(n.set_cls.reads_weights for n in nodes if n.cls.scope == "model_set" and n.planned)
 
 
 def _releasable(src: ModelSource) -> bool:
@@ -123,15 +166,48 @@ def _releasable(src: ModelSource) -> bool:
     return isinstance(src.source, (str, os.PathLike))
 
 
-def _set_plan(nodes: Sequence[MetricNode], prepared: Sequence[Prepared], config: RunConfig) -> ModelSetPlan | None:
-    declared: dict[str, int] = {}
+def _set_plan(nodes: Sequence[MetricNode], prepared: Sequence[Prepared], config: RunConfig,
+              budget: Budget) -> tuple[list[MetricNode], ModelSetPlan | None]:
+    """The model-set stage's plan (every member sized, the largest state per rung), fitted into
+    ``budget``; ``nodes`` come back with the set metrics' rungs."""
+    costs: dict[str, list[tuple[Rung, int]]] = {}
     for p in prepared:
-        for name, nbytes in p.set_declared.items():
-            declared[name] = max(declared.get(name, 0), nbytes)
+        for name, rungs in p.set_costs.items():
+            old = costs.get(name)
+            costs[name] = rungs if old is None else [(r, max(b, b_old))
+                                                     for (r, b), (_, b_old) in zip(rungs, old, strict=True)]
     keep = _reads_weights(nodes)
     kept = [p.weights_bytes if keep or not _releasable(p.source) else 0 for p in prepared]
-    return make_set_plan(nodes, [p.plan for p in prepared], kept, declared,
-                         config.budget_bytes, prepared[0].set_passes if prepared else {})
+    return fit_set_plan(nodes, costs, [p.plan for p in prepared], kept, budget, config,
+                        prepared[0].set_passes if prepared else {})
+
+
+def _prepare_all(sources: Sequence[ModelSource], data: DataSpec | None, nodes: list[MetricNode],
+                 config: RunConfig, registry: Registry, adapter: Adapter | None, tokenizer: Any,
+                 base_name: str | None, budget: Budget, *, keep_last: bool,
+                 refuse: bool) -> tuple[list[Prepared], list[MetricNode]]:
+    """Every model loaded, checked and planned in turn (the ladder levels only go down from one to the
+    next), and the run's nodes at the levels the last one ended at. A view loaded from a path is
+    dropped once planned (only one model is held at a time) but the last, with ``keep_last``. With
+    ``refuse``, a plan that does not fit even with every metric left out raises PlanDoesNotFitError."""
+    names = [s.display_name for s in sources]
+    prepared: list[Prepared] = []
+    floor = None
+    for i, src in enumerate(sources):
+        p = _prepare(src, data, nodes, config, registry, adapter, tokenizer, names, base_name, budget, floor)
+        floor = p.ladders
+        if refuse and not p.plan.fits:
+            raise PlanDoesNotFitError(
+                f"the plan for {p.plan.model} needs {format_bytes(p.plan.peak_bytes)}, over the budget of "
+                f"{format_bytes(budget.nbytes)} ({budget.source}) even at micro-batch {p.plan.micro_batch}"
+                + (" with strict_budget" if config.strict_budget else " with every metric left out that could be"),
+                "raise memory_budget, lower batch_size or max_length, or ask for fewer metrics"
+                + ("" if config.strict_budget else " (the weights and one batch's activations must fit)"),
+                p.plan.render())
+        if (i < len(sources) - 1 or not keep_last) and isinstance(src.source, (str, os.PathLike)):
+            p.view = None
+        prepared.append(p)
+    return prepared, (apply(nodes, floor) if floor is not None else list(nodes))
 
 
 def plan(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequence[str] = "all", *,
@@ -143,22 +219,34 @@ def plan(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequenc
     config = config or RunConfig()
     registry = registry or get_registry()
     nodes = resolve(metrics, params or {}, registry)
-    sources = _sources(models, base_config, base)
-    names, base_name = [s.display_name for s in sources], (BASE_NAME if base is not None else None)
-    prepared = []
+    check_pins(nodes, config)
+    sources = [dataclasses.replace(s, config_only_ok=True) for s in _sources(models, base_config, base)]
+    budget = config.budget()
     with modules_restored(sources):
-        for src in sources:
-            p = _prepare(src, data, nodes, config, registry, adapter, tokenizer, names, base_name)
-            p.view = None
-            prepared.append(p)
-    set_plan = _set_plan(nodes, prepared, config)
+        prepared, final = _prepare_all(sources, data, nodes, config, registry, adapter, tokenizer,
+                                       BASE_NAME if base is not None else None, budget, keep_last=False,
+                                       refuse=False)
+        for p in prepared[:-1]:
+            if p.ladders.levels != prepared[-1].ladders.levels or p.ladders.left_out != prepared[-1].ladders.left_out:
+                p.plan = _replan(p, final, registry, adapter, tokenizer, config, budget)
+    _, set_plan = _set_plan(final, prepared, config, budget)
     return [p.plan for p in prepared] + ([set_plan] if set_plan is not None else [])
+
+
+def _replan(p: Prepared, nodes: Sequence[MetricNode], registry: Registry, adapter: Adapter | None, tokenizer: Any,
+            config: RunConfig, budget: Budget) -> ModelPlan:
+    """``p``'s plan again with the run's final rungs (a later model of the run stepped further down)."""
+    view = p.view or _load(p.source, registry, config, adapter, tokenizer)
+    _, plan, _ = fit_model_plan(nodes, view, p.shape, registry, budget, config.model_copy(update={"rungs": {}}))
+    return plan
 
 
 def _record_model(runner: ModelRunner, prepared: Prepared, order: Sequence[str]) -> ModelRecord:
     view = runner.view
     d = prepared.data
     notes = list(d.notes) if d else []
+    if view.device_map is not None:
+        notes.append(dispatch_note(view))
     return ModelRecord(
         name=view.name, family=view.family, fingerprint=runner.model_fingerprint, dims=view.dims(),
         data_fingerprint=runner.data_fingerprint, n_sequences=len(d.used_sequences()) if d else 0,
@@ -187,6 +275,7 @@ def analyze(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequ
     config = config or RunConfig()
     registry = registry or get_registry()
     nodes = resolve(metrics, params or {}, registry)
+    check_pins(nodes, config)
     sources = _sources(models, base_config, base)
     data = materialize(data)
     with modules_restored(sources):
@@ -197,85 +286,81 @@ def analyze(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequ
 def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[MetricNode], config: RunConfig,
              registry: Registry, adapter: Adapter | None, tokenizer: Any, base_name: str | None = None) -> Results:
     started = time.perf_counter()
-    prepared: list[Prepared] = []
-    names = [s.display_name for s in sources]
-    for i, src in enumerate(sources):
-        p = _prepare(src, data, nodes, config, registry, adapter, tokenizer, names, base_name)
-        if not p.plan.fits:
-            raise PlanDoesNotFitError(
-                f"the plan for {p.plan.model} needs {p.plan.peak_bytes} bytes, over the budget of "
-                f"{config.budget_bytes} even at micro-batch {p.plan.micro_batch}",
-                "raise memory_budget, lower batch_size or max_length, or ask for fewer metrics",
-                p.plan.render())
-        if i < len(sources) - 1 and isinstance(src.source, (str, os.PathLike)):
-            p.view = None  # reloaded when its turn comes: only one model is held at a time
-        prepared.append(p)
-    set_plan = _set_plan(nodes, prepared, config)
+    budget = config.budget()
+    prepared, nodes = _prepare_all(sources, data, nodes, config, registry, adapter, tokenizer, base_name, budget,
+                                   keep_last=True, refuse=True)
+    nodes, set_plan = _set_plan(nodes, prepared, config, budget)
     if set_plan is not None and not set_plan.fits:
         raise PlanDoesNotFitError(
-            f"the model-set stage needs {set_plan.peak_bytes} bytes (every member's weights stay loaded for it), "
-            f"over the budget of {config.budget_bytes}",
+            f"the model-set stage needs {format_bytes(set_plan.peak_bytes)} (every member's weights stay loaded "
+            f"for it), over the budget of {format_bytes(budget.nbytes)} ({budget.source})",
             "raise memory_budget, analyse fewer models in one run, or drop the model-set metrics",
             set_plan.render())
     if config.cache_dir:
         check_writable_folder(Path(config.cache_dir), "cache dir", "cache_dir (CLI: --out, or --no-cache)")
     cache = ResultCache(Path(config.cache_dir)) if config.cache_dir else None
-    progress = None
-    bar = None
-    if config.progress:
-        from tqdm.auto import tqdm
+    scratch = ExitStack()  # disk-backed stores write under the run's cache dir, and remove their files
+    if config.cache_dir:
+        folder = scratch.enter_context(scratch_under(Path(config.cache_dir) / SCRATCH_DIR))
+        scratch.callback(lambda: folder.rmdir() if folder.is_dir() and not any(folder.iterdir()) else None)
+    with scratch:
+        progress = None
+        bar = None
+        if config.progress:
+            from tqdm.auto import tqdm
 
-        total = sum(p.shape.n_batches * len({n.stage for n in nodes}) for p in prepared)
-        bar = tqdm(total=total, desc="analysing", unit="batch")
-        progress = (lambda model, n: bar.update(n))  # noqa: E731
-    records: list[ModelRecord] = []
-    tensors: dict[str, torch.Tensor] = {}
-    keep_views = set_plan is not None
-    release_weights = keep_views and not _reads_weights(nodes)
-    views: dict[str, ModelView] = {}
-    set_data: dict[str, PreparedData] = {}
-    member_keys: dict[str, dict[str, str]] = {}
-    fingerprints: dict[str, tuple[str, str | None]] = {}
-    order = [n.name for n in nodes]
-    try:
-        for p in prepared:
-            view = p.view or load_model(p.source, registry.adapters, dtype=config.dtype, device=config.device,
-                                        adapter=adapter, tokenizer=tokenizer)
-            torch.manual_seed(config.seed)
-            runner = ModelRunner(view=view, data=p.data, nodes=nodes, plan=p.plan, shape=p.shape,
-                                 registry=registry, config=config, cache=cache,
-                                 data_fingerprint=p.data.fingerprint() if p.data else None,
-                                 model_fingerprint=view.fingerprint(), progress=progress,
-                                 counter=PassCounter([type(view.model)]))
-            runner.run()
-            records.append(_record_model(runner, p, order))
-            tensors.update(runner.tensors)
-            member_keys[view.name] = dict(runner.keys)
-            fingerprints[view.name] = (runner.model_fingerprint, runner.data_fingerprint)
-            if keep_views:
-                if release_weights and _releasable(p.source):
-                    release(view)
-                views[view.name] = view
-                if p.data is not None:
-                    set_data[view.name] = p.data
-            p.view = None
-    finally:
-        if bar is not None:
-            bar.close()
-    model_set = {}
-    if set_plan is not None:
-        set_runner = ModelSetRunner(
-            registry=registry, config=config, cache=cache, tensors=tensors, nodes=nodes, views=views,
-            per_model={r.name: r.metrics for r in records}, member_keys=member_keys, fingerprints=fingerprints,
-            shape=prepared[0].shape, declared=set_plan.declared_state, base_name=base_name, data=set_data,
-            counter=PassCounter({type(v.model) for v in views.values()}))
-        model_set = set_runner.run()
-    record = RunRecord(
-        tensorscope_version=registry.plugin_version("tensorscope-core") or "unknown",
-        plugins=registry.plugins, config=config.model_dump(mode="json"), device=config.device,
-        dtype=config.dtype, models=records, model_set=model_set,
-        seconds_total=round(time.perf_counter() - started, 3))
-    return Results(record, tensors)
+            total = sum(p.shape.n_batches * len({n.stage for n in nodes}) for p in prepared)
+            bar = tqdm(total=total, desc="analysing", unit="batch")
+            progress = (lambda model, n: bar.update(n))  # noqa: E731
+        records: list[ModelRecord] = []
+        tensors: dict[str, torch.Tensor] = {}
+        keep_views = set_plan is not None
+        release_weights = keep_views and not _reads_weights(nodes)
+        views: dict[str, ModelView] = {}
+        set_data: dict[str, PreparedData] = {}
+        member_keys: dict[str, dict[str, str]] = {}
+        fingerprints: dict[str, tuple[str, str | None]] = {}
+        order = [n.name for n in nodes]
+        try:
+            for p in prepared:
+                view = p.view or _load(p.source, registry, config, adapter, tokenizer)
+                _, p.plan, _ = fit_model_plan(nodes, view, p.shape, registry, budget,
+                                              config.model_copy(update={"rungs": {}}))  # the run's final rungs
+                torch.manual_seed(config.seed)
+                runner = ModelRunner(view=view, data=p.data, nodes=nodes, plan=p.plan, shape=p.shape,
+                                     registry=registry, config=config, cache=cache,
+                                     data_fingerprint=p.data.fingerprint() if p.data else None,
+                                     model_fingerprint=view.fingerprint(), progress=progress,
+                                     counter=PassCounter([type(view.model)]))
+                runner.run()
+                records.append(_record_model(runner, p, order))
+                tensors.update(runner.tensors)
+                member_keys[view.name] = dict(runner.keys)
+                fingerprints[view.name] = (runner.model_fingerprint, runner.data_fingerprint)
+                if keep_views:
+                    if release_weights and _releasable(p.source):
+                        release(view)
+                    views[view.name] = view
+                    if p.data is not None:
+                        set_data[view.name] = p.data
+                p.view = None
+        finally:
+            if bar is not None:
+                bar.close()
+        model_set = {}
+        if set_plan is not None:
+            set_runner = ModelSetRunner(
+                registry=registry, config=config, cache=cache, tensors=tensors, nodes=nodes, views=views,
+                per_model={r.name: r.metrics for r in records}, member_keys=member_keys, fingerprints=fingerprints,
+                shape=prepared[0].shape, declared=set_plan.declared_state, base_name=base_name, data=set_data,
+                counter=PassCounter({type(v.model) for v in views.values()}))
+            model_set = set_runner.run()
+        record = RunRecord(
+            tensorscope_version=registry.plugin_version("tensorscope-core") or "unknown",
+            plugins=registry.plugins, config=config.model_dump(mode="json"), device=config.device,
+            dtype=config.dtype, models=records, model_set=model_set,
+            seconds_total=round(time.perf_counter() - started, 3))
+        return Results(record, tensors)
 
 
 analyze_models = analyze

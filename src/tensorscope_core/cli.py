@@ -38,6 +38,22 @@ def _params(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _pairs(pairs: Sequence[str], flag: str, example: str) -> dict[str, str]:
+    """``KEY=VALUE`` options (``--rung``, ``--max-memory``) -> {key: value}."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UsageError(f"cannot read {flag} {pair!r}", f"write {flag} {example}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _rungs(pairs: Sequence[str]) -> dict[str, str]:
+    """``--rung fisher.spectrum=project-4096`` -> {metric: rung}."""
+    return _pairs(pairs, "--rung", "family.metric=RUNG")
+
+
 def _models(specs: Sequence[str]) -> list[str] | dict[str, str]:
     """``name=path`` pairs name the models (model sets); plain paths name themselves."""
     named = [s.partition("=") for s in specs]
@@ -61,7 +77,11 @@ def _config(args: argparse.Namespace, **extra: Any) -> Any:
     from .config import RunConfig
 
     values = {"seed": args.seed, "batch_size": args.batch_size, "max_length": args.max_length,
-              "device": args.device, "memory_budget": args.memory_budget, "max_batches": args.max_batches, **extra}
+              "device": args.device, "dtype": args.dtype, "memory_budget": args.memory_budget,
+              "max_batches": args.max_batches,
+              "strict_budget": args.strict_budget or None, "rungs": _rungs(args.rung) or None,
+              "device_map": args.device_map, "max_memory": _pairs(args.max_memory, "--max-memory", "cpu=2GiB") or None,
+              "offload_dir": args.offload_dir, **extra}
     try:
         return RunConfig(**{k: v for k, v in values.items() if v is not None})
     except ValueError as exc:
@@ -244,7 +264,22 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int)
     p.add_argument("--max-batches", type=int, help="stop after this many batches per task")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps")
-    p.add_argument("--memory-budget", help="e.g. 4GiB (the plan must fit before anything runs)")
+    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"],
+                   help="the dtype the model runs in (default float32)")
+    p.add_argument("--memory-budget", help="e.g. 4GiB (the plan must fit before anything runs); "
+                                          "default: the device's free memory now, less a margin")
+    p.add_argument("--device-map", metavar="MAP",
+                   help="spread a model folder over devices with accelerate: auto, balanced or sequential "
+                        "(layers across GPUs, CPU and disk); only metrics that support it run")
+    p.add_argument("--max-memory", action="append", default=[], metavar="DEVICE=SIZE",
+                   help="memory accelerate may fill with weights per device, e.g. 0=70GiB cpu=2GiB (repeat)")
+    p.add_argument("--offload-dir", metavar="DIR", help="where accelerate keeps the weights it offloads to disk")
+    p.add_argument("--strict-budget", action="store_true",
+                   help="exit 3 when the plan is over budget instead of stepping metrics down their ladders "
+                        "or leaving some out")
+    p.add_argument("--rung", action="append", default=[], metavar="METRIC=RUNG",
+                   help="run METRIC at this rung of its memory ladder ('asked': as given, never stepped down); "
+                        "a rung the metric lacks is refused with its rungs listed")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from .machine import Budget
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
           "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2,
@@ -52,22 +55,36 @@ class RunConfig(BaseModel):
     max_batches: int | None = Field(None, ge=1, description="stop after this many batches per task")
     device: str = "cpu"
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
-    memory_budget: str | int = "4GiB"
+    memory_budget: str | int | None = Field(
+        None, description="bytes the plan must fit in; None: the device's free memory now, less a margin")
+    strict_budget: bool = Field(False, description="refuse a plan over budget instead of stepping metrics down "
+                                                   "their ladders or skipping them")
+    rungs: dict[str, str] = Field(default_factory=dict,
+                                  description="metric -> ladder rung to pin ('asked': never step down)")
     min_micro_batch: int = Field(1, ge=1, description="floor for out-of-memory halving")
     fail_fast: bool = False
     metric_timeout_s: float | None = Field(None, gt=0)
     cache_dir: Path | None = None
+    device_map: str | dict[str, int | str] | None = Field(
+        None, description="spread a model folder over devices with accelerate: 'auto', 'balanced', 'sequential' "
+                          "or {module: device} (devices: GPU index, 'cpu', 'disk')")
+    max_memory: dict[str, str | int] | None = Field(
+        None, description="device -> memory accelerate may fill with weights, e.g. {'0': '70GiB', 'cpu': '2GiB'}")
+    offload_dir: Path | None = Field(None, description="where accelerate keeps the weights it offloads to disk")
     progress: bool = False
 
     @field_validator("memory_budget")
     @classmethod
-    def _budget_readable(cls, v: str | int) -> str | int:
-        parse_bytes(v)
+    def _budget_readable(cls, v: str | int | None) -> str | int | None:
+        if v is not None:
+            parse_bytes(v)
         return v
 
-    @property
-    def budget_bytes(self) -> int:
-        return parse_bytes(self.memory_budget)
+    def budget(self) -> Budget:
+        """The budget of this run: ``memory_budget``, else the device's free memory (read now)."""
+        from .machine import run_budget
+
+        return run_budget(self.memory_budget, self.device)
 
     def numeric_key(self) -> dict[str, object]:
         """The part of the config that changes values (enters cache keys)."""

@@ -56,6 +56,24 @@ class RunShape:
     batches: tuple[tuple[int, int, str | None], ...] = ()
 
 
+@dataclass(frozen=True)
+class Rung:
+    """One setting on a metric's memory ladder: its parameters and what they cost in accuracy.
+
+    ``name`` is what a user pins (``--rung METRIC=NAME``) and what the result records;
+    ``accuracy`` says, in words a reader of the plan understands, what is given up
+    ("exact", "inner products within +-3% (k=4096 count sketch)", "first 64 examples").
+    """
+
+    name: str
+    params: Any
+    accuracy: str
+
+
+#: the name of the top rung every ladder starts from: the parameters as the user gave them
+ASKED = "asked"
+
+
 @dataclass
 class Step:
     """One batch as a metric sees it: the batch, the artifacts it asked for, and the loss targets.
@@ -108,6 +126,10 @@ class MetricBase:
     #: metrics (or ``metric.field`` labels) this one is computed from; correlation
     #: discovery never pairs a metric with its sources
     derived_from: ClassVar[tuple[str, ...]] = ()
+    #: runs on a model accelerate spread over devices or offloaded (``device_map``): set True only when
+    #: the metric reads nothing but the shared pass's activations, logits and loss, or other results
+    #: (an offloaded parameter has no storage and gets no gradient); the others end skipped there
+    supports_dispatch: ClassVar[bool] = False
 
     _framework_attrs: ClassVar[frozenset[str]] = frozenset({"view", "params", "deps", "dep_tensors", "shape",
                                                             "base_name", "data"})
@@ -126,6 +148,32 @@ class MetricBase:
     def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:
         """Declared bytes of state held across batches, and FLOPs (0 when negligible)."""
         return Cost()
+
+    @classmethod
+    def ladder(cls, params: Any, view: ModelView, shape: RunShape) -> Sequence[Rung]:
+        """Cheaper settings than ``params``, most accurate first, each with its accuracy cost.
+
+        When the run's plan does not fit its memory budget, the planner steps the metrics of the
+        heaviest pass down their ladders (the largest saving of declared state first) before it
+        skips any; the chosen rung is shown in the plan and recorded in the result. The rungs'
+        ``cost`` must be smaller than ``params``' for the step to be taken. Default: none (the
+        metric runs as asked or is skipped).
+        """
+        return ()
+
+    @classmethod
+    def cheaper_rungs(cls, params: Any, view: ModelView, shape: RunShape, candidates: Sequence[Rung]) -> list[Rung]:
+        """The ``candidates`` (in order) whose declared state is smaller than the rung before them (the
+        asked ``params`` first): a ladder's rungs must each save memory, and which do can depend on the
+        model (a disk rung leaves nothing for a sketch to save)."""
+        out: list[Rung] = []
+        last = cls.cost(params, view, shape).state_bytes
+        for rung in candidates:
+            held = cls.cost(rung.params, view, shape).state_bytes
+            if held < last:
+                out.append(rung)
+                last = held
+        return out
 
     @classmethod
     def metric_needs(cls, params: Any) -> tuple[str, ...]:

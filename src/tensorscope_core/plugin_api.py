@@ -18,6 +18,9 @@ What is here, by job:
   seeded ``draw_labels`` it samples labels with;
 - the model vocabulary: ``ModelView``, ``HeadWeights``, ``linear_out_in``, ``model_view``;
 - data: ``Batch``, ``PreparedData``, ``LossTargets``, ``tasks_skip_reason``;
+- per-example stores: ``GradientStore`` (rows raw, int8-quantised or count-sketch projected,
+  ``StoreBacking`` in memory or on disk), ``CountSketch``, ``row_squares``;
+- memory ladders: ``Rung``, ``ASKED`` (see ``Metric.ladder``);
 - functional helpers: ``batch_loss``, ``batch_logits``, ``hook_free_copy``, ``hook_free_view``,
   ``per_example_grads``, ``per_example_calls``, ``sum_of_squares``, ``atomic_write``;
 - statistics: ``bootstrap_ci``, ``bootstrap_ratio_ci``, ``correlation``, ``fdr_bh``;
@@ -37,9 +40,10 @@ from .core_artifacts import LossTargets
 from .data import Batch, PreparedData, tasks_skip_reason
 from .errors import BadParameterError, DataError, EmptyDataError, TensorScopeError, UnsupportedModelError
 from .example_grads import ExampleGrads, draw_labels, example_grads_layout
+from .example_store import Compression, CountSketch, GradientStore, StoreBacking, row_squares
 from .functional import batch_logits, batch_loss, hook_free_copy, hook_free_view
 from .hookspecs import PLUGIN_API_VERSION, hookimpl
-from .metric import Metric, ModelSetMetric, NoParams, Params, RunShape, Step
+from .metric import ASKED, Metric, ModelSetMetric, NoParams, Params, Rung, RunShape, Step
 from .models.adapters.base import linear_out_in
 from .models.load import model_view
 from .models.view import HeadWeights, ModelView
@@ -70,12 +74,19 @@ def report_plots() -> ModuleType:
 
 
 __all__ = [
+    "ASKED",
     "PLUGIN_API_VERSION",
     "ArtifactSpec",
     "BadParameterError",
     "Batch",
     "CaptureContext",
+    "Compression",
     "Cost",
+    "CountSketch",
+    "GradientStore",
+    "Rung",
+    "StoreBacking",
+    "row_squares",
     "DataError",
     "EmptyDataError",
     "ExampleGrads",

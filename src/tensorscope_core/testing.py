@@ -154,6 +154,22 @@ def run_metric(metric: str, model: Any, data: Any = None, params: dict[str, Any]
         raise AssertionError(f"{metric} ended {result.status}: {result.reason}")
     return result
 
+def run_at_rung(model: Any, data: Any, metric: str, rung: str | None = None, *, config: RunConfig | None = None,
+                **params: Any) -> tuple[Results, MetricResult]:
+    """Run one metric pinned at a rung of its memory ladder (None: as asked) and check what a rung test
+    always should: the result is ok, records that rung, and holds what it declared (within 15%)."""
+    base = config or RunConfig(batch_size=4, max_length=32)
+    res = analyze(model, data=data, metrics=[metric], params={metric: params},
+                  config=base.model_copy(update={"rungs": {metric: rung} if rung else {}}))
+    result = res.get(metric)
+    if result.status != "ok":
+        raise AssertionError(f"{metric} ended {result.status}: {result.reason}")
+    if (result.rung.name if result.rung else None) != rung:
+        raise AssertionError(f"{metric} ran at rung {result.rung}, not {rung!r}")
+    check_declared_cost(result)
+    return res, result
+
+
 def check_declared_cost(result: MetricResult, rel_tol: float = 0.15) -> None:
     """Assert the declared state bytes are within ``rel_tol`` of what the metric held."""
     declared, measured = result.declared_bytes or 0, result.measured_bytes or 0

@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from tensorscope_core.testing_fixtures import models, one_thread, tokenizer  # noqa: F401
+from tensorscope_core.testing_fixtures import models, no_disk_room, one_thread, tokenizer  # noqa: F401

@@ -11,6 +11,7 @@ from gradients_reference import plant_conflicts
 
 from tensorscope_core import builtin_corpus
 from tensorscope_core.testing import single_thread, tiny_model, tiny_tokenizer
+from tensorscope_core.testing_fixtures import no_disk_room  # noqa: F401
 
 
 @pytest.fixture(scope="session", autouse=True)

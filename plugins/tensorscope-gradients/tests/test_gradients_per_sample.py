@@ -176,7 +176,9 @@ def test_capture_hooks_do_not_see_the_extra_forwards(models, texts, capture_regi
 def test_micro_batching_gives_the_same_gradients(models, texts, capture_registry):
     """A memory budget that only fits micro-batch 1: the artifact's micro-batches join along
     the batch dimension into the same rows."""
-    floor = plan(models["gpt2"], texts, ["gtest.per_sample"], config=CONFIG.model_copy(update={"memory_budget": 1}))
+    # strict: the over-budget plan keeps the metric (never left out), at its smallest micro-batch
+    floor = plan(models["gpt2"], texts, ["gtest.per_sample"],
+                 config=CONFIG.model_copy(update={"memory_budget": 1, "strict_budget": True}))
     assert floor[0].micro_batch == 1
     whole = analyze(models["gpt2"], data=texts, metrics=["gtest.per_sample"], config=CONFIG)
     micro = analyze(models["gpt2"], data=texts, metrics=["gtest.per_sample"],

@@ -7,7 +7,7 @@ import torch
 from merging_models_reference import finetune, load, registry
 from tensorscope_merging.fisher_weighted import fisher_merge, plain_average
 
-from tensorscope_core import RunConfig, analyze
+from tensorscope_core import RunConfig, analyze, plan
 from tensorscope_core.plugin_api import Metric, NoParams
 from tensorscope_core.testing import check_declared_cost, random_token_data
 
@@ -16,15 +16,15 @@ BIG = 1e6
 
 
 def test_fisher_merge_closed_form() -> None:
-    thetas = [{"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}, {"w": torch.tensor([5.0, 6.0, 7.0, 8.0])}]
-    fishers = [{"w": torch.tensor([1.0, 0.0, 3.0, 0.0])}, {"w": torch.tensor([3.0, 2.0, 0.0, 0.0])}]
-    merged = fisher_merge(thetas, fishers, floor=0.0)["w"]
+    thetas = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]], dtype=torch.float64)
+    fishers = torch.tensor([[1.0, 0.0, 3.0, 0.0], [3.0, 2.0, 0.0, 0.0]], dtype=torch.float64)
+    merged = fisher_merge(thetas, fishers)
     assert merged[:3].tolist() == pytest.approx([(1 + 15) / 4, 6.0, 3.0])
     assert torch.isnan(merged[3])  # no information and no floor: undefined
-    floored = fisher_merge(thetas, fishers, floor=1e-6)["w"]
+    floored = fisher_merge(thetas, fishers + 1e-6)
     assert float(floored[3]) == pytest.approx(6.0)  # the floor falls back to the plain average
-    assert plain_average(thetas)["w"].tolist() == [3.0, 4.0, 5.0, 6.0]
-    assert fisher_merge(thetas, [{"w": torch.full((4,), 2.5)}] * 2, floor=0.0)["w"].tolist() == [3.0, 4.0, 5.0, 6.0]
+    assert plain_average(thetas).tolist() == [3.0, 4.0, 5.0, 6.0]
+    assert fisher_merge(thetas, torch.full((2, 4), 2.5, dtype=torch.float64)).tolist() == [3.0, 4.0, 5.0, 6.0]
 
 
 class HandFisher(Metric):
@@ -93,9 +93,9 @@ def test_per_task_fisher_is_read_when_the_task_is_named_like_the_member(pair) ->
     assert {"merged_loss/fisher/x", "merged_loss/fisher/y", "merged_loss/average", "loss/x/y"} <= set(out.values)
 
 
-def test_declared_state_is_the_two_merges(models, pair, tmp_path) -> None:
-    """Three merged members and a base, no evaluation: the two merges (the parameters' bytes each) are
-    what the metric holds, whatever the number of members."""
+def test_declared_state_is_the_working_block_whatever_the_members(models, pair, tmp_path) -> None:
+    """Three merged members and a base, no evaluation: one float64 working block (on a tiny model d
+    entries, two rows per member) is what the metric holds, whatever the number of members."""
     gen = torch.Generator().manual_seed(8)
     third = finetune(models["gpt2"], tmp_path / "z", {n: 0.02 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
                                                       for n, p in load(models["gpt2"]).named_parameters()})
@@ -105,9 +105,39 @@ def test_declared_state_is_the_two_merges(models, pair, tmp_path) -> None:
                       params={"merging.fisher_weighted": {"evaluate": False}})
     out = res.get("merging.fisher_weighted")
     assert out.status == "ok", out.reason
-    param_bytes = sum(p.numel() * p.element_size() for p in load(models["gpt2"]).parameters())
-    assert out.measured_bytes == out.declared_bytes == 2 * param_bytes
+    n_params = sum(p.numel() for p in load(models["gpt2"]).parameters())
+    assert out.declared_bytes == 8 * n_params and out.measured_bytes == 8 * 6 * (n_params // 6)
     check_declared_cost(out)
+
+
+def test_slices_give_the_whole_model_merges_and_the_rung_is_taken(models, pair, monkeypatch) -> None:
+    """Slices of 250 entries (across parameter boundaries) give the shifts of the whole-model maths;
+    a tight budget steps the metric to ``shift_only``, which holds no merged model and changes no shift."""
+    monkeypatch.setattr("tensorscope_merging.flat.WORK_ENTRIES", 1000)
+    args = dict(base=models["gpt2"], data=_data(("x", "y")), metrics=["merging.fisher_weighted"])
+    with registry("merging", HandFisher):
+        full = analyze(pair, **args, config=RunConfig(batch_size=4)).get("merging.fisher_weighted")
+        roomy = plan(pair, **args, config=RunConfig(batch_size=4, memory_budget="64GiB"))[-1]
+        budget = roomy.peak_bytes - roomy.declared_state["merging.fisher_weighted"] // 2
+        out = analyze(pair, **args, config=RunConfig(batch_size=4, memory_budget=budget)).get(
+            "merging.fisher_weighted")
+    assert full.status == out.status == "ok", (full.reason, out.reason)
+    assert out.rung is not None and (out.rung.name, out.rung.chosen_by) == ("shift_only", "budget")
+    assert "merged_loss/fisher" not in out.values and out.value("shift") == full.value("shift")
+    check_declared_cost(full)
+    check_declared_cost(out)
+    base = dict(load(models["gpt2"]).named_parameters())
+    members = [dict(load(pair[m]).named_parameters()) for m in ("x", "y")]
+    fishers = [{n: torch.full_like(t, BIG if BLOCK1 in n else 0.0) for n, t in base.items()},  # x on task x
+               {n: torch.zeros_like(t) for n, t in base.items()}]  # y on task y
+    shift = torch.zeros(len(full.value("shift")), dtype=torch.float64)
+    layer_of = {n: (int(n.split(".")[2]) if n.startswith("transformer.h.") else len(shift) - 1) for n in base}
+    for n in base:
+        values = torch.stack([t[n].detach().double() for t in members])
+        weights = torch.stack([f[n].double() + 1e-6 for f in fishers])
+        fisher = fisher_merge(values, weights).to(base[n].dtype).double()
+        shift[layer_of[n]] += float((fisher - plain_average(values).to(base[n].dtype).double()).square().sum())
+    assert full.value("shift") == pytest.approx(shift.sqrt().tolist(), rel=1e-12, abs=1e-15)
 
 
 def test_without_the_fisher_plugin_the_error_names_it(pair) -> None:

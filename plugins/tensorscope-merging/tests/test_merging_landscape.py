@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from merging_models_reference import registry
 from pydantic import ValidationError
 from tensorscope_merging.landscape import (
+    LossSurface2D,
     SurfaceParams,
     direction_cosine,
     gaussian_direction,
@@ -15,7 +17,7 @@ from tensorscope_merging.landscape import (
     surface,
 )
 
-from tensorscope_core import ModelSource, RunConfig, analyze
+from tensorscope_core import ModelSource, RunConfig, analyze, plan
 from tensorscope_core.models.load import load_model
 from tensorscope_core.plugins import get_registry
 from tensorscope_core.testing import check_declared_cost, random_token_data, run_metric
@@ -103,3 +105,42 @@ def test_surface_is_seeded_and_model_unchanged(models, tokenizer):
 def test_even_grid_is_refused():
     with pytest.raises(ValidationError, match="grid must be odd"):
         SurfaceParams(grid=10)
+
+
+class RoundedSurface(LossSurface2D):
+    """The surface with the asked directions rounded through bfloat16 and kept in the parameters' dtype:
+    the exact computation the ``bf16_directions`` rung must equal."""
+
+    name = "t.rounded_surface"
+
+    def setup(self) -> None:
+        super().setup()
+        self.delta = {n: d.to(torch.bfloat16).to(d.dtype) for n, d in self.delta.items()}
+        self.eta = {n: d.to(torch.bfloat16).to(d.dtype) for n, d in self.eta.items()}
+
+
+def test_a_tight_budget_takes_bf16_directions_which_equal_the_rounded_directions_surface(models, tokenizer):
+    ids = random_token_data(len(tokenizer), n=4, length=8, seed=4)
+    params = {"grid": 3}
+    with registry("merging", RoundedSurface):
+        (roomy,) = plan(str(models["llama"]), ids, ["landscape.surface_2d"], params={"landscape.surface_2d": params},
+                        config=RunConfig(batch_size=4, max_length=16, memory_budget="64GiB"))
+        asked = roomy.declared_state["landscape.surface_2d"]
+        budget = roomy.peak_bytes - asked // 5  # bf16 directions save 1/3 of the float32 state
+        res = analyze(str(models["llama"]), data=ids, metrics=["landscape.surface_2d", "t.rounded_surface"],
+                      params={"landscape.surface_2d": params, "t.rounded_surface": params},
+                      config=RunConfig(batch_size=4, max_length=16, memory_budget=budget + roomy.peak_bytes))
+        stepped = analyze(str(models["llama"]), data=ids, metrics=["landscape.surface_2d"],
+                          params={"landscape.surface_2d": params},
+                          config=RunConfig(batch_size=4, max_length=16, memory_budget=budget))
+    out = stepped.get("landscape.surface_2d")
+    assert out.ok, out.reason
+    assert out.rung is not None and (out.rung.name, out.rung.chosen_by) == ("bf16_directions", "budget")
+    assert torch.equal(stepped.tensor("landscape.surface_2d", "surface"), res.tensor("t.rounded_surface", "surface"))
+    full = res.tensor("landscape.surface_2d", "surface")
+    assert torch.allclose(stepped.tensor("landscape.surface_2d", "surface"), full, rtol=1e-2)
+    view = load_model(ModelSource(models["llama"]), get_registry().adapters)
+    n_params = sum(p.numel() for p in view.model.parameters())
+    assert out.declared_bytes == 2 * 2 * n_params + 4 * n_params + 8 * 9 and asked == 3 * 4 * n_params + 8 * 9
+    check_declared_cost(out)
+    check_declared_cost(res.get("landscape.surface_2d"))

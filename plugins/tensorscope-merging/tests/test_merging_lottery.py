@@ -46,6 +46,30 @@ def test_ties_are_broken_by_position():
     assert masks["w"].tolist() == [False, False, True, True]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuts_over_slices_equal_a_stable_sort_of_all_entries(monkeypatch, dtype):
+    """Slices of 7 entries across tensors, magnitudes drawn from 5 values (ties everywhere): the masks
+    are exactly those of a stable sort of the concatenated magnitudes, globally and per tensor."""
+    monkeypatch.setattr("tensorscope_merging.lottery.WORK_ENTRIES", 7)
+    gen = torch.Generator().manual_seed(0)
+    weights = {n: (torch.randint(-5, 6, shape, generator=gen) * 0.25).to(dtype)
+               for n, shape in (("a", (4, 6)), ("b", (3,)), ("c", (5, 5)))}
+
+    def by_sort(tensors, sparsity):
+        flat = torch.cat([w.reshape(-1) for w in tensors.values()])
+        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        keep[torch.sort(flat.abs(), stable=True).indices[:math.floor(sparsity * flat.numel() + 0.5)]] = False
+        return torch.split(keep, [w.numel() for w in tensors.values()])
+
+    for sparsity in (0.0, 0.3, 0.5, 0.77, 0.99):
+        masks = global_masks(weights, sparsity)
+        for name, want in zip(weights, by_sort(weights, sparsity), strict=True):
+            assert torch.equal(masks[name].reshape(-1), want), (sparsity, name)
+        per_tensor = layerwise_masks(weights, sparsity)
+        for name, w in weights.items():
+            assert torch.equal(per_tensor[name].reshape(-1), by_sort({name: w}, sparsity)[0]), (sparsity, name)
+
+
 def test_mask_overlaps():
     a = {"m": torch.tensor([True, True, False, False])}
     b = {"m": torch.tensor([True, False, True, False])}

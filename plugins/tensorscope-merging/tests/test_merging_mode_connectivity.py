@@ -7,7 +7,7 @@ import torch
 from merging_models_reference import load, permuted_mlp_copy, registry
 from tensorscope_merging.mode_connectivity import barrier, bezier_point
 
-from tensorscope_core import RunConfig, analyze
+from tensorscope_core import RunConfig, analyze, plan
 from tensorscope_core.testing import check_declared_cost, random_token_data, tiny_model
 
 METRIC = "merging.mode_connectivity"
@@ -18,10 +18,10 @@ def _run(models: dict, params: dict, **kw):
     return _run_with_tensors(models, params, **kw)[0]
 
 
-def _run_with_tensors(models: dict, params: dict, **kw):
+def _run_with_tensors(models: dict, params: dict, config: RunConfig = CONFIG, **kw):
     with registry("merging"):
         res = analyze(models, data=random_token_data(340, n=8, length=12, seed=1), metrics=[METRIC],
-                      params={METRIC: params}, config=CONFIG, **kw)
+                      params={METRIC: params}, config=config, **kw)
     out = res.get(METRIC)
     assert out.status == "ok", out.reason
     return out, res.tensors
@@ -129,3 +129,29 @@ def test_parameters_are_checked() -> None:
 
     with registry("merging"), pytest.raises(BadParameterError, match="endpoints"):
         analyze([], metrics=[METRIC], params={METRIC: {"endpoints": ["only-one"]}})
+
+
+def test_a_tight_budget_steps_down_to_the_linear_path(models, tmp_path) -> None:
+    """The Bezier fit's four model copies do not fit: the planner takes ``linear`` (one path point
+    held), whose values are exactly those of ``bezier=False``; pinning ``linear_unaligned`` drops the
+    alignment too."""
+    other = tiny_model("gpt2", tmp_path / "other", seed=4)
+    pair = {"a": models["gpt2"], "b": other}
+    params = {"n_points": 3, "bezier_steps": 2, "align": True}
+    data = random_token_data(340, n=8, length=12, seed=1)
+    with registry("merging"):
+        roomy = plan(pair, data=data, metrics=[METRIC], params={METRIC: params},
+                     config=RunConfig(batch_size=4, seed=3, memory_budget="64GiB"))[-1]
+    param_bytes = sum(p.numel() * p.element_size() for p in load(models["gpt2"]).parameters())
+    budget = roomy.peak_bytes - 2 * param_bytes
+    out = _run(pair, params, config=RunConfig(batch_size=4, seed=3, memory_budget=budget))
+    plain = _run(pair, {**params, "bezier": False})
+    assert out.rung is not None and (out.rung.name, out.rung.chosen_by) == ("linear", "budget")
+    assert "loss_bezier" not in out.values and out.value("loss_linear") == plain.value("loss_linear")
+    assert out.value("loss_linear_aligned") == plain.value("loss_linear_aligned")
+    check_declared_cost(out)
+    pinned = _run(pair, params, config=RunConfig(batch_size=4, seed=3, rungs={METRIC: "linear_unaligned"}))
+    assert pinned.rung is not None and pinned.rung.chosen_by == "pinned"
+    assert pinned.value("loss_linear") == plain.value("loss_linear") and "permutation" not in pinned.values
+    assert pinned.declared_bytes == param_bytes
+    check_declared_cost(pinned)

@@ -67,22 +67,47 @@ def test_cosines_per_layer_and_overall(result, deltas) -> None:
     assert table.rows[0][2] == pytest.approx(overall, rel=1e-5, abs=1e-6) and table.rows[1][1] == table.rows[0][2]
 
 
-def test_declared_state_is_one_task_vector_whatever_the_number_of_fine_tunes(models, finetunes, deltas, result,
-                                                                            tmp_path) -> None:
-    """The metric holds one materialised task vector (the other of a pair is read one parameter at a
-    time), so the declaration (the parameters' bytes) holds for two fine-tunes and for three."""
-    param_bytes = sum(p.numel() * p.element_size() for p in load(models["gpt2"]).parameters())
-    assert result.declared_bytes == param_bytes
+def test_declared_state_is_the_working_block_whatever_the_number_of_fine_tunes(models, finetunes, deltas, result,
+                                                                                tmp_path) -> None:
+    """The metric holds one float64 working block (on a tiny model, d entries), shared by the tasks'
+    rows, so the declaration holds for two fine-tunes and for three."""
+    n_params = sum(p.numel() for p in load(models["gpt2"]).parameters())
+    assert result.declared_bytes == 8 * n_params
     check_declared_cost(result)
     c = finetune(models["gpt2"], tmp_path / "c", {FC1: -deltas["a"]})
     with registry("merging"):
         res = analyze({**finetunes, "c": c}, base=models["gpt2"], metrics=["merging.task_vectors"])
     out = res.get("merging.task_vectors")
     assert out.status == "ok", out.reason
-    assert out.measured_bytes == out.declared_bytes == param_bytes
+    assert out.declared_bytes == 8 * n_params and out.measured_bytes == 8 * 3 * (n_params // 3)
     check_declared_cost(out)
     assert out.value("cosine/a/c") == pytest.approx(-1.0, abs=1e-6)
     assert out.value("cosine/a/b") == result.value("cosine/a/b")  # the pairs are those of the two-task run
+
+
+def test_slices_across_parameters_give_the_whole_vectors_inner_products(models, tmp_path, monkeypatch) -> None:
+    """A working block of 999 entries (slices of 333, across parameter boundaries): norms and cosines
+    equal those of the whole flat task vectors up to float64 rounding."""
+    monkeypatch.setattr("tensorscope_merging.flat.WORK_ENTRIES", 999)
+    base = load(models["gpt2"])
+    fts, flat = {}, {}
+    for i in range(3):
+        gen = torch.Generator().manual_seed(20 + i)
+        deltas = {n: 0.01 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                  for n, p in base.named_parameters()}
+        fts[f"t{i}"] = finetune(models["gpt2"], tmp_path / f"t{i}", deltas)
+        tuned = dict(load(fts[f"t{i}"]).named_parameters())
+        flat[f"t{i}"] = torch.cat([(tuned[n] - p).detach().reshape(-1).double() for n, p in base.named_parameters()])
+    with registry("merging"):
+        out = analyze(fts, base=models["gpt2"], metrics=["merging.task_vectors"]).get("merging.task_vectors")
+    assert out.status == "ok", out.reason
+    for a in flat:
+        assert out.value(f"total_norm/{a}") == pytest.approx(float(flat[a].norm()), rel=1e-12)
+    for a, b in (("t0", "t1"), ("t0", "t2"), ("t1", "t2")):
+        expected = float(flat[a] @ flat[b]) / float(flat[a].norm() * flat[b].norm())
+        assert out.value(f"cosine/{a}/{b}") == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    assert out.declared_bytes == 8 * 999
+    check_declared_cost(out)
 
 
 def test_without_a_base_it_is_skipped_with_the_fix(models, tmp_path) -> None:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from tensorscope_merging.ties import keep_count, sign_agreement_ratio, sign_counts, task_arithmetic, ties_merge
 from tensorscope_merging.ties_conflicts import TiesConflicts
 
-from tensorscope_core import RunConfig, analyze
+from tensorscope_core import RunConfig, analyze, plan
 from tensorscope_core.testing import check_declared_cost, random_token_data
 
 TAU = torch.tensor([[0.5, -0.1, 0.3, -0.8, 0.05],
@@ -95,9 +95,10 @@ def test_worked_example_planted_in_a_model(models, planted, tmp_path) -> None:
     delta = merged - base
     assert delta[0, :5].tolist() == pytest.approx(MERGED, abs=1e-6)
     assert float(delta.abs().sum() - delta[0, :5].abs().sum()) == 0.0
-    # the declaration is sized for two fine-tunes (a model-set cost sees one member): the third holds
-    # its flat task vector and trimmed copy (float32) on top, as the cost's docstring states
-    assert out.measured_bytes == out.declared_bytes + 2 * 4 * n_params
+    # three fine-tunes share the one working block the declaration sizes (it never grows with them),
+    # and the saved merge is the one merged model held
+    check_declared_cost(out)
+    assert out.measured_bytes <= out.declared_bytes == 4 * n_params + 4 * n_params
 
 
 @pytest.fixture(scope="module")
@@ -135,16 +136,76 @@ def test_identical_fine_tunes_ties_is_the_fine_tune_and_arithmetic_scales_it(mod
 
 
 def test_declared_state_without_evaluation(models, twins) -> None:
-    """Two fine-tunes, no evaluation: the stacked task vectors and their trimmed copy (float32, 2 x 2 x d),
-    the TIES update (d) and merged weights (the parameters' bytes), all held when compute_set returns."""
+    """No evaluation and nothing saved: only the working block (on a tiny model, d float32 entries)."""
     with registry("merging"):
         res = analyze(twins, base=models["gpt2"], metrics=["merging.ties_conflicts"],
                       params={"merging.ties_conflicts": {"density": 0.5, "evaluate": False}})
     out = res.get("merging.ties_conflicts")
     assert out.status == "ok", out.reason
     n_params = sum(p.numel() for p in load(models["gpt2"]).parameters())
-    assert out.declared_bytes == (2 * 2 + 1) * 4 * n_params + 4 * n_params
-    assert out.measured_bytes == out.declared_bytes
+    assert out.declared_bytes == 4 * n_params and out.measured_bytes == 2 * (n_params // 2) * 4
+    check_declared_cost(out)
+
+
+@pytest.fixture(scope="module")
+def triplets(models, tmp_path_factory):
+    """Three fine-tunes of the GPT-2 base, every parameter moved by its own Gaussian delta."""
+    root = tmp_path_factory.mktemp("triplets")
+    out = {}
+    for i in range(3):
+        gen = torch.Generator().manual_seed(10 + i)
+        deltas = {n: 0.02 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                  for n, p in load(models["gpt2"]).named_parameters()}
+        out[f"f{i}"] = finetune(models["gpt2"], root / f"f{i}", deltas)
+    return out
+
+
+def test_sliced_walk_equals_the_whole_stack(models, triplets, tmp_path, monkeypatch) -> None:
+    """A working block of 1000 entries (slices of 333, across parameter boundaries) gives exactly the
+    TIES merge and counts of the whole stacked task vectors (``ties_merge`` on [3, d])."""
+    monkeypatch.setattr("tensorscope_merging.flat.WORK_ENTRIES", 1000)
+    file = tmp_path / "merged.safetensors"
+    params = {"density": 0.3, "lam": 0.7, "evaluate": False, "save_to": str(file)}
+    with registry("merging"):
+        out = analyze(triplets, base=models["gpt2"], metrics=["merging.ties_conflicts"],
+                      params={"merging.ties_conflicts": params}).get("merging.ties_conflicts")
+    assert out.status == "ok", out.reason
+    base = dict(load(models["gpt2"]).named_parameters())
+    names = sorted(base)
+    fine = [dict(load(triplets[f"f{i}"]).named_parameters()) for i in range(3)]
+    stack = torch.stack([torch.cat([(f[n] - base[n]).detach().reshape(-1) for n in names]) for f in fine])
+    trimmed, _, merged = ties_merge(stack, density=0.3)
+    assert out.value("conflict_total") == sign_counts(trimmed).conflict_fraction
+    assert out.value("conflict_pre_trim_total") == sign_counts(stack).conflict_fraction
+    assert [out.value(f"kept_fraction/f{i}") for i in range(3)] == [float((r != 0).sum()) / r.numel()
+                                                                      for r in trimmed]
+    state, start = load_file(str(file)), 0
+    for n in names:
+        size = base[n].numel()
+        expected = base[n].detach() + 0.7 * merged[start:start + size].view_as(base[n])
+        assert torch.equal(state[n], expected), n
+        start += size
+    check_declared_cost(out)
+    assert out.declared_bytes == 4 * 1000 + 4 * stack.shape[1]
+
+
+def test_conflicts_only_rung_is_taken_under_a_tight_budget(models, triplets) -> None:
+    """The planner steps the metric down to ``conflicts_only`` (no merged model held), and its
+    values are those of ``evaluate=False``."""
+    data = random_token_data(340, n=4, length=12, seed=1)
+    args = dict(base=models["gpt2"], data=data, metrics=["merging.ties_conflicts"])
+    with registry("merging"):
+        roomy = plan(triplets, **args, config=RunConfig(batch_size=4, memory_budget="64GiB"))[-1]
+        assert not roomy.rungs
+        budget = roomy.peak_bytes - roomy.declared_state["merging.ties_conflicts"] // 4
+        res = analyze(triplets, **args, config=RunConfig(batch_size=4, memory_budget=budget))
+        plain = analyze(triplets, **args, params={"merging.ties_conflicts": {"evaluate": False}})
+    out, expected = res.get("merging.ties_conflicts"), plain.get("merging.ties_conflicts")
+    assert out.status == "ok", out.reason
+    assert out.rung is not None and (out.rung.name, out.rung.chosen_by) == ("conflicts_only", "budget")
+    assert out.params["evaluate"] is False and "merged_loss/ties" not in out.values
+    assert out.value("conflict_total") == expected.value("conflict_total")
+    assert out.value("merged_norm") == expected.value("merged_norm")
     check_declared_cost(out)
 
 

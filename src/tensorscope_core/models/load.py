@@ -28,6 +28,8 @@ class ModelSource:
     source: str | os.PathLike[str] | nn.Module
     base_config: str | os.PathLike[str] | None = None
     name: str | None = None
+    #: a folder with a config.json and no weights is built on the ``meta`` device (planning only)
+    config_only_ok: bool = False
 
     @property
     def display_name(self) -> str:
@@ -82,18 +84,70 @@ def _load_tokenizer(folder: Path) -> Any:
                              "repair or remove the tokenizer files, or pass token ids as data") from exc
 
 
-def _from_hf_folder(folder: Path) -> tuple[nn.Module, Any]:
+@dataclass(frozen=True)
+class Dispatch:
+    """How accelerate spreads a model folder over devices (``RunConfig.device_map`` and friends)."""
+
+    device_map: str | dict[str, int | str]
+    max_memory: dict[str, str | int] | None
+    offload_dir: Path | None
+    dtype: str
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        memory = None if self.max_memory is None else {
+            (int(k) if str(k).isdigit() else k): v for k, v in self.max_memory.items()}
+        return {"device_map": self.device_map, "max_memory": memory, "torch_dtype": _DTYPES[self.dtype],
+                "offload_folder": None if self.offload_dir is None else str(self.offload_dir)}
+
+
+def _from_hf_folder(folder: Path, dispatch: Dispatch | None = None) -> tuple[nn.Module, Any]:
+    from transformers import AutoConfig
+
+    _refuse_remote_code(folder)
+    extra = {} if dispatch is None else dispatch.from_pretrained_kwargs()
+    try:
+        config = AutoConfig.from_pretrained(folder, **HF_SAFE)
+        model = _auto_class(config).from_pretrained(folder, attn_implementation="eager", **HF_SAFE, **extra)
+    except Exception as exc:
+        if dispatch is not None and "offload" in str(exc):
+            raise ModelLoadError(f"accelerate could not place {folder} with device_map={dispatch.device_map!r}: {exc}",
+                                 "give an offload dir (--offload-dir DIR) for what goes to disk, or more --max-memory"
+                                 ) from exc  # missing or corrupt files (OSError, ValueError, SafetensorError, ...)
+        raise ModelLoadError(f"could not load a Hugging Face model from {folder}: {exc}",
+                             "check that the folder holds config.json and model weights "
+                             "(save it with model.save_pretrained(folder))") from exc
+    return model, _load_tokenizer(folder)
+
+
+#: files that hold a Hugging Face folder's weights
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.safetensors.index.json")
+
+
+def has_weights(folder: Path) -> bool:
+    return any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS)
+
+
+def _empty_from_config(folder: Path) -> tuple[nn.Module, Any]:
+    """The model a config.json describes, its parameters on the ``meta`` device (shapes and dtypes,
+    no storage): enough to plan a model that is not here, a 70B one included, in a second."""
     from transformers import AutoConfig
 
     _refuse_remote_code(folder)
     try:
         config = AutoConfig.from_pretrained(folder, **HF_SAFE)
-        model = _auto_class(config).from_pretrained(folder, attn_implementation="eager", **HF_SAFE)
-    except Exception as exc:  # missing or corrupt files (OSError, ValueError, SafetensorError, ...)
-        raise ModelLoadError(f"could not load a Hugging Face model from {folder}: {exc}",
-                             "check that the folder holds config.json and model weights "
-                             "(save it with model.save_pretrained(folder))") from exc
+        config._attn_implementation = "eager"
+        with torch.device("meta"):
+            model = _auto_class(config).from_config(config, attn_implementation="eager")
+    except Exception as exc:
+        raise ModelLoadError(f"could not build a model from {folder / 'config.json'}: {exc}",
+                             "check that config.json names an architecture transformers ships") from exc
     return model, _load_tokenizer(folder)
+
+
+def is_meta(model: nn.Module) -> bool:
+    """Whether the model's parameters have no storage (built from a config, or released)."""
+    first = next(model.parameters(), None)
+    return first is not None and first.is_meta
 
 
 def _from_state_dict(path: Path, base_config: Path | None) -> tuple[nn.Module, Any]:
@@ -163,8 +217,15 @@ def _use_eager_attention(model: nn.Module) -> None:
             config._attn_implementation = "eager"
 
 
-def load_module(src: ModelSource) -> tuple[nn.Module, Any]:
-    """Load the raw module and tokenizer (None when the model ships without one)."""
+def load_module(src: ModelSource, dispatch: Dispatch | None = None) -> tuple[nn.Module, Any]:
+    """Load the raw module and tokenizer (None when the model ships without one); ``dispatch``: spread
+    a model folder over devices with accelerate."""
+    if dispatch is not None and not (isinstance(src.source, (str, os.PathLike)) and Path(src.source).is_dir()
+                                     and has_weights(Path(src.source))):
+        raise UnsupportedModelError(
+            f"device_map dispatches Hugging Face model folders; {src.display_name} is not one",
+            "save the model with save_pretrained(folder), or dispatch the module yourself with accelerate "
+            "(dispatch_model) and pass it without device_map")
     if isinstance(src.source, nn.Module):
         return src.source, None
     path = Path(src.source)
@@ -173,7 +234,13 @@ def load_module(src: ModelSource) -> tuple[nn.Module, Any]:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} has no config.json", "save the model with save_pretrained(folder)")
-        return _from_hf_folder(path)
+        if not has_weights(path):
+            if src.config_only_ok:
+                return _empty_from_config(path)
+            raise ModelLoadError(f"{path} holds a config.json but no weights",
+                                 f"`tensorscope plan {path}` plans a model from its config alone; analysing it "
+                                 "needs its weights (save it with model.save_pretrained(folder))")
+        return _from_hf_folder(path, dispatch)
     if path.suffix in (".safetensors", ".pt", ".bin"):
         return _from_state_dict(path, Path(src.base_config) if src.base_config else None)
     if path.suffix == ".gguf":
@@ -182,8 +249,9 @@ def load_module(src: ModelSource) -> tuple[nn.Module, Any]:
                          "pass a Hugging Face folder, a .safetensors/.pt state dict or a .gguf file")
 
 
-def check_finite(model: nn.Module) -> None:
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+def check_finite(model: nn.Module, skip_meta: bool = False) -> None:
+    bad = [name for name, p in model.named_parameters()
+           if not (skip_meta and p.is_meta) and not torch.isfinite(p).all()]
     if bad:
         raise NonFiniteWeightsError(f"{len(bad)} parameter tensor(s) hold NaN or Inf, first: {bad[:3]}",
                                     "check the checkpoint (a diverged run or a bad conversion); "
@@ -235,14 +303,27 @@ def modules_restored(sources: Sequence[ModelSource]) -> Iterator[None]:
                 p.grad = None if grad is None else grad.to(dtype=p.dtype, device=p.device)
 
 
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether accelerate spread the model over several devices or offloaded part of it (its own
+    loader, or the caller's ``dispatch_model``)."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    return len({str(d) for d in placed.values()}) > 1 or "disk" in {str(d) for d in placed.values()}
+
+
 def load_model(src: ModelSource, adapters: Sequence[Adapter], *, dtype: str = "float32", device: str = "cpu",
-               adapter: Adapter | None = None, tokenizer: Any = None) -> ModelView:
+               adapter: Adapter | None = None, tokenizer: Any = None, dispatch: Dispatch | None = None) -> ModelView:
     """Load, cast, check finiteness and map through an adapter; raises typed errors only."""
-    module, found_tokenizer = load_module(src)
+    module, found_tokenizer = load_module(src, dispatch)
     _use_eager_attention(module)
-    module = module.to(dtype=_DTYPES[dtype], device=device)
+    dispatched = is_dispatched(module)
+    if dispatched:  # accelerate placed it: its devices and dtype stay; offloaded weights are checked as they load
+        check_finite(module, skip_meta=True)
+    elif is_meta(module):  # built from a config to be planned: shapes and dtype only
+        module = module.to(dtype=_DTYPES[dtype])
+    else:
+        module = module.to(dtype=_DTYPES[dtype], device=device)
+        check_finite(module)
     module.eval()
-    check_finite(module)
     chosen = adapter or choose_adapter(module, adapters)
     try:
         view = chosen.build(module, src.display_name, tokenizer or found_tokenizer)
@@ -251,6 +332,8 @@ def load_model(src: ModelSource, adapters: Sequence[Adapter], *, dtype: str = "f
     except (AttributeError, KeyError, TypeError) as exc:
         raise UnsupportedModelError(f"adapter '{chosen.name}' could not map {type(module).__name__}: {exc}",
                                     "use GenericAdapter with this model's module names") from exc
+    if dispatched:
+        view.device_map = dict(getattr(module, "hf_device_map", {}))
     return view
 
 

@@ -75,6 +75,8 @@ class ModelView:
     pad_token_id: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
     attn_out: list[nn.Module] = field(default_factory=list)
+    #: where accelerate placed each module (module name -> GPU index, "cpu" or "disk"); None: one device
+    device_map: dict[str, Any] | None = None
 
     def head_weights(self, layer: int) -> HeadWeights:
         if self.head_weights_fn is None:
@@ -100,7 +102,14 @@ class ModelView:
 
     @property
     def param_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes the weights hold while the model runs. Dispatched: the parameters that have storage,
+        plus the largest block's offloaded ones (accelerate loads one offloaded module at a time)."""
+        if self.device_map is None:
+            return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        resident = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
+        offloaded = [sum(p.numel() * p.element_size() for p in block.parameters() if p.is_meta)
+                     for block in self.blocks]
+        return resident + max(offloaded, default=0)
 
     @property
     def dtype_bytes(self) -> int:
@@ -113,9 +122,12 @@ class ModelView:
         """
         digest = hashlib.blake2b(digest_size=16)
         seen: set[tuple[int, int]] = set()
+        modules = dict(self.model.named_modules()) if self.device_map is not None else {}
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
             digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+            if tensor.is_meta and modules:
+                tensor = _offloaded_value(modules, name)
             key = (tensor.data_ptr(), tensor.numel())
             if key in seen or not tensor.numel():
                 continue
@@ -128,3 +140,15 @@ class ModelView:
         return {"n_layers": self.n_layers, "d_model": self.d_model, "n_heads": self.n_heads,
                 "n_kv_heads": self.n_kv_heads, "d_head": self.d_head, "d_mlp": self.d_mlp,
                 "vocab_size": self.vocab_size, "n_params": self.n_params}
+
+
+def _offloaded_value(modules: dict[str, nn.Module], name: str) -> torch.Tensor:
+    """The value of an offloaded tensor ``name`` of a dispatched model, read through the weights map
+    of the accelerate hook of the module that owns it (loaded from the offload folder)."""
+    path, _, local = name.rpartition(".")
+    hook = getattr(modules.get(path), "_hf_hook", None)
+    for candidate in [hook, *getattr(hook, "hooks", ())]:
+        weights = getattr(candidate, "weights_map", None)
+        if weights is not None and local in weights:
+            return weights[local]
+    raise RuntimeError(f"{name} is offloaded and its accelerate hook holds no value for it")

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.2"  # 1.1: ScalarValue.samples; 1.2: LayerValue.axis, MetricResult provenance (additive)
+SCHEMA_VERSION = "1.3"  # 1.1: ScalarValue.samples; 1.2: LayerValue.axis, MetricResult provenance; 1.3: rung (additive)
 
 Float = float | None  # NaN and infinities are written as null
 
@@ -113,6 +113,17 @@ class Cost(BaseModel):
     flops: float = 0.0
 
 
+class RungRecord(BaseModel):
+    """The memory-ladder rung a metric ran at (its ``params`` are that rung's), and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    accuracy: str
+    #: "budget": the planner stepped down to fit the memory budget; "pinned": the user chose it
+    chosen_by: Literal["budget", "pinned"]
+
+
 class MetricResult(BaseModel):
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="null")
 
@@ -136,6 +147,8 @@ class MetricResult(BaseModel):
     #: model the run counted while the metric ran (equal when the declaration is true)
     passes_declared: dict[str, int] = Field(default_factory=dict)
     model_calls: int | None = None
+    #: the ladder rung the metric ran at; None: as asked (see ``Metric.ladder``)
+    rung: RungRecord | None = None
 
     @property
     def ok(self) -> bool:

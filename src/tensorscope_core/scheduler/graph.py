@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import BadParameterError, MetricCycleError, close_matches, did_you_mean
 from ..metric import Metric, MetricClass, ModelSetMetric
 from ..plugins import Registry
+from ..results.schema import RungRecord
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,15 @@ class MetricNode:
     stage: int
     unavailable: str | None = None  # why it cannot run (missing dependency or artifact)
     needs: tuple[str, ...] = ()  # metrics it reads (Metric.metric_needs for its params)
+    #: the ladder rung ``params`` come from, when not as asked (chosen by the planner or pinned)
+    rung: RungRecord | None = None
+    #: why the planner left it out of the run (over the memory budget even at its cheapest rung)
+    over_budget: str | None = None
+
+    @property
+    def planned(self) -> bool:
+        """Whether the plan counts it: available, and not left out for memory."""
+        return self.unavailable is None and self.over_budget is None
 
     @property
     def model_cls(self) -> type[Metric]:

@@ -66,6 +66,9 @@ class ModelSetRunner(Executor):
         if node.unavailable:
             self.results[node.name] = self._result(node, "error", reason=node.unavailable, error_type="Unavailable")
             return None
+        if node.over_budget:
+            self.results[node.name] = self._result(node, "skipped", reason=node.over_budget)
+            return None
         if self._dependency_failed(node, self.per_model) or self._cached(node):
             return None
         if cls.needs_base and self.base_name is None:

@@ -43,6 +43,14 @@ class ModelPlan:
     batch_size: int
     budget_bytes: int
     declared_state: dict[str, int] = field(default_factory=dict)
+    #: where the budget came from (``memory_budget``, or the device's free memory)
+    budget_source: str = "memory_budget"
+    #: metric -> the ladder rung it runs at and what that costs in accuracy (metrics as asked: absent)
+    rungs: dict[str, str] = field(default_factory=dict)
+    #: metric -> why it was left out of the run for memory
+    left_out: dict[str, str] = field(default_factory=dict)
+    #: what the reader of the plan should know (e.g. planned from a config alone)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def peak_bytes(self) -> int:
@@ -59,7 +67,8 @@ class ModelPlan:
 
     def render(self) -> str:
         lines = [f"plan for {self.model}: batch {self.batch_size}, micro-batch {self.micro_batch}, "
-                 f"weights {format_bytes(self.weights_bytes)}, budget {format_bytes(self.budget_bytes)}"]
+                 f"weights {format_bytes(self.weights_bytes)}, budget {format_bytes(self.budget_bytes)} "
+                 f"({self.budget_source})", *(f"  note: {n}" for n in self.notes)]
         for p in self.passes:
             lines.append(f"  stage {p.stage} {p.kind:<17} peak {format_bytes(p.peak_bytes):>10}  "
                          f"(artifacts {format_bytes(p.artifact_bytes)}, "
@@ -71,9 +80,16 @@ class ModelPlan:
                 lines.append(f"      own passes (activations {format_bytes(p.own_pass_bytes)}): " + "; ".join(
                     f"{who} " + ", ".join(f"{kind} x{n}" for kind, n in kinds.items())
                     for who, kinds in p.own_passes.items()))
+        lines.extend(render_choices(self.rungs, self.left_out))
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"  declared peak {format_bytes(self.peak_bytes)}: {verdict} in {format_bytes(self.budget_bytes)}")
         return "\n".join(lines)
+
+
+def render_choices(rungs: dict[str, str], left_out: dict[str, str]) -> list[str]:
+    """The plan's lines for metrics stepped down their ladders and those left out."""
+    lines = [f"  rung {name}: {choice}" for name, choice in rungs.items()]
+    return lines + [f"  LEFT OUT {name}: {why.removeprefix('left out for memory: ')}" for name, why in left_out.items()]
 
 
 def closure(names: Sequence[str], registry: Registry) -> list[ArtifactSpec]:
@@ -168,11 +184,21 @@ def _declared_passes(node: MetricNode, view: ModelView, shape: RunShape) -> dict
 
 
 def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, registry: Registry,
-              budget_bytes: int, min_micro_batch: int = 1) -> ModelPlan:
-    """Group runnable metrics into passes by stage and find the largest micro-batch that fits."""
-    runnable = [n for n in nodes if n.unavailable is None and n.cls.scope == "model"]
-    declared = {n.name: n.cls.cost(n.params, view, shape).state_bytes for n in runnable}
-    own = {n.name: _declared_passes(n, view, shape) for n in runnable}
+              budget_bytes: int, min_micro_batch: int = 1,
+              memo: dict[tuple[str, str], tuple[int, dict[str, int]]] | None = None) -> ModelPlan:
+    """Group runnable metrics into passes by stage and find the largest micro-batch that fits.
+
+    ``memo``: declared state and own passes by (metric, parameters), kept between the calls of one
+    fitting (each tries many combinations of rungs on the same model)."""
+    runnable = [n for n in nodes if n.planned and n.cls.scope == "model"
+                and (view.device_map is None or n.cls.supports_dispatch)]
+    memo = {} if memo is None else memo
+    for n in runnable:
+        key = (n.name, n.params.model_dump_json())
+        if key not in memo:
+            memo[key] = (n.cls.cost(n.params, view, shape).state_bytes, _declared_passes(n, view, shape))
+    declared = {n.name: memo[(n.name, n.params.model_dump_json())][0] for n in runnable}
+    own = {n.name: memo[(n.name, n.params.model_dump_json())][1] for n in runnable}
     passes: list[tuple[PassPlan, list[ArtifactSpec], dict[str, Request]]] = []
     for stage in sorted({n.stage for n in runnable}):
         members = [n for n in runnable if n.stage == stage]
@@ -221,6 +247,9 @@ class ModelSetPlan:
     #: whole-model passes each model-set metric makes itself over all members: metric -> kind -> count
     own_passes: dict[str, dict[str, int]] = field(default_factory=dict)
     model: str = "model set"
+    budget_source: str = "memory_budget"
+    rungs: dict[str, str] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)
 
     @property
     def weights_bytes(self) -> int:
@@ -248,12 +277,14 @@ class ModelSetPlan:
     def render(self) -> str:
         verdict = "fits" if self.fits else "DOES NOT FIT"
         return "\n".join([
-            f"plan for the model set ({', '.join(self.members)}): budget {format_bytes(self.budget_bytes)}",
+            f"plan for the model set ({', '.join(self.members)}): budget {format_bytes(self.budget_bytes)} "
+            f"({self.budget_source})",
             f"  model-set stage: members' weights kept {format_bytes(self.weights_bytes)}, "
             f"metric state {format_bytes(self.state_bytes)}",
             f"      metrics:   {', '.join(self.metrics)}",
             *(["      own passes: " + "; ".join(f"{who} " + ", ".join(f"{k} x{n}" for k, n in kinds.items())
                                                for who, kinds in self.own_passes.items())] if self.own_passes else []),
+            *render_choices(self.rungs, self.left_out),
             f"  declared peak {format_bytes(self.peak_bytes)} (with the weights of the members run before each): "
             f"{verdict} in {format_bytes(self.budget_bytes)}"])
 
@@ -261,7 +292,7 @@ class ModelSetPlan:
 def set_costs(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape) -> dict[str, int]:
     """Declared state bytes of the runnable model-set metrics, sized on one member."""
     return {n.name: n.cls.cost(n.params, view, shape).state_bytes for n in nodes
-            if n.unavailable is None and n.cls.scope == "model_set"}
+            if n.planned and n.cls.scope == "model_set"}
 
 
 def set_passes(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, members: Sequence[str],
@@ -269,7 +300,7 @@ def set_passes(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, me
     """The own passes of the runnable model-set metrics over ``members`` models, sized on one member."""
     out: dict[str, dict[str, int]] = {}
     for n in nodes:
-        if n.unavailable is None and n.cls.scope == "model_set":
+        if n.planned and n.cls.scope == "model_set":
             try:
                 own = check_declared(n.set_cls.own_passes(n.params, view, shape, members, base_name), n.name)
             except Exception:

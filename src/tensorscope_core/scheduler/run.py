@@ -29,6 +29,11 @@ from .graph import MetricNode
 from .passes import PassCounter, check_declared
 from .plan import ModelPlan, closure, merged_requests, pass_kind
 
+#: the skip reason of a metric that cannot run on a dispatched (device_map) model
+DISPATCH_SKIP = ("does not run on a model spread over devices or offloaded (device_map): it reads parameters or "
+                 "their gradients, which offloaded modules do not hold. Run it without --device-map on a device the "
+                 "model fits, or plan it first (tensorscope plan) with another --memory-budget")
+
 
 class MetricFailed(TensorScopeError):
     """Raised with ``fail_fast=True`` at the first metric that fails."""
@@ -133,7 +138,7 @@ class Executor:
     def _result(self, node: MetricNode, status: str, **kw: Any) -> MetricResult:
         return MetricResult(metric=node.name, version=node.cls.version, plugin=node.plugin, status=status,
                             params=node.params.model_dump(mode="json"), class_path=node.cls.class_path(),
-                            derived_from=list(node.cls.derived_from), **kw)
+                            derived_from=list(node.cls.derived_from), rung=node.rung, **kw)
 
     def _fail(self, active: ActiveMetric, exc: BaseException) -> None:
         if self.config.fail_fast:
@@ -184,7 +189,8 @@ class Executor:
         return False
 
     def _finish_one(self, active: ActiveMetric, compute: Callable[[], Any]) -> None:
-        """Compute the output, type it, record it ok (and cache it), or record the failure."""
+        """Compute the output, type it, record it ok (and cache it), or record the failure. The
+        instance is dropped afterwards, so its state (and any scratch file it owns) goes now."""
         try:
             output = self._call(active, compute)
             active.measured = max(active.measured, active.instance.state_bytes())
@@ -193,6 +199,8 @@ class Executor:
         except Exception as exc:
             self._fail(active, exc)
             return
+        finally:
+            active.instance = None
         result = self._result(active.node, "ok", values=values, declared_bytes=active.declared,
                               measured_bytes=active.measured, seconds=round(active.seconds, 4),
                               **self._passes_of(active))
@@ -269,6 +277,9 @@ class ModelRunner(Executor):
         if node.unavailable:
             self.results[node.name] = self._result(node, "error", reason=node.unavailable, error_type="Unavailable")
             return None
+        if node.over_budget:
+            self.results[node.name] = self._result(node, "skipped", reason=node.over_budget)
+            return None
         if self._dependency_failed(node, {self.where: self.results}) or self._cached(node):
             return None
         cls = node.model_cls
@@ -278,6 +289,8 @@ class ModelRunner(Executor):
         if reason is None and {"token_loss", "batches"} & {a.name for a in closure(node.cls.artifacts, self.registry)} \
                 and not self.view.causal and self.view.mask_token_id is None:
             reason = "a masked-LM loss needs the tokenizer's mask token: save the tokenizer with the model"
+        if reason is None and self.view.device_map is not None and not cls.supports_dispatch:
+            reason = DISPATCH_SKIP
         if reason is not None:
             self.results[node.name] = self._result(node, "skipped", reason=reason)
             return None

@@ -22,6 +22,7 @@ class ActivationStats(Metric):
     """
 
     name = "basic.activation_stats"
+    supports_dispatch = True  # reads the shared pass's activations / outputs only
     version = "1"
     summary = "per-layer residual norms and MLP dead-unit fraction"
     Params = ActivationParams

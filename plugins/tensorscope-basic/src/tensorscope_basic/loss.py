@@ -31,6 +31,7 @@ class Loss(Metric):
     """
 
     name = "basic.loss"
+    supports_dispatch = True  # reads the shared pass's activations / outputs only
     version = "2"
     summary = "per-token loss and perplexity with a bootstrap CI over sequences"
     Params = NoParams

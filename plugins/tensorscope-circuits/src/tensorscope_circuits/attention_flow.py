@@ -55,6 +55,7 @@ class AttentionFlow(Metric):
     """
 
     name = "circuits.attention_flow"
+    supports_dispatch = True  # reads the shared pass's activations / outputs only
     version = "1"
     summary = "attention rollout: relevance of every source token to every output position"
     Params = AttentionFlowParams

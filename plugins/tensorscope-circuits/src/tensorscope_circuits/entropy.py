@@ -26,6 +26,7 @@ class AttentionEntropy(Metric):
     """
 
     name = "circuits.attention_entropy"
+    supports_dispatch = True  # reads the shared pass's activations / outputs only
     version = "1"
     summary = "per-head mean attention entropy and normalised entropy with bootstrap CIs"
     Params = NoParams

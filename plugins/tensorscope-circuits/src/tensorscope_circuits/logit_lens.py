@@ -50,6 +50,7 @@ class LogitLens(Metric):
     """
 
     name = "circuits.logit_lens"
+    supports_dispatch = True  # reads the shared pass's activations / outputs only
     version = "1"
     summary = "per layer: KL to the final prediction, top-1 agreement, next-token rank and log-prob"
     Params = NoParams

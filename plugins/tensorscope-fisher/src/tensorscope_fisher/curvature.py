@@ -16,11 +16,11 @@ G plus the terms of the logits' curvature weighted by the residuals p - e_y.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch.func import functional_call, grad, jvp, vjp
 
 from tensorscope_core.plugin_api import (
@@ -29,6 +29,7 @@ from tensorscope_core.plugin_api import (
     Metric,
     ModelView,
     Params,
+    Rung,
     RunShape,
     ScalarValue,
     SeriesValue,
@@ -36,8 +37,8 @@ from tensorscope_core.plugin_api import (
     hook_free_copy,
 )
 
-from .fisher_grads import layout_of, layout_size
-from .lanczos import top_eigenpairs
+from .fisher_grads import Layout, layout_of, layout_size
+from .lanczos import Lanczos, Reorthogonalise
 
 Weights = dict[str, torch.Tensor]
 Examples = list[tuple[LossTargets, torch.Tensor]]  # (targets, attention mask) per kept batch
@@ -52,6 +53,43 @@ class CurvatureParams(Params):
         "example", description="normalise the loss per example (as fisher.diagonal) or per target token (basic.loss)")
     keep_vectors: bool = Field(False, description="also return the eigenvectors [n_params, k] (a tensor field)")
     seed: int = Field(0, description="seed of the Lanczos start vector")
+    reorthogonalise: Reorthogonalise = Field(
+        "selective", description="'selective': keep the Krylov basis (2 x (max_iter + 1) parameter vectors), "
+        "true residual norms, eigenvectors; 'local': three parameter vectors, eigenvalues with Lanczos error "
+        "bounds, ghost copies merged, no eigenvectors")
+    layers: list[int] | None = Field(
+        None, description="block indices whose parameters span the operator (the principal block of the "
+        "Fisher / Hessian over them: its eigenvalues are lower bounds of the full one's, by Cauchy interlacing); "
+        "None: every trainable parameter")
+
+    @model_validator(mode="after")
+    def _vectors_need_a_basis(self) -> CurvatureParams:
+        if self.keep_vectors and self.reorthogonalise == "local":
+            raise ValueError("keep_vectors needs reorthogonalise='selective' (local keeps no basis to form them)")
+        return self
+
+
+def operator_layout(params: CurvatureParams, view: ModelView) -> Layout:
+    """The trainable parameters the operator acts on (those of ``layers`` when given), packed in order."""
+    layout = layout_of(view)
+    if params.layers is None:
+        return layout
+    wanted = set(params.layers)
+    owner = view.layer_of_parameter()
+    out: Layout = {}
+    offset = 0
+    for name, (sl, shape) in layout.items():
+        if owner.get(name) in wanted:
+            out[name] = (slice(offset, offset + sl.stop - sl.start), shape)
+            offset += sl.stop - sl.start
+    return out
+
+
+def solver_dtype(view: ModelView) -> torch.dtype:
+    """The Lanczos vectors' dtype: the model's, float32 for half precision (its products are no more
+    accurate than that, see ``finalize``)."""
+    dtype = next(view.model.parameters()).dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def room_for(params: CurvatureParams, stored: int, rows: int) -> int:
@@ -80,7 +118,9 @@ class _Lanczos(Metric):
     artifacts = ("batches",)  # the batches only: it makes its own passes over them
     fields = {
         "eigenvalues": "the k largest eigenvalues, descending",
-        "residual_norms": "||A v - lambda v|| of each returned eigenpair (unit v)",
+        "residual_norms": "||A v - lambda v|| of each returned eigenpair (unit v; reorthogonalise='selective')",
+        "residual_bounds": "the Lanczos bound beta |s| of each eigenvalue (reorthogonalise='local')",
+        "n_params": "parameters the operator acts on (all trainable ones, or those of layers)",
         "lambda_max": "the largest eigenvalue",
         "iterations": "Lanczos iterations (matrix-vector products)",
         "converged": "1 when every pair met tol, else 0",
@@ -90,11 +130,35 @@ class _Lanczos(Metric):
 
     @classmethod
     def cost(cls, params: CurvatureParams, view: ModelView, shape: RunShape) -> Cost:
+        """The kept examples (per token: input ids, targets, target mask, attention mask, int64) and,
+        in finalize, the solver's buffers (``Lanczos.held_bytes``: selective ``2 (max_iter + 1) + 2k + 1``
+        vectors of the operator's parameters, local 3). Not held, so not declared: what one product
+        allocates while it runs (its output, the autograd buffers of one kept batch)."""
         examples = min(shape.n_sequences, params.max_examples or shape.n_sequences)
         tokens = examples * shape.seq_len
-        # kept per token: input ids, targets, target mask, attention mask (int64); per product
-        # about two forwards and two backwards of the kept tokens
-        return Cost(state_bytes=4 * 8 * tokens, flops=float(params.max_iter * 8 * view.n_params * tokens))
+        size = layout_size(operator_layout(params, view))
+        solver = Lanczos.held_bytes(size, params.k, max(params.max_iter, params.k), params.reorthogonalise,
+                                    torch.finfo(solver_dtype(view)).bits // 8) if params.k <= size else 0
+        # per product about two forwards and two backwards of the kept tokens
+        return Cost(state_bytes=4 * 8 * tokens + solver, flops=float(params.max_iter * 8 * view.n_params * tokens))
+
+    @classmethod
+    def ladder(cls, params: CurvatureParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
+        """Fewer iterations (``max-iter-25``), then no basis (``local``), then the last block only
+        (``last-block``); each kept only where it holds less than the rung before."""
+        iters = min(25, params.max_iter)
+        local = params.model_copy(update={"reorthogonalise": "local", "keep_vectors": False})
+        rungs = [
+            Rung("max-iter-25", params.model_copy(update={"max_iter": iters}),
+                 "at most 25 Lanczos products: pairs not converged by then are reported with converged=0 "
+                 "(their true residual norms say how far off)"),
+            Rung("local", local, "no Krylov basis: eigenvalues within their Lanczos bounds (residual_bounds, not "
+                 "true residuals), values closer than sqrt(float eps) x lambda_max merged, no eigenvectors"),
+            Rung("last-block", local.model_copy(update={"layers": [view.n_layers - 1]}),
+                 "the principal block of the last transformer block's parameters only (local): its eigenvalues "
+                 "are lower bounds of the whole model's (Cauchy interlacing)"),
+        ]
+        return cls.cheaper_rungs(params, view, shape, rungs)
 
     @classmethod
     def own_passes(cls, params: CurvatureParams, view: ModelView, shape: RunShape) -> dict[str, int]:
@@ -103,7 +167,7 @@ class _Lanczos(Metric):
         ``min(max(max_iter, k), n_params)``; Lanczos stops earlier when every Ritz pair meets ``tol``
         (known only at run time, reported in ``iterations``), so this is the planned maximum. None when
         ``k`` exceeds the trainable parameters (finalize refuses before any product)."""
-        size = layout_size(layout_of(view))
+        size = layout_size(operator_layout(params, view))
         if params.k > size:
             return {}
         products = min(max(params.max_iter, params.k), size)
@@ -131,10 +195,12 @@ class _Lanczos(Metric):
 
     def finalize(self) -> dict[str, Any]:
         view = self.view
-        layout = layout_of(view)
+        layout = operator_layout(self.params, view)
         size = layout_size(layout)
         params = dict(view.model.named_parameters())
         weights = {n: params[n].detach() for n in layout}
+        if not weights:
+            raise ValueError(f"layers={self.params.layers} hold no trainable parameter of {view.name}")
         device, dtype = next(iter(weights.values())).device, next(iter(weights.values())).dtype
         examples: Examples = [(LossTargets(i.to(device), t.to(device), m.to(device)), a.to(device))
                               for i, t, m, a in zip(self.inputs, self.target_ids, self.target_masks, self.attention,
@@ -157,16 +223,21 @@ class _Lanczos(Metric):
         # transformers computes norms (LLaMA's RMSNorm), softmaxes and rotary tables in float32 even
         # in float64 models: the products are no more accurate than float32
         precision = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
-        result = top_eigenpairs(matvec, size, self.params.k, max_iter=max(self.params.max_iter, self.params.k),
-                                tol=self.params.tol, seed=self.params.seed, device=device, precision=precision)
+        # on the instance, so the run measures the solver's buffers (released with the instance)
+        self.solver = Lanczos(size, self.params.k, max_iter=max(self.params.max_iter, self.params.k),
+                              tol=self.params.tol, seed=self.params.seed, dtype=solver_dtype(view), device=device,
+                              precision=precision, reorthogonalise=self.params.reorthogonalise)
+        result = self.solver.run(matvec)
         values = result.eigenvalues.tolist()
+        errors = "residual_norms" if self.params.reorthogonalise == "selective" else "residual_bounds"
         out: dict[str, Any] = {
             "eigenvalues": SeriesValue(values=values, index_name="rank"),
-            "residual_norms": SeriesValue(values=result.residual_norms.tolist(), index_name="rank"),
+            errors: SeriesValue(values=result.residual_norms.tolist(), index_name="rank"),
             "lambda_max": ScalarValue(value=values[0]),
             "iterations": ScalarValue(value=float(result.iterations)),
             "converged": ScalarValue(value=float(result.converged)),
             "n_examples": ScalarValue(value=float(n_examples)),
+            "n_params": ScalarValue(value=float(size)),
         }
         if self.params.keep_vectors:
             out["eigenvectors"] = result.eigenvectors.cpu()

@@ -5,7 +5,7 @@ Also ``read_diagonal``, how the plugin's other metrics read its fields back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -18,6 +18,7 @@ from tensorscope_core.plugin_api import (
     MetricResult,
     ModelView,
     Params,
+    Rung,
     RunShape,
     ScalarValue,
     Step,
@@ -28,6 +29,7 @@ from .fisher_grads import ARTIFACT, REQUEST, FisherGrads, layout_of, layout_size
 
 Kind = Literal["true", "empirical"]
 KINDS: tuple[Kind, ...] = ("true", "empirical")
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 class DiagonalParams(Params):
@@ -35,17 +37,25 @@ class DiagonalParams(Params):
                              description="decay beta of the EMA over batches: ema <- beta ema + (1 - beta) batch mean "
                                          "(K-FAC's stat_decay default)")
     confidence: float = Field(0.95, gt=0.0, lt=1.0, description="level of the confidence intervals")
+    kinds: tuple[Kind, ...] = Field(KINDS, min_length=1, description="which Fishers: 'true' (labels drawn from "
+                                    "the model), 'empirical' (observed labels)")
+    statistics: Literal["full", "mean"] = Field(
+        "full", description="'full': mean, variance, confidence interval and EMA per entry (3 vectors and one "
+        "batch of squares); 'mean': the mean only (one vector), the trace keeps its interval")
+    per_task: bool = Field(True, description="also the fields per task (one more set of vectors per task)")
+    dtype: Literal["float64", "float32"] = Field("float64", description="dtype of the per-entry accumulators")
 
 
 class Welford:
     """Running count, mean and sum of squared deviations of vectors, merged a batch at a time
-    (Chan, Golub & LeVeque's pairwise update), plus an EMA of the batch means, all float64."""
+    (Chan, Golub & LeVeque's pairwise update), plus an EMA of the batch means (``dtype``, float64 by
+    default; the counters always float64)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, dtype: torch.dtype = torch.float64) -> None:
         self.count = torch.zeros((), dtype=torch.float64)
-        self.mean = torch.zeros(size, dtype=torch.float64)
-        self.m2 = torch.zeros(size, dtype=torch.float64)
-        self.ema = torch.zeros(size, dtype=torch.float64)
+        self.mean = torch.zeros(size, dtype=dtype)
+        self.m2 = torch.zeros(size, dtype=dtype)
+        self.ema = torch.zeros(size, dtype=dtype)
         self.batches = torch.zeros((), dtype=torch.float64)
 
     def add(self, rows: torch.Tensor, decay: float) -> None:
@@ -80,6 +90,40 @@ class Welford:
             return nan, nan
         half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * (self.variance() / n).sqrt()
         return self.mean - half, self.mean + half
+
+
+class Mean:
+    """Running count and sum of vectors, one row at a time (no batch buffer): the mean only."""
+
+    def __init__(self, size: int, dtype: torch.dtype) -> None:
+        self.count = torch.zeros((), dtype=torch.float64)
+        self.total = torch.zeros(size, dtype=dtype)
+
+    def add_squares(self, rows: torch.Tensor) -> None:
+        """Fold in the squares of ``rows`` [n, size], a row at a time."""
+        for row in rows:
+            self.total.addcmul_(row, row)
+        self.count += rows.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        n = float(self.count)
+        return self.total / n if n else torch.full_like(self.total, float("nan"))
+
+
+def segments(params: DiagonalParams, tasks: Sequence[str]) -> tuple[str | None, ...]:
+    """None (pooled) and, with ``per_task``, each task."""
+    return (None, *tasks) if params.per_task else (None,)
+
+
+def state_bytes(params: DiagonalParams, size: int, shape: RunShape) -> int:
+    """Per kind and segment: 3 vectors (full) or 1 (mean) of ``dtype`` and the trace's float64 Welford;
+    full mode also one batch of squares."""
+    width = torch.finfo(DTYPES[params.dtype]).bits // 8
+    full = params.statistics == "full"
+    per_kind = (3 if full else 1) * size * width + (2 if full else 1) * 8 + (3 + 2) * 8
+    squares = shape.batch_size * size * width if full else 0
+    return len(segments(params, shape.tasks)) * len(params.kinds) * per_kind + squares
 
 
 class FisherDiagonal(Metric):
@@ -120,42 +164,70 @@ class FisherDiagonal(Metric):
 
     @classmethod
     def cost(cls, params: DiagonalParams, view: ModelView, shape: RunShape) -> Cost:
-        segments = 1 + len(shape.tasks)
-        size = layout_size(layout_of(view))
-        per_kind = (3 * size + 2) * 8 + (3 + 2) * 8  # Welford of g^2 (mean, m2, ema, 2 counters) and of ||g||^2
-        squares = shape.batch_size * size * 8  # one batch's g^2, float64
         tokens = shape.n_sequences * shape.seq_len
         # one forward and two pullbacks per example: about (2 + 2 x 4) P flops per token
-        return Cost(state_bytes=segments * len(KINDS) * per_kind + squares, flops=10.0 * view.n_params * tokens)
+        return Cost(state_bytes=state_bytes(params, layout_size(layout_of(view)), shape),
+                    flops=10.0 * view.n_params * tokens)
+
+    @classmethod
+    def ladder(cls, params: DiagonalParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
+        """float32 accumulators, no per-task fields, the mean only, the true Fisher only; each rung
+        keeps the ones before it and is offered only where it holds less."""
+        steps: list[tuple[str, dict[str, Any], str]] = [
+            ("float32", {"dtype": "float32"}, "float32 accumulators: entries off by float32 rounding (~1e-6 of "
+             "the parameter's largest; CI ends, differences, may lose more where they nearly cancel)"),
+            ("pooled", {"per_task": False}, "float32; no per-task fields (pooled over tasks only)"),
+            ("mean-only", {"statistics": "mean"}, "float32, pooled; the mean only: no per-entry variance, "
+             "confidence interval or EMA (the trace keeps its interval)"),
+            ("true-only", {"kinds": ("true",)}, "float32, pooled, mean only; the true Fisher only (no empirical "
+             "fields)"),
+        ]
+        out: list[Rung] = []
+        size = layout_size(layout_of(view))
+        last, current = state_bytes(params, size, shape), params
+        for name, update, accuracy in steps:
+            current = current.model_copy(update=update)
+            held = state_bytes(current, size, shape)
+            if held < last:
+                out.append(Rung(name, current, accuracy))
+                last = held
+        return out
 
     def setup(self) -> None:
         size = layout_size(layout_of(self.view))
-        self.stats: dict[tuple[str | None, str], Welford] = {
-            (task, kind): Welford(size) for task in (None, *self.shape.tasks) for kind in KINDS}
+        dtype = DTYPES[self.params.dtype]
+        keys = [(task, kind) for task in segments(self.params, self.shape.tasks) for kind in self.params.kinds]
+        self.stats: dict[tuple[str | None, str], Welford | Mean] = {
+            key: Welford(size, dtype) if self.params.statistics == "full" else Mean(size, dtype) for key in keys}
         self.norms = {key: Welford(1) for key in self.stats}  # ||g_i||^2, for the trace's interval
-        self.squares = torch.zeros(self.shape.batch_size, size, dtype=torch.float64)
+        full = self.params.statistics == "full"
+        self.squares = torch.zeros(self.shape.batch_size if full else 0, size, dtype=dtype)
 
     def update(self, step: Step) -> None:
         grads = FisherGrads.of(step[ARTIFACT])
         real = grads.n_targets > 0
         n = int(real.sum())
-        for kind in KINDS:
-            rows = getattr(grads, kind)[real.to(getattr(grads, kind).device)]
-            squares = self.squares[:n]
-            squares.copy_(rows.detach())
-            squares.pow_(2)
-            for task in {None, step.task}:
-                self.stats[(task, kind)].add(squares, self.params.ema_decay)
-                self.norms[(task, kind)].add(squares.sum(dim=1, keepdim=True), self.params.ema_decay)
+        tasks = {None, step.task} if self.params.per_task else {None}
+        for kind in self.params.kinds:
+            rows = getattr(grads, kind)[real.to(getattr(grads, kind).device)].detach()
+            norms = row_norms(rows)
+            for task in tasks:
+                self.norms[(task, kind)].add(norms, self.params.ema_decay)
+                acc = self.stats[(task, kind)]
+                if isinstance(acc, Mean):
+                    acc.add_squares(rows)
+                    continue
+                squares = self.squares[:n]
+                squares.copy_(rows)
+                squares.pow_(2)
+                acc.add(squares, self.params.ema_decay)
 
     def finalize(self) -> dict[str, Any]:
         layout = layout_of(self.view)
         out: dict[str, Any] = {}
         for (task, kind), acc in self.stats.items():
             seg = "" if task is None else f"{task}/"
-            low, high = acc.interval(self.params.confidence)
-            for label, flat in ((kind, acc.mean), (f"{kind}_var", acc.variance()), (f"{kind}_ci_low", low),
-                                (f"{kind}_ci_high", high), (f"{kind}_ema", acc.ema)):
+            for label, flat in _fields(kind, acc, self.params.confidence):
                 for name, (sl, shape) in layout.items():
                     out[f"{label}/{seg}{name}"] = flat[sl].reshape(shape).clone()
             out[f"{kind}_trace" + ("" if task is None else f"/{task}")] = _trace(self.norms[(task, kind)],
@@ -163,6 +235,23 @@ class FisherDiagonal(Metric):
             out["n_examples" + ("" if task is None else f"/{task}")] = ScalarValue(value=float(acc.count))
         del self.squares
         return out
+
+
+def row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """||g_i||^2 of each row [n, 1] in float64 (the trace's per-example values), a row at a time."""
+    out = torch.zeros(len(rows), 1, dtype=torch.float64)
+    for i, row in enumerate(rows):
+        out[i] = row.double().pow(2).sum()
+    return out
+
+
+def _fields(kind: str, acc: Welford | Mean, confidence: float) -> list[tuple[str, torch.Tensor]]:
+    """(field label, flat vector) of one accumulator: the mean, and for Welford the variance, CI and EMA."""
+    if isinstance(acc, Mean):
+        return [(kind, acc.mean)]
+    low, high = acc.interval(confidence)
+    return [(kind, acc.mean), (f"{kind}_var", acc.variance()), (f"{kind}_ci_low", low),
+            (f"{kind}_ci_high", high), (f"{kind}_ema", acc.ema)]
 
 
 def _trace(norms: Welford, confidence: float) -> ScalarValue:

@@ -13,8 +13,12 @@ import torch
 def gram_eigenvalues(grads: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of GᵀG / n (its n largest, which hold all nonzero ones), descending, float64, ≥ 0."""
     g = grads.double()
-    gram = g @ g.T / g.shape[0]
-    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
+    return gram_spectrum(g @ g.T, g.shape[0])
+
+
+def gram_spectrum(gram: torch.Tensor, n: int) -> torch.Tensor:
+    """Eigenvalues of the Gram matrix ``G Gᵀ`` [n, n] divided by n, descending, float64, ≥ 0."""
+    return torch.linalg.eigvalsh(gram.double() / n).flip(0).clamp_min(0.0)
 
 
 def nonzero_part(eigenvalues: torch.Tensor, n: int, p: int, eps: float) -> torch.Tensor:

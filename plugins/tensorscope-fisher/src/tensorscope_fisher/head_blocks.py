@@ -1,4 +1,5 @@
-"""Which parameter entries make up each attention head and each MLP: the blocks of a block-wise Fisher.
+"""Which parameter entries make up each attention head and each MLP: the blocks of a block-wise Fisher,
+as disjoint pieces (a query head's own entries, a key/value head's, the MLP) whose Gram matrices add up.
 
 A query head ``h`` of layer ``l`` is ``W_Q[h]``, ``W_K[kv(h)]``, ``W_V[kv(h)]``, ``W_O[h]`` and the
 Q/K/V bias slices of those heads (``ModelView.head_weights``; grouped-query heads read their
@@ -16,63 +17,117 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from tensorscope_core.plugin_api import ModelView
 
+from .fisher_grads import Layout
 from .grouped import entries_of
 
 
 @dataclass(frozen=True)
-class Block:
-    """One block: ``index`` maps a parameter name to the flat (row-major) indices of its entries."""
+class Piece:
+    """Entries of a layer's parameters, as ``runs`` [r, 2] (start, stop) of the flat gradient layout:
+    disjoint pieces whose Gram matrices add up to each block's."""
 
-    layer: int
-    head: int | None  # None: the layer's MLP
-    index: dict[str, torch.Tensor]
+    runs: torch.Tensor
 
     @property
     def size(self) -> int:
-        return sum(i.numel() for i in self.index.values())
+        return int((self.runs[:, 1] - self.runs[:, 0]).sum())
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """The piece's columns of ``rows`` [n, P], in layout order."""
+        lengths = self.runs[:, 1] - self.runs[:, 0]
+        offsets = torch.cumsum(lengths, 0) - lengths
+        index = torch.repeat_interleave(self.runs[:, 0] - offsets, lengths) + torch.arange(int(lengths.sum()))
+        return rows.index_select(1, index.to(rows.device))
 
 
-def _entries(params: Mapping[str, nn.Parameter], parts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Parameter name -> flat indices of the entries the ``parts`` (views of parameters) cover."""
-    found: dict[str, list[torch.Tensor]] = {}
-    for part in parts:
-        name, idx = entries_of(part, params)
-        found.setdefault(name, []).append(idx.reshape(-1))
-    return {name: torch.unique(torch.cat(idx)) for name, idx in found.items()}
+@dataclass(frozen=True)
+class LayerPieces:
+    """A layer's pieces and, per block (its query heads in order, then its MLP), which pieces it sums."""
+
+    pieces: list[Piece]
+    blocks: list[tuple[int, ...]]
+
+    def block_size(self, block: int) -> int:
+        return sum(self.pieces[i].size for i in self.blocks[block])
+
+
+def _entries(params: Mapping[str, nn.Parameter], parts: list[torch.Tensor], layout: Layout) -> torch.Tensor:
+    """The positions in the flat layout of the entries the ``parts`` (views of parameters) cover, sorted, once."""
+    flat = [layout[name][0].start + idx.reshape(-1) for name, idx in (entries_of(p, params) for p in parts)]
+    return torch.from_numpy(np.unique(torch.cat(flat).numpy()))  # numpy's sort: ~50x torch's on the CPU
 
 
 def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
-def head_blocks(view: ModelView, layer: int) -> list[Block]:
-    """The layer's query heads, in order (raises NotImplementedError when the adapter maps no heads,
-    ValueError when its per-head weights are copies rather than views of the parameters)."""
+def _runs(flat: torch.Tensor) -> torch.Tensor:
+    """[r, 2] maximal runs (start, stop) of the sorted distinct positions ``flat``."""
+    breaks = torch.nonzero(flat[1:] != flat[:-1] + 1).flatten() + 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), breaks])
+    stops = torch.cat([breaks, torch.tensor([flat.numel()])])
+    return torch.stack([flat[starts], flat[stops - 1] + 1], dim=1)
+
+
+def layer_pieces(view: ModelView, layer: int, layout: Layout) -> LayerPieces:
+    """Per query head h its own entries (W_Q[h], W_O[h], b_Q[h]), per key/value head its entries (W_K,
+    W_V, b_K, b_V), and the MLP; head h's block sums its own piece and its key/value head's (raises
+    NotImplementedError when the adapter maps no heads, ValueError when its per-head weights are copies
+    rather than views of the parameters)."""
     params = dict(view.model.named_parameters())
     hw = view.head_weights(layer)
-    blocks = []
-    for h in range(view.n_heads):
-        kv = hw.kv_head_of[h]
-        parts = [hw.W_Q[h], hw.W_K[kv], hw.W_V[kv], hw.W_O[h]]
-        parts += [b[i] for b, i in ((hw.b_Q, h), (hw.b_K, kv), (hw.b_V, kv)) if b is not None]
-        blocks.append(Block(layer, h, _entries(params, parts)))
-    return blocks
+    own = [[hw.W_Q[h], hw.W_O[h], *([hw.b_Q[h]] if hw.b_Q is not None else [])] for h in range(view.n_heads)]
+    shared = [[hw.W_K[kv], hw.W_V[kv], *[b[kv] for b in (hw.b_K, hw.b_V) if b is not None]]
+              for kv in range(max(hw.kv_head_of) + 1)]
+    pieces = [Piece(_runs(_entries(params, parts, layout))) for parts in [*own, *shared]]
+    pieces.append(Piece(_mlp_runs(view, layer, layout)))
+    blocks = [(h, view.n_heads + hw.kv_head_of[h]) for h in range(view.n_heads)]
+    return LayerPieces(pieces, [*blocks, (len(pieces) - 1,)])
 
 
-def mlp_block(view: ModelView, layer: int) -> Block:
-    """The layer's MLP: parameters of the block outside attention and normalisation layers."""
+def _contiguous_runs(part: torch.Tensor) -> int:
+    """How many maximal runs of consecutive entries a view covers, read from its shape and strides."""
+    run, expected = 1, 1
+    for size, stride in zip(reversed(part.shape), reversed(part.stride()), strict=True):
+        if size == 1:
+            continue
+        if stride != expected:
+            break
+        run *= size
+        expected *= size
+    return part.numel() // max(run, 1)
+
+
+def layer_piece_sizes(view: ModelView, layer: int, layout: Layout) -> list[tuple[int, int]]:
+    """(entries, runs) of each of ``layer_pieces``' pieces, from the per-head views' shapes and strides
+    alone: what sizing a plan needs, without listing the entries (a 7B model has billions). Runs are an
+    upper bound (parts that happen to abut count apart)."""
+    hw = view.head_weights(layer)
+    own = [[hw.W_Q[h], hw.W_O[h], *([hw.b_Q[h]] if hw.b_Q is not None else [])] for h in range(view.n_heads)]
+    shared = [[hw.W_K[kv], hw.W_V[kv], *[b[kv] for b in (hw.b_K, hw.b_V) if b is not None]]
+              for kv in range(max(hw.kv_head_of) + 1)]
+    sizes = [(sum(p.numel() for p in parts), sum(_contiguous_runs(p) for p in parts)) for parts in [*own, *shared]]
+    mlp = _mlp_runs(view, layer, layout)
+    return [*sizes, (int((mlp[:, 1] - mlp[:, 0]).sum()), mlp.shape[0])]
+
+
+def _mlp_runs(view: ModelView, layer: int, layout: Layout) -> torch.Tensor:
+    """The layer's MLP, every entry of the block's parameters outside attention and normalisation layers,
+    as one run per parameter (in layout order)."""
     attention = {id(p) for p in view.attn[layer].parameters()}
     names = {id(p): n for n, p in view.model.named_parameters()}
-    index = {}
+    spans = []
     for module in view.blocks[layer].modules():
         if _is_norm(module):
             continue
         for p in module.parameters(recurse=False):
             if id(p) not in attention and id(p) in names:
-                index[names[id(p)]] = torch.arange(p.numel())
-    return Block(layer, None, index)
+                sl = layout[names[id(p)]][0]
+                spans.append((sl.start, sl.stop))
+    return torch.tensor(sorted(spans), dtype=torch.long).reshape(-1, 2)

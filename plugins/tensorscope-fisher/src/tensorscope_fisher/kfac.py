@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,17 +16,20 @@ from tensorscope_core.plugin_api import (
     ModelView,
     Params,
     PreparedData,
+    Rung,
     RunShape,
     ScalarValue,
     Step,
     TableValue,
 )
 
-from .kfac_stats import ARTIFACT, KfacStats, Labels, block_linears, factor_dims
+from .kfac_stats import ARTIFACT, KfacStats, Labels, block_linears, factor_bytes, factor_dims, is_diagonal
 from .kronecker import factor_eigenvalues, kron_capacity
 from .values import finite_or_none
 
-CAPACITY_COLUMNS = ["module", "layer", "dim_A", "dim_G", "trace", "logdet", "cond", "eigmax", "eigmin"]
+CAPACITY_COLUMNS = ["module", "layer", "dim_A", "dim_G", "trace", "logdet", "cond", "eigmax", "eigmin", "diagonal"]
+#: the ladder's thresholds: factors above each are kept as their diagonals (0: every factor)
+DIAGONAL_RUNGS = (2048, 1024, 512, 0)
 
 
 class KfacParams(Params):
@@ -36,6 +40,9 @@ class KfacParams(Params):
                            "'observed': the data's next tokens (empirical Fisher)")
     damping: float = Field(1e-3, ge=0.0, description="λ added to A ⊗ G for logdet and cond (0: undamped)")
     keep_factors: bool = Field(True, description="return the factors A and G of every module as tensors")
+    diagonal_over: int | None = Field(
+        None, ge=0, description="factors of more rows than this are accumulated as their diagonal only (d instead "
+        "of d x d values); their eigenvalues are taken to be the diagonal's entries; None: every factor in full")
 
 
 def selected_modules(params: KfacParams, view: ModelView) -> list[str]:
@@ -70,12 +77,14 @@ class Kfac(Metric):
     artifacts = (ARTIFACT,)
     fields = {
         "capacity": "table: module, layer, dim_A, dim_G, trace, logdet, cond, eigmax, eigmin of A ⊗ G "
-                    "(null where infinite: damping 0 and a singular factor)",
+                    "(null where infinite: damping 0 and a singular factor), diagonal: which factors are "
+                    "diagonals (none, A, G, A+G)",
         "trace": "per layer, Σ over its modules of tr A · tr G",
         "logdet": "per layer, Σ over its modules of logdet(A ⊗ G + damping·I)",
         "n_examples": "token positions the factors average over",
         "A/<module>": "factor A = E[ā āᵀ], float64 [dim_A, dim_A] (keep_factors)",
         "G/<module>": "factor G = E[g gᵀ], float64 [dim_G, dim_G] (keep_factors)",
+        "A_diag/<module>, G_diag/<module>": "the diagonal [dim] of a factor above diagonal_over (keep_factors)",
     }
 
     @classmethod
@@ -90,23 +99,46 @@ class Kfac(Metric):
     def cost(cls, params: KfacParams, view: ModelView, shape: RunShape) -> Cost:
         modules = block_linears(view)
         dims = [factor_dims(modules[n][1]) for n in selected_modules(params, view)]
-        squares = sum(d_a * d_a + d_g * d_g for d_a, d_g in dims)
+        held = sum(factor_bytes(d_a, params.diagonal_over) + factor_bytes(d_g, params.diagonal_over)
+                   for d_a, d_g in dims)
         tokens = shape.n_batches * shape.batch_size * shape.seq_len
-        flops = tokens * (6 * view.n_params + 2 * squares) + sum(10 * (d_a**3 + d_g**3) for d_a, d_g in dims)
-        return Cost(state_bytes=8 * squares + 8, flops=float(flops))
+        entries = held // 8  # float64 entries of the factors: one multiply-add each per token
+        flops = tokens * (6 * view.n_params + 2 * entries) + sum(10 * (d_a**3 + d_g**3) for d_a, d_g in dims)
+        return Cost(state_bytes=held + 8, flops=float(flops))
+
+    @classmethod
+    def ladder(cls, params: KfacParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
+        """Factors above 2048, 1024, 512 rows, then every factor, kept as their diagonals (each rung
+        offered only where it holds less than the one before)."""
+        out: list[Rung] = []
+        last = cls.cost(params, view, shape).state_bytes
+        for over in DIAGONAL_RUNGS:
+            if params.diagonal_over is not None and over >= params.diagonal_over:
+                continue
+            rung = params.model_copy(update={"diagonal_over": over})
+            held = cls.cost(rung, view, shape).state_bytes
+            if held < last:
+                which = "every factor" if over == 0 else f"factors over {over} rows"
+                out.append(Rung("diagonal" if over == 0 else f"diagonal-over-{over}", rung,
+                                f"{which} kept as their diagonals: trace exact; for those modules eigmax a lower "
+                                "bound, eigmin an upper bound, logdet an upper bound, cond a lower bound (Schur, "
+                                "Hadamard); smaller factors exact"))
+                last = held
+        return out
 
     @classmethod
     def artifact_requests(cls, params: KfacParams, view: ModelView) -> dict[str, Any]:
-        """The selected modules' statistics, with the chosen labels."""
-        return {ARTIFACT: {"modules": tuple(selected_modules(params, view)), "labels": params.labels}}
+        """The selected modules' statistics, with the chosen labels and diagonal threshold."""
+        return {ARTIFACT: {"modules": tuple(selected_modules(params, view)), "labels": params.labels,
+                           "diagonal_over": params.diagonal_over}}
 
     def setup(self) -> None:
         self.names = selected_modules(self.params, self.view)
         modules = block_linears(self.view)
         self.layers = [modules[n][0] for n in self.names]
         dims = [factor_dims(modules[n][1]) for n in self.names]
-        self.a_sums = [torch.zeros(d_a, d_a, dtype=torch.float64) for d_a, _ in dims]
-        self.g_sums = [torch.zeros(d_g, d_g, dtype=torch.float64) for _, d_g in dims]
+        self.a_sums = [_zeros(d_a, self.params.diagonal_over) for d_a, _ in dims]
+        self.g_sums = [_zeros(d_g, self.params.diagonal_over) for _, d_g in dims]
         self.count = torch.zeros((), dtype=torch.float64)
 
     def update(self, step: Step) -> None:
@@ -127,12 +159,15 @@ class Kfac(Metric):
         trace, logdet = [0.0] * self.view.n_layers, [0.0] * self.view.n_layers
         for name, layer, a_sum, g_sum in zip(self.names, self.layers, self.a_sums, self.g_sums, strict=True):
             a, g = a_sum / n, g_sum / n
-            cap = kron_capacity(factor_eigenvalues(a), factor_eigenvalues(g), self.params.damping)
-            rows.append([name, layer, a.shape[0], g.shape[0], *(finite_or_none(cap[k]) for k in CAPACITY_COLUMNS[4:])])
+            cap = kron_capacity(_eigenvalues(a), _eigenvalues(g), self.params.damping)
+            diagonal = "+".join(f for f, x in (("A", a), ("G", g)) if x.ndim == 1) or "none"
+            rows.append([name, layer, a.shape[0], g.shape[0],
+                         *(finite_or_none(cap[k]) for k in CAPACITY_COLUMNS[4:-1]), diagonal])
             trace[layer] += cap["trace"]
             logdet[layer] += cap["logdet"]
             if self.params.keep_factors:
-                out[f"A/{name}"], out[f"G/{name}"] = a, g
+                for label, x in (("A", a), ("G", g)):
+                    out[f"{label}_diag/{name}" if x.ndim == 1 else f"{label}/{name}"] = x
         used = sorted(set(self.layers))
         out["capacity"] = TableValue(columns=CAPACITY_COLUMNS, rows=rows)
         blocks = [str(i) for i in used]  # the blocks holding a selected module, by index
@@ -140,3 +175,13 @@ class Kfac(Metric):
         out["logdet"] = LayerValue(values=[finite_or_none(logdet[i]) for i in used], labels=blocks, axis="block")
         out["n_examples"] = ScalarValue(value=n, n=int(n))
         return out
+
+
+def _zeros(dim: int, diagonal_over: int | None) -> torch.Tensor:
+    """A factor's running sum: d x d, or d for a diagonal (float64)."""
+    return torch.zeros(dim if is_diagonal(dim, diagonal_over) else (dim, dim), dtype=torch.float64)
+
+
+def _eigenvalues(factor: torch.Tensor) -> torch.Tensor:
+    """A full factor's eigenvalues; a diagonal's entries (sorted, clipped at 0) stand in for them."""
+    return factor.double().sort().values.clamp_min(0.0) if factor.ndim == 1 else factor_eigenvalues(factor)

@@ -19,12 +19,14 @@ model's ``.grad`` is untouched. The labels are drawn as the core's ``per_example
 ``sampled`` labels (``draw_labels``: seeded per sequence), so both see the same y and
 micro-batching never changes the draws.
 
-A parameterised artifact: a consumer asks ``{"modules": names, "labels": "sampled"|"observed"}``
-(``artifact_requests``); the pass serves the union of the modules (in model order) with one label
-set (consumers asking different label sets are refused), and is sized by what it serves.
+A parameterised artifact: a consumer asks ``{"modules": names, "labels": "sampled"|"observed",
+"diagonal_over": n}`` (``artifact_requests``); the pass serves the union of the modules (in model
+order) with one label set (consumers asking different label sets are refused), and is sized by what
+it serves. A factor of dimension above ``diagonal_over`` (None: never; the largest asked wins) is
+served as its diagonal only, ``Σ_t ā_t²`` [m, d] instead of [m, d, d].
 Value: ``KfacStats``: the modules served, ``counts`` [m] and per module ``[A_sum [m, dA, dA],
-G_sum [m, dG, dG]]`` in float64, one entry of the leading dimension per micro-batch (``m``);
-consumers sum over it and pick their modules with ``of(name)``.
+G_sum [m, dG, dG]]`` (or [m, d] diagonals) in float64, one entry of the leading dimension per
+micro-batch (``m``); consumers sum over it and pick their modules with ``of(name)``.
 """
 
 from __future__ import annotations
@@ -82,13 +84,31 @@ def factor_dims(module: nn.Module) -> tuple[int, int]:
 
 
 def merge_requests(requests: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The union of the modules asked (in model order) with the one label set they share."""
+    """The union of the modules asked (in model order) with the one label set they share; factors
+    diagonal only above the largest ``diagonal_over`` asked (None, full factors, when any asks it)."""
     labels = {r.get("labels", "sampled") for r in requests} or {"sampled"}
     if len(labels) > 1:
         raise ValueError(f"{ARTIFACT}: consumers of one pass ask different labels {sorted(labels)}; "
                          "one pass serves one label set")
     asked = {m for r in requests for m in r.get("modules", ())}
-    return {"modules": tuple(asked), "labels": labels.pop()}
+    limits = [r.get("diagonal_over") for r in requests]
+    over = None if not limits or None in limits else max(int(x) for x in limits if x is not None)
+    return {"modules": tuple(asked), "labels": labels.pop(), "diagonal_over": over}
+
+
+def is_diagonal(dim: int, diagonal_over: int | None) -> bool:
+    """Whether a factor of ``dim`` rows is kept as its diagonal only."""
+    return diagonal_over is not None and dim > diagonal_over
+
+
+def factor_bytes(dim: int, diagonal_over: int | None) -> int:
+    """float64 bytes of one factor sum: d x d, or d for a diagonal."""
+    return 8 * (dim if is_diagonal(dim, diagonal_over) else dim * dim)
+
+
+def _second_moment(x: torch.Tensor, diagonal_over: int | None) -> torch.Tensor:
+    """Σ_t x_t x_tᵀ [1, d, d], or its diagonal Σ_t x_t² [1, d] above ``diagonal_over``."""
+    return (x * x).sum(0)[None] if is_diagonal(x.shape[1], diagonal_over) else (x.T @ x)[None]
 
 
 def _served(view: ModelView, request: Mapping[str, Any]) -> tuple[list[str], Labels]:
@@ -142,7 +162,8 @@ def _derive(ctx: CaptureContext) -> None:
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
         g = torch.zeros(a.shape[0], outputs[name].shape[-1], dtype=torch.float64, device=a.device) \
             if grad is None else grad[examples].double()
-        stats.append([(a.T @ a)[None], (g.T @ g)[None]])
+        over = ctx.request(ARTIFACT).get("diagonal_over")
+        stats.append([_second_moment(a, over), _second_moment(g, over)])
     ctx.store[ARTIFACT] = KfacStats(tuple(names), examples.sum().double().reshape(1), stats)
 
 
@@ -153,7 +174,8 @@ def _factor_dims(view: ModelView, request: Mapping[str, Any]) -> list[tuple[int,
 
 def _bytes(view: ModelView, batch: int, seq: int, request: Mapping[str, Any]) -> int:
     """The served modules' factor sums (one entry per micro-batch; declared for one) and the count."""
-    return sum(8 * (d_a * d_a + d_g * d_g) for d_a, d_g in _factor_dims(view, request)) + 8
+    over = request.get("diagonal_over")
+    return sum(factor_bytes(d_a, over) + factor_bytes(d_g, over) for d_a, d_g in _factor_dims(view, request)) + 8
 
 
 def _transient(view: ModelView, rows: int, seq: int, request: Mapping[str, Any]) -> int:

@@ -152,6 +152,7 @@ class CKA(Metric):
     """
 
     name = "geometry.cka"
+    supports_dispatch = True  # reads the shared pass's activations / outputs only
     version = "1"
     summary = "linear and debiased minibatch CKA between layers, with an outlier-trimmed version"
     Params = CKAParams
@@ -206,6 +207,7 @@ class RSA(Metric):
     """
 
     name = "geometry.rsa"
+    supports_dispatch = True  # reads the shared pass's activations / outputs only
     version = "1"
     summary = "RSA: Spearman correlation of layers' correlation-distance RDMs"
     requires_metrics = (TERMS,)

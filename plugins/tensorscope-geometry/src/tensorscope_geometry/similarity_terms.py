@@ -43,6 +43,7 @@ class SimilarityTerms(Metric):
     """
 
     name = TERMS
+    supports_dispatch = True  # reads the shared pass's activations / outputs only
     version = "1"
     summary = "per-batch centred Gram and correlation matrices of the residual stream (read by CKA / RSA)"
     Params = TermsParams

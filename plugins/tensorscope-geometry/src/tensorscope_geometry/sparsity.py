@@ -70,6 +70,7 @@ class SuperpositionSparsity(Metric):
     """
 
     name = "superposition.sparsity"
+    supports_dispatch = True  # reads the shared pass's activations / outputs only
     version = "1"
     summary = "MLP unit activation sparsity, L0 per token, and a token-polysemanticity proxy"
     Params = SparsityParams

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from tensorscope_core.plugin_api import (
     Cost,
+    CountSketch,
     LayerValue,
     Metric,
     ModelView,
     Params,
+    Rung,
     RunShape,
     ScalarValue,
     Step,
@@ -20,11 +24,17 @@ from tensorscope_core.plugin_api import (
 )
 
 from .common import block_squares
+from .ladders import projection_rungs
 
 
 class FlowParams(Params):
     learning_rate: float = Field(1e-3, gt=0, description="learning rate of the SGD step whose update "
                                                          "scale update_ratio compares to the weights")
+    accumulate: Literal["float64", "float32"] = Field(
+        "float64", description="dtype of the running sum of the batch gradients (the SNR's mean gradient)")
+    projection_dim: int | None = Field(
+        None, ge=1, description="keep only a count sketch of each block's summed gradient, this many entries per "
+                                "block: the SNR from the sketched norm (None: the whole sum)")
 
 
 class GradientFlow(Metric):
@@ -40,6 +50,11 @@ class GradientFlow(Metric):
 
     The same for all parameters together in ``total_*`` (the mean norm with a 95% bootstrap
     CI over batches) and for the parameters outside every block in ``outside_grad_norm``.
+
+    ||gbar_l|| needs the running sum of the batch gradients, one number per parameter entry, in
+    float64, or float32 (``accumulate``), or only a count sketch of each block's sum
+    (``projection_dim`` = k: S sum_b g_lb, whose squared norm is ||sum_b g_lb||^2 within a relative
+    SD of sqrt(2/k)). Memory ladder: float32, then sketches of 4096 and 1024 entries.
     """
 
     name = "gradients.flow"
@@ -57,17 +72,40 @@ class GradientFlow(Metric):
               "total_snr": "the SNR of the whole mean gradient"}
 
     def setup(self) -> None:
+        p = self.params
         self.layer_of = self.view.layer_of_parameter()
-        self.sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in self.view.model.named_parameters()
-                     if p.requires_grad}
+        trainable = [(n, t) for n, t in self.view.model.named_parameters() if t.requires_grad]
+        dtype = torch.float64 if p.accumulate == "float64" else torch.float32
+        self.sums = {} if p.projection_dim else {n: torch.zeros(t.shape, dtype=dtype) for n, t in trainable}
+        # sketches: S sum_b g_lb per group; each parameter has its own seeded buckets and signs
+        self.sketches = torch.zeros(self.view.n_layers + 1 if p.projection_dim else 0, p.projection_dim or 0,
+                                    dtype=torch.float64)
+        self.sketchers = {n: CountSketch(t.numel(), p.projection_dim, self.shape.seed * 100_003 + i)
+                          for i, (n, t) in enumerate(trainable)} if p.projection_dim else {}
         self.per_batch = torch.zeros(self.shape.n_batches, self.view.n_layers + 2, dtype=torch.float64)
         self.seen = 0
 
     @classmethod
     def cost(cls, params: FlowParams, view: ModelView, shape: RunShape) -> Cost:
+        """The running sum (one entry per parameter entry, or k per group sketched) and the per-batch
+        squared norms, float64 [B, L + 2]."""
         n_params = sum(p.numel() for p in view.model.parameters() if p.requires_grad)
-        return Cost(state_bytes=8 * n_params + 8 * shape.n_batches * (view.n_layers + 2),
+        if params.projection_dim:
+            sums = 8 * (view.n_layers + 1) * params.projection_dim
+        else:
+            sums = (8 if params.accumulate == "float64" else 4) * n_params
+        return Cost(state_bytes=sums + 8 * shape.n_batches * (view.n_layers + 2),
                     flops=float(3 * n_params * shape.n_batches))
+
+    @classmethod
+    def ladder(cls, params: FlowParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
+        """float32 sums, then sketched sums (see the class)."""
+        float32 = [Rung("float32", params.model_copy(update={"accumulate": "float32"}),
+                        "the mean gradient (SNR) summed in float32: off by ~6e-8 x batches of the batch "
+                        "gradients' size")]
+        rungs = (float32 if params.accumulate == "float64" and not params.projection_dim else []) \
+            + projection_rungs(params, _sketch_accuracy)
+        return cls.cheaper_rungs(params, view, shape, rungs)
 
     def update(self, step: Step) -> None:
         grads = step["param_grad"]
@@ -76,14 +114,19 @@ class GradientFlow(Metric):
         self.per_batch[self.seen, -1] = squares.sum()
         for name, g in grads.items():
             if name in self.sums:
-                self.sums[name] += g.detach().double().cpu()
+                self.sums[name] += g.detach().cpu().to(self.sums[name].dtype)
+            elif name in self.sketchers:
+                layer = self.layer_of.get(name)
+                group = self.view.n_layers if layer is None else layer
+                self.sketches[group] += self.sketchers[name](g.detach().reshape(1, -1))[0]
         self.seen += 1
 
     def finalize(self) -> dict[str, object]:
         L, B = self.view.n_layers, self.seen
         squares = self.per_batch[:B]  # squared norms per batch, per group
         norms = squares.sqrt()
-        mean_sum = block_squares(self.view, self.layer_of, self.sums)  # ||sum_b g_lb||^2 per group
+        # ||sum_b g_lb||^2 per group (sketched: ||S sum_b g_lb||^2)
+        mean_sum = block_squares(self.view, self.layer_of, self.sums) if self.sums else self.sketches.pow(2).sum(dim=1)
         mean_sq = torch.cat([mean_sum, mean_sum.sum()[None]]) / B**2  # ||gbar||^2
         if B > 1:
             trace = (squares.sum(dim=0) - B * mean_sq) / (B - 1)
@@ -108,3 +151,8 @@ class GradientFlow(Metric):
                 "total_grad_norm": ScalarValue(value=float(mean[-1]), ci_low=low, ci_high=high, n=B),
                 "total_update_ratio": ScalarValue(value=float(ratio[-1]), n=B),
                 "total_snr": ScalarValue(value=float(snr[-1]), n=B)}
+
+
+def _sketch_accuracy(k: int) -> str:
+    return (f"||mean gradient||^2 per block off by +-{math.sqrt(2 / k):.3f} relative (1 SD; count sketch of {k} "
+            "entries per block): SNR off by about half that x (1 + SNR^2 / (batches - 1))")

@@ -16,38 +16,35 @@ from scipy import stats
 MAD_TO_SD = 1.482602218505602  # 1 / Phi^-1(3/4): the MAD of a normal sample times this estimates its SD
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """cos(a, b) in float64; NaN when either vector is zero."""
-    a, b = a.double().flatten(), b.double().flatten()
-    denom = float(a.norm() * b.norm())
-    return float(a @ b) / denom if denom > 0 else float("nan")
-
-
-def pcgrad(grads: torch.Tensor, order: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """PCGrad (Yu et al. 2020) of task gradients ``grads`` [T, P].
+def pcgrad(gram: torch.Tensor, order: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCGrad (Yu et al. 2020) of task gradients g_1..g_T, from their Gram matrix ``gram`` [T, T]
+    (g_i . g_j): the projected gradients are combinations of the originals, so the metric never
+    needs the [T, P] gradients themselves.
 
     For each task i, over the other tasks j in ``order``: if g_i . g_j < 0 (with the
     *current* g_i and the *original* g_j), g_i <- g_i - (g_i . g_j / ||g_j||^2) g_j, as in
-    the reference ``PCGrad_tf.py``. Returns the projected gradients [T, P] (float64) and a
-    [T, T] boolean matrix, entry (i, j) true when g_i was projected against g_j. The PCGrad
-    update is the sum of the projected rows.
+    the reference ``PCGrad_tf.py``. Returns C [T, T] (float64) with g_i^PC = sum_t C[i, t] g_t
+    (projected = C @ grads) and a [T, T] boolean matrix, entry (i, j) true when g_i was
+    projected against g_j. The PCGrad update is the sum of the projected rows.
     """
-    original = grads.double()
-    projected = original.clone()
-    hit = torch.zeros(len(original), len(original), dtype=torch.bool)
-    for i in range(len(original)):
-        g = original[i].clone()
+    gram = gram.double()
+    coef = torch.eye(len(gram), dtype=torch.float64)
+    hit = torch.zeros(len(gram), len(gram), dtype=torch.bool)
+    for i in range(len(gram)):
         for j in order:
             if j == i:
                 continue
-            gj = original[j]
-            dot = float(g @ gj)
-            norm2 = float(gj @ gj)
+            dot = float(coef[i] @ gram[:, j])
+            norm2 = float(gram[j, j])
             if dot < 0 and norm2 > 0:
-                g = g - (dot / norm2) * gj
+                coef[i, j] -= dot / norm2
                 hit[i, j] = True
-        projected[i] = g
-    return projected, hit
+    return coef, hit
+
+
+def quadratic_norm(coef: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """||sum_t coef[..., t] g_t|| from the Gram matrix of the g_t (clamped at 0 against rounding)."""
+    return torch.einsum("...i,ij,...j->...", coef, gram, coef).clamp(min=0).sqrt()
 
 
 def tracin(train_grads: Sequence[torch.Tensor], test_grads: Sequence[torch.Tensor],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -11,27 +11,37 @@ import torch
 from pydantic import Field
 
 from tensorscope_core.plugin_api import (
+    Compression,
     Cost,
+    GradientStore,
     ModelView,
     PreparedData,
+    Rung,
     RunShape,
     ScalarValue,
     SeriesValue,
     Step,
+    StoreBacking,
     TableValue,
+    row_squares,
     tasks_skip_reason,
 )
 
 from .common import example_texts, upper_bound_examples
+from .ladders import example_rows_ladder, stored_width
 from .maths import bh, fisher_z, null_p_values, robust_null
 from .per_sample import ARTIFACT, mean_loss_rows, per_example_request
+from .projection import Projection
 from .selection import Layout, SubsetMetric, SubsetParams, planned_size, subset_size
-from .store import Compression, GradientStore
 
 
 class SampleConflictParams(SubsetParams):
     compression: Compression = Field("none", description="how per-example gradients are kept: 'none', 'int8' "
                                                          "(chunked int8 quantisation) or 'int8_zlib' (int8 + zlib)")
+    backing: StoreBacking = Field("memory", description="where the kept gradients live: 'memory' or 'disk' (a "
+                                                        "file in the run's scratch folder; the same values)")
+    projection_dim: int | None = Field(None, ge=1, description="count-sketch the gradients to this many dimensions "
+                                                               "before keeping them (None: exact)")
     alpha: float = Field(0.05, gt=0, lt=1, description="false discovery rate of the Benjamini-Hochberg procedure")
     top_k: int = Field(20, ge=1, description="rows of the top_pairs table (most negative cosines)")
     min_pairs: int = Field(20, ge=3, description="fewest cross-task pairs of a task pair to fit its empirical null")
@@ -61,7 +71,11 @@ class SampleConflicts(SubsetMetric):
     artifact differentiates the parameters; the entries are picked after; see the README's
     mask contract). Examples without target tokens (zero gradient) are left out. With compression the
     cosines are g~_i . g~_j / (||g_i|| ||g_j||) and ``cosine_error_bound`` bounds their
-    distance from the exact cosines (see the README).
+    distance from the exact cosines (see the README); with ``projection_dim`` = k they are
+    Sg_i . Sg_j / (||g_i|| ||g_j||), with a standard deviation of at most sqrt(2/k)
+    (``projection_error_bound``). ``backing="disk"`` keeps the gradients in a file (same values).
+    Memory ladder (``ladder``): disk when the rows fit there, else int8, then projections to 4096
+    and 1024 dimensions.
     """
 
     name = "gradients.sample_conflicts"
@@ -81,7 +95,9 @@ class SampleConflicts(SubsetMetric):
                              "(the test centres H0 at min(this, 0))",
               "null_scale": "empirical null of the first task pair: 1.4826 x MAD of atanh(cosine)",
               "reconstruction_error": "per example: ||g - g~|| / ||g|| (0 without compression)",
-              "cosine_error_bound": "largest bound on |estimated - exact| cosine over all pairs",
+              "cosine_error_bound": "largest bound on |estimated - exact| cosine over all pairs (compression)",
+              "projection_error": "RMS over within-batch pairs of |sketched - exact dot| / (||g|| ||h||) (0: exact)",
+              "projection_error_bound": "sqrt(2 / projection_dim): bound on the SD of that error (0: exact)",
               "stored_bytes": "bytes the kept gradients take"}
 
     @classmethod
@@ -89,9 +105,13 @@ class SampleConflicts(SubsetMetric):
         return tasks_skip_reason(data)
 
     def setup(self) -> None:
+        p = self.params
         self.chosen = self.subset()
         self.layouts: dict[tuple[str, ...], Layout] = {}
-        self.store = GradientStore(subset_size(self.view, self.chosen), self.params.compression)
+        size = subset_size(self.view, self.chosen)
+        self.projection = Projection(size, p.projection_dim, self.shape.seed) if p.projection_dim else None
+        self.store = GradientStore(p.projection_dim or size, p.compression, p.backing)
+        self.squares = torch.zeros(0, dtype=torch.float64)  # exact ||g_i||^2 (the store's are projected ones)
         self.tasks: list[str] = []
         self.index_in_task: list[int] = []
         self.seen: dict[str, int] = {}
@@ -104,17 +124,36 @@ class SampleConflicts(SubsetMetric):
 
     @classmethod
     def cost(cls, params: SampleConflictParams, view: ModelView, shape: RunShape) -> Cost:
-        size, index_bytes = planned_size(view, params)
+        """The store (``GradientStore.declared_bytes``), the exact squared norms and target counts
+        (8 bytes each per example) and the masks' entry indices."""
+        index_bytes = planned_size(view, params)[1]
         n = upper_bound_examples(shape.n_sequences, shape.n_batches, shape.batch_size)
-        return Cost(state_bytes=GradientStore.declared_bytes(n, size, params.compression, view.dtype_bytes) + 8 * n
-                    + index_bytes,
-                    flops=float(2 * n * n * size))
+        width, item = stored_width(params, view)
+        return Cost(state_bytes=GradientStore.declared_bytes(n, width, params.compression, item, params.backing)
+                    + 16 * n + index_bytes,
+                    flops=float(2 * n * n * width))
+
+    @classmethod
+    def ladder(cls, params: SampleConflictParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
+        """Disk (exact) when the rows fit in the scratch folder's free space; else int8 (cosines
+        within the reported bound), then count-sketch projections."""
+        int8 = [Rung("int8", params.model_copy(update={"compression": "int8"}),
+                     "cosines within +-(e_i + e_j + e_i e_j), e = each row's int8 reconstruction error "
+                     "(~0.01 on Gaussian-like gradients; reported)")] if params.compression == "none" else []
+        on_disk = "int8" if params.compression == "int8_zlib" else params.compression  # zlib: the same int8 codes
+        return example_rows_ladder(cls, params, view, shape, on_disk, int8)
 
     def update(self, step: Step) -> None:
         assert step.task is not None
         g = step[ARTIFACT]
         n_targets = g.n_targets
-        self.store.add(mean_loss_rows(self.view, self.chosen, g, self.layouts))
+        rows = mean_loss_rows(self.view, self.chosen, g, self.layouts)
+        if self.projection is None:
+            squares = self.store.add(rows)
+        else:
+            squares = row_squares(rows.cpu())
+            self.store.add(self.projection(rows))
+        self.squares = torch.cat([self.squares, squares])
         counter = self.seen.get(step.task, 0)
         rows = n_targets.shape[0]
         self.seen[step.task] = counter + rows
@@ -126,7 +165,7 @@ class SampleConflicts(SubsetMetric):
     def finalize(self) -> dict[str, object]:
         p = self.params
         n = len(self.store)
-        norms = self.store.norms
+        norms = self.squares.sqrt()
         gram = self.store.gram()
         denom = norms[:, None] * norms[None, :]
         cos = torch.where(denom > 0, gram / torch.where(denom > 0, denom, torch.ones_like(denom)),
@@ -178,8 +217,9 @@ class SampleConflicts(SubsetMetric):
         sig = [row(int(k)) for k in by_cos if significant[k]]
         error_bound = self.store.cosine_error_bound()
         pair_bound = float(error_bound[torch.as_tensor(ii), torch.as_tensor(jj)].max()) if len(ii) else 0.0
-        stored = sum(int(t.numel() * t.element_size())
-                     for t in [*self.store.parts, *self.store.scales, *self.store.blobs])
+        stored = self.store.stored_bytes
+        self.store.close()
+        projection = self.projection
         return {"n_examples": ScalarValue(value=int(valid.sum())),
                 "n_pairs": ScalarValue(value=len(ii)),
                 "conflict_fraction": ScalarValue(value=float((cos_pairs < 0).mean()) if len(ii) else math.nan,
@@ -194,6 +234,8 @@ class SampleConflicts(SubsetMetric):
                 "null_scale": ScalarValue(value=scales[0] if scales else math.nan),
                 "reconstruction_error": SeriesValue(values=self.store.errors.tolist(), index_name="example"),
                 "cosine_error_bound": ScalarValue(value=pair_bound),
+                "projection_error": ScalarValue(value=projection.error if projection is not None else 0.0),
+                "projection_error_bound": ScalarValue(value=projection.bound if projection is not None else 0.0),
                 "stored_bytes": ScalarValue(value=stored, unit="bytes")}
 
 

@@ -70,11 +70,25 @@ class Layout:
             return None
         return torch.cat([torch.arange(*self.span(n)) for n in names]) if names else torch.zeros(0, dtype=torch.long)
 
-    def group_index(self, n_layers: int) -> torch.Tensor:
-        """For each entry of the flat vector: its block, or ``n_layers`` outside every block."""
-        parts = [torch.full((self.offsets[i + 1] - self.offsets[i],), n_layers if layer is None else layer,
-                            dtype=torch.long) for i, layer in enumerate(self.layers)]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    def by_block(self, n_layers: int, entries: torch.Tensor | None = None) -> list[tuple[Layout, torch.Tensor | None]]:
+        """Per block l (then ``n_layers``: everything outside the blocks), the layout of its parameters
+        and, with ``entries`` (sorted indices into this layout's vectors), the block's entries as
+        indices into its own layout's vectors."""
+        out: list[tuple[Layout, torch.Tensor | None]] = []
+        for group in range(n_layers + 1):
+            own = [i for i, layer in enumerate(self.layers) if (n_layers if layer is None else layer) == group]
+            sub = Layout(tuple(self.names[i] for i in own), tuple(self.shapes[i] for i in own),
+                         tuple(self.layers[i] for i in own))
+            if entries is None:
+                out.append((sub, None))
+                continue
+            parts: list[torch.Tensor] = []
+            for k, i in enumerate(own):
+                start, stop = self.offsets[i], self.offsets[i + 1]
+                lo, hi = (int(torch.searchsorted(entries, x)) for x in (start, stop))
+                parts.append(entries[lo:hi] - start + sub.offsets[k])
+            out.append((sub, torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)))
+        return out
 
     def flatten(self, grads: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """One flat vector from ``{name: grad}`` (a missing gradient counts as zeros)."""

@@ -13,24 +13,30 @@ from scipy import stats
 
 from tensorscope_core.plugin_api import (
     Cost,
+    GradientStore,
     LayerValue,
     ModelView,
     PreparedData,
+    Rung,
     RunShape,
     ScalarValue,
     Step,
+    StoreBacking,
     TableValue,
     tasks_skip_reason,
 )
 
-from .maths import cosine, pcgrad
-from .selection import SubsetMetric, SubsetParams, layout_of, planned_size
+from .ladders import disk_rung
+from .maths import pcgrad, quadratic_norm
+from .selection import Layout, SubsetMetric, SubsetParams, layout_of, planned_size, select_parameters
 
 N_RESAMPLES = 1000
 
 
 class TaskConflictParams(SubsetParams):
     ci_level: float = Field(0.95, gt=0, lt=1, description="confidence level of the bootstrap CIs")
+    backing: StoreBacking = Field("memory", description="where the batch gradients live: 'memory' or 'disk' (a "
+                                                        "file in the run's scratch folder; the same values)")
 
 
 def _fraction(cos: np.ndarray, groups: Sequence[np.ndarray]) -> float:
@@ -73,6 +79,10 @@ class TaskConflict(SubsetMetric):
       order: for each task, ``relative_change`` = ||g^PC - g|| / ||g||, the cosine between
       g^PC and g and the number of projections; ``pcgrad_update_change`` the same for the
       summed update sum_i g_i^PC against sum_i g_i.
+
+    Everything is computed from the per-block Gram matrices of the batch gradients (task means and
+    PCGrad are combinations of them), so the gradients are read once, in blocks, from RAM or from
+    disk (``backing``, the same values). Memory ladder: disk when the gradients fit there.
     """
 
     name = "gradients.task_conflict"
@@ -94,33 +104,54 @@ class TaskConflict(SubsetMetric):
 
     def setup(self) -> None:
         chosen = self.subset()
-        self.layout = layout_of(self.view, chosen.names)
-        self.entries = chosen.entries
+        blocks = layout_of(self.view, chosen.names).by_block(self.view.n_layers, chosen.entries)
+        self.layouts = [layout for layout, _ in blocks]
+        self.entries = [entries for _, entries in blocks]
+        self.stores = [GradientStore(_kept(layout, entries), backing=self.params.backing) for layout, entries in blocks]
         self.dtype = next(self.view.model.parameters()).dtype
-        self.rows: list[torch.Tensor] = []
         self.tasks: list[str] = []
 
     @classmethod
     def cost(cls, params: TaskConflictParams, view: ModelView, shape: RunShape) -> Cost:
-        size, index_bytes = planned_size(view, params)
-        return Cost(state_bytes=shape.n_batches * size * view.dtype_bytes + index_bytes)
+        """One row per batch and block (``GradientStore.declared_bytes``) and the masks' entry indices."""
+        index_bytes = planned_size(view, params)[1]
+        try:
+            layout = layout_of(view, select_parameters(view, params.parameters, params.layers))
+        except ValueError:
+            layout = layout_of(view, [])
+        return Cost(state_bytes=sum(GradientStore.declared_bytes(shape.n_batches, block.size, "none",
+                                                                 view.dtype_bytes, params.backing)
+                                    for block, _ in layout.by_block(view.n_layers)) + index_bytes)
+
+    @classmethod
+    def ladder(cls, params: TaskConflictParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
+        """Disk (exact) when the batch gradients fit in the scratch folder's free space."""
+        size = planned_size(view, params)[0]
+        disk = disk_rung(params, GradientStore.disk_bytes(shape.n_batches, size, "none", view.dtype_bytes))
+        return [disk] if disk is not None else []
 
     def update(self, step: Step) -> None:
         assert step.task is not None
-        row = self.layout.flatten(step["param_grad"], self.dtype)
-        self.rows.append(row if self.entries is None else row[self.entries])
+        for layout, entries, store in zip(self.layouts, self.entries, self.stores, strict=True):
+            row = layout.flatten(step["param_grad"], self.dtype)
+            store.add((row if entries is None else row[entries])[None])
         self.tasks.append(step.task)
 
     def finalize(self) -> dict[str, object]:
         L = self.view.n_layers
-        X = torch.stack(self.rows).double()
+        grams = torch.stack([store.gram() for store in self.stores])  # [L + 1, B, B] per block
+        for store in self.stores:
+            store.close()
+        gram = grams.sum(dim=0)
         tasks = list(dict.fromkeys(self.tasks))
         groups = [np.array([i for i, t in enumerate(self.tasks) if t == task]) for task in tasks]
-        norms = X.norm(dim=1)
-        cos = (X @ X.T / (norms[:, None] * norms[None, :])).numpy()
-        means = torch.stack([X[torch.as_tensor(g)].mean(dim=0) for g in groups])
-        group = self.layout.group_index(L)
-        group = group if self.entries is None else group[self.entries]
+        cos = _cosines(gram).numpy()
+        mean_of = torch.zeros(len(tasks), len(self.tasks), dtype=torch.float64)  # task means = mean_of @ batches
+        for t, g in enumerate(groups):
+            mean_of[t, torch.as_tensor(g)] = 1.0 / len(g)
+        block_means = mean_of @ grams @ mean_of.T  # [L + 1, T, T]: Gram matrices of the task means per block
+        means = block_means.sum(dim=0)
+        task_cos, layer_task_cos = _cosines(means), [_cosines(m) for m in block_means[:L]]
         seed, level = self.shape.seed, self.params.ci_level
 
         pair_rows: list[list[object]] = []
@@ -132,12 +163,11 @@ class TaskConflict(SubsetMetric):
             frac = _fraction(cos, [groups[i], groups[j]])
             low, high = _bootstrap(cos, [groups[i], groups[j]], level, seed)
             n_ab = len(groups[i]) * len(groups[j])
-            pair_cos.append(cosine(means[i], means[j]))
+            pair_cos.append(float(task_cos[i, j]))
             pair_ci.append((low, high))
             n_pairs += n_ab
             pair_rows.append([a, b, pair_cos[-1], frac, low, high, n_ab])
-            layer_cos.append([cosine(means[i][group == layer], means[j][group == layer])
-                              if bool((group == layer).any()) else math.nan for layer in range(L)])
+            layer_cos.append([float(c[i, j]) for c in layer_task_cos])
         per_layer = np.array(layer_cos, dtype=np.float64)  # [pairs, L]
         with np.errstate(invalid="ignore"):
             layer_mean = np.nanmean(per_layer, axis=0) if np.isfinite(per_layer).any() else per_layer[0]
@@ -148,14 +178,14 @@ class TaskConflict(SubsetMetric):
         low, high = _bootstrap(cos, groups, level, seed) if len(tasks) > 2 else pair_ci[0]
 
         order = [int(k) for k in np.random.default_rng(seed).permutation(len(tasks))]
-        projected, hit = pcgrad(means, order)
-        pc_rows = []
-        for i, task in enumerate(tasks):
-            base = float(means[i].norm())
-            change = float((projected[i] - means[i]).norm()) / base if base > 0 else math.nan
-            pc_rows.append([task, change, cosine(projected[i], means[i]), int(hit[i].sum())])
-        total, total_pc = means.sum(dim=0), projected.sum(dim=0)
-        update_change = float((total_pc - total).norm() / total.norm()) if float(total.norm()) > 0 else math.nan
+        coef, hit = pcgrad(means, order)  # g_i^PC = sum_t coef[i, t] g_t
+        own = torch.eye(len(tasks), dtype=torch.float64)
+        base = quadratic_norm(own, means)
+        changes = _ratio(quadratic_norm(coef - own, means), base)
+        to_original = _ratio((coef @ means).diagonal(), quadratic_norm(coef, means) * base)
+        pc_rows = [[task, float(changes[i]), float(to_original[i]), int(hit[i].sum())] for i, task in enumerate(tasks)]
+        total = torch.ones(len(tasks), dtype=torch.float64)
+        update_change = float(_ratio(quadratic_norm(coef.sum(dim=0) - total, means), quadratic_norm(total, means)))
         return {"cosine": ScalarValue(value=float(np.mean(pair_cos)), n=len(pair_cos)),
                 "conflict_score": ScalarValue(value=pooled, ci_low=low, ci_high=high, n=n_pairs),
                 "layer_cosine": LayerValue(values=[float(v) for v in layer_mean], axis="block"),
@@ -165,3 +195,19 @@ class TaskConflict(SubsetMetric):
                 "pcgrad": TableValue(columns=["task", "relative_change", "cosine_to_original", "n_projections"],
                                      rows=pc_rows),
                 "pcgrad_update_change": ScalarValue(value=update_change)}
+
+
+def _kept(layout: Layout, entries: torch.Tensor | None) -> int:
+    """Entries of a block's rows: its masked entries, or all of its layout's."""
+    return int(entries.numel()) if entries is not None else layout.size
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, NaN where den is 0."""
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(num, math.nan))
+
+
+def _cosines(gram: torch.Tensor) -> torch.Tensor:
+    """Cosines from a Gram matrix (NaN where a vector is zero)."""
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    return _ratio(gram, norms[:, None] * norms[None, :])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,25 +13,30 @@ from pydantic import Field
 
 from tensorscope_core.plugin_api import (
     Cost,
+    GradientStore,
     MetricResult,
     ModelSetMetric,
     ModelView,
     Params,
     PreparedData,
+    Rung,
     RunShape,
     ScalarValue,
     SeriesValue,
     Step,
+    StoreBacking,
     TableValue,
     TextValue,
+    row_squares,
 )
 
 from .checkpoints import CheckpointRate, learning_rates
 from .common import example_texts, upper_bound_examples
+from .ladders import example_rows_ladder, stored_width
 from .maths import bh, null_p_values, robust_null
 from .per_sample import ARTIFACT, mean_loss_rows, per_example_request
+from .projection import Projection
 from .selection import Layout, SubsetMetric, SubsetParams, planned_size, subset_size
-from .store import CountSketch, GradientStore, row_squares
 
 TERMS = "gradients.tracin_terms"
 
@@ -41,6 +46,8 @@ class TermsParams(SubsetParams):
     test_task: str = Field("test", description="the named task holding the test (held-out) examples")
     projection_dim: int | None = Field(None, ge=1, description="count-sketch the gradients to this many "
                                                                "dimensions (None: exact dot products)")
+    backing: StoreBacking = Field("memory", description="where the kept gradients live: 'memory' or 'disk' (a "
+                                                        "file in the run's scratch folder; the same values)")
 
 
 class TracInTerms(SubsetMetric):
@@ -50,7 +57,9 @@ class TracInTerms(SubsetMetric):
     artifact, divided by the example's number of targets: gradient of its mean token loss),
     optionally on a parameter subset
     (names, blocks, and the masked entries of a ``mask_metric``) and/or count-sketch
-    projected to ``projection_dim`` dimensions (the squared norms stay exact).
+    projected to ``projection_dim`` dimensions (the squared norms stay exact), kept in RAM or on
+    disk (``backing``; the same values). Memory ladder: disk when the rows fit there, else
+    projections to 4096 and 1024 dimensions.
     ``gradients.tracin`` and ``gradients.critical_samples`` weight and sum them over the
     checkpoints of a model set; this metric's parameters choose the tasks, the subset and
     the projection for both.
@@ -83,15 +92,13 @@ class TracInTerms(SubsetMetric):
         self.chosen = self.subset()
         self.layouts: dict[tuple[str, ...], Layout] = {}
         size = subset_size(self.view, self.chosen)
-        self.sketch = CountSketch(size, p.projection_dim, self.shape.seed) if p.projection_dim else None
+        self.projection = Projection(size, p.projection_dim, self.shape.seed) if p.projection_dim else None
         width = p.projection_dim or size
-        self.train = GradientStore(width)
-        self.test = GradientStore(width)
+        self.train = GradientStore(width, backing=p.backing)
+        self.test = GradientStore(width, backing=p.backing)
         self.train_self = torch.zeros(0, dtype=torch.float64)
         self.test_self = torch.zeros(0, dtype=torch.float64)
         self.meta: dict[str, list[tuple[float, float, str]]] = {"train": [], "test": []}
-        self.proj_sq = 0.0
-        self.proj_n = 0
 
     @classmethod
     def artifact_requests(cls, params: TermsParams, view: ModelView) -> dict[str, Mapping[str, Any]]:
@@ -99,10 +106,16 @@ class TracInTerms(SubsetMetric):
 
     @classmethod
     def cost(cls, params: TermsParams, view: ModelView, shape: RunShape) -> Cost:
-        size, index_bytes = planned_size(view, params)
+        index_bytes = planned_size(view, params)[1]
         n = upper_bound_examples(shape.n_sequences, shape.n_batches, shape.batch_size)
-        width, item = (params.projection_dim, 8) if params.projection_dim else (size, view.dtype_bytes)
-        return Cost(state_bytes=GradientStore.declared_bytes(n, width, "none", item) + 8 * n + index_bytes)
+        width, item = stored_width(params, view)
+        return Cost(state_bytes=GradientStore.declared_bytes(n, width, "none", item, params.backing) + 8 * n
+                    + index_bytes)
+
+    @classmethod
+    def ladder(cls, params: TermsParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
+        """Disk (exact) when the rows fit in the scratch folder's free space; else count-sketch projections."""
+        return example_rows_ladder(cls, params, view, shape, "none", ())
 
     def update(self, step: Step) -> None:
         splits = [s for s, task in (("train", self.params.train_task), ("test", self.params.test_task))
@@ -113,17 +126,8 @@ class TracInTerms(SubsetMetric):
         loss, n_targets = g.loss, g.n_targets
         rows = mean_loss_rows(self.view, self.chosen, g, self.layouts)
         squares = row_squares(rows.cpu())
-        if self.sketch is not None:
-            exact = rows.double().cpu()
-            rows = self.sketch(exact)
-            iu = torch.triu_indices(len(exact), len(exact))
-            norms = exact.norm(dim=1)
-            denom = (norms[:, None] * norms[None, :])[iu[0], iu[1]]
-            err = ((rows @ rows.T) - (exact @ exact.T))[iu[0], iu[1]]
-            keep = denom > 0
-            self.proj_sq += float((err[keep] / denom[keep]).pow(2).sum())
-            self.proj_n += int(keep.sum())
-            del exact
+        if self.projection is not None:
+            rows = self.projection(rows)
         texts = example_texts(self.view, step.batch.input_ids, step.batch.attention_mask)
         for split in splits:
             (self.train if split == "train" else self.test).add(rows)
@@ -135,21 +139,22 @@ class TracInTerms(SubsetMetric):
 
     def finalize(self) -> dict[str, object]:
         dots = self.train.cross(self.test)
+        self.train.close()
+        self.test.close()
         n_train, n_test = dots.shape
         ii, jj = torch.meshgrid(torch.arange(n_train), torch.arange(n_test), indexing="ij")
         rows = [[int(i), int(j), float(d)] for i, j, d in zip(ii.flatten(), jj.flatten(), dots.flatten(), strict=True)]
         examples = [[split, k, loss, n, text] for split in ("train", "test")
                     for k, (loss, n, text) in enumerate(self.meta[split])]
-        sketched = self.sketch is not None
+        projection = self.projection
         return {"dots": TableValue(columns=["train_index", "test_index", "dot"], rows=rows),
                 "train_self": SeriesValue(values=self.train_self.tolist(), index_name="train_index"),
                 "test_self": SeriesValue(values=self.test_self.tolist(), index_name="test_index"),
                 "examples": TableValue(columns=["split", "index", "loss", "n_targets", "text"], rows=examples),
                 "n_train": ScalarValue(value=n_train), "n_test": ScalarValue(value=n_test),
-                "projection_error": ScalarValue(
-                    value=(math.sqrt(self.proj_sq / self.proj_n) if self.proj_n else math.nan) if sketched else 0.0),
-                "projection_error_bound": ScalarValue(
-                    value=self.sketch.std_bound if self.sketch is not None else 0.0)}
+                "projection_error": ScalarValue(value=projection.error if projection is not None else 0.0),
+                "projection_error_bound": ScalarValue(value=projection.bound if projection is not None else 0.0)}
+
 
 
 class CheckpointParams(Params):

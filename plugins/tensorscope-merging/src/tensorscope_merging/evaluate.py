@@ -108,9 +108,14 @@ def score_table(rows: Mapping[str, Mapping[str | None, Score]]) -> tuple[list[st
     return columns, table
 
 
-def compare_merges(views: Mapping[str, ModelView], host: ModelView, merges: Mapping[str, Mapping[str, torch.Tensor]],
+#: makes a merge's weights when it is evaluated (so that only one merge is held at a time)
+MergeFn = Callable[[], Mapping[str, torch.Tensor]]
+
+
+def compare_merges(views: Mapping[str, ModelView], host: ModelView, merges: Mapping[str, MergeFn],
                    data: PreparedData, targets_of: TargetsFn) -> dict[str, Any]:
-    """Every member's score on ``data`` beside each merge's (its weights run in ``host``'s module).
+    """Every member's score on ``data`` beside each merge's (its weights, made by ``merges[label]()``
+    when its turn comes, run in ``host``'s module).
 
     Fields ``loss/<member>[/<task>]``, ``merged_loss/<merge>[/<task>]`` (and ``accuracy``), and a
     ``losses`` table with one row per member and merge.
@@ -120,8 +125,8 @@ def compare_merges(views: Mapping[str, ModelView], host: ModelView, merges: Mapp
     for name, view in views.items():
         rows[name] = evaluate(view, None, data, targets_of)
         out.update(score_fields(name, rows[name]))
-    for label, weights in merges.items():
-        rows[f"{label} (merge)"] = scores = evaluate(host, weights, data, targets_of)
+    for label, make in merges.items():
+        rows[f"{label} (merge)"] = scores = evaluate(host, make(), data, targets_of)
         out.update(score_fields(label, scores, prefix="merged_"))
     columns, table = score_table(rows)
     out["losses"] = TableValue(columns=columns, rows=table)

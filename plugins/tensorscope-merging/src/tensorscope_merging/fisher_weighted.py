@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -15,15 +16,20 @@ from tensorscope_core.plugin_api import (
     ModelSetMetric,
     ModelView,
     Params,
+    Rung,
     RunShape,
     ScalarValue,
     TextValue,
 )
 
 from .evaluate import compare_merges, loss_skip_reason
+from .flat import Piece, WorkBlock, pieces, work_entries
 from .weights import Groups, check_compatible, members, number, parameters
 
 FISHER = "fisher.diagonal"
+FISHER_MERGE, AVERAGE = "fisher", "average"
+#: the rung that leaves the merges' loss evaluation out (then no merged model is ever held)
+SHIFT_ONLY = "shift_only"
 
 
 class FisherParams(Params):
@@ -35,21 +41,54 @@ class FisherParams(Params):
     evaluate: bool = Field(True, description="evaluate both merges' and the task models' loss on each task's data")
 
 
-def fisher_merge(thetas: Sequence[Mapping[str, torch.Tensor]], fishers: Sequence[Mapping[str, torch.Tensor]],
-                 floor: float) -> dict[str, torch.Tensor]:
-    """``sum_m (F_m + floor) theta_m / sum_m (F_m + floor)`` per entry, in float64, cast back to the
-    parameters' dtype."""
-    out = {}
-    for name, like in thetas[0].items():
-        weights = torch.stack([f[name].to(like.device).double() + floor for f in fishers])
-        values = torch.stack([t[name].double() for t in thetas])
-        out[name] = ((weights * values).sum(dim=0) / weights.sum(dim=0)).to(like.dtype)
-    return out
+def fisher_merge(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_m w_m theta_m / sum_m w_m`` per entry of stacked members [members, ...] (float64; the
+    weights are the Fishers plus the floor)."""
+    return (weights * values).sum(dim=0) / weights.sum(dim=0)
 
 
-def plain_average(thetas: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {name: torch.stack([t[name].double() for t in thetas]).mean(dim=0).to(like.dtype)
-            for name, like in thetas[0].items()}
+def plain_average(values: torch.Tensor) -> torch.Tensor:
+    return values.mean(dim=0)
+
+
+class MemberStack:
+    """The merged members' weights and Fisher weights (plus the floor), stacked [members, d] but never
+    held: walked a slice at a time through one float64 working block (two rows per member)."""
+
+    def __init__(self, thetas: Sequence[Mapping[str, torch.Tensor]], fishers: Sequence[Mapping[str, torch.Tensor]],
+                 floor: float, entries: int) -> None:
+        self.thetas, self.fishers, self.floor = thetas, fishers, floor
+        self.block = WorkBlock(2 * len(thetas), entries, torch.float64, next(iter(thetas[0].values())).device)
+
+    def walk(self) -> Iterator[tuple[Piece, torch.Tensor, torch.Tensor]]:
+        """(slice, members' values, Fisher weights) of every slice, in the working block."""
+        for piece in pieces(self.thetas[0], self.block.width):
+            yield (piece, self.block.values(piece, self.thetas),
+                   self.block.values(piece, self.fishers, first_row=len(self.thetas), shift=self.floor))
+
+    def merges(self, piece: Piece, values: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both merges of one slice, cast to the parameters' dtype."""
+        dtype = self.thetas[0][piece.name].dtype
+        return {FISHER_MERGE: fisher_merge(values, weights).to(dtype), AVERAGE: plain_average(values).to(dtype)}
+
+    def merged(self, label: str) -> dict[str, torch.Tensor]:
+        """The merged weights ``label`` (``fisher`` or ``average``)."""
+        out = {n: torch.empty_like(t) for n, t in self.thetas[0].items()}
+        for piece, values, weights in self.walk():
+            piece.of(out[piece.name]).copy_(self.merges(piece, values, weights)[label])
+        return out
+
+    def shifts(self, groups: Groups) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer group, ``||theta_F - theta_avg||^2`` and ``mean_m ||theta_m - theta_avg||^2`` (float64)."""
+        shift = torch.zeros(len(groups.labels), dtype=torch.float64)
+        spread = torch.zeros(len(self.thetas), len(groups.labels), dtype=torch.float64)
+        for piece, values, weights in self.walk():
+            merges = self.merges(piece, values, weights)
+            average = merges[AVERAGE].double()
+            group = groups.of[piece.name]
+            shift[group] += float((merges[FISHER_MERGE].double() - average).square().sum())
+            spread[:, group] += (values - average).square().sum(dim=1).cpu()
+        return shift, spread.mean(dim=0)
 
 
 def fisher_field(result: MetricResult, kind: str, task: str, param: str) -> str:
@@ -91,11 +130,20 @@ class FisherWeighted(ModelSetMetric):
 
     @classmethod
     def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:
-        """Two merged copies of the model (``merged``: Fisher-weighted and plain average) in the
-        parameters' dtype, whatever the number of members (their weights and Fishers are read, not
-        copied; the differences behind ``shift`` are taken one parameter at a time)."""
+        """The float64 working block (``work``: ``flat.WORK_ENTRIES`` entries, two rows per member) and,
+        with ``evaluate``, the one merged model evaluated at a time (``merged``, the parameters' bytes);
+        neither grows with the number of members (their weights and Fishers are read a slice at a time)."""
         forward = 2.0 * view.n_params * shape.n_batches * shape.batch_size * shape.seq_len if params.evaluate else 0
-        return Cost(state_bytes=2 * view.param_bytes, flops=float(6 * view.n_params) + forward)
+        merged = view.param_bytes if params.evaluate else 0
+        return Cost(state_bytes=8 * work_entries(view) + merged, flops=float(12 * view.n_params) + forward)
+
+    @classmethod
+    def ladder(cls, params: Any, view: ModelView, shape: RunShape) -> Sequence[Rung]:
+        """Without the loss evaluation no merged model is held."""
+        if not params.evaluate:
+            return ()
+        return (Rung(SHIFT_ONLY, params.model_copy(update={"evaluate": False}),
+                     "shifts exact; the merges' loss evaluation (loss/*, merged_loss/*, losses) left out"),)
 
     @classmethod
     def own_passes(cls, params: Any, view: ModelView, shape: RunShape, members: Sequence[str],
@@ -118,7 +166,8 @@ class FisherWeighted(ModelSetMetric):
         return loss_skip_reason(views) if params.evaluate else None
 
     def setup(self) -> None:
-        #: the two merges, by name (``fisher``, ``average``): the metric's model-sized state
+        #: the working block (members' slices) and the one merged model evaluated, by name (see ``cost``)
+        self.work = torch.zeros(0)
         self.merged: dict[str, dict[str, torch.Tensor]] = {}
 
     def compute_set(self, views: Mapping[str, ModelView],
@@ -135,12 +184,10 @@ class FisherWeighted(ModelSetMetric):
             fishers.append({param: self.tensor_of(result, field) for param, field in fields.items()})
             per_task = all(f.startswith(f"{p.kind}/{m}/") for f in fields.values())
             sources.append(f"{m}: {p.kind}/{m}/<param>" if per_task else f"{m}: {p.kind}/<param> (pooled)")
-        self.merged["fisher"] = fisher = fisher_merge(thetas, fishers, p.floor)
-        self.merged["average"] = average = plain_average(thetas)
+        stack = MemberStack(thetas, fishers, p.floor, work_entries(views[names[0]]))
+        self.work = stack.block.data
         groups = Groups.of_view(views[names[0]])
-        shift = groups.sum_squares((n, fisher[n].double() - average[n].double()) for n in fisher)
-        spread = torch.stack([groups.sum_squares((n, t[n].double() - average[n].double()) for n in t)
-                              for t in thetas]).mean(dim=0)
+        shift, spread = stack.shifts(groups)
         relative = [math.sqrt(s / v) if v > 0 else math.nan for s, v in zip(shift.tolist(), spread.tolist(),
                                                                             strict=True)]
         total = math.sqrt(float(shift.sum()) / float(spread.sum())) if float(spread.sum()) > 0 else math.nan
@@ -151,7 +198,13 @@ class FisherWeighted(ModelSetMetric):
             "fisher_source": TextValue(text="; ".join(sources)),
         }
         if p.evaluate:
-            data = self.data[names[0]]
-            out.update(compare_merges(merged_views, views[names[0]], {"fisher": fisher, "average": average},
-                                      data, self.loss_targets))
+            merges = {label: functools.partial(self._hold, label, stack) for label in (FISHER_MERGE, AVERAGE)}
+            out.update(compare_merges(merged_views, views[names[0]], merges, self.data[names[0]], self.loss_targets))
         return out
+
+    def _hold(self, label: str, stack: MemberStack) -> dict[str, torch.Tensor]:
+        """The merged weights ``label``, held as ``self.merged``: the only merge held (the previous
+        one is dropped before this one is made)."""
+        self.merged = {}
+        self.merged = {label: stack.merged(label)}
+        return self.merged[label]

@@ -10,7 +10,7 @@ reference's ``ignore='biasbn'``) or set equal to theta.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -22,6 +22,7 @@ from tensorscope_core.plugin_api import (
     Metric,
     ModelView,
     Params,
+    Rung,
     RunShape,
     ScalarValue,
     SeriesValue,
@@ -32,6 +33,9 @@ from tensorscope_core.plugin_api import (
 from .passes import loss_batches
 
 Tensors = dict[str, torch.Tensor]
+
+#: the rung keeping the two directions in bfloat16
+BF16_DIRECTIONS = "bf16_directions"
 
 
 class SurfaceParams(Params):
@@ -45,6 +49,9 @@ class SurfaceParams(Params):
     one_dim: Literal["zero", "weights"] = Field(
         "zero", description="directions of 1-D tensors (biases, norm gains): 'zero' (the reference's "
                             "ignore='biasbn') or 'weights' (equal to theta, as the reference without ignore)")
+    direction_dtype: Literal["parameters", "bfloat16"] = Field(
+        "parameters", description="dtype the two directions are kept in: the parameters' or bfloat16 (half "
+                                  "the memory of float32; the directions rounded to 8 significant bits)")
 
     @field_validator("grid")
     @classmethod
@@ -66,8 +73,10 @@ def output_row_dims(model: nn.Module) -> dict[str, int]:
 
 
 def gaussian_direction(theta: Mapping[str, torch.Tensor], gen: torch.Generator) -> Tensors:
-    """Standard normal entries shaped like each parameter, drawn in ``theta``'s order."""
-    return {n: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype) for n, t in theta.items()}
+    """Standard normal entries shaped like each parameter, drawn in ``theta``'s order (on the CPU
+    generator, whatever the parameters' device, so a seed draws the same direction everywhere)."""
+    return {n: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device=t.device, dtype=t.dtype)
+            for n, t in theta.items()}
 
 
 def normalize_direction(direction: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor],
@@ -100,14 +109,20 @@ def direction_cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor
 
 
 def surface(loss_at: Callable[[Tensors], torch.Tensor], theta: Mapping[str, torch.Tensor],
-            delta: Mapping[str, torch.Tensor], eta: Mapping[str, torch.Tensor],
-            coords: torch.Tensor) -> torch.Tensor:
-    """``f[i, j] = loss_at(theta + coords[i] * delta + coords[j] * eta)``, float64 [grid, grid]."""
+            delta: Mapping[str, torch.Tensor], eta: Mapping[str, torch.Tensor], coords: torch.Tensor,
+            point: Tensors | None = None) -> torch.Tensor:
+    """``f[i, j] = loss_at(theta + coords[i] * delta + coords[j] * eta)``, float64 [grid, grid].
+
+    Every grid point is written into ``point`` (tensors like theta's; made here when not given), so
+    one perturbed copy of the weights is held whatever the grid; directions kept in another dtype
+    are cast to the parameters' one parameter at a time."""
+    point = {n: torch.empty_like(t) for n, t in theta.items()} if point is None else point
     out = torch.empty(len(coords), len(coords), dtype=torch.float64)
     with torch.no_grad():
         for i, alpha in enumerate(coords.tolist()):
             for j, beta in enumerate(coords.tolist()):
-                point = {n: t + alpha * delta[n] + beta * eta[n] for n, t in theta.items()}
+                for n, t in theta.items():
+                    point[n].copy_(t + alpha * delta[n].to(t.dtype) + beta * eta[n].to(t.dtype))
                 out[i, j] = float(loss_at(point))
     return out
 
@@ -132,6 +147,8 @@ class LossSurface2D(Metric):
     |difference| of neighbouring points); ``direction_cosine`` checks the axes' orthogonality.
     Each grid point is one forward of the batch through a hook-free copy with the perturbed
     weights passed in (``tensorscope_core.plugin_api.batch_loss``); the model is never modified.
+    The state is three copies of the weights: the two directions and the grid point's weights;
+    ``direction_dtype='bfloat16'`` keeps the directions at 2 bytes an entry.
     """
 
     name = "landscape.surface_2d"
@@ -150,11 +167,27 @@ class LossSurface2D(Metric):
 
     @classmethod
     def cost(cls, params: SurfaceParams, view: ModelView, shape: RunShape) -> Cost:
+        """The two directions (``delta``, ``eta``: the parameters' bytes each, or 2 bytes an entry in
+        bfloat16), the perturbed weights of the grid point being evaluated (``point``: the parameters'
+        bytes) and the float64 grid of loss sums."""
         batches = shape.n_batches if params.max_batches is None else min(shape.n_batches, params.max_batches)
-        n_params = sum(p.numel() for p in view.model.parameters() if p.requires_grad)
+        trainable = [p for p in view.model.parameters() if p.requires_grad]
+        n_params = sum(p.numel() for p in trainable)
+        point = sum(p.numel() * p.element_size() for p in trainable)
+        direction = 2 * n_params if params.direction_dtype == "bfloat16" else point
         forward = 2.0 * n_params * shape.batch_size * shape.seq_len
-        return Cost(state_bytes=2 * view.param_bytes + 8 * params.grid**2,
+        return Cost(state_bytes=2 * direction + point + 8 * params.grid**2,
                     flops=float(params.grid**2 * batches * forward))
+
+    @classmethod
+    def ladder(cls, params: SurfaceParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
+        """Directions in bfloat16: two copies of the weights at 2 bytes an entry instead of the
+        parameters' (offered when those are wider)."""
+        if params.direction_dtype == "bfloat16" or view.dtype_bytes <= 2:
+            return ()
+        return (Rung(BF16_DIRECTIONS, params.model_copy(update={"direction_dtype": "bfloat16"}),
+                     "directions rounded to bfloat16 (each entry within 2^-9 relative of the seeded one): the "
+                     "exact surface along those rounded directions"),)
 
     @classmethod
     def own_passes(cls, params: SurfaceParams, view: ModelView, shape: RunShape) -> dict[str, int]:
@@ -170,6 +203,11 @@ class LossSurface2D(Metric):
                                          self.params.one_dim)
         self.eta = normalize_direction(gaussian_direction(theta, gen), theta, rows, self.params.normalization,
                                        self.params.one_dim)
+        if self.params.direction_dtype == "bfloat16":
+            self.delta = {n: d.to(torch.bfloat16) for n, d in self.delta.items()}
+            self.eta = {n: d.to(torch.bfloat16) for n, d in self.eta.items()}
+        #: the perturbed weights of the grid point being evaluated (one copy, reused)
+        self.point = {n: torch.empty_like(t) for n, t in theta.items()}
         self.sums = torch.zeros(self.params.grid, self.params.grid, dtype=torch.float64)
         self.tokens = 0
         self.batches = 0
@@ -185,7 +223,8 @@ class LossSurface2D(Metric):
         if n == 0:
             return
         coords = torch.linspace(-self.params.span, self.params.span, self.params.grid, dtype=torch.float64)
-        values = surface(lambda p: batch_loss(view, batch, targets, p), self._theta(), self.delta, self.eta, coords)
+        values = surface(lambda p: batch_loss(view, batch, targets, p), self._theta(), self.delta, self.eta, coords,
+                         self.point)
         self.sums += values * n
         self.tokens += n
         self.batches += 1

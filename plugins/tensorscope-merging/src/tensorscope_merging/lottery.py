@@ -9,7 +9,8 @@ prunable entries together (global) or within each weight matrix (layer-wise).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from tensorscope_core.plugin_api import (
     batch_loss,
 )
 
+from .flat import WORK_ENTRIES, kth_smallest, pieces
 from .passes import loss_batches
 
 Masks = dict[str, torch.Tensor]
@@ -45,30 +47,52 @@ def prunable(view: ModelView, include_embeddings: bool) -> dict[str, torch.Tenso
             if p.dim() >= 2 and (include_embeddings or layer_of[n] is not None)}
 
 
-def _keep_smallest_out(flat: torch.Tensor, sparsity: float) -> torch.Tensor:
-    n_prune = math.floor(sparsity * flat.numel() + 0.5)  # round half up
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
-    if n_prune:
-        order = torch.sort(flat.abs(), stable=True).indices
-        keep[order[:n_prune]] = False
-    return keep
+@dataclass(frozen=True)
+class Cut:
+    """Where a magnitude mask cuts a sequence of tensors (in order, flattened): it prunes every entry
+    with ``|w| < value`` and the first ``ties`` entries with ``|w| == value`` (value None: none)."""
+
+    value: float | None
+    ties: int
+
+    @classmethod
+    def of(cls, weights: Mapping[str, torch.Tensor], sparsity: float) -> Cut:
+        """The cut pruning the ``floor(s * n + 1/2)`` smallest magnitudes of all of ``weights`` (ties
+        broken by position): the n_prune-th smallest magnitude found by radix selection over slices
+        (``flat.kth_smallest``), exactly what a stable sort of all entries would prune."""
+        n_prune = math.floor(sparsity * sum(w.numel() for w in weights.values()) + 0.5)  # round half up
+        if n_prune == 0:
+            return cls(None, 0)
+
+        def magnitudes() -> Iterator[torch.Tensor]:
+            return (piece.of(weights[piece.name]).abs()[None] for piece in pieces(weights, WORK_ENTRIES))
+
+        value = kth_smallest(magnitudes, [n_prune])[0]
+        below = sum(int((m < value).sum()) for m in magnitudes())
+        return cls(float(value), n_prune - below)
+
+    def masks(self, weights: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, mask) of each tensor in order, True = kept."""
+        seen = 0
+        for name, w in weights.items():
+            if self.value is None:
+                yield name, torch.ones_like(w, dtype=torch.bool)
+                continue
+            magnitude = w.abs().reshape(-1)
+            tied = magnitude == self.value
+            pruned = (magnitude < self.value) | (tied & (tied.cumsum(0) + seen <= self.ties))
+            seen += int(tied.sum())
+            yield name, ~pruned.reshape(w.shape)
 
 
 def global_masks(weights: Mapping[str, torch.Tensor], sparsity: float) -> Masks:
     """One magnitude threshold over all tensors together."""
-    flat = torch.cat([w.reshape(-1) for w in weights.values()]) if weights else torch.zeros(0)
-    keep = _keep_smallest_out(flat, sparsity)
-    out: Masks = {}
-    start = 0
-    for name, w in weights.items():
-        out[name] = keep[start:start + w.numel()].reshape(w.shape)
-        start += w.numel()
-    return out
+    return dict(Cut.of(weights, sparsity).masks(weights))
 
 
 def layerwise_masks(weights: Mapping[str, torch.Tensor], sparsity: float) -> Masks:
     """Each tensor pruned to the same sparsity on its own."""
-    return {name: _keep_smallest_out(w.reshape(-1), sparsity).reshape(w.shape) for name, w in weights.items()}
+    return {name: mask for name, w in weights.items() for _, mask in Cut.of({name: w}, sparsity).masks({name: w})}
 
 
 def mask_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
@@ -164,10 +188,13 @@ class MagnitudeMasks(Metric):
 
     @classmethod
     def cost(cls, params: MasksParams, view: ModelView, shape: RunShape) -> Cost:
-        n = sum(w.numel() for w in prunable(view, params.include_embeddings).values())
+        """The pruned copy of the prunable weights a loss is evaluated with (``pruned``, their dtype)
+        and the loss sums; the masks are kept as cuts (a magnitude and a tie count per mask), made
+        again one tensor at a time when used."""
+        pruned = sum(w.numel() * w.element_size() for w in prunable(view, params.include_embeddings).values())
         batches = shape.n_batches if params.max_batches is None else min(shape.n_batches, params.max_batches)
         forward = 2.0 * view.n_params * shape.batch_size * shape.seq_len
-        return Cost(state_bytes=2 * len(params.sparsities) * n + 8 * (2 * len(params.sparsities) + 2),
+        return Cost(state_bytes=pruned + 8 * (2 * len(params.sparsities) + 2),
                     flops=float((2 * len(params.sparsities) + 1) * batches * forward))
 
     @classmethod
@@ -182,8 +209,11 @@ class MagnitudeMasks(Metric):
         if not weights:
             raise ValueError(f"{self.view.name} has no weight matrix to prune inside its blocks; "
                              "set include_embeddings=True to prune the embeddings")
-        self.global_ = [global_masks(weights, s) for s in self.params.sparsities]
-        self.layerwise = [layerwise_masks(weights, s) for s in self.params.sparsities]
+        #: each sparsity's global cut, and per tensor its layer-wise cut (see ``Cut``: no mask is held)
+        self.global_ = [Cut.of(weights, s) for s in self.params.sparsities]
+        self.layerwise = [{n: Cut.of({n: w}, s) for n, w in weights.items()} for s in self.params.sparsities]
+        #: the pruned weights a loss is evaluated with (one copy, reused)
+        self.pruned = {n: torch.empty_like(w) for n, w in weights.items()}
         self.sums = torch.zeros(2, len(self.params.sparsities), dtype=torch.float64)
         self.dense = torch.zeros(2, dtype=torch.float64)  # loss sum, targets
         self.batches = 0
@@ -199,10 +229,14 @@ class MagnitudeMasks(Metric):
         with torch.no_grad():
             # the dense loss by the same arithmetic as the pruned ones: sparsity 0 gives exactly it
             self.dense += torch.tensor([float(batch_loss(view, batch, targets)) * n, n], dtype=torch.float64)
-            for row, family in enumerate((self.global_, self.layerwise)):
-                for col, masks in enumerate(family):
-                    pruned = {name: w * masks[name] for name, w in weights.items()}
-                    self.sums[row, col] += float(batch_loss(view, batch, targets, pruned)) * n
+            for col, (cut, cuts) in enumerate(zip(self.global_, self.layerwise, strict=True)):
+                for name, mask in cut.masks(weights):
+                    torch.mul(weights[name], mask, out=self.pruned[name])
+                self.sums[0, col] += float(batch_loss(view, batch, targets, self.pruned)) * n
+                for name, w in weights.items():
+                    for _, mask in cuts[name].masks({name: w}):
+                        torch.mul(w, mask, out=self.pruned[name])
+                self.sums[1, col] += float(batch_loss(view, batch, targets, self.pruned)) * n
         self.batches += 1
 
     def finalize(self) -> dict[str, Any]:
@@ -220,11 +254,12 @@ class MagnitudeMasks(Metric):
             "loss_layerwise": SeriesValue(values=losses[1].tolist(), index_name="sparsity"),
             "loss_increase_global": SeriesValue(values=(losses[0] - dense).tolist(), index_name="sparsity")}
         layer_of = self.view.layer_of_parameter()
-        for s, masks in zip(sparsities, self.global_, strict=True):
+        weights = prunable(self.view, self.params.include_embeddings)
+        for s, cut in zip(sparsities, self.global_, strict=True):
             label = sparsity_label(s)
             removed = torch.zeros(self.view.n_layers, dtype=torch.float64)
             total = torch.zeros(self.view.n_layers, dtype=torch.float64)
-            for name, mask in masks.items():
+            for name, mask in cut.masks(weights):
                 layer = layer_of[name]
                 out[f"mask/{label}/{name}"] = mask
                 if layer is not None:
@@ -239,16 +274,20 @@ class MagnitudeMasks(Metric):
         source = self.params.compare_masks
         result = self.deps[source]  # type: ignore[index]
         prefix = self.params.compare_prefix
-        names = [n for n in self.global_[0] if f"{prefix}{n}" in result.values]
+        weights = prunable(self.view, self.params.include_embeddings)
+        names = [n for n in weights if f"{prefix}{n}" in result.values]
         if not names:
             fields = sorted(result.values)[:5]
             raise ValueError(f"{source} has no mask field '{prefix}<parameter>' for any prunable parameter "
                              f"(its fields start {fields}); set compare_prefix to the prefix of its masks")
         other = {n: self.tensor_of(result, f"{prefix}{n}").bool().cpu() for n in names}
-        mine = [{n: masks[n] for n in names} for masks in self.global_]
-        return {"compare_jaccard": SeriesValue(values=[jaccard(m, other) for m in mine], index_name="sparsity"),
-                "compare_overlap": SeriesValue(values=[overlap_coefficient(m, other) for m in mine],
-                                               index_name="sparsity")}
+        jaccards, overlaps = [], []
+        for cut in self.global_:  # one sparsity's masks at a time
+            mine = {n: m for n, m in cut.masks(weights) if n in other}
+            jaccards.append(jaccard(mine, other))
+            overlaps.append(overlap_coefficient(mine, other))
+        return {"compare_jaccard": SeriesValue(values=jaccards, index_name="sparsity"),
+                "compare_overlap": SeriesValue(values=overlaps, index_name="sparsity")}
 
 
 class EarlyBirdParams(Params):

@@ -16,6 +16,7 @@ from tensorscope_core.plugin_api import (
     ModelView,
     Params,
     PreparedData,
+    Rung,
     RunShape,
     ScalarValue,
     SeriesValue,
@@ -28,6 +29,9 @@ from .permutation import align, aligned_bytes, mlp_unit_axes
 from .weights import check_compatible, members, number, parameters
 
 Weights = dict[str, torch.Tensor]
+
+#: the rungs: the linear path only (no Bezier fit), then without the unit alignment too
+LINEAR, LINEAR_UNALIGNED = "linear", "linear_unaligned"
 
 
 class ConnectivityParams(Params):
@@ -152,6 +156,21 @@ class ModeConnectivity(ModelSetMetric):
         flops += 6.0 * view.n_params * shape.batch_size * shape.seq_len * params.bezier_steps * int(params.bezier)
         copies = 1 + (0 if not params.bezier else 4 if params.bezier_steps > 0 else 1)
         return Cost(state_bytes=copies * view.param_bytes + (aligned_bytes(view) if params.align else 0), flops=flops)
+
+    @classmethod
+    def ladder(cls, params: Any, view: ModelView, shape: RunShape) -> Sequence[Rung]:
+        """The Bezier fit holds four model copies besides the path point: without it one copy is left
+        (``linear``), and without the alignment's permuted MLP weights too (``linear_unaligned``)."""
+        rungs = []
+        if params.bezier:
+            rungs.append(Rung(LINEAR, params.model_copy(update={"bezier": False}),
+                              "linear path exact; the Bezier path (loss_bezier, barrier_bezier, bezier_fit_loss) "
+                              "left out"))
+        if params.align and aligned_bytes(view):
+            rungs.append(Rung(LINEAR_UNALIGNED, params.model_copy(update={"bezier": False, "align": False}),
+                              "linear path exact; the Bezier path and the aligned path (loss_linear_aligned, "
+                              "permutation) left out"))
+        return rungs
 
     @classmethod
     def own_passes(cls, params: Any, view: ModelView, shape: RunShape, members: Sequence[str],

@@ -63,42 +63,56 @@ def _grad(loss_fn: LossFn, point: Tensors) -> tuple[torch.Tensor, Tensors]:
                                                                                               strict=True)}
 
 
-def sam_sharpness(loss_fn: LossFn, theta: Mapping[str, torch.Tensor], rho: float, steps: int) -> SamEstimate:
+def sam_sharpness(loss_fn: LossFn, theta: Mapping[str, torch.Tensor], rho: float, steps: int,
+                  held: dict[str, Any] | None = None) -> SamEstimate:
     """First-order SAM: eps = rho * g / ||g|| with g the gradient at theta, sharpness
     L(theta + eps) - L(theta). Multi-step: projected gradient ascent on the ball ||eps|| <= rho
     with the fixed step rho / ||g|| (so its first iterate is the SAM point),
     ``eps <- P(eps + rho / ||g|| * grad L(theta + eps))``; ``ascent`` is the largest increase
-    over its iterates (never below the first-order value). A zero gradient gives 0 for both."""
-    loss0, g = _grad(loss_fn, dict(theta))
-    g_norm = float(_norm(g))
+    over its iterates (never below the first-order value). A zero gradient gives 0 for both.
+
+    ``held`` (a dict the caller keeps) holds what the ascent holds, three copies of theta at most:
+    ``eps``, the perturbed weights ``point`` and the gradient ``grad`` there (each dropped before
+    its successor is made)."""
+    held = {} if held is None else held
+    loss0, held["grad"] = _grad(loss_fn, dict(theta))
+    g_norm = float(_norm(held["grad"]))
     if g_norm == 0.0:
         return SamEstimate(float(loss0), 0.0, 0.0)
     lr = rho / g_norm
-    eps = {n: torch.zeros_like(t) for n, t in theta.items()}
+    held["eps"] = {n: torch.zeros_like(t) for n, t in theta.items()}
     increases = []
-    grad_at = g
     for _ in range(steps):
-        eps = {n: eps[n] + lr * grad_at[n] for n in eps}
+        eps = {n: e + lr * held["grad"][n] for n, e in held["eps"].items()}
+        held["grad"] = held["eps"] = held["point"] = {}
         size = float(_norm(eps))
-        if size > rho:
-            eps = {n: e * (rho / size) for n, e in eps.items()}
-        loss, grad_at = _grad(loss_fn, {n: theta[n] + eps[n] for n in theta})
+        held["eps"] = eps if size <= rho else {n: e * (rho / size) for n, e in eps.items()}
+        del eps
+        held["point"] = {n: theta[n] + held["eps"][n] for n in theta}
+        loss, held["grad"] = _grad(loss_fn, held["point"])
         increases.append(float(loss) - float(loss0))
     return SamEstimate(float(loss0), increases[0], max(increases))
 
 
 def hutchinson_trace(loss_fn: LossFn, theta: Mapping[str, torch.Tensor], probes: int,
-                     gen: torch.Generator) -> torch.Tensor:
+                     gen: torch.Generator, held: dict[str, Any] | None = None) -> torch.Tensor:
     """``z^T H z`` for ``probes`` Rademacher vectors z (unbiased for tr H; exact when H is
-    diagonal), H the Hessian of ``loss_fn`` at theta, by double backward. float64 [probes]."""
+    diagonal), H the Hessian of ``loss_fn`` at theta, by double backward. float64 [probes].
+
+    ``held`` (a dict the caller keeps) holds the gradient with its graph (``grad``), the probe
+    (``eps``) and its Hessian-vector product (``point``): three copies of theta, as the ascent."""
+    held = {} if held is None else held
     leaves = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
     loss = loss_fn(leaves)
     grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
     used = [(t, g) for t, g in zip(leaves.values(), grads, strict=True) if g is not None]
+    held["grad"] = [g for _, g in used]
     out = torch.empty(probes, dtype=torch.float64)
     for k in range(probes):
-        zs = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t.dtype) for t, _ in used]
-        hz = torch.autograd.grad([g for _, g in used], [t for t, _ in used], grad_outputs=zs, retain_graph=True)
+        held["eps"] = held["point"] = []
+        held["eps"] = zs = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t.dtype) for t, _ in used]
+        held["point"] = hz = torch.autograd.grad(held["grad"], [t for t, _ in used], grad_outputs=zs,
+                                                 retain_graph=True)
         out[k] = sum(float((z.double() * h.double()).sum()) for z, h in zip(zs, hz, strict=True))
     return out
 
@@ -135,12 +149,16 @@ class Sharpness(Metric):
 
     @classmethod
     def cost(cls, params: SharpnessParams, view: ModelView, shape: RunShape) -> Cost:
+        """Three copies of the trainable weights (``held``: the perturbation, the perturbed weights and
+        the gradient there; the Hutchinson step's gradient, probe and Hessian-vector product) and the
+        per-batch values."""
         batches = shape.n_batches if params.max_batches is None else min(shape.n_batches, params.max_batches)
         n_params = sum(p.numel() for p in view.model.parameters() if p.requires_grad)
         backward = 6.0 * n_params * shape.batch_size * shape.seq_len
         per_batch = backward * (1 + params.ascent_steps + 2 * params.hutchinson_probes)
         n_probes = batches * params.hutchinson_probes
-        return Cost(state_bytes=8 * (3 * batches + n_probes), flops=float(per_batch * batches))
+        copies = 3 * sum(p.numel() * p.element_size() for p in view.model.parameters() if p.requires_grad)
+        return Cost(state_bytes=copies + 8 * (3 * batches + n_probes), flops=float(per_batch * batches))
 
     @classmethod
     def own_passes(cls, params: SharpnessParams, view: ModelView, shape: RunShape) -> dict[str, int]:
@@ -160,6 +178,8 @@ class Sharpness(Metric):
         self.traces = torch.zeros(cap * self.params.hutchinson_probes, dtype=torch.float64)
         self.gen = torch.Generator().manual_seed(self.params.probe_seed)
         self.seen = 0
+        #: the model-sized tensors of the step being computed (see ``sam_sharpness``, ``hutchinson_trace``)
+        self.held: dict[str, Any] = {}
 
     def update(self, step: Step) -> None:
         if self.seen >= self.per_batch.shape[0]:
@@ -172,11 +192,13 @@ class Sharpness(Metric):
         def loss_fn(params: Tensors) -> torch.Tensor:
             return batch_loss(view, batch, targets, params)
 
-        sam = sam_sharpness(loss_fn, theta, self.params.rho, self.params.ascent_steps)
-        self.per_batch[self.seen] = torch.tensor([sam.loss, sam.first_order, sam.ascent], dtype=torch.float64)
         k = self.params.hutchinson_probes
         if k:
-            self.traces[self.seen * k:(self.seen + 1) * k] = hutchinson_trace(loss_fn, theta, k, self.gen)
+            self.held = {}
+            self.traces[self.seen * k:(self.seen + 1) * k] = hutchinson_trace(loss_fn, theta, k, self.gen, self.held)
+        self.held = {}
+        sam = sam_sharpness(loss_fn, theta, self.params.rho, self.params.ascent_steps, self.held)
+        self.per_batch[self.seen] = torch.tensor([sam.loss, sam.first_order, sam.ascent], dtype=torch.float64)
         self.seen += 1
 
     def finalize(self) -> dict[str, Any]:

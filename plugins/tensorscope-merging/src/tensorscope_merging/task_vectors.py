@@ -20,7 +20,8 @@ from tensorscope_core.plugin_api import (
     TableValue,
 )
 
-from .weights import Groups, TaskVector, check_compatible, members, number, parameters
+from .flat import WorkBlock, pieces, work_entries
+from .weights import Groups, check_compatible, members, number, parameters
 
 
 def _cosine(dot: float, sq_a: float, sq_b: float) -> float:
@@ -36,6 +37,8 @@ class TaskVectors(ModelSetMetric):
     once) the norm of each task vector and the share of each layer in the task's squared norm
     (``||tau_l||^2 / ||tau||^2``: the shares sum to 1), and the cosine similarity of every pair of
     tasks per layer and over all parameters. A cosine with a zero task vector is NaN (null).
+    All of it comes from the tasks' inner products per layer, summed a slice of every task vector at
+    a time (float64): nothing model-sized is held, whatever the number of fine-tunes.
     Needs a base model (``base=`` / ``--base``) and at least one fine-tune.
     """
 
@@ -55,9 +58,10 @@ class TaskVectors(ModelSetMetric):
 
     @classmethod
     def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:
-        """One task vector, in the parameters' dtype (``task_vector``: the only model-sized array held,
-        whatever the number of fine-tunes; the other vector of a pair is taken one parameter at a time)."""
-        return Cost(state_bytes=view.param_bytes, flops=float(3 * view.n_params))
+        """The float64 working block the task vectors are written into a slice at a time (``work``:
+        ``flat.WORK_ENTRIES`` entries), whatever the number of fine-tunes; the per-layer Gram
+        matrices of the tasks are a few numbers."""
+        return Cost(state_bytes=8 * work_entries(view), flops=float(3 * view.n_params))
 
     @classmethod
     def set_skip_reason(cls, params: Any, views: Mapping[str, ModelView], base_name: str | None) -> str | None:
@@ -66,33 +70,26 @@ class TaskVectors(ModelSetMetric):
         return None
 
     def setup(self) -> None:
-        #: the task vector of one fine-tune (``held``), the metric's only model-sized array
-        self.task_vector: dict[str, torch.Tensor] = {}
-        self.held: str | None = None
+        #: the working block: every task's slice of the task vectors, float64 (see ``cost``)
+        self.work = torch.zeros(0)
 
     def compute_set(self, views: Mapping[str, ModelView],
                     results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, Any]:
         assert self.base_name is not None
         check_compatible(views)
+        names = members(views, self.base_name)
+        gram = self._gram(views, names)
+        squares = {task: gram[:, i, i] for i, task in enumerate(names)}
         groups = Groups.of_view(views[self.base_name])
-        base = parameters(views[self.base_name])
-        thetas = {m: parameters(views[m]) for m in members(views, self.base_name)}  # the members' own tensors
-        squares = {}
-        for task in thetas:
-            self._hold(task, thetas, base)
-            squares[task] = groups.sum_squares(self.task_vector)
         out: dict[str, Any] = {}
         for task, sq in squares.items():
             total = float(sq.sum())
             out[f"norm/{task}"] = groups.layer_value(sq.sqrt())
             out[f"total_norm/{task}"] = ScalarValue(value=math.sqrt(total))
             out[f"share/{task}"] = groups.layer_value(sq / total if total > 0 else torch.full_like(sq, math.nan))
-        names = list(thetas)
         matrix = {(a, a): 1.0 if float(squares[a].sum()) > 0 else math.nan for a in names}
-        for a, b in itertools.combinations(names, 2):
-            if self.held != a:
-                self._hold(a, thetas, base)
-            dots = groups.sum_products(self.task_vector, TaskVector(thetas[b], base))
+        for (i, a), (j, b) in itertools.combinations(enumerate(names), 2):
+            dots = gram[:, i, j]
             layer = [_cosine(float(d), float(x), float(y)) for d, x, y in zip(dots, squares[a], squares[b],
                                                                               strict=True)]
             overall = _cosine(float(dots.sum()), float(squares[a].sum()), float(squares[b].sum()))
@@ -103,9 +100,18 @@ class TaskVectors(ModelSetMetric):
             [a, *[number(matrix[(a, b)]) for b in names]] for a in names])
         return out
 
-    def _hold(self, task: str, thetas: Mapping[str, Mapping[str, torch.Tensor]],
-              base: Mapping[str, torch.Tensor]) -> None:
-        """Make ``task``'s task vector the one held (the previous one is dropped first)."""
-        self.task_vector = {}
-        self.task_vector = dict(TaskVector(thetas[task], base))
-        self.held = task
+    def _gram(self, views: Mapping[str, ModelView], names: list[str]) -> torch.Tensor:
+        """[groups, tasks, tasks] float64: the inner products of every pair of task vectors per layer
+        group (squared norms on the diagonal), one slice of all task vectors at a time."""
+        assert self.base_name is not None
+        groups = Groups.of_view(views[self.base_name])
+        base = parameters(views[self.base_name])
+        thetas = [parameters(views[m]) for m in names]  # the members' own tensors
+        block = WorkBlock(len(names), work_entries(views[self.base_name]), torch.float64,
+                          next(iter(base.values())).device)
+        self.work = block.data
+        gram = torch.zeros(len(groups.labels), len(names), len(names), dtype=torch.float64)
+        for piece in pieces(base, block.width):
+            vectors = block.differences(piece, thetas, base)
+            gram[groups.of[piece.name]] += (vectors @ vectors.T).cpu()
+        return gram

@@ -21,26 +21,43 @@ def keep_count(d: int, density: float) -> int:
     return min(d, int(d * density) + 1)
 
 
-def trim(vectors: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the top magnitudes of each row (the reference's ``topk_values_mask``), zero the rest.
-
-    ``density >= 1`` keeps everything (the reference's ``kthvalue`` would be asked for k = 0).
-    """
-    d = vectors.shape[1]
+def trim_rank(d: int, density: float) -> int | None:
+    """The rank (1-based, smallest first) of the magnitude the trim keeps from: ``d - int(d * density)``
+    (the reference's ``topk_values_mask``); None when everything is kept (``density >= 1``: the
+    reference's ``kthvalue`` would be asked for k = 0)."""
     kept_by_rank = int(d * density)
-    if kept_by_rank >= d:
+    return None if kept_by_rank >= d else d - kept_by_rank
+
+
+def trim_at(vectors: torch.Tensor, thresholds: torch.Tensor | None) -> torch.Tensor:
+    """Keep the entries of each row whose magnitude reaches the row's threshold, zero the rest
+    (None: keep everything)."""
+    if thresholds is None:
         return vectors.clone()
-    magnitude = vectors.abs()
-    threshold = magnitude.kthvalue(d - kept_by_rank, dim=1, keepdim=True).values
-    return vectors * (magnitude >= threshold)
+    return vectors * (vectors.abs() >= thresholds.to(vectors.device)[:, None])
 
 
-def elect_signs(trimmed: torch.Tensor) -> torch.Tensor:
+def trim(vectors: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the top magnitudes of each row of the whole stack (the reference's ``topk_values_mask``)."""
+    rank = trim_rank(vectors.shape[1], density)
+    return trim_at(vectors, None if rank is None else vectors.abs().kthvalue(rank, dim=1).values)
+
+
+def elect_signs(trimmed: torch.Tensor, majority: torch.Tensor | None = None) -> torch.Tensor:
     """``sign(sum_t tau_t)`` per entry; zero sums take the majority sign ``sign(sum_p gamma_p)``
-    (the reference's ``resolve_sign``)."""
+    (the reference's ``resolve_sign``) over all entries: ``majority`` when the stack is a slice of
+    them (the sign of their summed ``sign_balance``), else that of ``trimmed`` itself."""
     signs = torch.sign(trimmed.sum(dim=0))
-    majority = torch.sign(signs.sum())
-    return torch.where(signs == 0, majority, signs)
+    if majority is None:
+        majority = torch.sign(signs.sum())
+    return torch.where(signs == 0, majority.to(signs), signs)
+
+
+def sign_balance(trimmed: torch.Tensor) -> int:
+    """``sum_p sign(sum_t tau_t)`` over the entries of a slice, as an exact integer (added up over
+    slices, its sign is the majority sign)."""
+    signs = torch.sign(trimmed.sum(dim=0))
+    return int((signs > 0).sum()) - int((signs < 0).sum())
 
 
 def disjoint_merge(trimmed: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
@@ -52,7 +69,8 @@ def disjoint_merge(trimmed: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
 
 
 def ties_merge(vectors: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(trimmed vectors, elected signs, merged task vector ``tau_m``)."""
+    """(trimmed vectors, elected signs, merged task vector ``tau_m``) of a whole stack: the definition
+    ``merging.ties_conflicts`` reproduces slice by slice (its tests compare the two)."""
     trimmed = trim(vectors, density)
     signs = elect_signs(trimmed)
     return trimmed, signs, disjoint_merge(trimmed, signs)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from tensorscope_core.plugin_api import (
     ModelSetMetric,
     ModelView,
     Params,
+    Rung,
     RunShape,
     ScalarValue,
     TableValue,
@@ -24,8 +27,19 @@ from tensorscope_core.plugin_api import (
 )
 
 from .evaluate import compare_merges, loss_skip_reason
+from .flat import Piece, WorkBlock, kth_smallest, pieces, work_entries
 from .save import save_merged
-from .ties import SignCounts, keep_count, sign_counts, task_arithmetic, ties_merge
+from .ties import (
+    SignCounts,
+    disjoint_merge,
+    elect_signs,
+    keep_count,
+    sign_balance,
+    sign_counts,
+    task_arithmetic,
+    trim_at,
+    trim_rank,
+)
 from .weights import Groups, check_compatible, members, number, parameters
 
 
@@ -42,8 +56,8 @@ class TiesParams(Params):
                                                   "the input) or a .safetensors file (bare state dict)")
 
 
-#: fine-tunes the declared cost is sized for (a TIES merge needs at least two; see ``TiesConflicts.cost``)
-TASKS_DECLARED = 2
+#: the rung that leaves the merges' loss evaluation out (then no merged model is ever held)
+CONFLICTS_ONLY = "conflicts_only"
 
 
 def percent(share: float) -> str:
@@ -51,40 +65,80 @@ def percent(share: float) -> str:
     return f"{100 * share:.3g}%"
 
 
-def stacked_task_vectors(views: Mapping[str, ModelView], base: Mapping[str, torch.Tensor], tasks: list[str],
-                         names: list[str]) -> torch.Tensor:
-    """[n_tasks, d]: each task's ``theta_task - theta_base`` as one vector over ``names`` in order, at least
-    float32 (half-precision sums lose the small entries). Written row by row into one tensor: no
-    per-task dict of task vectors, nor a second copy from stacking, is ever held."""
-    dtype = torch.promote_types(base[names[0]].dtype, torch.float32)
-    out = torch.empty(len(tasks), sum(base[n].numel() for n in names), dtype=dtype, device=base[names[0]].device)
-    for row, task in zip(out, tasks, strict=True):
-        theta, start = parameters(views[task]), 0
-        for n in names:
-            size = base[n].numel()
-            row[start:start + size] = (theta[n] - base[n]).reshape(-1).to(dtype)
-            start += size
-    return out
+@dataclass
+class Tally:
+    """What the counting walk over the task vectors finds: sign counts per layer group, before and
+    after the trim, the kept entries per task and the elected signs' balance (-> majority sign)."""
+
+    pre: list[SignCounts]
+    post: list[SignCounts]
+    kept: torch.Tensor
+    balance: int = 0
+
+    @classmethod
+    def empty(cls, groups: Groups, tasks: int) -> Tally:
+        zero = SignCounts(0, 0, 0, 0.0)
+        return cls([zero] * len(groups.labels), [zero] * len(groups.labels), torch.zeros(tasks, dtype=torch.int64))
+
+    @property
+    def majority(self) -> torch.Tensor:
+        return torch.sign(torch.tensor(float(self.balance)))
 
 
-def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
-    out, start = {}, 0
-    for n in names:
-        size = like[n].numel()
-        out[n] = flat[start:start + size].view_as(like[n]).to(like[n].dtype)
-        start += size
-    return out
+class TaskStack:
+    """The fine-tunes' task vectors, stacked [n_tasks, d] but never held: walked a slice at a time
+    through one working block. ``trim`` and ``majority`` are set once their walks have found them."""
 
+    def __init__(self, base: Mapping[str, torch.Tensor], thetas: Sequence[Mapping[str, torch.Tensor]],
+                 entries: int) -> None:
+        like = next(iter(base.values()))
+        self.base, self.thetas = base, thetas
+        self.block = WorkBlock(len(thetas), entries, torch.promote_types(like.dtype, torch.float32), like.device)
+        self.d = sum(t.numel() for t in base.values())
+        self.thresholds: torch.Tensor | None = None
+        self.majority = torch.tensor(1.0)
 
-def counts_per_group(stack: torch.Tensor, like: Mapping[str, torch.Tensor], names: list[str],
-                     groups: Groups) -> list[SignCounts]:
-    counts = [SignCounts(0, 0, 0, 0.0) for _ in groups.labels]
-    start = 0
-    for n in names:
-        size = like[n].numel()
-        counts[groups.of[n]] = counts[groups.of[n]] + sign_counts(stack[:, start:start + size])
-        start += size
-    return counts
+    def walk(self) -> Iterator[tuple[Piece, torch.Tensor]]:
+        """Every slice of the stacked task vectors, [n_tasks, slice], in the working block."""
+        for piece in pieces(self.base, self.block.width):
+            yield piece, self.block.differences(piece, self.thetas, self.base)
+
+    def find_thresholds(self, density: float) -> None:
+        """Each task's trim threshold: its ``trim_rank``-th smallest magnitude (none without a trim)."""
+        rank = trim_rank(self.d, density)
+        self.thresholds = None if rank is None else kth_smallest(
+            lambda: (v.abs() for _, v in self.walk()), [rank] * len(self.thetas))
+
+    def tally(self, groups: Groups) -> Tally:
+        """One walk: the sign counts per layer group before and after the trim, the kept entries and
+        the elected signs' balance; sets ``majority``."""
+        tally = Tally.empty(groups, len(self.thetas))
+        for piece, vectors in self.walk():
+            group = groups.of[piece.name]
+            trimmed = trim_at(vectors, self.thresholds)
+            tally.pre[group] = tally.pre[group] + sign_counts(vectors)
+            tally.post[group] = tally.post[group] + sign_counts(trimmed)
+            tally.kept += (trimmed != 0).sum(dim=1).cpu()
+            tally.balance += sign_balance(trimmed)
+        self.majority = tally.majority
+        return tally
+
+    def update(self, piece: Piece, vectors: torch.Tensor, label: str, params: TiesParams) -> torch.Tensor:
+        """A merge's change of the base on one slice, in the parameters' dtype: ``lam * tau_merged``
+        (``ties``) or ``arithmetic_lam * sum_t tau_t`` (``task_arithmetic``)."""
+        dtype = self.base[piece.name].dtype
+        if label == "ties":
+            trimmed = trim_at(vectors, self.thresholds)
+            return params.lam * disjoint_merge(trimmed, elect_signs(trimmed, self.majority)).to(dtype)
+        return task_arithmetic(vectors, params.arithmetic_lam).to(dtype)
+
+    def merged(self, label: str, params: TiesParams) -> dict[str, torch.Tensor]:
+        """The merged weights ``label``: ``theta_base`` plus its ``update``."""
+        out = {n: torch.empty_like(t) for n, t in self.base.items()}
+        for piece, vectors in self.walk():
+            torch.add(piece.of(self.base[piece.name]), self.update(piece, vectors, label, params),
+                      out=piece.of(out[piece.name]))
+        return out
 
 
 class TiesConflicts(ModelSetMetric):
@@ -105,6 +159,11 @@ class TiesConflicts(ModelSetMetric):
     ``|n_pos - n_neg| / (n_pos + n_neg)`` after the trim (1 where every task is zero). With
     ``evaluate`` each task model's, the base's and both merges' loss on each task's data;
     ``save_to`` writes the TIES-merged model. Needs a base and at least two fine-tunes.
+
+    Nothing model-sized is stacked: the task vectors are walked a slice at a time through one
+    working block (``flat.WorkBlock``): for the trim's thresholds (radix selection, exactly the
+    reference's ``kthvalue``), for the counts and for each merge; only the merged model being
+    evaluated or saved is held, whatever the number of fine-tunes.
     """
 
     name = "merging.ties_conflicts"
@@ -132,19 +191,23 @@ class TiesConflicts(ModelSetMetric):
 
     @classmethod
     def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:
-        """What ``compute_set`` holds at once, d = the parameters' entries, at least float32 for the
-        flat vectors: the stacked task vectors and their trimmed copy (``vectors``, ``trimmed``:
-        2 x TASKS_DECLARED x d), the merged update(s) (``updates``: d each) and the merged weights in
-        the parameters' dtype (``merged``: d each): TIES, and with ``evaluate`` task arithmetic too.
-
-        The core sizes a model-set cost on one member, so the number of fine-tunes is not known here:
-        the declaration is for the two a TIES merge needs at least; each further fine-tune holds
-        2 x d more. FLOPs: the k-th value selection and the forward passes of the evaluation."""
+        """The working block (``work``: ``flat.WORK_ENTRIES`` entries, at least float32) and, with
+        ``evaluate`` or ``save_to``, the one merged model held at a time (``merged``, the parameters'
+        bytes). Neither grows with the number of fine-tunes. FLOPs: the walks over the task vectors
+        and the forward passes of the evaluation."""
         forward = 2.0 * view.n_params * shape.n_batches * shape.batch_size * shape.seq_len if params.evaluate else 0
-        merges = 2 if params.evaluate else 1
-        flat = max(4, view.dtype_bytes) * view.n_params
-        return Cost(state_bytes=(2 * TASKS_DECLARED + merges) * flat + merges * view.param_bytes,
-                    flops=float(10 * view.n_params) + forward)
+        work = max(4, view.dtype_bytes) * work_entries(view)
+        merged = view.param_bytes if params.evaluate or params.save_to else 0
+        return Cost(state_bytes=work + merged, flops=float(30 * view.n_params) + forward)
+
+    @classmethod
+    def ladder(cls, params: Any, view: ModelView, shape: RunShape) -> Sequence[Rung]:
+        """Without the loss evaluation no merged model is held (not offered when ``save_to`` needs one)."""
+        if not params.evaluate or params.save_to:
+            return ()
+        return (Rung(CONFLICTS_ONLY, params.model_copy(update={"evaluate": False}),
+                     "conflicts and merges exact; the merges' loss evaluation (loss/*, merged_loss/*, losses) "
+                     "left out"),)
 
     @classmethod
     def own_passes(cls, params: Any, view: ModelView, shape: RunShape, members: Sequence[str],
@@ -175,11 +238,9 @@ class TiesConflicts(ModelSetMetric):
         return loss_skip_reason(views) if params.evaluate else None
 
     def setup(self) -> None:
-        #: what compute_set holds (see ``cost``): [n_tasks, d] task vectors and their trimmed copy,
-        #: the flat merged update of each merge and its merged weights, by merge
-        self.vectors = torch.zeros(0)
-        self.trimmed = torch.zeros(0)
-        self.updates: dict[str, torch.Tensor] = {}
+        #: what compute_set holds (see ``cost``): the working block the task vectors are written into,
+        #: a slice at a time, and the one merged model evaluated or saved, by merge
+        self.work = torch.zeros(0)
         self.merged: dict[str, dict[str, torch.Tensor]] = {}
 
     def compute_set(self, views: Mapping[str, ModelView],
@@ -188,44 +249,45 @@ class TiesConflicts(ModelSetMetric):
         p: TiesParams = self.params
         check_compatible(views)
         base_view = views[self.base_name]
-        base = parameters(base_view)
-        names = sorted(base)
         groups = Groups.of_view(base_view)
         tasks = members(views, self.base_name)
-        self.vectors = stacked_task_vectors(views, base, tasks, names)
-        self.trimmed, _, merged = ties_merge(self.vectors, p.density)
-        self.updates["ties"] = merged
-        post = counts_per_group(self.trimmed, base, names, groups)
-        pre = counts_per_group(self.vectors, base, names, groups)
-        total_post, total_pre = sum(post, SignCounts(0, 0, 0, 0.0)), sum(pre, SignCounts(0, 0, 0, 0.0))
-        self.merged["ties"] = ties_weights = {n: base[n] + p.lam * t for n, t in unflatten(merged, base,
-                                                                                          names).items()}
+        stack = TaskStack(parameters(base_view), [parameters(views[t]) for t in tasks], work_entries(base_view))
+        self.work = stack.block.data
+        stack.find_thresholds(p.density)
+        tally = stack.tally(groups)
+        total_post, total_pre = sum(tally.post, SignCounts(0, 0, 0, 0.0)), sum(tally.pre, SignCounts(0, 0, 0, 0.0))
+        merged_squares = groups.sum_squares((piece.name, stack.update(piece, vectors, "ties", p))
+                                            for piece, vectors in stack.walk())
         out: dict[str, Any] = {
-            "conflict": groups.layer_value([c.conflict_fraction for c in post]),
-            "conflict_among_shared": groups.layer_value([c.conflict_among_shared for c in post]),
-            "conflict_pre_trim": groups.layer_value([c.conflict_fraction for c in pre]),
-            "conflict_pre_trim_among_shared": groups.layer_value([c.conflict_among_shared for c in pre]),
-            "sign_agreement": groups.layer_value([c.agreement for c in post]),
+            "conflict": groups.layer_value([c.conflict_fraction for c in tally.post]),
+            "conflict_among_shared": groups.layer_value([c.conflict_among_shared for c in tally.post]),
+            "conflict_pre_trim": groups.layer_value([c.conflict_fraction for c in tally.pre]),
+            "conflict_pre_trim_among_shared": groups.layer_value([c.conflict_among_shared for c in tally.pre]),
+            "sign_agreement": groups.layer_value([c.agreement for c in tally.post]),
             "conflict_total": ScalarValue(value=number(total_post.conflict_fraction), n=total_post.total),
             "conflict_pre_trim_total": ScalarValue(value=number(total_pre.conflict_fraction), n=total_pre.total),
             "sign_agreement_total": ScalarValue(value=number(total_post.agreement), n=total_post.total),
-            "keep_count": ScalarValue(value=keep_count(self.vectors.shape[1], p.density)),
-            "merged_norm": groups.layer_value(groups.sum_squares(
-                (n, w - base[n]) for n, w in ties_weights.items()).sqrt()),
+            "keep_count": ScalarValue(value=keep_count(stack.d, p.density)),
+            "merged_norm": groups.layer_value(merged_squares.sqrt()),
         }
-        for task, row in zip(tasks, self.trimmed, strict=True):
-            out[f"kept_fraction/{task}"] = ScalarValue(value=float((row != 0).sum()) / row.numel())
-        out.update(self._ranking(post, pre, groups))
-        if p.evaluate:
-            self.updates["task_arithmetic"] = task_arithmetic(self.vectors, p.arithmetic_lam)
-            self.merged["task_arithmetic"] = arithmetic = {
-                n: base[n] + t for n, t in unflatten(self.updates["task_arithmetic"], base, names).items()}
-            data = self.data[self.base_name]
-            out.update(compare_merges(views, base_view, {"ties": ties_weights, "task_arithmetic": arithmetic},
-                                      data, self.loss_targets))
+        for task, kept in zip(tasks, tally.kept.tolist(), strict=True):
+            out[f"kept_fraction/{task}"] = ScalarValue(value=kept / stack.d)
+        out.update(self._ranking(tally.post, tally.pre, groups))
         if p.save_to:
-            out["saved_to"] = TextValue(text=str(save_merged(base_view, ties_weights, Path(p.save_to))))
+            saved = save_merged(base_view, self._hold("ties", stack), Path(p.save_to))
+            out["saved_to"] = TextValue(text=str(saved))
+        if p.evaluate:
+            merges = {label: functools.partial(self._hold, label, stack) for label in ("ties", "task_arithmetic")}
+            out.update(compare_merges(views, base_view, merges, self.data[self.base_name], self.loss_targets))
         return out
+
+    def _hold(self, label: str, stack: TaskStack) -> dict[str, torch.Tensor]:
+        """The merged weights ``label``, held as ``self.merged``: the only merge held (the previous
+        one is dropped before this one is made)."""
+        if label not in self.merged:
+            self.merged = {}
+            self.merged = {label: stack.merged(label, self.params)}
+        return self.merged[label]
 
     def _ranking(self, post: list[SignCounts], pre: list[SignCounts], groups: Groups) -> dict[str, Any]:
         order = sorted(range(len(post)), key=lambda g: (math.isnan(post[g].conflict_fraction),

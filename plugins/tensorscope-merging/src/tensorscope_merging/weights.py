@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -73,28 +73,3 @@ class Groups:
         for name, t in tensors.items() if isinstance(tensors, Mapping) else tensors:
             out[self.of[name]] += t.double().pow(2).sum().cpu()
         return out
-
-    def sum_products(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Inner product per group, float64 [n_layers + 1]."""
-        out = torch.zeros(self.n_layers + 1, dtype=torch.float64)
-        for name, t in a.items():
-            out[self.of[name]] += (t.double() * b[name].double()).sum().cpu()
-        return out
-
-
-class TaskVector(Mapping[str, torch.Tensor]):
-    """``theta_member - theta_base``, computed one parameter at a time when read: nothing of the
-    model's size is held (``dict(TaskVector(...))`` materialises it)."""
-
-    def __init__(self, member: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> None:
-        self.member = member
-        self.base = base
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.member[name] - self.base[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.member)
-
-    def __len__(self) -> int:
-        return len(self.member)

@@ -23,23 +23,59 @@ Projection (``CountSketch``): entry j of a vector is added, with a random sign s
 bucket b_j of k buckets (b, s drawn from a seeded generator, the same for every vector
 of a run). The sketch is unbiased for dot products, E[Sg . Sh] = g . h, with variance at
 most 2 ||g||^2 ||h||^2 / k.
+
+Backing (``StoreBacking``): a store keeps its rows (the raw rows, or the int8 codes) in RAM
+(``memory``) or in a file (``disk``) in a fresh folder under ``scratch_root()`` (the system's
+temporary folder unless a ``scratch_under(path)`` block names another, as the core's runner
+does with the run's cache dir). Rows are appended to the file as bytes and read back through a
+``numpy.memmap`` of its current length, by the same blocked products as in RAM, so the
+results are bit for bit those of a memory store. Only the per-row norms, errors and int8
+scales stay in RAM (``nbytes``); ``close()`` removes the folder, and so does a
+``weakref.finalize`` when the store is collected (a run that fails midway leaves nothing).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
+import weakref
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
 Compression = Literal["none", "int8", "int8_zlib"]
+#: where a store keeps its rows: in RAM, or in a memory-mapped file under the run's cache dir
+StoreBacking = Literal["memory", "disk"]
 CHUNK = 256
 ZLIB_LEVEL = 6
 ACC_CHUNK = 4096  # entries multiplied in float32 before the float64 sum
 BLOCK_BYTES = 256 * 2**20  # column block of the stored vectors gathered at a time by the dot products
+
+
+_scratch: list[Path] = []  # the folders of the open ``scratch_under`` blocks, innermost last
+
+
+def scratch_root() -> Path:
+    """The folder under which disk-backed stores make their scratch folders."""
+    return _scratch[-1] if _scratch else Path(tempfile.gettempdir())
+
+
+@contextmanager
+def scratch_under(path: str | Path) -> Iterator[Path]:
+    """Make disk-backed stores created inside the block put their files under ``path`` (created if missing)."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    _scratch.append(root)
+    try:
+        yield root
+    finally:
+        _scratch.pop()
 
 
 def _low_precision(t: torch.Tensor) -> bool:
@@ -134,40 +170,81 @@ def bytes_per_vector(size: int, compression: Compression, dtype_bytes: int) -> i
 
 
 class GradientStore:
-    """Rows of flat gradient vectors, appended a batch at a time.
+    """Rows of flat gradient vectors, appended a batch at a time, in RAM or on disk (``backing``).
 
-    Every tensor it holds is an attribute (or inside a list attribute), so the core's
-    measured state of a metric that owns a store counts it.
+    ``nbytes`` is the RAM it holds (the core's measured state of a metric that owns a store
+    reads it): with disk backing the per-row norms, errors and int8 scales only. Call
+    ``close()`` when done: it drops the rows (removes the disk folder); the norms and errors stay.
     """
 
     AUX_BYTES = 16  # per vector: exact norm and relative reconstruction error (float64)
 
-    def __init__(self, size: int, compression: Compression = "none") -> None:
+    def __init__(self, size: int, compression: Compression = "none", backing: StoreBacking = "memory") -> None:
+        if backing == "disk" and compression == "int8_zlib":
+            raise ValueError("a disk-backed store keeps raw rows or int8 codes: use compression 'none' or 'int8'")
         self.size = size
         self.compression = compression
-        self.parts: list[torch.Tensor] = []  # none: [n, P] in the gradients' dtype; int8: [n, P_padded]
+        self.backing = backing
+        self.parts: list[torch.Tensor] = []  # memory: none: [n, P] in the gradients' dtype; int8: [n, P_padded]
         self.scales: list[torch.Tensor] = []
         self.blobs: list[torch.Tensor] = []  # int8_zlib: one uint8 tensor per vector
         self.norms = torch.zeros(0, dtype=torch.float64)
         self.errors = torch.zeros(0, dtype=torch.float64)
+        self._dtype: torch.dtype | None = None  # disk: the dtype of the rows in the file, once one is written
+        self._file: Path | None = None
+        self._remove: weakref.finalize | None = None
+        if backing == "disk":
+            folder = Path(tempfile.mkdtemp(prefix="tensorscope-store-", dir=scratch_root()))
+            self._file = folder / "rows.bin"
+            self._remove = weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
 
     def __len__(self) -> int:
         return int(self.norms.shape[0])
 
     @classmethod
-    def declared_bytes(cls, n: int, size: int, compression: Compression, dtype_bytes: int) -> int:
+    def declared_bytes(cls, n: int, size: int, compression: Compression, dtype_bytes: int,
+                       backing: StoreBacking = "memory") -> int:
+        """RAM ``n`` vectors take (``nbytes``); the zlib mode: an upper bound, the int8 size."""
+        if backing == "disk":
+            return n * (cls.AUX_BYTES + (0 if compression == "none" else 4 * n_chunks(size)))
         return n * (bytes_per_vector(size, compression, dtype_bytes) + cls.AUX_BYTES)
+
+    @classmethod
+    def disk_bytes(cls, n: int, size: int, compression: Compression, dtype_bytes: int) -> int:
+        """Bytes of the file of ``n`` vectors with disk backing (raw rows, or int8 codes)."""
+        return n * (size * dtype_bytes if compression == "none" else n_chunks(size) * CHUNK)
+
+    @staticmethod
+    def disk_room() -> int:
+        """Free bytes on the file system of ``scratch_root()``, where a disk-backed store would write."""
+        root = scratch_root()
+        while not root.exists():
+            root = root.parent
+        return shutil.disk_usage(root).free
+
+    @property
+    def nbytes(self) -> int:
+        """RAM held: the rows (memory backing), the scales, norms and errors."""
+        tensors = [*self.parts, *self.scales, *self.blobs, self.norms, self.errors]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes the kept rows take, in RAM or in the file (scales included)."""
+        if self._file is None:
+            return sum(t.numel() * t.element_size() for t in [*self.parts, *self.scales, *self.blobs])
+        return self._file_bytes() + sum(t.numel() * t.element_size() for t in self.scales)
 
     def add(self, rows: torch.Tensor) -> torch.Tensor:
         """Keep ``rows`` [n, size]; returns their exact squared norms (float64 [n]).
 
-        Uncompressed rows are kept as given, without a copy: do not modify them afterwards.
+        Uncompressed rows in RAM are kept as given, without a copy: do not modify them afterwards.
         """
         rows = rows.detach().cpu()
         squares = row_squares(rows)
         norms = squares.sqrt()
         if self.compression == "none":
-            self.parts.append(rows)
+            self._keep(rows)
             errors = torch.zeros(rows.shape[0], dtype=torch.float64)
         else:
             exact = rows.double()
@@ -176,7 +253,7 @@ class GradientStore:
             errors = (back - exact).norm(dim=1) / torch.where(norms > 0, norms, torch.ones_like(norms))
             self.scales.append(scales)
             if self.compression == "int8":
-                self.parts.append(q)
+                self._keep(q)
             else:
                 for row in q:
                     packed = zlib.compress(row.numpy().tobytes(), ZLIB_LEVEL)
@@ -185,9 +262,40 @@ class GradientStore:
         self.errors = torch.cat([self.errors, errors])
         return squares
 
+    def _keep(self, rows: torch.Tensor) -> None:
+        """Keep stored rows (raw or int8 codes): in ``parts``, or appended to the file."""
+        if self._file is None:
+            self.parts.append(rows)
+            return
+        if self._dtype is not None and rows.dtype != self._dtype:
+            raise ValueError(f"a disk-backed store holds {self._dtype} rows, got {rows.dtype}")
+        self._dtype = rows.dtype
+        with open(self._file, "ab") as f:
+            f.write(rows.contiguous().view(torch.uint8).numpy().tobytes())
+
+    def _file_bytes(self) -> int:
+        return self._file.stat().st_size if self._file is not None and self._file.exists() else 0
+
+    def _stored(self) -> list[torch.Tensor]:
+        """The stored rows as ``parts``: a memory store's own, or one copy-on-write map of the file
+        (made per call, never kept: the map is not RAM the store holds)."""
+        if self._file is None or self._dtype is None:
+            return self.parts
+        n, nbytes = len(self), self._file_bytes()
+        if nbytes == 0:  # zero-length rows: nothing to map
+            return [torch.zeros(n, 0, dtype=self._dtype)]
+        mapped = np.memmap(self._file, dtype=np.uint8, mode="c", shape=(n, nbytes // n))
+        return [torch.from_numpy(mapped).view(self._dtype)]
+
+    def close(self) -> None:
+        """Drop the rows (a disk store removes its folder); norms and errors stay."""
+        self.parts, self.blobs, self._dtype = [], [], None
+        if self._remove is not None:
+            self._remove()
+
     def _q_rows(self, start: int, stop: int) -> torch.Tensor:
         if self.compression == "int8":
-            return _slice(self.parts, start, stop)
+            return _slice(self._stored(), start, stop)
         rows = [np.frombuffer(zlib.decompress(b.numpy().tobytes()), dtype=np.int8) for b in self.blobs[start:stop]]
         return torch.from_numpy(np.stack(rows).copy()) if rows else torch.zeros(0, 0, dtype=torch.int8)
 
@@ -195,7 +303,8 @@ class GradientStore:
         """The (reconstructed) vectors ``start:stop`` in float64."""
         stop = len(self) if stop is None else stop
         if self.compression == "none":
-            return _slice(self.parts, start, stop).double() if self.parts else torch.zeros(0, self.size)
+            parts = self._stored()
+            return _slice(parts, start, stop).double() if parts else torch.zeros(0, self.size)
         scales = _slice(self.scales, start, stop)
         return dequantize(self._q_rows(start, stop), scales, self.size)
 
@@ -207,7 +316,7 @@ class GradientStore:
         """All pairwise dot products of the stored (reconstructed) vectors, raised entrywise to
         ``power`` first (2: sum_k g_ik^2 g_jk^2), float64 [n, n]."""
         if self.compression == "none" and power == 1:
-            return dot_products(self.parts, None, self.size, block_bytes)
+            return dot_products(self._stored(), None, self.size, block_bytes)
         n = len(self)
         out = torch.zeros(n, n, dtype=torch.float64)
         block = max(1, block_bytes // max(1, 8 * self.size))
@@ -224,7 +333,7 @@ class GradientStore:
     def cross(self, other: GradientStore, block_bytes: int = BLOCK_BYTES) -> torch.Tensor:
         """Dot products of this store's vectors with ``other``'s, float64 [n_self, n_other]."""
         if self.compression == "none" and other.compression == "none":
-            return dot_products(self.parts, other.parts, self.size, block_bytes)
+            return dot_products(self._stored(), other._stored(), self.size, block_bytes)
         out = torch.zeros(len(self), len(other), dtype=torch.float64)
         block = max(1, block_bytes // max(1, 8 * self.size))
         for i, a in self.blocks(block):

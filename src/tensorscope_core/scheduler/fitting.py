@@ -1,0 +1,116 @@
+"""The plans of one model and of the model-set stage, fitted into the run's budget (see ``ladder``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from ..config import RunConfig
+from ..errors import BadParameterError
+from ..machine import Budget
+from ..metric import ASKED, Rung, RunShape
+from ..models.view import ModelView
+from ..plugins import Registry
+from .graph import MetricNode
+from .ladder import Ladders, fit, make_ladders
+from .plan import ModelPlan, ModelSetPlan, make_plan, make_set_plan
+
+
+def check_pins(nodes: Sequence[MetricNode], config: RunConfig) -> None:
+    """Every pinned rung names a metric of this run."""
+    names = {n.name for n in nodes}
+    for metric in config.rungs:
+        if metric not in names:
+            raise BadParameterError(f"a rung is pinned for '{metric}', which this run does not compute",
+                                    "pin rungs of the metrics the run computes (--rung METRIC=RUNG)")
+
+
+def _pins(nodes: Sequence[MetricNode], config: RunConfig, scope: str) -> dict[str, str]:
+    of_scope = {n.name for n in nodes if n.cls.scope == scope and n.planned}
+    return {m: r for m, r in config.rungs.items() if m in of_scope}
+
+
+def _choices(nodes: Sequence[MetricNode], ladders: Ladders, scope: str) -> tuple[dict[str, str], dict[str, str]]:
+    rungs = {n.name: f"{n.rung.name} ({n.rung.accuracy}; {n.rung.chosen_by})" for n in nodes
+             if n.cls.scope == scope and n.rung is not None}
+    left_out = {n.name: n.over_budget for n in nodes if n.cls.scope == scope and n.over_budget}
+    return rungs, left_out
+
+
+def fit_model_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, registry: Registry,
+                   budget: Budget, config: RunConfig,
+                   floor: Ladders | None = None) -> tuple[list[MetricNode], ModelPlan, Ladders]:
+    """One model's plan within ``budget``: its metrics at their rungs (``floor``: the levels an earlier
+    model of the run ended at), those that cannot fit left out."""
+    on_view = [n for n in nodes if n.cls.scope == "model" and (view.device_map is None or n.cls.supports_dispatch)]
+    ladders = make_ladders(on_view, lambda n: n.model_cls.ladder(n.params, view, shape),
+                           _pins(on_view, config, "model"), floor)
+    for n in on_view:  # a declaration that raises leaves its metric out, not the run
+        try:
+            n.model_cls.cost(n.params, view, shape)
+        except Exception as exc:
+            ladders.left_out.setdefault(n.name, f"left out: its declared cost raised {type(exc).__name__}: {exc} "
+                                                f"(report it to {n.plugin})")
+    by_name = {n.name: n for n in nodes}
+    memo: dict[tuple[str, str], tuple[int, dict[str, int]]] = {}
+
+    def make(ns: list[MetricNode]) -> ModelPlan:
+        return make_plan(ns, view, shape, registry, budget.nbytes, config.min_micro_batch, memo)
+
+    def heavy(plan: ModelPlan) -> list[str]:
+        peak = max(plan.passes, key=lambda p: p.peak_bytes, default=None)
+        return [] if peak is None else sorted(peak.metrics, key=lambda m: -plan.declared_state.get(m, 0))
+
+    def state(name: str, rung: Rung) -> int:
+        key = (name, rung.params.model_dump_json())
+        if key not in memo:
+            make([replace(by_name[name], params=rung.params, over_budget=None)])
+        return memo[key][0]
+
+    final, model_plan = fit(nodes, ladders, make, heavy, state, budget.nbytes, config.strict_budget)
+    model_plan.budget_source = budget.source
+    model_plan.rungs, model_plan.left_out = _choices(final, ladders, "model")
+    model_plan.notes.extend(f"{name}: its memory ladder failed ({why}), so it can only run as asked"
+                            for name, why in ladders.broken.items())
+    return final, model_plan, ladders
+
+
+def set_rung_costs(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape) -> dict[str, list[tuple[Rung, int]]]:
+    """Each runnable model-set metric's rungs with their declared state, sized on one member."""
+    out: dict[str, list[tuple[Rung, int]]] = {}
+    for n in nodes:
+        if n.planned and n.cls.scope == "model_set":
+            try:
+                cheaper = list(n.set_cls.ladder(n.params, view, shape))
+            except Exception:
+                cheaper = []  # the plan's ladder step reports a broken ladder
+            out[n.name] = [(r, n.cls.cost(r.params, view, shape).state_bytes)
+                           for r in [Rung(ASKED, n.params, "as asked"), *cheaper]]
+    return out
+
+
+def fit_set_plan(nodes: Sequence[MetricNode], costs: Mapping[str, list[tuple[Rung, int]]],
+                 members: Sequence[ModelPlan], member_weights: Sequence[int], budget: Budget, config: RunConfig,
+                 own_passes: dict[str, dict[str, int]]) -> tuple[list[MetricNode], ModelSetPlan | None]:
+    """The model-set stage's plan within ``budget``, its metrics stepped down or left out as needed."""
+    if not any(n.cls.scope == "model_set" for n in nodes):
+        return list(nodes), None
+    ladders = make_ladders([n for n in nodes if n.name in costs], lambda n: [r for r, _ in costs[n.name][1:]],
+                           _pins(nodes, config, "model_set"))
+
+    def nbytes(name: str, rung_name: str) -> int:
+        return next(b for r, b in costs[name] if r.name == rung_name)
+
+    def make(ns: list[MetricNode]) -> ModelSetPlan:
+        declared = {n.name: nbytes(n.name, n.rung.name if n.rung else ASKED) for n in ns
+                    if n.planned and n.name in costs}
+        plan = make_set_plan(ns, members, member_weights, declared, budget.nbytes, own_passes)
+        assert plan is not None
+        return plan
+
+    final, set_plan = fit(nodes, ladders, make,
+                          lambda p: sorted(ladders.rungs, key=lambda m: -nbytes(m, ladders.rung(m).name)),
+                          lambda name, rung: nbytes(name, rung.name), budget.nbytes, config.strict_budget)
+    set_plan.budget_source = budget.source
+    set_plan.rungs, set_plan.left_out = _choices(final, ladders, "model_set")
+    return final, set_plan

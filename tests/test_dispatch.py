@@ -1,0 +1,101 @@
+"""Models spread over devices by accelerate (``device_map``): a tiny model with one block and the final
+norm offloaded to disk gives the plain run's values for every metric that supports dispatch, and every
+other metric ends skipped with the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tensorscope_core import RunConfig, analyze
+from tensorscope_core.errors import UnsupportedModelError
+from tensorscope_core.plugins import get_registry
+from tensorscope_core.results.schema import MetricResult
+from tensorscope_core.scheduler.run import DISPATCH_SKIP
+from tensorscope_core.testing import tiny_model
+
+#: GPT-2 (two blocks): block 1 and the final norm on disk, the rest on the CPU
+OFFLOADED = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu", "transformer.h.0": "cpu",
+             "transformer.h.1": "disk", "transformer.ln_f": "disk", "lm_head": "cpu"}
+CONFIG = {"batch_size": 4, "max_batches": 2, "memory_budget": "8GiB"}
+
+
+def _numbers(res: Any, name: str) -> dict[str, torch.Tensor]:
+    """Every numeric field of a result (scalars, per-layer, per-head, series, tensors) in float64."""
+    result: MetricResult = res.get(name)
+    out = {}
+    for field, value in result.values.items():
+        if value.kind == "tensor":
+            out[field] = res.tensor(name, field).double()
+            continue
+        raw = result.value(field) if value.kind == "scalar" else getattr(value, "values", None)
+        if raw is not None:
+            out[field] = torch.tensor(raw, dtype=torch.float64)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, list[str]]:
+    root = tmp_path_factory.mktemp("dispatch")
+    folder = tiny_model("gpt2", root / "gpt2")
+    metrics = sorted(name for name, cls in get_registry().metrics.items() if cls.scope == "model")
+    plain = analyze(str(folder), None, metrics, config=RunConfig(**CONFIG))
+    dispatched = analyze(str(folder), None, metrics,
+                         config=RunConfig(**CONFIG, device_map=OFFLOADED, offload_dir=root / "offload"))
+    return plain, dispatched, metrics
+
+
+def test_the_model_really_is_offloaded(runs: tuple[Any, Any, list[str]]) -> None:
+    _, dispatched, _ = runs
+    assert "dispatched over cpu, disk" in " ".join(dispatched.model().notes)
+
+
+def test_metrics_that_support_dispatch_give_the_plain_values(runs: tuple[Any, Any, list[str]]) -> None:
+    plain, dispatched, metrics = runs
+    supported = [m for m in metrics if get_registry().metrics[m].supports_dispatch]
+    assert len(supported) >= 9
+    for name in supported:
+        a, b = plain.get(name), dispatched.get(name)
+        assert a.ok and b.ok, (name, b.reason)
+        numbers_a, numbers_b = _numbers(plain, name), _numbers(dispatched, name)
+        assert numbers_a.keys() == numbers_b.keys() and numbers_a, name
+        for field, value in numbers_a.items():
+            torch.testing.assert_close(numbers_b[field], value, rtol=1e-5, atol=1e-7, equal_nan=True,
+                                       msg=lambda m, n=name, f=field: f"{n}.{f}: {m}")
+
+
+def test_the_others_say_why_they_are_skipped(runs: tuple[Any, Any, list[str]]) -> None:
+    _, dispatched, metrics = runs
+    for name in metrics:
+        result = dispatched.get(name)
+        if get_registry().metrics[name].supports_dispatch:
+            continue
+        assert result.status == "skipped", (name, result.status, result.reason)
+        assert result.reason is not None
+        assert result.reason == DISPATCH_SKIP or result.reason.startswith("dependency") or "needs" in result.reason
+
+
+def test_device_map_needs_a_model_folder(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    module = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="device_map dispatches Hugging Face model folders"):
+        analyze(module, None, ["basic.loss"], config=RunConfig(device_map="auto"))
+
+
+def test_cli_auto_device_map_offloads_what_the_cpu_limit_leaves_out(tmp_path: Path) -> None:
+    from tensorscope_core.cli import main
+    from tensorscope_core.results import Results
+
+    folder = tiny_model("gpt2", tmp_path / "gpt2")
+    common = ["analyze", str(folder), "--metrics", "basic.loss", "--batch-size", "4", "--max-batches", "2",
+              "--memory-budget", "1GiB"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--out", str(tmp_path / "auto"), "--device-map", "auto", "--max-memory", "cpu=60KB",
+                 "--offload-dir", str(tmp_path / "offload")]) == 0
+    plain, auto = Results.load(tmp_path / "plain"), Results.load(tmp_path / "auto")
+    assert "disk" in " ".join(auto.model().notes)
+    assert auto.get("basic.loss").value("loss") == pytest.approx(plain.get("basic.loss").value("loss"), rel=1e-6)
