@@ -248,3 +248,19 @@ def test_a_shared_artifact_goes_with_all_its_readers_and_nothing_else(
     assert all("the 'param_grad' artifact it reads" in why for why in p.left_out.values())
     res = analyze(folder, tokens, metrics, config=config)
     assert res.get("basic.loss").ok and res.get("t.grad_reader").status == "skipped"
+
+
+class TwiceNamed(Rows):
+    name = "t.twice_named"
+
+    @classmethod
+    def ladder(cls, params: WidthParams, view: Any, shape: Any) -> Sequence[Rung]:
+        return [Rung("half", params, "x"), Rung("half", params, "y")]
+
+
+def test_a_malformed_ladder_runs_as_asked_and_the_plan_says_why(gpt2: str, use_registry: Callable[..., Any]) -> None:
+    use_registry(TwiceNamed)
+    p = _model_plan(gpt2, ["t.twice_named"], memory_budget="1GiB")
+    assert any("t.twice_named: its memory ladder failed" in n and "named once each" in n for n in p.notes)
+    res = analyze(gpt2, None, ["t.twice_named"], config=RunConfig(memory_budget="1GiB"))
+    assert res.get("t.twice_named").ok and res.get("t.twice_named").rung is None

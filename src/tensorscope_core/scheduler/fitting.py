@@ -12,7 +12,7 @@ from ..metric import ASKED, Rung, RunShape
 from ..models.view import ModelView
 from ..plugins import Registry
 from .graph import MetricNode
-from .ladder import Ladders, fit, make_ladders
+from .ladder import Ladders, fit, make_ladders, rungs_of
 from .plan import ModelPlan, ModelSetPlan, make_plan, make_set_plan
 
 
@@ -81,11 +81,10 @@ def set_rung_costs(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape
     for n in nodes:
         if n.planned and n.cls.scope == "model_set":
             try:
-                cheaper = list(n.set_cls.ladder(n.params, view, shape))
-            except Exception:
-                cheaper = []  # the plan's ladder step reports a broken ladder
-            out[n.name] = [(r, n.cls.cost(r.params, view, shape).state_bytes)
-                           for r in [Rung(ASKED, n.params, "as asked"), *cheaper]]
+                rungs = rungs_of(n, lambda m: m.set_cls.ladder(m.params, view, shape))
+            except Exception:  # a broken ladder: as asked only, as for per-model metrics
+                rungs = [Rung(ASKED, n.params, "as asked")]
+            out[n.name] = [(r, n.cls.cost(r.params, view, shape).state_bytes) for r in rungs]
     return out
 
 

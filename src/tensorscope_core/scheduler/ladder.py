@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 from ..config import format_bytes
-from ..errors import BadParameterError, PluginError
+from ..errors import BadParameterError
 from ..metric import ASKED, Rung
 from ..results.schema import RungRecord
 from .graph import MetricNode
@@ -53,12 +53,12 @@ class Ladders:
 
 
 def rungs_of(node: MetricNode, size_on: Callable[[MetricNode], Sequence[Rung]]) -> list[Rung]:
-    """``node``'s ladder, its asked parameters first; rungs named twice or 'asked' are the plugin's error."""
+    """``node``'s ladder, its asked parameters first; a ladder that raises, or names a rung twice or
+    'asked', gives the asked rung only (the caller notes why)."""
     cheaper = list(size_on(node))
     names = [r.name for r in cheaper]
     if ASKED in names or len(set(names)) != len(names):
-        raise PluginError(f"{node.name}.ladder names its rungs {names}: each once, none '{ASKED}'",
-                          f"report it to the plugin that provides {node.name} ({node.plugin})")
+        raise ValueError(f"its rungs {names} must be named once each, none '{ASKED}'")
     return [Rung(ASKED, node.params, "as asked"), *cheaper]
 
 
@@ -72,8 +72,6 @@ def make_ladders(nodes: Sequence[MetricNode], size_on: Callable[[MetricNode], Se
             continue
         try:
             ladders.rungs[n.name] = rungs_of(n, size_on)
-        except PluginError:
-            raise
         except Exception as exc:  # one metric's broken ladder must not stop the run
             ladders.rungs[n.name] = [Rung(ASKED, n.params, "as asked")]
             ladders.broken[n.name] = f"{type(exc).__name__}: {exc}"

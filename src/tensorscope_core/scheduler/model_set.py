@@ -63,11 +63,7 @@ class ModelSetRunner(Executor):
     def _admit(self, node: MetricNode) -> ActiveMetric | None:
         cls = node.set_cls
         self.keys[node.name] = self._key(node)
-        if node.unavailable:
-            self.results[node.name] = self._result(node, "error", reason=node.unavailable, error_type="Unavailable")
-            return None
-        if node.over_budget:
-            self.results[node.name] = self._result(node, "skipped", reason=node.over_budget)
+        if self._not_planned(node):
             return None
         if self._dependency_failed(node, self.per_model) or self._cached(node):
             return None

@@ -176,6 +176,15 @@ class Executor:
         self.tensors.update(tensors)
         return True
 
+    def _not_planned(self, node: MetricNode) -> bool:
+        """Record the result of a node the plan does not run: unavailable (an error naming what is
+        missing) or left out for memory (skipped, with the reason and the fix)."""
+        if node.unavailable:
+            self.results[node.name] = self._result(node, "error", reason=node.unavailable, error_type="Unavailable")
+        elif node.over_budget:
+            self.results[node.name] = self._result(node, "skipped", reason=node.over_budget)
+        return not node.planned
+
     def _dependency_failed(self, node: MetricNode, results: Mapping[str, Mapping[str, MetricResult]]) -> bool:
         """A needed metric that did not end ok (on any model in ``results``) skips this one."""
         for model, metrics in results.items():
@@ -274,11 +283,7 @@ class ModelRunner(Executor):
     def _admit(self, node: MetricNode) -> ActiveMetric | None:
         """Cache hit, unavailable, dependency failed, not applicable -> a result now; else run it."""
         self.keys[node.name] = self._key(node)
-        if node.unavailable:
-            self.results[node.name] = self._result(node, "error", reason=node.unavailable, error_type="Unavailable")
-            return None
-        if node.over_budget:
-            self.results[node.name] = self._result(node, "skipped", reason=node.over_budget)
+        if self._not_planned(node):
             return None
         if self._dependency_failed(node, {self.where: self.results}) or self._cached(node):
             return None
