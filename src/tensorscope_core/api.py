@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from .models.load import Dispatch, ModelSource, is_meta, load_model, modules_res
 from .models.view import ModelView
 from .plugins import Registry, get_registry
 from .results import Results
-from .results.schema import ArtifactBytes, ModelRecord, RunRecord
+from .results.schema import ArtifactBytes, MetricResult, ModelRecord, RunRecord
 from .results.store import ResultCache, check_writable_folder
 from .scheduler.fitting import check_pins, fit_model_plan, fit_set_plan, set_rung_costs
 from .scheduler.graph import MetricNode, resolve
@@ -33,7 +33,7 @@ from .scheduler.ladder import Ladders, apply
 from .scheduler.model_set import ModelSetRunner
 from .scheduler.passes import PassCounter
 from .scheduler.plan import ModelPlan, ModelSetPlan, set_passes
-from .scheduler.run import ModelRunner
+from .scheduler.run import ModelRunner, metric_result
 
 ModelSpec = str | os.PathLike[str] | nn.Module | ModelSource
 ModelsArg = ModelSpec | Sequence[ModelSpec] | Mapping[str, ModelSpec]
@@ -92,6 +92,9 @@ class Prepared:
     set_passes: dict[str, dict[str, int]]
     #: the levels of the metrics' ladders this model's plan ended at
     ladders: Ladders
+    #: the model's family and dimensions (what a record of it says when its run is lost)
+    family: str = ""
+    dims: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _needs_data(nodes: Sequence[MetricNode]) -> bool:
@@ -127,7 +130,8 @@ def _prepare(src: ModelSource, data: DataSpec | None, nodes: Sequence[MetricNode
     _, plan, ladders = fit_model_plan(nodes, view, shape, registry, budget, config, floor)
     plan.notes = notes + plan.notes
     return Prepared(src, view, prepared_data, shape, plan, view.param_bytes, set_rung_costs(nodes, view, shape),
-                    set_passes(nodes, view, shape, members, base_name), ladders)
+                    set_passes(nodes, view, shape, members, base_name), ladders,
+                    family=view.family, dims=view.dims())
 
 
 def dispatch_note(view: ModelView) -> str:
@@ -283,12 +287,86 @@ def analyze(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequ
                         BASE_NAME if base is not None else None)
 
 
+@dataclass
+class MemberRun:
+    """What one member's per-model stage hands to the run: its record, tensors, cache keys and fingerprints."""
+
+    record: ModelRecord
+    tensors: dict[str, torch.Tensor]
+    keys: dict[str, str]
+    fingerprints: tuple[str, str | None]
+    #: why the member's stage was lost as a whole (its task failed on every try); None: it ran
+    failure: str | None = None
+
+
+def run_member(p: Prepared, nodes: Sequence[MetricNode], registry: Registry, config: RunConfig,
+               adapter: Adapter | None, tokenizer: Any, budget: Budget, cache: ResultCache | None,
+               progress: Callable[[str, int], Any] | None) -> tuple[MemberRun, ModelView]:
+    """Run one member's plan at the run's final rungs (the same on every executor)."""
+    view = p.view or _load(p.source, registry, config, adapter, tokenizer)
+    _, p.plan, _ = fit_model_plan(nodes, view, p.shape, registry, budget,
+                                  config.model_copy(update={"rungs": {}}))  # the run's final rungs
+    torch.manual_seed(config.seed)
+    runner = ModelRunner(view=view, data=p.data, nodes=nodes, plan=p.plan, shape=p.shape,
+                         registry=registry, config=config, cache=cache,
+                         data_fingerprint=p.data.fingerprint() if p.data else None,
+                         model_fingerprint=view.fingerprint(), progress=progress,
+                         counter=PassCounter([type(view.model)]))
+    runner.run()
+    record = _record_model(runner, p, [n.name for n in nodes])
+    fingerprints = (runner.model_fingerprint, runner.data_fingerprint)
+    return MemberRun(record, runner.tensors, dict(runner.keys), fingerprints), view
+
+
+def _progress_bar(config: RunConfig, prepared: Sequence[Prepared], nodes: Sequence[MetricNode]) -> Any:
+    """One bar over the members' batches and stages (None without ``config.progress``)."""
+    if not config.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    total = sum(p.shape.n_batches * len({n.stage for n in nodes}) for p in prepared)
+    return tqdm(total=total, desc="analysing", unit="batch")
+
+
+def _run_members_here(prepared: Sequence[Prepared], nodes: Sequence[MetricNode], registry: Registry,
+                      config: RunConfig, adapter: Adapter | None, tokenizer: Any, budget: Budget,
+                      cache: ResultCache | None, bar: Any,
+                      keep_views: bool) -> tuple[list[MemberRun], dict[str, ModelView]]:
+    """The local executor: one member after another in this process (views kept for the model-set stage)."""
+    progress = (lambda model, n: bar.update(n)) if bar is not None else None  # noqa: E731
+    release_weights = keep_views and not _reads_weights(nodes)
+    runs: list[MemberRun] = []
+    views: dict[str, ModelView] = {}
+    for p in prepared:
+        run, view = run_member(p, nodes, registry, config, adapter, tokenizer, budget, cache, progress)
+        runs.append(run)
+        if keep_views:
+            if release_weights and _releasable(p.source):
+                release(view)
+            views[view.name] = view
+        p.view = None
+    return runs, views
+
+
+def _set_views(prepared: Sequence[Prepared], nodes: Sequence[MetricNode], registry: Registry, config: RunConfig,
+               adapter: Adapter | None, tokenizer: Any) -> dict[str, ModelView]:
+    """The members loaded here again for the model-set stage (their per-model stages ran elsewhere)."""
+    views = {}
+    for p in prepared:
+        view = _load(p.source, registry, config, adapter, tokenizer)
+        if not _reads_weights(nodes) and _releasable(p.source):
+            release(view)
+        views[view.name] = view
+    return views
+
+
 def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[MetricNode], config: RunConfig,
              registry: Registry, adapter: Adapter | None, tokenizer: Any, base_name: str | None = None) -> Results:
     started = time.perf_counter()
     budget = config.budget()
+    on_ray = config.executor == "ray"
     prepared, nodes = _prepare_all(sources, data, nodes, config, registry, adapter, tokenizer, base_name, budget,
-                                   keep_last=True, refuse=True)
+                                   keep_last=not on_ray, refuse=True)
     nodes, set_plan = _set_plan(nodes, prepared, config, budget)
     if set_plan is not None and not set_plan.fits:
         raise PlanDoesNotFitError(
@@ -304,61 +382,42 @@ def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[Metr
         folder = scratch.enter_context(scratch_under(Path(config.cache_dir) / SCRATCH_DIR))
         scratch.callback(lambda: folder.rmdir() if folder.is_dir() and not any(folder.iterdir()) else None)
     with scratch:
-        progress = None
-        bar = None
-        if config.progress:
-            from tqdm.auto import tqdm
-
-            total = sum(p.shape.n_batches * len({n.stage for n in nodes}) for p in prepared)
-            bar = tqdm(total=total, desc="analysing", unit="batch")
-            progress = (lambda model, n: bar.update(n))  # noqa: E731
-        records: list[ModelRecord] = []
-        tensors: dict[str, torch.Tensor] = {}
-        keep_views = set_plan is not None
-        release_weights = keep_views and not _reads_weights(nodes)
-        views: dict[str, ModelView] = {}
-        set_data: dict[str, PreparedData] = {}
-        member_keys: dict[str, dict[str, str]] = {}
-        fingerprints: dict[str, tuple[str, str | None]] = {}
-        order = [n.name for n in nodes]
+        bar = _progress_bar(config, prepared, nodes)
         try:
-            for p in prepared:
-                view = p.view or _load(p.source, registry, config, adapter, tokenizer)
-                _, p.plan, _ = fit_model_plan(nodes, view, p.shape, registry, budget,
-                                              config.model_copy(update={"rungs": {}}))  # the run's final rungs
-                torch.manual_seed(config.seed)
-                runner = ModelRunner(view=view, data=p.data, nodes=nodes, plan=p.plan, shape=p.shape,
-                                     registry=registry, config=config, cache=cache,
-                                     data_fingerprint=p.data.fingerprint() if p.data else None,
-                                     model_fingerprint=view.fingerprint(), progress=progress,
-                                     counter=PassCounter([type(view.model)]))
-                runner.run()
-                records.append(_record_model(runner, p, order))
-                tensors.update(runner.tensors)
-                member_keys[view.name] = dict(runner.keys)
-                fingerprints[view.name] = (runner.model_fingerprint, runner.data_fingerprint)
-                if keep_views:
-                    if release_weights and _releasable(p.source):
-                        release(view)
-                    views[view.name] = view
-                    if p.data is not None:
-                        set_data[view.name] = p.data
-                p.view = None
+            if on_ray:
+                from .ray_sweep import run_members_on_ray
+
+                runs = run_members_on_ray(prepared, nodes, registry, config, adapter, tokenizer, budget, bar)
+                lost_any = any(run.failure is not None for run in runs)
+                views = _set_views(prepared, nodes, registry, config, adapter, tokenizer) \
+                    if set_plan and not lost_any else {}
+            else:
+                runs, views = _run_members_here(prepared, nodes, registry, config, adapter, tokenizer, budget,
+                                                cache, bar, keep_views=set_plan is not None)
         finally:
             if bar is not None:
                 bar.close()
-        model_set = {}
-        if set_plan is not None:
+        tensors = {k: v for run in runs for k, v in run.tensors.items()}
+        model_set: dict[str, MetricResult] = {}
+        lost = next((run for run in runs if run.failure is not None), None)
+        if set_plan is not None and lost is not None:
+            reason = f"member {lost.record.name} was lost: {lost.failure}"
+            model_set = {n.name: metric_result(n, "skipped", reason=reason)
+                         for n in nodes if n.cls.scope == "model_set"}
+        elif set_plan is not None:
             set_runner = ModelSetRunner(
                 registry=registry, config=config, cache=cache, tensors=tensors, nodes=nodes, views=views,
-                per_model={r.name: r.metrics for r in records}, member_keys=member_keys, fingerprints=fingerprints,
-                shape=prepared[0].shape, declared=set_plan.declared_state, base_name=base_name, data=set_data,
+                per_model={run.record.name: run.record.metrics for run in runs},
+                member_keys={run.record.name: run.keys for run in runs},
+                fingerprints={run.record.name: run.fingerprints for run in runs},
+                shape=prepared[0].shape, declared=set_plan.declared_state, base_name=base_name,
+                data={p.source.display_name: p.data for p in prepared if p.data is not None},
                 counter=PassCounter({type(v.model) for v in views.values()}))
             model_set = set_runner.run()
         record = RunRecord(
             tensorscope_version=registry.plugin_version("tensorscope-core") or "unknown",
             plugins=registry.plugins, config=config.model_dump(mode="json"), device=config.device,
-            dtype=config.dtype, models=records, model_set=model_set,
+            dtype=config.dtype, models=[run.record for run in runs], model_set=model_set,
             seconds_total=round(time.perf_counter() - started, 3))
         return Results(record, tensors)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TensorScopeError, UsageError
+from .quiet import quiet_transformers
 
 EPILOG = "exit codes: 0 success, 1 failure, 2 usage error (unknown metric, bad parameter), 3 plan over memory budget"
 
@@ -81,7 +82,7 @@ def _config(args: argparse.Namespace, **extra: Any) -> Any:
               "max_batches": args.max_batches,
               "strict_budget": args.strict_budget or None, "rungs": _rungs(args.rung) or None,
               "device_map": args.device_map, "max_memory": _pairs(args.max_memory, "--max-memory", "cpu=2GiB") or None,
-              "offload_dir": args.offload_dir, **extra}
+              "offload_dir": args.offload_dir, "executor": args.executor, "ray_address": args.ray_address, **extra}
     try:
         return RunConfig(**{k: v for k, v in values.items() if v is not None})
     except ValueError as exc:
@@ -280,6 +281,12 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rung", action="append", default=[], metavar="METRIC=RUNG",
                    help="run METRIC at this rung of its memory ladder ('asked': as given, never stepped down); "
                         "a rung the metric lacks is refused with its rungs listed")
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="where the models' stages run: local (default, one after another) or ray (one Ray task "
+                        "per model; pip install 'tensorscope[ray]')")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="with --executor ray: 'auto' joins the cluster of `ray start --head`, or ray://HOST:10001 "
+                        "(default: start a local cluster)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -349,19 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_transformers() -> None:
-    """Loading-bar and config chatter from transformers drowns the command's own output."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    _quiet_transformers()
+    quiet_transformers()
     args = parser.parse_args(argv)
     try:
         return int(args.fn(args))

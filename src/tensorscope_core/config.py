@@ -72,6 +72,12 @@ class RunConfig(BaseModel):
         None, description="device -> memory accelerate may fill with weights, e.g. {'0': '70GiB', 'cpu': '2GiB'}")
     offload_dir: Path | None = Field(None, description="where accelerate keeps the weights it offloads to disk")
     progress: bool = False
+    executor: Literal["local", "ray"] = Field(
+        "local", description="where the members' per-model stages run: 'local' (one after another here) or "
+                             "'ray' (one Ray task each; pip install 'tensorscope[ray]')")
+    ray_address: str | None = Field(
+        None, description="the Ray cluster to join with executor='ray': None starts a local one, 'auto' joins "
+                          "the cluster of `ray start --head`, or 'ray://HOST:10001'")
 
     @field_validator("memory_budget")
     @classmethod

@@ -111,6 +111,13 @@ class ActiveMetric:
     own_passes: dict[str, int] = field(default_factory=dict)
 
 
+def metric_result(node: MetricNode, status: str, **kw: Any) -> MetricResult:
+    """``node``'s result with its provenance (version, plugin, parameters, class, derivations, rung)."""
+    return MetricResult(metric=node.name, version=node.cls.version, plugin=node.plugin, status=status,
+                        params=node.params.model_dump(mode="json"), class_path=node.cls.class_path(),
+                        derived_from=list(node.cls.derived_from), rung=node.rung, **kw)
+
+
 @dataclass(kw_only=True)
 class Executor:
     """What running a metric means, per model or over a model set: the cache, the time limit,
@@ -136,9 +143,7 @@ class Executor:
         return self.where
 
     def _result(self, node: MetricNode, status: str, **kw: Any) -> MetricResult:
-        return MetricResult(metric=node.name, version=node.cls.version, plugin=node.plugin, status=status,
-                            params=node.params.model_dump(mode="json"), class_path=node.cls.class_path(),
-                            derived_from=list(node.cls.derived_from), rung=node.rung, **kw)
+        return metric_result(node, status, **kw)
 
     def _fail(self, active: ActiveMetric, exc: BaseException) -> None:
         if self.config.fail_fast:
