@@ -53,7 +53,7 @@ BENCH_BASELINES_NO_DEPS = ["curvlinops-for-pytorch==3.0.1", "backpack-for-pytorc
 #: the plugins' benchmarks, each its own script (bench/README.md says what each measures)
 PLUGIN_BENCHES = ["bench_fisher_stein", "bench_fisher_gram", "bench_hessian_lanczos", "bench_attention_capture",
                   "bench_integrated_gradients", "bench_fiber_bundle", "bench_geometry_streaming", "bench_merging",
-                  "bench_core_v2"]
+                  "bench_core_v2", "bench_ray"]
 
 
 @nox.session

@@ -252,6 +252,38 @@ def test_generic_adapter_on_llama_matches_the_llama_adapter(model_dirs: dict[str
         assert values_of(generic.get(metric)) == values_of(builtin.get(metric)), metric
 
 
+def test_generic_adapter_user_guide_example_on_gpt2(model_dirs: dict[str, Any], tokens: torch.Tensor) -> None:
+    """The user guide's GenericAdapter example, as written, on GPT-2: its MLP output is a Conv1D (weight
+    [in, out]), so d_mlp is the weight's first dimension, 4 d_model (it took the second, d_model, and
+    basic.activation_stats ended in error). The values match the built-in GPT-2 adapter's."""
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"])
+    ids = tokens
+    adapter = GenericAdapter(blocks="transformer.h", attn="attn", mlp_out="mlp.c_proj", n_heads=4,
+                             final_norm="transformer.ln_f")
+    res = analyze(model, data=ids, metrics=["basic.loss", "basic.activation_stats"], adapter=adapter)
+    builtin = analyze(model, data=ids, metrics=["basic.loss", "basic.activation_stats"])
+    assert res.model().family == "generic(gpt2)"
+    for metric in ("basic.loss", "basic.activation_stats"):
+        assert res.get(metric).ok, res.get(metric).reason
+        assert values_of(res.get(metric)) == values_of(builtin.get(metric)), metric
+    view = adapter.build(model, "gpt2")
+    assert type(view.mlp_out[0]).__name__ == "Conv1D"
+    assert view.d_mlp == 4 * model.config.n_embd == 128
+
+
+@pytest.mark.parametrize(("family", "adapter", "d_mlp"), [
+    ("gpt2", GenericAdapter(blocks="transformer.h", attn="attn", mlp_out="mlp.c_proj", n_heads=4), 128),
+    ("llama", _generic_llama(), 64),
+], ids=["conv1d", "linear"])
+def test_generic_adapter_d_mlp_is_the_mlp_out_input_width(model_dirs: dict[str, Any], basic_registry: Any,
+                                                          family: str, adapter: GenericAdapter, d_mlp: int) -> None:
+    """d_mlp is the width of mlp_out's input for nn.Linear (weight [out, in]) and Conv1D (weight [in, out])."""
+    view = view_of(model_dirs[family], basic_registry, adapter=adapter)
+    assert view.d_mlp == d_mlp == view_of(model_dirs[family], basic_registry).d_mlp
+
+
 def test_generic_adapter_names_a_missing_module(model_dirs: dict[str, Any], basic_registry: Any) -> None:
     bad = GenericAdapter(blocks="model.layers", attn="attention", mlp_out="mlp.down_proj", n_heads=4)
     with pytest.raises(UnsupportedModelError, match="'attention'"):

@@ -12,7 +12,8 @@ import pytest
 from core_helpers import synthetic_record
 
 from tensorscope_core import Results, report
-from tensorscope_core.compare import compare, order_models, step_of
+from tensorscope_core.checkpoints import order_models, step_of
+from tensorscope_core.compare import compare
 from tensorscope_core.discovery import discover_correlations
 from tensorscope_core.errors import UsageError
 from tensorscope_core.results.schema import HeadValue, LayerValue, ScalarValue
@@ -241,3 +242,31 @@ def test_units_head_model_and_checkpoint() -> None:
     with pytest.raises(UsageError, match="no values of 'h.thre'"):
         discover_correlations(record, metrics=["h.thre"], unit="head")
     assert discover_correlations(record, metrics=["h.one"], unit="head").variables == ["h.one.score"]
+
+
+def test_change_points_of_a_model_set_metric_reach_the_comparison_and_the_report() -> None:
+    """A model-set table with the change-point columns (dynamics.phase_transitions writes one) marks
+    the matching scalar and per-layer series; the report shades the scalar's panel and lists every change."""
+    from tensorscope_core.report.comparison_section import comparison_section
+    from tensorscope_core.results.schema import LayerValue, MetricResult, TableValue
+
+    steps = [0, 25, 50, 75, 100]
+    losses = [4.18, 4.10, 3.99, 2.83, 2.36]
+    record = synthetic_record({f"step-{s}": {"basic.loss": {"loss": ScalarValue(value=v)},
+                                             "basic.grad_norms": {"layer_norm": LayerValue(values=[1.0, v])}}
+                               for s, v in zip(steps, losses, strict=True)})
+    table = TableValue(columns=["series", "model_before", "model_after", "size_sd"],
+                       rows=[["basic.loss.loss", "step-50", "step-75", -5.7],
+                             ["basic.grad_norms.layer_norm[L1]", "step-50", "step-75", -5.7]])
+    record.model_set["detector.changes"] = MetricResult(metric="detector.changes", version="1", plugin="p",
+                                                        status="ok", values={"changes": table})
+    result = compare(record)
+    loss = next(s for s in result.scalars if (s.metric, s.field) == ("basic.loss", "loss"))
+    assert [(c.model_before, c.model_after, c.found_by, c.label) for c in loss.changes] == \
+        [("step-50", "step-75", "detector.changes", None)]
+    layers = next(lt for lt in result.layers if lt.metric == "basic.grad_norms")
+    assert [(c.model_before, c.label) for c in layers.changes] == [("step-50", "L1")]
+    assert all(not s.changes for s in result.scalars if s.metric != "basic.loss")
+    section = comparison_section(result, {n: n for n in result.order.names})
+    tables = [b for b in section.blocks if type(b).__name__ == "Table" and "found by" in b.columns]
+    assert [row[0] for row in tables[0].rows] == ["basic.loss.loss", "basic.grad_norms.layer_norm[L1]"]

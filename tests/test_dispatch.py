@@ -56,9 +56,12 @@ def test_the_model_really_is_offloaded(runs: tuple[Any, Any, list[str]]) -> None
 def test_metrics_that_support_dispatch_give_the_plain_values(runs: tuple[Any, Any, list[str]]) -> None:
     plain, dispatched, metrics = runs
     supported = [m for m in metrics if get_registry().metrics[m].supports_dispatch]
-    assert len(supported) >= 9
+    assert sum(plain.get(m).ok for m in supported) >= 9
     for name in supported:
         a, b = plain.get(name), dispatched.get(name)
+        if a.status == "skipped":  # too little data for it here (e.g. a plug-in estimate's sample floor)
+            assert (b.status, b.reason) == (a.status, a.reason), name
+            continue
         assert a.ok and b.ok, (name, b.reason)
         numbers_a, numbers_b = _numbers(plain, name), _numbers(dispatched, name)
         assert numbers_a.keys() == numbers_b.keys() and numbers_a, name

@@ -72,9 +72,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return [tiny_model("gpt2", root / f"step{i}", seed=i) for i in range(3)]
 
 
-def _values(results: Any) -> dict[str, Any]:
-    per_model = {(m.name, k): (r.status, r.values, r.passes_declared, r.model_calls)
-                 for m in results.record.models for k, r in m.metrics.items()}
+def _values(results: Any) -> dict[tuple[str, str], tuple[Any, ...]]:
+    per_model: dict[tuple[str, str], tuple[Any, ...]] = {
+        (m.name, k): (r.status, r.values, r.passes_declared, r.model_calls)
+        for m in results.record.models for k, r in m.metrics.items()}
     per_model.update({("*", k): (r.status, r.values) for k, r in results.record.model_set.items()})
     return per_model
 

@@ -455,3 +455,26 @@ def test_masked_lm_without_mask_token_skips_loss_metrics(model_dirs: dict[str, P
     with_tok = analyze(module, data=tokens, metrics=["basic.loss"], config=CFG, tokenizer=tiny_tokenizer())
     loss = with_tok.get("basic.loss")
     assert loss.ok and 0 < loss.values["loss"].n < 120  # about 15% of the 120 tokens are predicted
+
+
+def test_a_metric_that_finds_it_does_not_apply_ends_skipped_with_its_reason(model_dirs: dict[str, Path]) -> None:
+    """NotApplicable raised while running: skipped with problem and fix, not error, also under fail_fast."""
+    from tensorscope_core.plugin_api import Metric, NotApplicable
+    from tensorscope_core.testing import temporary_plugin
+
+    class FindsNoTask(Metric):
+        name = "probe.finds_no_task"
+        version = "1"
+        summary = "raises NotApplicable in finalize"
+        fields = {"x": "never"}
+
+        def finalize(self) -> dict[str, float]:
+            raise NotApplicable("the data has no task 'test'", "pass data={'train': ..., 'test': ...}")
+
+    with temporary_plugin("probe", metrics=[FindsNoTask]) as registry:
+        res = analyze(model_dirs["gpt2"], metrics=["probe.finds_no_task", "basic.loss"],
+                      config=RunConfig(fail_fast=True), registry=registry)
+    result = res.get("probe.finds_no_task")
+    assert result.status == "skipped"
+    assert result.reason == "the data has no task 'test': pass data={'train': ..., 'test': ...}"
+    assert res.get("basic.loss").ok

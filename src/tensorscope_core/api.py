@@ -16,12 +16,12 @@ from torch import nn
 
 from .config import RunConfig, format_bytes
 from .data import DataSpec, PreparedData, builtin_corpus, materialize, prepare_data
-from .errors import PlanDoesNotFitError, UsageError
+from .errors import ModelChangedError, PlanDoesNotFitError, UsageError
 from .example_store import scratch_under
-from .machine import Budget
+from .machine import Budget, check_device
 from .metric import Rung, RunShape
 from .models.adapters import Adapter
-from .models.load import Dispatch, ModelSource, is_meta, load_model, modules_restored, release
+from .models.load import Dispatch, ModelSource, files_signature, is_meta, load_model, modules_restored, release
 from .models.view import ModelView
 from .plugins import Registry, get_registry
 from .results import Results
@@ -54,8 +54,13 @@ def _sources(models: ModelsArg, base_config: str | None, base: ModelSpec | None 
         sources = [one(spec, name) for name, spec in models.items()]
     elif isinstance(models, (str, os.PathLike, nn.Module, ModelSource)):
         sources = [one(models)]
-    else:
+    elif isinstance(models, Sequence):
         sources = [one(m) for m in models]
+    else:
+        raise UsageError(f"models must be a path, a module, a list of them or {{name: model}}, got "
+                         f"{type(models).__name__}", 'pass e.g. analyze(["ckpt-100/", "ckpt-500/"])')
+    if not sources:
+        raise UsageError("no model was given", "pass at least one model: a folder, a weights file or a module")
     _refuse_duplicate_names(sources)
     if base is None:
         return sources
@@ -95,6 +100,8 @@ class Prepared:
     #: the model's family and dimensions (what a record of it says when its run is lost)
     family: str = ""
     dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: the model files as planned (name, size, mtime): a run refuses files that changed since
+    signature: tuple[tuple[str, int, int], ...] = ()
 
 
 def _needs_data(nodes: Sequence[MetricNode]) -> bool:
@@ -131,7 +138,7 @@ def _prepare(src: ModelSource, data: DataSpec | None, nodes: Sequence[MetricNode
     plan.notes = notes + plan.notes
     return Prepared(src, view, prepared_data, shape, plan, view.param_bytes, set_rung_costs(nodes, view, shape),
                     set_passes(nodes, view, shape, members, base_name), ladders,
-                    family=view.family, dims=view.dims())
+                    family=view.family, dims=view.dims(), signature=files_signature(src))
 
 
 def dispatch_note(view: ModelView) -> str:
@@ -277,6 +284,11 @@ def analyze(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequ
     with extra plugins); default: every installed plugin.
     """
     config = config or RunConfig()
+    check_device(config.device)
+    if config.executor == "ray":
+        from .ray_sweep import import_ray
+
+        import_ray()  # missing: say so before any model loads
     registry = registry or get_registry()
     nodes = resolve(metrics, params or {}, registry)
     check_pins(nodes, config)
@@ -303,6 +315,10 @@ def run_member(p: Prepared, nodes: Sequence[MetricNode], registry: Registry, con
                adapter: Adapter | None, tokenizer: Any, budget: Budget, cache: ResultCache | None,
                progress: Callable[[str, int], Any] | None) -> tuple[MemberRun, ModelView]:
     """Run one member's plan at the run's final rungs (the same on every executor)."""
+    if p.view is None and files_signature(p.source) != p.signature:
+        raise ModelChangedError(f"the files of {p.source.display_name} changed after the run was planned",
+                                "run again once the checkpoint is written completely (the finished metrics of "
+                                "the other models are kept in the cache)")
     view = p.view or _load(p.source, registry, config, adapter, tokenizer)
     _, p.plan, _ = fit_model_plan(nodes, view, p.shape, registry, budget,
                                   config.model_copy(update={"rungs": {}}))  # the run's final rungs
@@ -316,6 +332,15 @@ def run_member(p: Prepared, nodes: Sequence[MetricNode], registry: Registry, con
     record = _record_model(runner, p, [n.name for n in nodes])
     fingerprints = (runner.model_fingerprint, runner.data_fingerprint)
     return MemberRun(record, runner.tensors, dict(runner.keys), fingerprints), view
+
+
+def lost_member(p: Prepared, nodes: Sequence[MetricNode], reason: str, error_type: str) -> MemberRun:
+    """The record of a member whose whole stage was lost: every per-model metric an error naming why."""
+    metrics = {n.name: metric_result(n, "error", reason=reason, error_type=error_type)
+               for n in nodes if n.cls.scope == "model"}
+    record = ModelRecord(name=p.source.display_name, family=p.family, fingerprint="", dims=p.dims,
+                         notes=[reason], metrics=metrics)
+    return MemberRun(record, {}, {}, ("", None), failure=reason)
 
 
 def _progress_bar(config: RunConfig, prepared: Sequence[Prepared], nodes: Sequence[MetricNode]) -> Any:
@@ -338,7 +363,13 @@ def _run_members_here(prepared: Sequence[Prepared], nodes: Sequence[MetricNode],
     runs: list[MemberRun] = []
     views: dict[str, ModelView] = {}
     for p in prepared:
-        run, view = run_member(p, nodes, registry, config, adapter, tokenizer, budget, cache, progress)
+        try:
+            run, view = run_member(p, nodes, registry, config, adapter, tokenizer, budget, cache, progress)
+        except ModelChangedError as exc:
+            if config.fail_fast:
+                raise
+            runs.append(lost_member(p, nodes, f"{exc.problem}: {exc.fix}", type(exc).__name__))
+            continue
         runs.append(run)
         if keep_views:
             if release_weights and _releasable(p.source):
@@ -360,6 +391,13 @@ def _set_views(prepared: Sequence[Prepared], nodes: Sequence[MetricNode], regist
     return views
 
 
+def _remove_if_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders a run made for itself and left empty (a failed run leaves nothing behind)."""
+    for folder in folders:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[MetricNode], config: RunConfig,
              registry: Registry, adapter: Adapter | None, tokenizer: Any, base_name: str | None = None) -> Results:
     started = time.perf_counter()
@@ -379,8 +417,10 @@ def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[Metr
     cache = ResultCache(Path(config.cache_dir)) if config.cache_dir else None
     scratch = ExitStack()  # disk-backed stores write under the run's cache dir, and remove their files
     if config.cache_dir:
-        folder = scratch.enter_context(scratch_under(Path(config.cache_dir) / SCRATCH_DIR))
-        scratch.callback(lambda: folder.rmdir() if folder.is_dir() and not any(folder.iterdir()) else None)
+        cache_dir = Path(config.cache_dir)
+        made = [d for d in (cache_dir, cache_dir / SCRATCH_DIR) if not d.exists()]
+        scratch.enter_context(scratch_under(cache_dir / SCRATCH_DIR))
+        scratch.callback(_remove_if_empty, [cache_dir / SCRATCH_DIR, *[d for d in made if d == cache_dir]])
     with scratch:
         bar = _progress_bar(config, prepared, nodes)
         try:

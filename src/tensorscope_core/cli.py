@@ -58,8 +58,14 @@ def _rungs(pairs: Sequence[str]) -> dict[str, str]:
 def _models(specs: Sequence[str]) -> list[str] | dict[str, str]:
     """``name=path`` pairs name the models (model sets); plain paths name themselves."""
     named = [s.partition("=") for s in specs]
-    if all(sep and name and "/" not in name for name, sep, _ in named):
+    is_named = [bool(sep and name and "/" not in name and not Path(spec).exists())
+                for (name, sep, _), spec in zip(named, specs, strict=True)]
+    if all(is_named):
         return {name: path for name, _, path in named}
+    if any(is_named):
+        raise UsageError(f"{specs[is_named.index(True)]!r} is named and {specs[is_named.index(False)]!r} is not: "
+                         "named and unnamed models cannot be mixed",
+                         "name every model (a=PATH b=PATH) or none")
     return list(specs)
 
 
@@ -75,6 +81,8 @@ def _data(specs: Sequence[str] | None) -> Any:
 
 
 def _config(args: argparse.Namespace, **extra: Any) -> Any:
+    from pydantic import ValidationError
+
     from .config import RunConfig
 
     values = {"seed": args.seed, "batch_size": args.batch_size, "max_length": args.max_length,
@@ -85,8 +93,10 @@ def _config(args: argparse.Namespace, **extra: Any) -> Any:
               "offload_dir": args.offload_dir, "executor": args.executor, "ray_address": args.ray_address, **extra}
     try:
         return RunConfig(**{k: v for k, v in values.items() if v is not None})
-    except ValueError as exc:
-        raise UsageError(f"bad run setting: {exc}", "see `tensorscope analyze --help`") from exc
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
+        raise UsageError(f"bad run setting: {problems}", "see `tensorscope analyze --help`") from exc
 
 
 def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
@@ -96,15 +106,16 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
 # -- commands -------------------------------------------------------------------------------
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .api import analyze
-    from .results.store import check_writable_folder
+    from .results.store import check_writable_folder, out_dir_lock
 
     out = Path(args.out)
     check_writable_folder(out, "out dir", "--out")  # before any computing, not at the first write
     config = _config(args, fail_fast=args.fail_fast, metric_timeout_s=args.metric_timeout,
                      cache_dir=None if args.no_cache else out / ".cache", progress=sys.stderr.isatty())
-    results = analyze(_models(args.models), data=_data(args.data), metrics=_metric_list(args.metrics),
-                      config=config, params=_params(args.param), base_config=args.base_config, base=args.base)
-    results.save(out)
+    with out_dir_lock(out):  # a second run into the same folder is refused, not mixed in
+        results = analyze(_models(args.models), data=_data(args.data), metrics=_metric_list(args.metrics),
+                          config=config, params=_params(args.param), base_config=args.base_config, base=args.base)
+        results.save(out)
     summary = [{"model": m.name, "metric": r.metric, "status": r.status, "reason": r.reason}
                for m in results.record.models for r in m.metrics.values()]
     summary += [{"model": "*", "metric": r.metric, "status": r.status, "reason": r.reason}
@@ -374,6 +385,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early: not an error of ours
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (stop the interpreter's flush from failing again)
         return 0
+    except Exception as exc:
+        if not getattr(args, "json", False):
+            raise  # a bug of ours or a plugin's: the traceback is what a report of it needs
+        print(json.dumps({"error": type(exc).__name__, "problem": f"unexpected error: {exc}",
+                          "fix": "this is a bug: run the command again without --json for the traceback, and "
+                                 "report it", "plan": None}, indent=2))
+        return 1
     except KeyboardInterrupt:
         print("interrupted: finished metrics are in the cache; run the same command again to resume",
               file=sys.stderr)

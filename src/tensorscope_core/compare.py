@@ -1,21 +1,21 @@
 """Comparisons across models and checkpoints: order, differences, trends, early indicators.
 
-Checkpoints are ordered by the step in their names (``ckpt_step_1000``, ``checkpoint-500``,
-``step-0300``; ``final``/``last`` go after every step) or by an explicit order. Each
-kind of test (differences, trends, early indicators) is one Benjamini-Hochberg family.
+Checkpoints are ordered by the step in their names (see ``checkpoints.order_models``) or by an
+explicit order. Each kind of test (differences, trends, early indicators) is one Benjamini-Hochberg family.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .checkpoints import name_key, order_models
 from .errors import UsageError, did_you_mean
 from .results.analysis import (
+    ChangeSpan,
     Comparisons,
     EarlyIndicator,
     LayerTrajectory,
@@ -23,57 +23,10 @@ from .results.analysis import (
     PairDifference,
     ScalarComparison,
 )
-from .results.schema import HeadValue, LayerValue, ModelRecord, RunRecord, ScalarValue
+from .results.schema import HeadValue, LayerValue, ModelRecord, RunRecord, ScalarValue, TableValue
 from .stats import InsufficientSampleWarning, _Stat, adjust, correlation, difference_test, trend_test
 
-_STEP = re.compile(r"(?<![a-z])(?:global_step|global-step|step|steps|ckpt|checkpoint|iter|iteration|epoch)"
-                   r"[-_=]?(\d+)(?!\d)", re.IGNORECASE)
-_TRAILING = re.compile(r"(?:^|[-_])(\d+)$")
-FINAL_NAMES = frozenset({"final", "last", "latest", "end", "main"})
 ALL_PAIRS_UP_TO = 8  # model sets larger than this compare neighbours only
-
-
-def _norm(name: str) -> str:
-    return str(name).rstrip("/\\")
-
-
-def step_of(name: str) -> int | None:
-    """The training step a checkpoint's name carries, or None."""
-    base = _norm(name)
-    found = list(_STEP.finditer(base))
-    if found:
-        return int(found[-1].group(1))
-    leaf = re.split(r"[/\\]", base)[-1]
-    trailing = _TRAILING.search(leaf)
-    return int(trailing.group(1)) if trailing else None
-
-
-def _is_final(name: str) -> bool:
-    return re.split(r"[/\\]", _norm(name))[-1].lower() in FINAL_NAMES
-
-
-def order_models(names: Sequence[str], order: Sequence[str] | None = None) -> ModelOrder:
-    """Explicit ``order`` (every model once), else by step when names carry one, else as given."""
-    names = list(names)
-    steps = [step_of(n) for n in names]
-    if order is not None:
-        by_norm = {_norm(n): n for n in names}
-        unknown = [o for o in order if _norm(o) not in by_norm]
-        if unknown:
-            raise UsageError(f"order names {unknown} that are not in these results; "
-                             f"{did_you_mean(unknown[0], names) or 'models: ' + ', '.join(names)}",
-                             "list every model once, as Results.models names them")
-        ordered = [by_norm[_norm(o)] for o in order]
-        if sorted(ordered) != sorted(names):
-            missing = sorted(set(names) - set(ordered))
-            raise UsageError(f"order must list every model once; missing or repeated: {missing or ordered}",
-                             "pass a permutation of Results.models")
-        return ModelOrder(names=ordered, steps=[step_of(n) for n in ordered], ordered_by="explicit")
-    stepped = [s is not None for s in steps]
-    if sum(stepped) >= 2 and all(s or _is_final(n) for s, n in zip(stepped, names, strict=True)):
-        ranked = sorted(range(len(names)), key=lambda i: (steps[i] is None, steps[i] or 0, i))
-        return ModelOrder(names=[names[i] for i in ranked], steps=[steps[i] for i in ranked], ordered_by="step")
-    return ModelOrder(names=names, steps=steps, ordered_by="given")
 
 
 def _scalars(models: Sequence[ModelRecord]) -> dict[tuple[str, str], dict[str, ScalarValue]]:
@@ -197,18 +150,40 @@ def _early_vs_final(order: ModelOrder, records: Mapping[str, ModelRecord], early
 
 def _against_outcome(order: ModelOrder, scalars: Mapping[tuple[str, str], Mapping[str, ScalarValue]],
                      outcome: Mapping[str, float], min_n: int, seed: int) -> list[EarlyIndicator]:
-    by_norm = {_norm(k): float(v) for k, v in outcome.items()}
-    unknown = [k for k in by_norm if k not in {_norm(n) for n in order.names}]
+    by_norm = {name_key(k): float(v) for k, v in outcome.items()}
+    unknown = [k for k in by_norm if k not in {name_key(n) for n in order.names}]
     if unknown:
         raise UsageError(f"outcome names models not in these results: {unknown}",
                          f"use the model names {order.names}")
-    names = [n for n in order.names if _norm(n) in by_norm]
+    names = [n for n in order.names if name_key(n) in by_norm]
     out = []
     for (metric, field), values in scalars.items():
         xs = [values[n].value if n in values else None for n in names]
-        stat = correlation(_nan(xs), [by_norm[_norm(n)] for n in names], method="spearman", min_n=min_n, seed=seed)
+        stat = correlation(_nan(xs), [by_norm[name_key(n)] for n in names], method="spearman", min_n=min_n, seed=seed)
         out.append(EarlyIndicator(metric=metric, field=field, early=None, target="outcome", stat=stat))
     return out
+
+
+#: the columns that make a model-set result's table a list of change points (see ``_change_spans``)
+CHANGE_POINT_COLUMNS = ("series", "model_before", "model_after")
+
+
+def _change_spans(record: RunRecord) -> dict[str, list[ChangeSpan]]:
+    """{series: changes} from every model-set table with the change-point columns: ``series`` is
+    ``metric.field`` or ``metric.field[label]`` (a per-layer field), the models are consecutive
+    checkpoints. This is how a plugin's change-point detector reaches compare() and the report."""
+    spans: dict[str, list[ChangeSpan]] = {}
+    for metric, result in record.model_set.items():
+        for value in result.values.values() if result.ok else ():
+            if not isinstance(value, TableValue) or not set(CHANGE_POINT_COLUMNS) <= set(value.columns):
+                continue
+            at = [value.columns.index(c) for c in CHANGE_POINT_COLUMNS]
+            for row in value.rows:
+                series, before, after = (row[i] for i in at)
+                base, _, label = str(series).partition("[")
+                spans.setdefault(base, []).append(ChangeSpan(model_before=str(before), model_after=str(after),
+                                                             found_by=metric, label=label.rstrip("]") or None))
+    return spans
 
 
 def _floor_warnings(kind: str, family: Sequence[_Stat], min_n: int) -> list[str]:
@@ -236,15 +211,20 @@ def compare(record: RunRecord, *, order: Sequence[str] | None = None, outcome: M
     result.scalars = [_compare_scalar(k, v, ordering, records, min_n, trend_min_n, seed) for k, v in scalars.items()]
     if ordering.is_series:
         result.layers = _layer_trajectories(ordering, records, trend_min_n)
-        if early is not None and _norm(early) not in {_norm(n) for n in ordering.names}:
+        if early is not None and name_key(early) not in {name_key(n) for n in ordering.names}:
             raise UsageError(f"early checkpoint '{early}' is not in these results; "
                              f"{did_you_mean(early, ordering.names)}", f"choose one of {ordering.names}")
-        start = next((n for n in ordering.names if early is not None and _norm(n) == _norm(early)),
+        start = next((n for n in ordering.names if early is not None and name_key(n) == name_key(early)),
                      ordering.names[0])
         if start != ordering.names[-1]:
             result.early_indicators = _early_vs_final(ordering, records, start, min_n, seed)
     if outcome is not None:
         result.early_indicators += _against_outcome(ordering, scalars, outcome, min_n, seed)
+    spans = _change_spans(record)
+    for s in result.scalars:
+        s.changes = [c for c in spans.get(f"{s.metric}.{s.field}", []) if c.label is None]
+    for lt in result.layers:
+        lt.changes = [c for c in spans.get(f"{lt.metric}.{lt.field}", []) if c.label is not None]
     differences = [d.test for s in result.scalars for d in s.differences if d.test is not None]
     trends = [s.trend for s in result.scalars if s.trend is not None] + [t for lt in result.layers for t in lt.trends]
     indicators = [e.stat for e in result.early_indicators]

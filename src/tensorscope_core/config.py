@@ -79,6 +79,17 @@ class RunConfig(BaseModel):
         None, description="the Ray cluster to join with executor='ray': None starts a local one, 'auto' joins "
                           "the cluster of `ray start --head`, or 'ray://HOST:10001'")
 
+    @field_validator("device")
+    @classmethod
+    def _device_readable(cls, v: str) -> str:
+        import torch
+
+        try:
+            torch.device(v)
+        except RuntimeError as exc:
+            raise ValueError(f"unknown device {v!r}: use cpu, cuda, cuda:N or mps") from exc
+        return v
+
     @field_validator("memory_budget")
     @classmethod
     def _budget_readable(cls, v: str | int | None) -> str | int | None:

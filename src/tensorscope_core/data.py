@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -141,12 +142,22 @@ def builtin_corpus() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} on line {line} cannot be decoded",
+                        "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or pass token ids as "
+                        ".safetensors/.pt") from exc
+
+
 def _read_file(path: Path) -> list[str]:
     if not path.exists():
         raise DataError(f"data file {path} does not exist", "pass an existing .txt or .jsonl file")
     if path.suffix == ".jsonl":
         texts = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(_read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -156,9 +167,12 @@ def _read_file(path: Path) -> list[str]:
                                 "write one JSON object per line") from exc
             if not isinstance(record, dict) or "text" not in record:
                 raise DataError(f"{path}:{lineno} has no 'text' field", 'write lines like {"text": "..."}')
-            texts.append(str(record["text"]))
+            if not isinstance(record["text"], str):
+                raise DataError(f"{path}:{lineno}: 'text' is {json.dumps(record['text'])}, not a string",
+                                'write lines like {"text": "..."}; leave out records without text')
+            texts.append(record["text"])
         return texts
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line for line in _read_text(path).splitlines() if line.strip()]
 
 
 def _rows_of(tensor: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
@@ -203,19 +217,38 @@ def _tokenize(texts: list[str], view: ModelView, max_length: int) -> tuple[list[
     return rows, truncated
 
 
+def load_tensor_file(path: Path, what: str, how_to_save: str) -> Any:
+    """``torch.load(path, weights_only=True)`` with its failures as DataError: a damaged or cut file,
+    or pickled Python objects (which weights_only refuses, as they could run code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path} holds pickled Python objects, which are not loaded (weights_only=True refuses "
+                        f"them: they could run code): {str(exc).splitlines()[0]}",
+                        f"save only tensors: {how_to_save}") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise DataError(f"{path} cannot be read as a torch file of {what} (damaged, cut short or not a torch "
+                        f"file): {str(exc).splitlines()[0]}", f"write it again: {how_to_save}") from exc
+
+
 def read_token_file(path: Path) -> torch.Tensor:
     """Token ids saved as a tensor: ``.safetensors`` (key ``input_ids``) or ``.pt`` (weights_only)."""
     if not path.exists():
         raise DataError(f"data file {path} does not exist", "pass an existing file")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise DataError(f"{path} cannot be read as safetensors ({exc}): the file is damaged or not safetensors",
+                            "write it again with safetensors.torch.save_file({'input_ids': ids}, path)") from exc
         if "input_ids" not in tensors:
             raise DataError(f"{path} has no 'input_ids' tensor (it has {sorted(tensors)})",
                             "save token ids with safetensors.torch.save_file({'input_ids': ids}, path)")
         return tensors["input_ids"]
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    loaded = load_tensor_file(path, "token ids", "torch.save(input_ids, path)")
     if not isinstance(loaded, torch.Tensor):
         raise DataError(f"{path} does not hold a tensor of token ids", "torch.save(input_ids, path)")
     return loaded

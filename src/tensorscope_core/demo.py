@@ -31,6 +31,15 @@ CHECKPOINT_STEPS = (0, 25, 50, 75, 100, 300)
 DEMO_PARAMS: dict[str, dict[str, Any]] = {
     "fisher.lanczos": {"k": 4, "max_iter": 24, "max_examples": 16},
     "hessian.lanczos": {"k": 4, "max_iter": 24, "max_examples": 16},
+    # probe what the model was trained on: a random block of HALF tokens repeated, with no BOS (the
+    # default probe, BOS plus 31 positions, repeats with period 15 and finds duplicate-token heads instead)
+    "circuits.head_scores": {"sequence_length": HALF, "bos": "never"},
+    # the demo's headline: where the loss and the layers' induction scores change
+    "dynamics.phase_transitions": {"series": ["basic.loss.loss", "circuits.head_scores.induction_max"]},
+    # fewer resamples and null graphs than research runs use (each metric else takes ~5 s per checkpoint)
+    "information.mutual_information": {"n_bootstrap": 20},
+    "information.pid": {"n_bootstrap": 10},
+    "structure.modularity": {"n_permutations": 9, "max_edges": 1024},
 }
 
 

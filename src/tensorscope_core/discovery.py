@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .compare import order_models
+from .checkpoints import order_models
 from .errors import UsageError, did_you_mean
 from .results.analysis import Discovery, ExcludedPair, Finding, ModelOrder, Unit
 from .results.schema import HeadValue, LayerValue, RunRecord, ScalarValue

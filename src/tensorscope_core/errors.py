@@ -49,6 +49,12 @@ class PlanDoesNotFitError(TensorScopeError):
         super().__init__(f"{problem}\n{plan_text}", fix)
 
 
+class NotApplicable(TensorScopeError):
+    """Raised by a metric that finds while it runs that it does not apply to this run (e.g. the data
+    has no task of the name it compares): the metric ends ``skipped`` with ``problem`` and ``fix``
+    as the reason, not ``error``. What can be known before running belongs in ``skip_reason``."""
+
+
 class ModelLoadError(TensorScopeError):
     pass
 
@@ -59,6 +65,10 @@ class UnsupportedModelError(ModelLoadError):
 
 class NonFiniteWeightsError(ModelLoadError):
     pass
+
+
+class ModelChangedError(ModelLoadError):
+    """A model's files changed between planning and running it: the plan no longer describes it."""
 
 
 class DataError(TensorScopeError):
@@ -87,6 +97,10 @@ class MetricTimeoutError(TensorScopeError):
 
 class ResultsFormatError(TensorScopeError):
     pass
+
+
+class OutputError(TensorScopeError):
+    """An output file could not be written (disk full, permissions); nothing half-written is left."""
 
 
 REPORT_EXTRA = "pip install 'tensorscope[report]'"

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import format_bytes, parse_bytes
+from .errors import UsageError
 
 MiB = 2**20
 
@@ -83,3 +84,22 @@ def run_budget(memory_budget: str | int | None, device: str) -> Budget:
     if memory_budget is None:
         return machine_budget(device)
     return Budget(parse_bytes(memory_budget), "memory_budget")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this process cannot use before anything loads (a CUDA device on a CPU build of
+    torch, a GPU index past the last one), with the fix."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise UsageError(f"device {device!r} was asked for, but {why}",
+                             "run with --device cpu (RunConfig(device='cpu')), or install a CUDA build of torch "
+                             "on a machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"device {device!r} was asked for, but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)", "pick cuda:0 .. cuda:N-1")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {device!r} was asked for, but MPS is not available here", "run with --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device {device!r} is not one TensorScope runs on", "use cpu, cuda, cuda:N or mps")

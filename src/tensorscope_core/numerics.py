@@ -1,6 +1,8 @@
-"""Numerical kernels shared by plugins (accurate and fast reductions over large tensors)."""
+"""Numerical kernels shared by plugins (accurate and fast reductions over large tensors, divergences)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,3 +22,14 @@ def sum_of_squares(tensor: torch.Tensor) -> torch.Tensor:
     whole = flat.numel() // _CHUNK * _CHUNK
     rows = torch.linalg.vector_norm(flat[:whole].view(-1, _CHUNK), dim=1).double().square().sum()
     return rows + torch.linalg.vector_norm(flat[whole:].double()).square()
+
+
+def js_divergence_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence in bits over the last dimension of two probability tensors (zeros
+    allowed), in float64: 1/2 KL(p || m) + 1/2 KL(q || m) with m = (p + q) / 2, in [0, 1]. Not its
+    square root, which is what ``scipy.spatial.distance.jensenshannon`` returns."""
+    p, q = p.double(), q.double()
+    m = (p + q) / 2
+    kl_p = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1)
+    kl_q = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
+    return ((kl_p + kl_q) / (2 * math.log(2))).clamp_min(0.0)

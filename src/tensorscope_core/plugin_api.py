@@ -36,9 +36,17 @@ from types import ModuleType
 
 from .artifacts import ArtifactSpec, act_bytes
 from .capture import CaptureContext, first_tensor
+from .checkpoints import order_models, step_of
 from .core_artifacts import LossTargets
 from .data import Batch, PreparedData, tasks_skip_reason
-from .errors import BadParameterError, DataError, EmptyDataError, TensorScopeError, UnsupportedModelError
+from .errors import (
+    BadParameterError,
+    DataError,
+    EmptyDataError,
+    NotApplicable,
+    TensorScopeError,
+    UnsupportedModelError,
+)
 from .example_grads import ExampleGrads, draw_labels, example_grads_layout
 from .example_store import Compression, CountSketch, GradientStore, StoreBacking, row_squares
 from .functional import batch_logits, batch_loss, hook_free_copy, hook_free_view
@@ -47,9 +55,9 @@ from .metric import ASKED, Metric, ModelSetMetric, NoParams, Params, Rung, RunSh
 from .models.adapters.base import linear_out_in
 from .models.load import model_view
 from .models.view import HeadWeights, ModelView
-from .numerics import sum_of_squares
+from .numerics import js_divergence_bits, sum_of_squares
 from .per_example import per_example_calls, per_example_grads
-from .results.analysis import Interpretation
+from .results.analysis import Interpretation, ModelOrder
 from .results.schema import (
     Cost,
     HeadValue,
@@ -96,10 +104,12 @@ __all__ = [
     "LayerValue",
     "LossTargets",
     "Metric",
+    "ModelOrder",
     "MetricResult",
     "ModelSetMetric",
     "ModelView",
     "NoParams",
+    "NotApplicable",
     "Params",
     "PreparedData",
     "RunShape",
@@ -125,11 +135,14 @@ __all__ = [
     "hook_free_copy",
     "hook_free_view",
     "hookimpl",
+    "js_divergence_bits",
     "linear_out_in",
     "model_view",
+    "order_models",
     "per_example_calls",
     "per_example_grads",
     "report_plots",
+    "step_of",
     "sum_of_squares",
     "tasks_skip_reason",
 ]

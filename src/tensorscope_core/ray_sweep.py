@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from .api import SCRATCH_DIR, MemberRun, Prepared, run_member
+from .api import SCRATCH_DIR, MemberRun, Prepared, lost_member, run_member
 from .config import RunConfig, format_bytes
 from .errors import MissingDependencyError, PlanDoesNotFitError, UsageError
 from .example_store import scratch_under
@@ -24,10 +24,8 @@ from .machine import Budget
 from .models.adapters import Adapter
 from .plugins import Registry
 from .quiet import quiet_transformers
-from .results.schema import ModelRecord
 from .results.store import ResultCache
 from .scheduler.graph import MetricNode
-from .scheduler.run import metric_result
 
 RAY_EXTRA = "pip install 'tensorscope[ray]'"
 #: how often Ray reruns a member whose worker process died (a raised error is not retried: it would
@@ -104,14 +102,10 @@ class _ProgressSink:
 
 
 def _lost(p: Prepared, nodes: Sequence[MetricNode], exc: BaseException) -> MemberRun:
-    """The record of a member whose task failed on every try: every metric of it an error naming why."""
+    """A member whose task failed on every try."""
     cause = getattr(exc, "cause", None) or exc
-    reason = f"the member's Ray task failed ({type(cause).__name__}: {cause})"
-    metrics = {n.name: metric_result(n, "error", reason=reason, error_type=type(cause).__name__)
-               for n in nodes if n.cls.scope == "model"}
-    record = ModelRecord(name=p.source.display_name, family=p.family, fingerprint="", dims=p.dims,
-                         notes=[reason], metrics=metrics)
-    return MemberRun(record, {}, {}, ("", None), failure=reason)
+    return lost_member(p, nodes, f"the member's Ray task failed ({type(cause).__name__}: {cause})",
+                       type(cause).__name__)
 
 
 def run_members_on_ray(prepared: Sequence[Prepared], nodes: Sequence[MetricNode], registry: Registry,

@@ -86,6 +86,14 @@ def floor_reason(n: int, min_n: int, what: str = "observations") -> str | None:
     return None
 
 
+def _bootstrap(*args: Any, **kwargs: Any) -> Any:
+    """scipy.stats.bootstrap without its DegenerateDataWarning: a degenerate resample distribution
+    gives a NaN interval, which the callers report as no CI (the warning only reached the user's terminal)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        return stats.bootstrap(*args, **kwargs)
+
+
 def _rank_corr(method: Method) -> Callable[..., Any]:
     """The statistic scipy.stats.bootstrap calls on many resamples at once (vectorized)."""
 
@@ -122,7 +130,7 @@ def correlation(x: ArrayLike, y: ArrayLike, *, method: Method = "spearman", min_
         return Correlation(method=method, n=n, r=r, claimed=False, reason=reason)
     low = high = None
     if n_resamples > 0:
-        ci = stats.bootstrap((a, b), _rank_corr(method), paired=True, vectorized=True, confidence_level=level,
+        ci = _bootstrap((a, b), _rank_corr(method), paired=True, vectorized=True, confidence_level=level,
                              n_resamples=n_resamples, batch=_batch(n, n_resamples), method="percentile",
                              random_state=np.random.default_rng(seed))
         low, high = float(ci.confidence_interval.low), float(ci.confidence_interval.high)
@@ -208,7 +216,7 @@ def bootstrap_ci(samples: ArrayLike, statistic: Callable[..., Any] = np.mean, *,
     if np.ptp(x) == 0:
         value = float(statistic(x))
         return value, value
-    res = stats.bootstrap((x,), statistic, vectorized=True, confidence_level=level, n_resamples=n_resamples,
+    res = _bootstrap((x,), statistic, vectorized=True, confidence_level=level, n_resamples=n_resamples,
                           batch=_batch(x.size, n_resamples), method="percentile",
                           random_state=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
@@ -248,7 +256,7 @@ def difference_test(a: ArrayLike, b: ArrayLike, *, paired: bool, min_n: int = 30
         low, high = bootstrap_ci(y - x, seed=seed, level=level, n_resamples=n_resamples)
     else:
         p = float(stats.mannwhitneyu(y, x, alternative="two-sided").pvalue)
-        ci = stats.bootstrap((x, y), _mean_difference, vectorized=True, confidence_level=level,
+        ci = _bootstrap((x, y), _mean_difference, vectorized=True, confidence_level=level,
                              n_resamples=n_resamples, batch=_batch(x.size + y.size, n_resamples), method="percentile",
                              random_state=np.random.default_rng(seed))
         low, high = float(ci.confidence_interval.low), float(ci.confidence_interval.high)
@@ -295,6 +303,6 @@ def bootstrap_ratio_ci(numerators: Sequence[float] | npt.ArrayLike, denominators
     def ratio(n: np.ndarray, d: np.ndarray, axis: int = -1) -> np.ndarray:
         return n.sum(axis=axis) / d.sum(axis=axis)
 
-    res = stats.bootstrap((num, den), ratio, paired=True, vectorized=True, confidence_level=level,
+    res = _bootstrap((num, den), ratio, paired=True, vectorized=True, confidence_level=level,
                           n_resamples=n_resamples, method="percentile", random_state=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)

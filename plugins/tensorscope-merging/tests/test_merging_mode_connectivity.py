@@ -62,6 +62,22 @@ def test_fitted_bezier_is_seeded_and_keeps_the_endpoints(models, tmp_path) -> No
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_float64_path_ends_are_basic_loss(models, tmp_path, family) -> None:
+    """In a float64 run the path's losses are float64 cross-entropy: its ends (t = 0, 1: the members' own
+    weights) are ``basic.loss`` of each member to rounding (the float32 cross-entropy was ~2e-7 off)."""
+    other = tiny_model(family, tmp_path / "other", seed=4)
+    with registry("merging,basic"):
+        res = analyze({"a": models[family], "b": other}, data=random_token_data(340, n=8, length=12, seed=1),
+                      metrics=[METRIC, "basic.loss"], params={METRIC: {"n_points": 3, "bezier": False}},
+                      config=RunConfig(batch_size=4, seed=3, dtype="float64"))
+    out = res.get(METRIC)
+    assert out.status == "ok", out.reason
+    ends = out.value("loss_linear")
+    assert ends[0] == pytest.approx(res.get("basic.loss", model="a").value("loss"), rel=1e-12, abs=0)
+    assert ends[-1] == pytest.approx(res.get("basic.loss", model="b").value("loss"), rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_alignment_recovers_a_hand_permutation_and_removes_the_barrier(models, tmp_path, family) -> None:
     base = models[family]
     d_mlp = 128 if family == "gpt2" else 64

@@ -40,15 +40,48 @@ class ModelSource:
         return str(self.source).rstrip("/")
 
 
+def files_signature(src: ModelSource) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, mtime) of the files a model is loaded from (a module passed in: none), to tell
+    whether they changed between planning the model and running it."""
+    if isinstance(src.source, nn.Module):
+        return ()
+    path = Path(src.source)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in files if p.exists())
+
+
 def _is_masked_lm(config: Any) -> bool:
     return any(a.endswith("ForMaskedLM") for a in (getattr(config, "architectures", None) or [])) or \
         getattr(config, "model_type", "") in {"bert", "roberta"}
 
 
 def _auto_class(config: Any) -> Any:
+    """The Auto class with the language-model head TensorScope measures through (causal or masked);
+    an architecture with neither (T5, ViT, ...) is refused here, before transformers lists its classes."""
     import transformers
 
-    return transformers.AutoModelForMaskedLM if _is_masked_lm(config) else transformers.AutoModelForCausalLM
+    cls = transformers.AutoModelForMaskedLM if _is_masked_lm(config) else transformers.AutoModelForCausalLM
+    if type(config) not in cls._model_mapping:
+        raise UnsupportedModelError(
+            f"'{getattr(config, 'model_type', type(config).__name__)}' models have no causal or masked "
+            "language-model head in transformers: TensorScope measures decoder LMs and masked-LM encoders",
+            "load the model yourself and pass the nn.Module to analyze() with an adapter (GenericAdapter "
+            "naming its blocks, attention and MLP modules)")
+    return cls
+
+
+def _read_config(folder: Path) -> Any:
+    """``folder/config.json`` through transformers; a damaged or unknown config as ModelLoadError."""
+    from transformers import AutoConfig
+
+    _refuse_remote_code(folder)
+    try:
+        return AutoConfig.from_pretrained(folder, **HF_SAFE)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"{folder / 'config.json'} cannot be read: {first_line}",
+                             "write it again with model.config.save_pretrained(folder) (it must be JSON naming "
+                             "a model_type transformers ships)") from exc
 
 
 #: every Hugging Face loading call: local files only, and never code from the model's folder
@@ -101,13 +134,11 @@ class Dispatch:
 
 
 def _from_hf_folder(folder: Path, dispatch: Dispatch | None = None) -> tuple[nn.Module, Any]:
-    from transformers import AutoConfig
-
-    _refuse_remote_code(folder)
+    config = _read_config(folder)
+    auto = _auto_class(config)
     extra = {} if dispatch is None else dispatch.from_pretrained_kwargs()
     try:
-        config = AutoConfig.from_pretrained(folder, **HF_SAFE)
-        model = _auto_class(config).from_pretrained(folder, attn_implementation="eager", **HF_SAFE, **extra)
+        model = auto.from_pretrained(folder, attn_implementation="eager", **HF_SAFE, **extra)
     except Exception as exc:
         if dispatch is not None and "offload" in str(exc):
             raise ModelLoadError(f"accelerate could not place {folder} with device_map={dispatch.device_map!r}: {exc}",
@@ -130,14 +161,12 @@ def has_weights(folder: Path) -> bool:
 def _empty_from_config(folder: Path) -> tuple[nn.Module, Any]:
     """The model a config.json describes, its parameters on the ``meta`` device (shapes and dtypes,
     no storage): enough to plan a model that is not here, a 70B one included, in a second."""
-    from transformers import AutoConfig
-
-    _refuse_remote_code(folder)
+    config = _read_config(folder)
+    auto = _auto_class(config)
     try:
-        config = AutoConfig.from_pretrained(folder, **HF_SAFE)
         config._attn_implementation = "eager"
         with torch.device("meta"):
-            model = _auto_class(config).from_config(config, attn_implementation="eager")
+            model = auto.from_config(config, attn_implementation="eager")
     except Exception as exc:
         raise ModelLoadError(f"could not build a model from {folder / 'config.json'}: {exc}",
                              "check that config.json names an architecture transformers ships") from exc
@@ -151,16 +180,13 @@ def is_meta(model: nn.Module) -> bool:
 
 
 def _from_state_dict(path: Path, base_config: Path | None) -> tuple[nn.Module, Any]:
-    from transformers import AutoConfig
-
     config_dir = base_config if base_config is not None else path.parent
     if config_dir.is_file():
         config_dir = config_dir.parent
     if not (config_dir / "config.json").exists():
         raise ModelLoadError(f"{path.name} is a bare state dict and no config.json was found in {config_dir}",
                              "pass base_config='folder/with/config.json' (CLI: --base-config)")
-    _refuse_remote_code(config_dir)
-    config = AutoConfig.from_pretrained(config_dir, **HF_SAFE)
+    config = _read_config(config_dir)
     config._attn_implementation = "eager"
     model = _auto_class(config).from_config(config, attn_implementation="eager")
     try:
@@ -200,9 +226,15 @@ def _from_gguf(path: Path) -> tuple[nn.Module, Any]:
                              "pip install 'tensorscope[gguf]'") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, attn_implementation="eager",
-                                                 **HF_SAFE)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **HF_SAFE)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, attn_implementation="eager",
+                                                     **HF_SAFE)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **HF_SAFE)
+    except Exception as exc:  # the gguf reader raises whatever a damaged file makes it meet
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"{path} cannot be read as a GGUF model: {type(exc).__name__}: {first_line}",
+                             "check the file is a complete GGUF of an architecture transformers converts "
+                             "(llama, mistral, qwen2, gpt2, ...), or pass the Hugging Face folder instead") from exc
     return model, tokenizer
 
 
@@ -313,7 +345,13 @@ def is_dispatched(model: nn.Module) -> bool:
 def load_model(src: ModelSource, adapters: Sequence[Adapter], *, dtype: str = "float32", device: str = "cpu",
                adapter: Adapter | None = None, tokenizer: Any = None, dispatch: Dispatch | None = None) -> ModelView:
     """Load, cast, check finiteness and map through an adapter; raises typed errors only."""
-    module, found_tokenizer = load_module(src, dispatch)
+    try:
+        module, found_tokenizer = load_module(src, dispatch)
+    except UnsupportedModelError as exc:
+        if "adapters installed" in exc.problem:
+            raise
+        raise UnsupportedModelError(f"{src.display_name}: {exc.problem} (adapters installed: "
+                                    f"{', '.join(a.name for a in adapters)})", exc.fix) from exc
     _use_eager_attention(module)
     dispatched = is_dispatched(module)
     if dispatched:  # accelerate placed it: its devices and dtype stay; offloaded weights are checked as they load

@@ -24,7 +24,7 @@ def ensure_analyses(results: Results, *, units: Sequence[Unit] | None = None, me
     """Run ``compare`` (two or more models) and ``discover_correlations`` for ``units``
     (default: every unit with at least two variables), unless the user already did: their
     settings win. Floor warnings are collected into the report instead of being emitted."""
-    from ..compare import order_models
+    from ..checkpoints import order_models
     from ..discovery import UNITS, collect
     from .analyses import compare, discover_correlations
 

@@ -65,9 +65,21 @@ def comparison_section(c: Comparisons, label: Mapping[str, str]) -> Section:
     for start in range(0, len(scalars), PANELS_PER_FIGURE):
         chunk = scalars[start:start + PANELS_PER_FIGURE]
         panels = {f"{s.metric}.{s.field}": (s.values, s.ci_low, s.ci_high) for s in chunk}
+        spans = {f"{s.metric}.{s.field}": [(names.index(ch.model_before), names.index(ch.model_after))
+                                           for ch in s.changes if {ch.model_before, ch.model_after} <= set(names)]
+                 for s in chunk}
         kind = "trajectories across checkpoints" if c.order.is_series else "values per model"
-        section.blocks.append(Figure(plots.scalar_panels(names, panels, f"Scalar metrics: {kind} (band/bars: 95% CI)",
-                                                         trajectory=c.order.is_series, xlabels=xlabels)))
+        marked = "; shaded: a change found between two checkpoints" if any(spans.values()) else ""
+        section.blocks.append(Figure(plots.scalar_panels(names, panels,
+                                                         f"Scalar metrics: {kind} (band/bars: 95% CI{marked})",
+                                                         trajectory=c.order.is_series, xlabels=xlabels, spans=spans)))
+    changes = [[f"{s.metric}.{s.field}", label.get(ch.model_before, ch.model_before),
+                label.get(ch.model_after, ch.model_after), ch.found_by] for s in c.scalars for ch in s.changes]
+    changes += [[f"{lt.metric}.{lt.field}[{ch.label}]", label.get(ch.model_before, ch.model_before),
+                 label.get(ch.model_after, ch.model_after), ch.found_by] for lt in c.layers for ch in lt.changes]
+    if changes:
+        section.blocks += [Heading("Changes between checkpoints"),
+                           Table(["series", "from checkpoint", "to checkpoint", "found by"], changes)]
     summary = c.summary()
     if summary:
         section.blocks += [Heading("Highest and lowest"),

@@ -79,7 +79,7 @@ def plugin_sections(results: Results, registry: Registry) -> list[Section]:
 
 def build_sections(results: Results, *, progress: bool = False) -> list[Section]:
     """Overview, comparisons, correlations, one section per plugin's metrics, contributed sections."""
-    from ..compare import order_models
+    from ..checkpoints import order_models
     from ..plugins import get_registry
     from .comparison_section import comparison_section
     from .correlation_section import correlation_section

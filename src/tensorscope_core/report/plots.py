@@ -180,8 +180,10 @@ def series_lines(series: Mapping[str, Sequence[float | None]], caption: str, ind
 
 
 def scalar_panels(models: Sequence[str], panels: Mapping[str, tuple[Sequence[Any], Sequence[Any], Sequence[Any]]],
-                  caption: str, trajectory: bool = False, xlabels: Sequence[str] | None = None) -> Plot:
-    """One small panel per scalar: the value per model with its CI (a line with a band across checkpoints)."""
+                  caption: str, trajectory: bool = False, xlabels: Sequence[str] | None = None,
+                  spans: Mapping[str, Sequence[tuple[int, int]]] | None = None) -> Plot:
+    """One small panel per scalar: the value per model with its CI (a line with a band across checkpoints);
+    ``spans``: per panel, (before, after) model positions of a change found there, shaded."""
     names = list(panels)
     with _style():
         cols = min(3, len(names))
@@ -200,6 +202,8 @@ def scalar_panels(models: Sequence[str], panels: Mapping[str, tuple[Sequence[Any
             else:
                 err = np.vstack([values - low, high - values])
                 ax.errorbar(x, values, yerr=np.where(np.isfinite(err), err, 0), fmt="o", ms=4, capsize=3)
+            for before, after in (spans or {}).get(name, ()):
+                ax.axvspan(before, after, color="#d62728", alpha=0.15, lw=0)
             ax.set_title(_short(name, 40))
             ax.set_xticks(x, ticks, rotation=30 if tilt else 0, ha="right" if tilt else "center")
         for ax in list(axes.flat)[len(names):]:

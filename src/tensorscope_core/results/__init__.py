@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import ValidationError
 
-from ..errors import ResultsFormatError, did_you_mean
+from ..errors import OutputError, ResultsFormatError, did_you_mean
 from .schema import SCHEMA_VERSION, MetricResult, ModelRecord, RunRecord
 from .store import atomic_write, load_tensors, save_tensors
 from .table import COLUMNS, tall_rows
@@ -25,6 +26,14 @@ TENSORS_FILE = "tensors.safetensors"
 
 def _norm(name: str) -> str:
     return str(name).rstrip("/")
+
+
+def _tensors_beside(json_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_tensors(json_path.parent / TENSORS_FILE)
+    except Exception as exc:  # safetensors raises its own error type for a damaged file
+        raise ResultsFormatError(f"{json_path.parent / TENSORS_FILE} cannot be read: {exc}",
+                                 "run the analysis again, or remove the damaged tensors file to load the rest") from exc
 
 
 class Results:
@@ -86,15 +95,25 @@ class Results:
         return buffer.getvalue()
 
     def save(self, out: str | Path) -> Path:
-        """Write results.json, results.csv and (when any) tensors.safetensors, each atomically."""
+        """Write results.json, results.csv and (when any) tensors.safetensors, each atomically, as one
+        set: the old results.json goes first and the new one is written last, so a folder never holds
+        a results.json beside another run's tensors or table (a stale tensors file is removed)."""
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if self.tensors:
-            save_tensors(self.tensors, out / TENSORS_FILE)
-        with atomic_write(out / RESULTS_CSV) as handle:
-            handle.write(self.to_csv())
-        with atomic_write(out / RESULTS_JSON) as handle:
-            handle.write(self.record.model_dump_json(indent=2))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / RESULTS_JSON).unlink(missing_ok=True)
+            if self.tensors:
+                save_tensors(self.tensors, out / TENSORS_FILE)
+            else:
+                (out / TENSORS_FILE).unlink(missing_ok=True)
+            with atomic_write(out / RESULTS_CSV) as handle:
+                handle.write(self.to_csv())
+            with atomic_write(out / RESULTS_JSON) as handle:
+                handle.write(self.record.model_dump_json(indent=2))
+        except OSError as exc:
+            raise OutputError(f"the results could not be written to {out}: {exc.strerror or exc}",
+                              "free space or choose another out dir; with a cache, running the same command again "
+                              "takes the finished metrics from it") from exc
         return out
 
     @classmethod
@@ -105,24 +124,31 @@ class Results:
         if not json_path.exists():
             raise ResultsFormatError(f"{json_path} does not exist", "pass the folder that `res.save()` wrote")
         try:
-            raw = json.loads(json_path.read_text())
-        except json.JSONDecodeError as exc:
+            raw = json.loads(json_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ResultsFormatError(f"{json_path} is not JSON ({exc})", "pass the results.json a run wrote") from exc
         version = str(raw.get("schema_version", "")) if isinstance(raw, dict) else ""
         if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
             raise ResultsFormatError(f"{json_path} has schema {version or 'none'}, this tensorscope reads "
                                      f"{SCHEMA_VERSION}", "load it with the tensorscope version that wrote it")
-        if "report_version" in raw:  # written by save_report(): the run record plus comparisons and findings
-            from .analysis import ReportRecord
+        try:
+            if "report_version" in raw:  # written by save_report(): the run record plus comparisons and findings
+                from .analysis import ReportRecord
 
-            report = ReportRecord.model_validate(raw)
-            record = RunRecord.model_validate(report.model_dump(include=set(RunRecord.model_fields)))
-            results = cls(record, load_tensors(json_path.parent / TENSORS_FILE))
-            results.comparisons = report.comparisons
-            results.correlations = {d.unit: d for d in report.correlations}
-            return results
-        record = RunRecord.model_validate(raw)
-        return cls(record, load_tensors(json_path.parent / TENSORS_FILE))
+                report = ReportRecord.model_validate(raw)
+                record = RunRecord.model_validate(report.model_dump(include=set(RunRecord.model_fields)))
+                results = cls(record, _tensors_beside(json_path))
+                results.comparisons = report.comparisons
+                results.correlations = {d.unit: d for d in report.correlations}
+                return results
+            record = RunRecord.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ResultsFormatError(
+                f"{json_path} is JSON of schema {version} but not a run's results: {exc.error_count()} problem(s), "
+                f"first at {'.'.join(map(str, first['loc'])) or 'the top'}: {first['msg']}",
+                "pass a results.json written by `tensorscope analyze` or Results.save(), unedited") from exc
+        return cls(record, _tensors_beside(json_path))
 
     def __repr__(self) -> str:
         n = sum(len(m.metrics) for m in self.record.models) + len(self.record.model_set)

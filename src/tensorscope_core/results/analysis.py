@@ -56,6 +56,17 @@ class PairDifference(_Record):
     note: str | None = None
 
 
+class ChangeSpan(_Record):
+    """A change found between two consecutive checkpoints (by a model-set metric such as
+    ``dynamics.phase_transitions``): where the report shades a trajectory."""
+
+    model_before: str
+    model_after: str
+    found_by: str
+    #: the layer (or other unit) label of a per-layer series; None for a scalar
+    label: str | None = None
+
+
 class ScalarComparison(_Record):
     """One scalar field across the models, in comparison order."""
 
@@ -70,6 +81,8 @@ class ScalarComparison(_Record):
     lowest: str | None = None
     differences: list[PairDifference] = Field(default_factory=list)
     trend: Trend | None = None
+    #: changes between consecutive checkpoints that a model-set metric of the run found in this series
+    changes: list[ChangeSpan] = Field(default_factory=list)
 
 
 class LayerTrajectory(_Record):
@@ -81,6 +94,7 @@ class LayerTrajectory(_Record):
     labels: list[str]
     values: list[list[Float]]
     trends: list[Trend] = Field(default_factory=list)
+    changes: list[ChangeSpan] = Field(default_factory=list)
 
 
 class EarlyIndicator(_Record):

@@ -54,12 +54,50 @@ def check_writable_folder(path: Path, what: str, option: str) -> None:
                          f"choose an {option} you may write to")
 
 
-def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """``tensors`` as the bytes of a safetensors file."""
     from safetensors.torch import save
 
-    blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+#: the lock file a run holds in its out dir while it writes there
+LOCK_FILE = ".tensorscope.lock"
+
+
+@contextmanager
+def out_dir_lock(out: Path) -> Iterator[None]:
+    """Hold ``out`` for one run: a second run writing the same folder at once is refused (it would
+    mix two runs' files). Temporary files of a run killed mid-write (here and in the cache dir) are
+    removed; a folder this created and left empty (the run failed) is removed again."""
+    import fcntl
+
+    from ..errors import UsageError
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock_path = out / LOCK_FILE
+    handle = open(lock_path, "a+")  # noqa: SIM115  (held open for the block)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        handle.close()
+        raise UsageError(f"another run is writing into {out} now", "wait for it to finish, or choose another --out"
+                         ) from exc
+    for stale in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:  # left by a run killed mid-write
+        stale.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            lock_path.unlink()
+            out.rmdir()
+        handle.close()  # releases the lock
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     with atomic_write(path, "wb") as handle:
-        handle.write(blob)
+        handle.write(tensor_bytes(tensors))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -77,23 +115,42 @@ def cache_key(**parts: Any) -> str:
 
 
 class ResultCache:
-    """One JSON file per finished metric result (plus its tensors), named by its key."""
+    """One JSON file per finished metric result (plus its tensors), named by its key. Each entry
+    holds a digest of its result and tensor bytes, checked on every read: an entry edited or damaged
+    after it was written is recomputed, never served."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    @staticmethod
+    def _digest(result_json: str, tensor_bytes: bytes) -> str:
+        return hashlib.blake2b(result_json.encode() + b"\0" + tensor_bytes, digest_size=20).hexdigest()
 
     def get(self, key: str) -> tuple[MetricResult, dict[str, torch.Tensor]] | None:
         path = self.root / f"{key}.json"
         if not path.exists():
             return None
+        tensors_path = self.root / f"{key}.safetensors"
         try:
-            result = MetricResult.model_validate_json(path.read_text())
-        except ValueError:
-            return None  # an unreadable entry is recomputed, never trusted
-        return result, load_tensors(self.root / f"{key}.safetensors")
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            blob = tensors_path.read_bytes() if tensors_path.exists() else b""
+            if not isinstance(entry, dict) or entry.get("digest") != self._digest(entry["result"], blob):
+                return None
+            result = MetricResult.model_validate_json(entry["result"])
+            from safetensors.torch import load
+
+            return result, (load(blob) if blob else {})
+        except Exception:  # noqa: BLE001  (any unreadable entry is recomputed, never trusted)
+            return None
 
     def put(self, key: str, result: MetricResult, tensors: Mapping[str, torch.Tensor]) -> None:
-        if tensors:
-            save_tensors(tensors, self.root / f"{key}.safetensors")
+        blob = tensor_bytes(tensors) if tensors else b""
+        tensors_path = self.root / f"{key}.safetensors"
+        if blob:
+            with atomic_write(tensors_path, "wb") as handle:
+                handle.write(blob)
+        else:
+            tensors_path.unlink(missing_ok=True)
+        result_json = result.model_dump_json()
         with atomic_write(self.root / f"{key}.json") as handle:
-            handle.write(result.model_dump_json())
+            handle.write(json.dumps({"digest": self._digest(result_json, blob), "result": result_json}))

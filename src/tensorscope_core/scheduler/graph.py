@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from ..errors import BadParameterError, MetricCycleError, close_matches, did_you_mean
+from ..errors import BadParameterError, MetricCycleError, UsageError, close_matches, did_you_mean
 from ..metric import Metric, MetricClass, ModelSetMetric
 from ..plugins import Registry
 from ..results.schema import RungRecord
@@ -65,16 +65,40 @@ def validate_params(cls: MetricClass, raw: Mapping[str, Any]) -> BaseModel:
                                 f"`tensorscope explain {cls.name}` lists its parameters: {known or 'none'}") from exc
 
 
+def _names(requested: object) -> list[str]:
+    """The metric names asked for: a name, or a list of names; never none."""
+    items = [requested] if isinstance(requested, str) else requested
+    if not isinstance(items, (list, tuple)) or not all(isinstance(n, str) for n in items):
+        raise UsageError(f"metrics must be a name, a list of names or 'all', got {requested!r}",
+                         'pass e.g. metrics=["basic.loss", "basic.grad_norms"] '
+                         "(CLI: --metrics basic.loss,basic.grad_norms)")
+    names = list(dict.fromkeys(n.strip() for n in items if n.strip()))
+    if not names:
+        raise UsageError("no metric was asked for", "name at least one metric, or 'all' "
+                         "(`tensorscope metrics` lists them)")
+    return names
+
+
+def _check_params_shape(params: object, registry: Registry) -> None:
+    """params is {metric name: {field: value}}: anything else is refused here, not deep in pydantic."""
+    if not isinstance(params, Mapping):
+        raise BadParameterError(f"params must map metric names to their parameters, got {type(params).__name__}",
+                                'pass e.g. params={"basic.loss": {...}}')
+    for name, raw in params.items():
+        registry.metric(name)  # an unknown name: UnknownMetricError with suggestions
+        if not isinstance(raw, Mapping):
+            raise BadParameterError(f"the parameters of {name} must be a mapping of field to value, got {raw!r}",
+                                    f"pass params={{{name!r}: {{FIELD: VALUE}}}} (`tensorscope explain {name}` "
+                                    "lists its fields)")
+
+
 def resolve(requested: str | Sequence[str], params: Mapping[str, Mapping[str, Any]],
             registry: Registry) -> list[MetricNode]:
     """Expand dependencies, validate names and params, detect cycles, order topologically."""
-    names = sorted(registry.metrics) if requested == "all" or requested == ["all"] else list(dict.fromkeys(
-        [requested] if isinstance(requested, str) else requested))
+    names = sorted(registry.metrics) if requested == "all" or requested == ["all"] else _names(requested)
     for name in names:
         registry.metric(name)  # raises UnknownMetricError with suggestions
-    for name in params:
-        if name not in names:
-            registry.metric(name)
+    _check_params_shape(params, registry)
     graph: dict[str, set[str]] = {}
     unavailable: dict[str, str] = {}
     validated: dict[str, BaseModel] = {}
@@ -103,6 +127,10 @@ def resolve(requested: str | Sequence[str], params: Mapping[str, Mapping[str, An
             hint = "; ".join(f"'{a}'" + (f" ({did_you_mean(a, registry.artifacts)})"
                                            if close_matches(a, registry.artifacts) else "") for a in missing)
             unavailable[name] = f"needs artifact(s) {hint} that no installed plugin provides"
+    stray = sorted(set(params) - set(graph))
+    if stray:
+        raise BadParameterError(f"parameters given for {', '.join(stray)}, which this run does not compute",
+                                "add the metric to the metrics asked for, or drop its parameters")
     try:
         order = list(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as exc:

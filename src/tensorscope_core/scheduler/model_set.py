@@ -17,7 +17,7 @@ from ..results.schema import MetricResult
 from ..results.store import cache_key
 from .graph import MetricNode
 from .passes import check_declared
-from .run import ActiveMetric, Executor, needed_tensors
+from .run import METRIC_FAULTS, ActiveMetric, Executor, needed_tensors
 
 
 @dataclass(kw_only=True)
@@ -85,7 +85,7 @@ class ModelSetRunner(Executor):
                                      if dep in metrics), self.tensors)
             active.instance = self._call(active, lambda: cls(node.params, self.shape, needed,
                                                                   base_name=self.base_name, data=self.data))
-        except Exception as exc:
+        except METRIC_FAULTS as exc:
             self._fail(active, exc)
             return None
         return active

@@ -19,7 +19,7 @@ from ..capture import CaptureContext, capture_scope, combine_micro, detach_all, 
 from ..config import RunConfig
 from ..core_artifacts import LossTargets, loss_targets
 from ..data import Batch, PreparedData
-from ..errors import MetricTimeoutError, TensorScopeError
+from ..errors import MetricTimeoutError, NotApplicable, TensorScopeError
 from ..metric import RunShape, Step
 from ..models.view import ModelView
 from ..plugins import Registry
@@ -111,6 +111,11 @@ class ActiveMetric:
     own_passes: dict[str, int] = field(default_factory=dict)
 
 
+#: what a metric (or a plugin's artifact) may raise that ends only its own results: any error, and
+#: SystemExit too (a plugin calling sys.exit must not end the whole run without a word)
+METRIC_FAULTS: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
+
 def metric_result(node: MetricNode, status: str, **kw: Any) -> MetricResult:
     """``node``'s result with its provenance (version, plugin, parameters, class, derivations, rung)."""
     return MetricResult(metric=node.name, version=node.cls.version, plugin=node.plugin, status=status,
@@ -146,6 +151,11 @@ class Executor:
         return metric_result(node, status, **kw)
 
     def _fail(self, active: ActiveMetric, exc: BaseException) -> None:
+        if isinstance(exc, NotApplicable):  # the metric found it does not apply: skipped, not failed
+            self.results[active.node.name] = self._result(
+                active.node, "skipped", reason=f"{exc.problem}: {exc.fix}" if exc.fix else exc.problem,
+                seconds=round(active.seconds, 4), **self._passes_of(active))
+            return
         if self.config.fail_fast:
             raise MetricFailed(f"{active.node.name} failed on {self.label}: {type(exc).__name__}: {exc}",
                                "fix the cause, or run without fail_fast to keep the other metrics' results") from exc
@@ -210,7 +220,7 @@ class Executor:
             active.measured = max(active.measured, active.instance.state_bytes())
             tensors: dict[str, torch.Tensor] = {}
             values = to_values(active.node.name, self.where, output, tensors)
-        except Exception as exc:
+        except METRIC_FAULTS as exc:
             self._fail(active, exc)
             return
         finally:
@@ -277,7 +287,7 @@ class ModelRunner(Executor):
                     self._data_pass(on_data)
                 except MetricFailed:
                     raise
-                except Exception as exc:  # the shared pass itself failed (out of memory at the floor,
+                except METRIC_FAULTS as exc:  # the shared pass itself failed (out of memory at the floor,
                     # a model or capture error): every metric of the pass gets an error result, the run goes on
                     self.view.model.zero_grad(set_to_none=True)
                     for member in on_data:
@@ -296,9 +306,13 @@ class ModelRunner(Executor):
         reason = cls.skip_reason(node.params, self.view, self.data)
         if reason is None and self.data is None and set(node.cls.artifacts) - {"weights"}:
             reason = "this run has no data"
-        if reason is None and {"token_loss", "batches"} & {a.name for a in closure(node.cls.artifacts, self.registry)} \
-                and not self.view.causal and self.view.mask_token_id is None:
+        on_loss = bool({"token_loss", "batches"} & {a.name for a in closure(node.cls.artifacts, self.registry)})
+        if reason is None and on_loss and not self.view.causal and self.view.mask_token_id is None:
             reason = "a masked-LM loss needs the tokenizer's mask token: save the tokenizer with the model"
+        if reason is None and on_loss and self.view.causal and self.data is not None \
+                and not any(len(s) > 1 for s in self.data.used_sequences()):
+            reason = ("every sequence is one token long, so a causal loss has no next token to predict: "
+                      "pass sequences of two tokens or more")
         if reason is None and self.view.device_map is not None and not cls.supports_dispatch:
             reason = DISPATCH_SKIP
         if reason is not None:
@@ -311,7 +325,7 @@ class ModelRunner(Executor):
             active.own_passes = check_declared(cls.own_passes(node.params, self.view, self.shape), node.name)
             tensors = needed_tensors(deps.values(), self.tensors)
             active.instance = self._call(active, lambda: cls(node.params, self.shape, self.view, deps, tensors))
-        except Exception as exc:
+        except METRIC_FAULTS as exc:
             self._fail(active, exc)
             return None
         return active
@@ -381,7 +395,7 @@ class ModelRunner(Executor):
             try:
                 self._call(active, functools.partial(active.instance.update, view))
                 active.measured = max(active.measured, active.instance.state_bytes())
-            except Exception as exc:
+            except METRIC_FAULTS as exc:
                 self._fail(active, exc)
             for name in [n for n, last in last_use.items() if last == i]:
                 artifacts.pop(name, None)

@@ -8,7 +8,17 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from tensorscope_core.plugin_api import Cost, Metric, ModelView, Params, PreparedData, RunShape, TableValue, TextValue
+from tensorscope_core.plugin_api import (
+    Cost,
+    LayerValue,
+    Metric,
+    ModelView,
+    Params,
+    PreparedData,
+    RunShape,
+    TableValue,
+    TextValue,
+)
 
 from .headstats import mean_grid
 from .patterns import detection_scores, duplicate_token_pattern, induction_pattern, previous_token_pattern
@@ -139,7 +149,7 @@ class HeadScores(Metric):
     """
 
     name = "circuits.head_scores"
-    version = "1"
+    version = "2"
     summary = "previous-token, duplicate-token and induction score per head on repeated random tokens, with CIs"
     Params = HeadScoresParams
     artifacts = ("weights",)
@@ -147,6 +157,8 @@ class HeadScores(Metric):
         **{f"{k}{s}": f"layer x head {k.replace('_', '-')} score{w}" for k in KINDS
            for s, w in (("", ""), ("_ci_low", ", lower end of its 95% bootstrap CI"),
                         ("_ci_high", ", upper end of that CI"))},
+        **{f"{k}_max": f"per layer: the highest {k.replace('_', '-')} score of its heads (the layer's score)"
+           for k in KINDS},
         "detected": "table of heads scoring >= threshold: layer, head, kind, score",
         "notes": "what was drawn (T, sequences, BOS) and which scores do not apply",
     }
@@ -192,6 +204,8 @@ class HeadScores(Metric):
         out: dict[str, Any] = {}
         for k, kind in enumerate(kinds):
             out.update(mean_grid(self.scores[..., k], seed=self.shape.seed, name=kind))
+            out[f"{kind}_max"] = LayerValue(values=[max((v for v in row if v is not None), default=None)
+                                                    for row in out[kind].values], axis="block")
         detected = [[layer, head, kind, float(score)] for kind in kinds
                     for layer, row in enumerate(out[kind].values) for head, score in enumerate(row)
                     if score is not None and score >= p.threshold]

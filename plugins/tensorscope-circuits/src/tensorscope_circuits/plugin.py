@@ -7,6 +7,7 @@ from collections.abc import Callable
 from tensorscope_core.plugin_api import hookimpl
 
 from .ablation import Ablation
+from .attention_drift import AttentionDrift
 from .attention_flow import AttentionFlow
 from .entropy import AttentionEntropy
 from .head_scores import HeadScores
@@ -26,6 +27,7 @@ METRICS: tuple[type, ...] = (
     Ablation,
     ActivationPatching,
     AttentionEntropy, HeadScores, QKOV, QKOVInterference, HeadSpecialisation,
+    AttentionDrift,
 )
 
 

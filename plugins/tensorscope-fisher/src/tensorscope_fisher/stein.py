@@ -370,13 +370,17 @@ def eig_fisher(view: ModelView, layer: int, sites: Sequence[Site], rank: int, *,
     # Lanczos in the precision the products have: float32 products are exact to ~1e-7 only, and a float64
     # iteration would wait for float64 accuracy before reorthogonalising against converged vectors (ghosts).
     dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
+    # transformers computes norms (LLaMA's RMSNorm), softmaxes and rotary tables in float32 even in float64
+    # models: the products are no more accurate than float32, and the solver must be told (as fisher.lanczos
+    # is), or it never reorthogonalises against converged Ritz vectors and returns copies of their values
+    precision = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
 
     def mean_matvec(v: torch.Tensor) -> torch.Tensor:
         model_v = v.to(model_dtype)
         return torch.stack([mv(model_v) for mv in products]).to(dtype).mean(dim=0)
 
     return top_eigenpairs(mean_matvec, view.d_model, rank, max_iter=max(max_iter, rank), tol=tol, seed=seed,
-                          dtype=dtype, device=view.embed.weight.device)
+                          dtype=dtype, device=view.embed.weight.device, precision=precision)
 
 
 # -- which sites ---------------------------------------------------------------------------------

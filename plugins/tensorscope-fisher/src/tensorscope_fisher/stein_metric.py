@@ -103,7 +103,7 @@ class FisherStein(Metric):
     """
 
     name = "fisher.stein"
-    version = "1"
+    version = "2"
     summary = "activation Fisher of the next-token distribution at intermediate residuals (exact/sampled/topk/eig)"
     Params = SteinParams
     artifacts = ("batches",)  # the batches only: it makes its own passes over them

@@ -54,7 +54,9 @@ def batch_scores(view: ModelView, weights: Mapping[str, torch.Tensor] | None, ba
     with torch.no_grad():
         logits = batch_logits(view, batch, targets, weights)
     mask = targets.target_mask.bool()
-    chosen, labels = logits.float()[mask], targets.target_ids[mask]
+    # in the run's dtype, as the core's token loss (``batch_logits`` already upcasts half precision to
+    # float32): a float32 cross-entropy in a float64 run is ~1e-7 off ``basic.loss``
+    chosen, labels = logits[mask], targets.target_ids[mask]
     loss = torch.nn.functional.cross_entropy(chosen, labels, reduction="sum")
     return float(loss), int((chosen.argmax(dim=-1) == labels).sum()), int(mask.sum())
 

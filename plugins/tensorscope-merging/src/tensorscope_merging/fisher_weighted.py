@@ -114,7 +114,7 @@ class FisherWeighted(ModelSetMetric):
     """
 
     name = "merging.fisher_weighted"
-    version = "1"
+    version = "2"
     summary = "Fisher-weighted vs plain averaging of fine-tunes: per-layer shift and the merges' loss per task"
     requires_metrics = (FISHER,)
     Params = FisherParams

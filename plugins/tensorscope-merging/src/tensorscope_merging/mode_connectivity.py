@@ -128,7 +128,7 @@ class ModeConnectivity(ModelSetMetric):
     """
 
     name = "merging.mode_connectivity"
-    version = "1"
+    version = "2"
     summary = "loss barrier along linear and fitted Bezier paths between two models, optionally after unit alignment"
     Params = ConnectivityParams
     fields = {

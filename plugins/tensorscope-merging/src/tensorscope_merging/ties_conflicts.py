@@ -167,7 +167,7 @@ class TiesConflicts(ModelSetMetric):
     """
 
     name = "merging.ties_conflicts"
-    version = "1"
+    version = "2"
     summary = "TIES trim/elect/merge of fine-tunes, per-layer sign conflicts and the merged model's loss"
     needs_base = True
     Params = TiesParams

@@ -9,7 +9,7 @@ from torch import nn
 
 from ...errors import UnsupportedModelError
 from ..view import ModelView
-from .base import get_path, hf_model_type
+from .base import get_path, hf_model_type, linear_out_in
 
 
 @dataclass
@@ -54,7 +54,8 @@ class GenericAdapter:
             model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None)
         d_model = embed.embedding_dim
         mlp_out = [get_path(b, self.mlp_out, family) for b in blocks]
-        d_mlp = int(mlp_out[0].weight.shape[1]) if hasattr(mlp_out[0], "weight") else 4 * d_model
+        # the width of mlp_out's input: weight [out, in] for nn.Linear, [in, out] for HF's Conv1D (GPT-2)
+        d_mlp = int(linear_out_in(mlp_out[0]).shape[1]) if hasattr(mlp_out[0], "weight") else 4 * d_model
         return ModelView(
             model=model, name=name, family=family, n_layers=len(blocks), d_model=d_model,
             n_heads=self.n_heads, n_kv_heads=self.n_kv_heads or self.n_heads,
