@@ -94,9 +94,14 @@ def _passes(res: Any) -> dict[str, Any]:
                                     for run, r in results if r.status != "skipped" and not r.from_cache}}
 
 
+#: the key of each family's RunRecord in what run() returns (kept in memory, not pinned)
+RECORD = "record"
+
+
 def run(root: Path) -> dict[str, Any]:
     """{family: {"status": {run/metric: status}, "values": {run/metric/field: numbers},
-    "passes": what the run recorded of its passes, "counted_calls": model calls counted by hand}}."""
+    "passes": what the run recorded of its passes, "counted_calls": model calls counted by hand,
+    RECORD: the run's RunRecord}}."""
     import transformers as tf
 
     out: dict[str, Any] = {}
@@ -118,7 +123,7 @@ def run(root: Path) -> dict[str, Any]:
                     for field, numbers in flatten(result, res.tensors).items():
                         values[f"{run_name}/{result.metric}/{field}"] = numbers
             out[family] = {"status": status, "values": values, "passes": _passes(res),
-                           "counted_calls": counts[classes[family].__name__]}
+                           "counted_calls": counts[classes[family].__name__], RECORD: res.record}
     return out
 
 

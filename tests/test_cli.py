@@ -32,7 +32,8 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:
-    for command in ("analyze", "plan", "plugins", "metrics", "explain", "demo", "new-plugin"):
+    for command in ("analyze", "plan", "plugins", "metrics", "explain", "demo", "cache", "report", "fim", "export",
+                    "new-plugin"):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0

@@ -270,3 +270,20 @@ def test_change_points_of_a_model_set_metric_reach_the_comparison_and_the_report
     section = comparison_section(result, {n: n for n in result.order.names})
     tables = [b for b in section.blocks if type(b).__name__ == "Table" and "found by" in b.columns]
     assert [row[0] for row in tables[0].rows] == ["basic.loss.loss", "basic.grad_norms.layer_norm[L1]"]
+
+
+def test_discovery_over_checkpoints_tests_within_checkpoints_not_pooled() -> None:
+    """Two per-layer metrics that both rise from checkpoint to checkpoint and are unrelated within
+    one: pooled, 6 x 8 (checkpoint, layer) pairs look strongly correlated (pseudo-replication); the
+    default test, within checkpoints, finds nothing and says which test it ran."""
+    rng = np.random.default_rng(5)
+    models = {f"step-{100 * m}": {"a.m": {"x": LayerValue(values=(3.0 * m + rng.normal(size=8)).tolist())},
+                                  "b.m": {"y": LayerValue(values=(3.0 * m + rng.normal(size=8)).tolist())}}
+              for m in range(6)}
+    record = synthetic_record(models)
+    pooled = discover_correlations(record, unit="layer", pooled=True)
+    within = discover_correlations(record, unit="layer")
+    assert pooled.significant and pooled.findings[0].r > 0.9 and pooled.findings[0].groups is None
+    (finding,) = within.findings
+    assert not within.significant and abs(finding.r) < 0.3 and finding.n == 48 and finding.groups == 6
+    assert finding.test.startswith("within 6 groups")

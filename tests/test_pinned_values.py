@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 
 import pytest
-from pinned_run import PINNED, run
+from pinned_run import PINNED, RECORD, run
 
 REL_TOL = 1e-6
 
@@ -62,3 +62,21 @@ def test_recorded_passes_equal_the_model_calls_counted_by_hand(fresh: dict, fami
     assert passes["unattributed"] == 0
     wrong = {who: f"declared {d}, counted {c}" for who, (d, c) in passes["declared_vs_counted"].items() if d != c}
     assert not wrong, wrong
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_no_two_metrics_are_the_same_quantity_unless_declared(fresh: dict, family: str) -> None:
+    """Across every first-party metric of ``--metrics all``, no pair of values over layers, heads or
+    models correlates at |r| > 0.999 (Pearson, every observation pooled, n >= 6) unless one is declared
+    to derive from the other (``derived_from``): an undeclared identity (the same per-head trace from two
+    plugins, say) would top every discovery at r = 1 and crowd out real findings."""
+    from tensorscope_core.discovery import discover_correlations
+
+    identities = []
+    for unit in ("layer", "head", "model"):
+        found = discover_correlations(fresh[family][RECORD], unit=unit, method="pearson", min_n=3, n_resamples=0,
+                                      pooled=True)
+        identities += [f"{unit}: {f.x} ~ {f.y} (r={f.r:.5f}, n={f.n})" for f in found.findings + found.not_claimed
+                       if f.r is not None and abs(f.r) > 0.999 and f.n >= 6]
+    assert not identities, "declare these as derivations (derived_from) or show they differ:\n" + \
+        "\n".join(identities)

@@ -51,6 +51,8 @@ class TensorOut(Metric):
             "grid": HeadValue(values=[[1.0, 2.0], [3.0, None]]),
             "labelled": LayerValue(values=[0.5, 0.25], labels=["embed", "final"]),
             "table": TableValue(columns=["a", "b"], rows=[[1, "x"], [2, "y"]]),
+            "heads": TableValue(columns=["layer", "head", "category", "score"],
+                                rows=[[0, 1, "high_potential", 0.5], [1, "mlp", "critical", None]]),
             "text": TextValue(text="hello"),
             "nan": float("nan"),
         }
@@ -128,7 +130,16 @@ def test_csv_is_the_tall_table(use_registry: Callable[..., Any], model_dirs: dic
     assert rows[("t.tensor", "grid", "1", "1", "")]["value"] == ""  # null stays empty
     assert float(rows[("t.tensor", "series", "", "", "2")]["value"]) == 4.0
     assert float(rows[("t.tensor", "labelled", "final", "", "")]["value"]) == 0.25
-    assert not any(k[0] == "t.tensor" and k[1] in ("matrix", "table", "text") for k in rows)  # not tall values
+    assert not any(k[0] == "t.tensor" and k[1] in ("matrix", "text") for k in rows)  # not tall values
+    # a table: a row per cell, field <field>.<column>, index the table row; layer / head columns are keys
+    assert [rows[("t.tensor", f"table.{c}", "", "", str(i))]["value"] for i in (0, 1) for c in "ab"] == \
+        ["1", "x", "2", "y"]
+    assert rows[("t.tensor", "heads.category", "0", "1", "0")]["value"] == "high_potential"
+    assert float(rows[("t.tensor", "heads.score", "0", "1", "0")]["value"]) == 0.5
+    assert rows[("t.tensor", "heads.category", "1", "mlp", "1")]["value"] == "critical"
+    assert rows[("t.tensor", "heads.score", "1", "mlp", "1")]["value"] == ""  # null stays empty
+    assert not any(k[0] == "t.tensor" and k[1] in ("heads.layer", "heads.head") for k in rows)
+    assert sum(k[1].startswith(("table.", "heads.")) for k in rows) == 8
     table = res.table()
     assert list(table.columns) == list(COLUMNS) and len(table) == len(rows)
     assert res.to_csv() == (tmp_path / "results.csv").read_bytes().decode()

@@ -164,3 +164,76 @@ def test_trend_over_checkpoints() -> None:
     assert not short.claimed and short.direction == "decreasing" and short.tau == pytest.approx(-1.0)
     assert short.reason is not None and "min_n=5" in short.reason
     assert not stats.trend_test([1.0] * 6).claimed
+
+
+# -- correlation within groups (pseudo-replication) ---------------------------------------------
+def _drifting(rng: np.random.Generator, groups: int = 6, per_group: int = 8,
+              within: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x and y that both follow the group's level (a checkpoint drifting), correlated ``within`` a group."""
+    level = np.repeat(np.arange(groups, dtype=float) * 3.0, per_group)
+    noise_x = rng.normal(size=level.size)
+    noise_y = within * noise_x + np.sqrt(1 - within**2) * rng.normal(size=level.size)
+    return level + noise_x, level + noise_y, np.repeat(np.arange(groups), per_group)
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson"])
+def test_grouped_correlation_ignores_what_only_the_groups_share(method: stats.Method) -> None:
+    x, y, groups = _drifting(np.random.default_rng(0))
+    pooled = stats.correlation(x, y, method=method, min_n=10, n_resamples=0)
+    within = stats.grouped_correlation(x, y, groups, method=method, min_n=10)
+    assert pooled.r is not None and pooled.r > 0.85 and pooled.p is not None and pooled.p < 1e-10
+    assert within.r is not None and abs(within.r) < 0.3 and within.p is not None and within.p > 0.05
+    assert within.groups == 6 and within.n == 48 and "within 6 groups" in within.test
+
+
+def test_grouped_correlation_is_the_centred_within_group_correlation_and_finds_a_real_one() -> None:
+    x, y, groups = _drifting(np.random.default_rng(1), within=0.8)
+    got = stats.grouped_correlation(x, y, groups, method="pearson", min_n=10)
+    xc = x - np.array([x[groups == g].mean() for g in groups])
+    yc = y - np.array([y[groups == g].mean() for g in groups])
+    assert got.r == pytest.approx(float(xc @ yc / np.sqrt((xc @ xc) * (yc @ yc))), rel=1e-12)
+    assert got.p == pytest.approx(1 / (1 + stats.N_RESAMPLES))  # no within-group shuffle reaches it
+    z, half = np.arctanh(got.r), sps.norm.ppf(0.975) / np.sqrt(48 - 6 + 1 - 3)
+    assert (got.ci_low, got.ci_high) == pytest.approx((np.tanh(z - half), np.tanh(z + half)), rel=1e-12)
+    ranks = stats.grouped_correlation(x, y, groups, method="spearman", min_n=10)
+    rx = np.concatenate([sps.rankdata(x[groups == g]) for g in range(6)])
+    ry = np.concatenate([sps.rankdata(y[groups == g]) for g in range(6)])
+    assert ranks.r == pytest.approx(stats.grouped_correlation(rx, ry, groups, method="pearson", min_n=10).r,
+                                    rel=1e-12)
+
+
+def test_grouped_correlation_of_one_group_is_the_plain_one() -> None:
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=40), rng.normal(size=40)
+    for method in ("spearman", "pearson"):
+        one = stats.grouped_correlation(x, y, ["m"] * 40, method=method, min_n=10)
+        assert one.r == pytest.approx(stats.correlation(x, y, method=method, min_n=10).r, rel=1e-12)
+
+
+def test_grouped_permutation_test_holds_its_level_under_the_null() -> None:
+    """300 seeded null data sets (drifting groups, no within-group relation): the rejection rate at
+    0.05 stays within three binomial SDs of 0.05."""
+    rng = np.random.default_rng(3)
+    runs = 300
+    rejected = sum(stats.grouped_correlation(*_drifting(rng), min_n=10, n_resamples=199, seed=i).p < 0.05
+                   for i in range(runs))
+    assert abs(rejected / runs - 0.05) <= 3 * np.sqrt(0.05 * 0.95 / runs), rejected
+
+
+def test_grouped_correlation_floor_counts_the_within_group_pairs() -> None:
+    x, y, groups = _drifting(np.random.default_rng(4), groups=6, per_group=5)
+    below = stats.grouped_correlation(x, y, groups, min_n=30)
+    assert not below.claimed and below.reason and "n=25" in below.reason and below.p is None
+
+
+def test_grouped_correlation_without_permutations_is_the_partial_correlation_t_test() -> None:
+    x, y, groups = _drifting(np.random.default_rng(6), within=0.3)
+    got = stats.grouped_correlation(x, y, groups, method="pearson", min_n=10, n_resamples=0)
+    dummies = np.eye(6)[groups]  # the group means, partialled out by least squares
+    rx = x - dummies @ np.linalg.lstsq(dummies, x, rcond=None)[0]
+    ry = y - dummies @ np.linalg.lstsq(dummies, y, rcond=None)[0]
+    r = float(rx @ ry / np.sqrt((rx @ rx) * (ry @ ry)))
+    df = 48 - 6 - 1
+    want = 2 * sps.t.sf(abs(r) * np.sqrt(df / (1 - r * r)), df)
+    assert got.r == pytest.approx(r, rel=1e-12) and got.p == pytest.approx(want, rel=1e-9)
+    assert "t test at df = n - groups - 1 = 41" in got.test and got.ci_low is None

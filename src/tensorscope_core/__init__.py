@@ -1,7 +1,9 @@
 """TensorScope core: many analysis metrics of a model in one shared run.
 
 Public API: ``analyze`` (alias ``analyze_models``), ``plan``, ``RunConfig``, ``Results``,
-and the value types. Plugin authors import from ``tensorscope_core.plugin_api`` (the versioned
+``track`` (a training-loop callback that logs to experiment trackers) and the value types;
+``UnifiedModelAnalyzer`` / ``UnifiedConfig`` are familiar aliases over ``Analyzer`` / ``RunConfig``
+(family flags, flat metric names). Plugin authors import from ``tensorscope_core.plugin_api`` (the versioned
 plugin API); ``Metric``, ``ModelSetMetric``, ``Params`` and the like are also here for notebooks.
 """
 
@@ -34,6 +36,8 @@ from .results.schema import (
     TensorValue,
     TextValue,
 )
+from .trackers.callback import Tracker, track
+from .unified import UnifiedConfig, UnifiedModelAnalyzer
 
 __all__ = [
     "PLUGIN_API_VERSION",
@@ -63,9 +67,13 @@ __all__ = [
     "TableValue",
     "TensorValue",
     "TextValue",
+    "Tracker",
+    "UnifiedConfig",
+    "UnifiedModelAnalyzer",
     "analyze",
     "analyze_models",
     "builtin_corpus",
     "hookimpl",
     "plan",
+    "track",
 ]

@@ -27,6 +27,7 @@ from .plugins import Registry, get_registry
 from .results import Results
 from .results.schema import ArtifactBytes, MetricResult, ModelRecord, RunRecord
 from .results.store import ResultCache, check_writable_folder
+from .run_settings import deterministic_mode, resolve_auto
 from .scheduler.fitting import check_pins, fit_model_plan, fit_set_plan, set_rung_costs
 from .scheduler.graph import MetricNode, resolve
 from .scheduler.ladder import Ladders, apply
@@ -227,11 +228,11 @@ def plan(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequenc
          base: ModelSpec | None = None, registry: Registry | None = None) -> list[ModelPlan | ModelSetPlan]:
     """The pass and memory plan of each model (the base first, when given), then the model-set
     stage's when model-set metrics are asked for, without running any pass."""
-    config = config or RunConfig()
     registry = registry or get_registry()
     nodes = resolve(metrics, params or {}, registry)
-    check_pins(nodes, config)
     sources = [dataclasses.replace(s, config_only_ok=True) for s in _sources(models, base_config, base)]
+    config, _ = resolve_auto(config or RunConfig(), sources)
+    check_pins(nodes, config)
     budget = config.budget()
     with modules_restored(sources):
         prepared, final = _prepare_all(sources, data, nodes, config, registry, adapter, tokenizer,
@@ -283,20 +284,23 @@ def analyze(models: ModelsArg, data: DataSpec | None = None, metrics: str | Sequ
     ``registry``: the plugins to use (``tensorscope_core.testing.temporary_plugin`` builds one
     with extra plugins); default: every installed plugin.
     """
-    config = config or RunConfig()
+    registry = registry or get_registry()
+    nodes = resolve(metrics, params or {}, registry)  # names and parameters first: nothing is read yet
+    sources = _sources(models, base_config, base)
+    config, auto_notes = resolve_auto(config or RunConfig(), sources)
     check_device(config.device)
+    check_pins(nodes, config)
     if config.executor == "ray":
         from .ray_sweep import import_ray
 
         import_ray()  # missing: say so before any model loads
-    registry = registry or get_registry()
-    nodes = resolve(metrics, params or {}, registry)
-    check_pins(nodes, config)
-    sources = _sources(models, base_config, base)
     data = materialize(data)
-    with modules_restored(sources):
-        return _analyze(sources, data, nodes, config, registry, adapter, tokenizer,
-                        BASE_NAME if base is not None else None)
+    with modules_restored(sources), deterministic_mode(config.deterministic):
+        results = _analyze(sources, data, nodes, config, registry, adapter, tokenizer,
+                           BASE_NAME if base is not None else None)
+    for record in results.record.models:
+        record.notes[:0] = auto_notes
+    return results
 
 
 @dataclass
@@ -414,7 +418,7 @@ def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[Metr
             set_plan.render())
     if config.cache_dir:
         check_writable_folder(Path(config.cache_dir), "cache dir", "cache_dir (CLI: --out, or --no-cache)")
-    cache = ResultCache(Path(config.cache_dir)) if config.cache_dir else None
+    cache = ResultCache(Path(config.cache_dir), refresh=config.force_recompute) if config.cache_dir else None
     scratch = ExitStack()  # disk-backed stores write under the run's cache dir, and remove their files
     if config.cache_dir:
         cache_dir = Path(config.cache_dir)

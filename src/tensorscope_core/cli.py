@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -90,7 +91,8 @@ def _config(args: argparse.Namespace, **extra: Any) -> Any:
               "max_batches": args.max_batches,
               "strict_budget": args.strict_budget or None, "rungs": _rungs(args.rung) or None,
               "device_map": args.device_map, "max_memory": _pairs(args.max_memory, "--max-memory", "cpu=2GiB") or None,
-              "offload_dir": args.offload_dir, "executor": args.executor, "ray_address": args.ray_address, **extra}
+              "offload_dir": args.offload_dir, "executor": args.executor, "ray_address": args.ray_address,
+              "deterministic": args.deterministic or None, **extra}
     try:
         return RunConfig(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
@@ -111,7 +113,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_writable_folder(out, "out dir", "--out")  # before any computing, not at the first write
     config = _config(args, fail_fast=args.fail_fast, metric_timeout_s=args.metric_timeout,
-                     cache_dir=None if args.no_cache else out / ".cache", progress=sys.stderr.isatty())
+                     cache_dir=None if args.no_cache else out / ".cache", progress=sys.stderr.isatty(),
+                     force_recompute=args.force_recompute)
     with out_dir_lock(out):  # a second run into the same folder is refused, not mixed in
         results = analyze(_models(args.models), data=_data(args.data), metrics=_metric_list(args.metrics),
                           config=config, params=_params(args.param), base_config=args.base_config, base=args.base)
@@ -182,9 +185,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
-    results = run_demo(args.out, seed=args.seed, log=log)
+    results = run_demo(args.out, seed=args.seed, log=log, recipe=args.recipe)
     if args.json:
         print(json.dumps({"out": args.out, "models": results.models}, indent=2))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .config import format_bytes
+    from .results.store import cache_entries, cache_stats, remove_entries
+
+    root = Path(args.cache_dir) if args.cache_dir else Path(args.out) / ".cache"
+    entries = [e for e in cache_entries(root) if args.model is None or e.model == args.model.rstrip("/")]
+    if args.action == "ls":
+        rows = [dataclasses.asdict(e) for e in entries]
+        _emit(args, rows, "\n".join(f"{e.model or '?':<24} {e.metric:<32} {e.status:<8} {format_bytes(e.nbytes):>10}"
+                                    f"  {e.key}" for e in entries) or f"no entries in {root}")
+    elif args.action == "stats":
+        stats = cache_stats(entries)
+        lines = [f"{row['model']:<24} {row['metric']:<32} {row['entries']:>5}  {format_bytes(row['bytes']):>10}"
+                 for row in stats["metrics"]]
+        lines.append(f"{stats['entries']} entries, {format_bytes(stats['bytes'])} in {root}")
+        _emit(args, {"cache_dir": str(root), **stats}, "\n".join(lines))
+    else:
+        freed = remove_entries(root, entries)
+        _emit(args, {"cache_dir": str(root), "removed": len(entries), "bytes": freed},
+              f"removed {len(entries)} entries ({format_bytes(freed)}) from {root}")
     return 0
 
 
@@ -249,6 +275,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fim(args: argparse.Namespace) -> int:
+    from .fim_report import write_fim_files
+    from .results import Results
+
+    paths = write_fim_files(Results.load(args.results), Path(args.out), source=str(args.results))
+    _emit(args, {"wrote": {k: str(v) for k, v in paths.items()}}, "\n".join(f"wrote {v}" for v in paths.values()))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .results import Results
+
+    source = Path(args.results)
+    beside = (source if source.is_dir() else source.parent) / "report.html"
+    report = args.report or (str(beside) if beside.is_file() and not args.no_report else None)
+    summary = Results.load(source).export(tensorboard=args.tensorboard, wandb_dir=args.wandb_offline,
+                                          mlflow_uri=args.mlflow, report=report, name=args.name)
+    lines = [f"wrote {d}" for d in summary.destinations]
+    lines.append(f"{summary.scalars} scalars, {summary.tables} tables, {summary.texts} texts at step(s) "
+                 f"{', '.join(map(str, summary.steps)) or '-'}")
+    if summary.report:
+        lines.append(f"attached {summary.report}")
+    _emit(args, summary.to_dict(), "\n".join(lines))
+    return 0
+
+
 def cmd_new_plugin(args: argparse.Namespace) -> int:
     from .scaffold import write_plugin
 
@@ -275,9 +327,11 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-length", type=int)
     p.add_argument("--max-batches", type=int, help="stop after this many batches per task")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"],
-                   help="the dtype the model runs in (default float32)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps, or auto (cuda, else mps, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16", "auto"],
+                   help="the dtype the model runs in (default float32; auto: the checkpoint's torch_dtype)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch deterministic algorithms and cuBLAS's fixed workspace for the run")
     p.add_argument("--memory-budget", help="e.g. 4GiB (the plan must fit before anything runs); "
                                           "default: the device's free memory now, less a margin")
     p.add_argument("--device-map", metavar="MAP",
@@ -315,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing metric")
     p.add_argument("--metric-timeout", type=float, help="seconds after which a metric gets an error result")
     p.add_argument("--no-cache", action="store_true", help="recompute everything (default: resume from OUT/.cache)")
+    p.add_argument("--force-recompute", action="store_true",
+                   help="compute every metric again and overwrite its entry in OUT/.cache")
     p.add_argument("--strict", action="store_true", help="exit 1 when any metric ended in error")
     p.set_defaults(fn=cmd_analyze)
 
@@ -336,8 +392,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a tiny model through its induction-head phase change and analyse it")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", choices=["induction", "multitask"], default="induction",
+                   help="induction (default): checkpoints through the induction phase change; multitask: two "
+                        "tasks, per-task Fisher, masks, overlap and curvature side by side")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("cache", help="list, count or clear the result cache of an --out folder", epilog=EPILOG)
+    p.add_argument("action", choices=["ls", "stats", "clear"])
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", default=".", help="the --out folder of `tensorscope analyze` (cache: OUT/.cache; "
+                                                  "default: this folder)")
+    where.add_argument("--cache-dir", help="the cache folder itself")
+    p.add_argument("--model", help="only the entries of this model (by its name in the results)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_cache)
 
     p = sub.add_parser("report", help="HTML / PDF report, comparisons and correlation findings from results.json",
                        epilog=EPILOG + "; PDF without weasyprint/pango: exit 1 after writing the HTML")
@@ -358,6 +427,29 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "indicators")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("fim", help="the FIM workflow's fim_summary.csv and fim.txt from a run with fisher.hotspots",
+                       epilog=EPILOG)
+    p.add_argument("results", help="results.json (or its folder) of a run with fisher.hotspots "
+                                   "(and fisher.hotspots_compare for several models)")
+    p.add_argument("--out", required=True, help="folder for fim_summary.csv and fim.txt")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_fim)
+
+    p = sub.add_parser("export", help="log results to TensorBoard, W&B (offline) and/or MLflow",
+                       epilog=EPILOG + "; a missing tracker package: exit 1 naming the extra to install")
+    p.add_argument("results", help="results.json (or its folder) written by `tensorscope analyze`")
+    p.add_argument("--tensorboard", metavar="DIR", help="TensorBoard log dir (pip install 'tensorscope[tensorboard]')")
+    p.add_argument("--wandb-offline", metavar="DIR", help="an offline W&B run in DIR; upload later with `wandb sync` "
+                                                          "(pip install 'tensorscope[wandb]')")
+    p.add_argument("--mlflow", metavar="URI", help="MLflow tracking URI, or a folder for a local file store "
+                                                  "(pip install 'tensorscope[mlflow]')")
+    p.add_argument("--report", metavar="HTML", help="the HTML report to attach (default: report.html beside the "
+                                                   "results, when there)")
+    p.add_argument("--no-report", action="store_true", help="attach no report")
+    p.add_argument("--name", help="the W&B / MLflow run name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("new-plugin", help="write a plugin skeleton that installs and passes its own test")
     p.add_argument("name", help="family name, e.g. 'probes' -> distribution tensorscope-probes")

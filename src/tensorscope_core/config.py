@@ -53,8 +53,14 @@ class RunConfig(BaseModel):
     max_length: int | None = Field(
         None, ge=2, description="tokens per sequence; None: the model's positions, at most 128")
     max_batches: int | None = Field(None, ge=1, description="stop after this many batches per task")
-    device: str = "cpu"
-    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    device: str = Field("cpu", description="cpu, cuda, cuda:N, mps, or 'auto' (cuda if available, else mps, "
+                                           "else cpu; the run records the choice)")
+    dtype: Literal["float32", "float64", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="'auto': the checkpoint's torch_dtype (config.json) when it is a float type, "
+                               "else float32; the run records the choice")
+    deterministic: bool = Field(False, description="torch deterministic algorithms and a fixed cuBLAS workspace "
+                                                   "for the run (restored afterwards)")
+    force_recompute: bool = Field(False, description="compute every metric again and overwrite its cache entry")
     memory_budget: str | int | None = Field(
         None, description="bytes the plan must fit in; None: the device's free memory now, less a margin")
     strict_budget: bool = Field(False, description="refuse a plan over budget instead of stepping metrics down "
@@ -84,10 +90,12 @@ class RunConfig(BaseModel):
     def _device_readable(cls, v: str) -> str:
         import torch
 
+        if v == "auto":
+            return v
         try:
             torch.device(v)
         except RuntimeError as exc:
-            raise ValueError(f"unknown device {v!r}: use cpu, cuda, cuda:N or mps") from exc
+            raise ValueError(f"unknown device {v!r}: use cpu, cuda, cuda:N, mps or auto") from exc
         return v
 
     @field_validator("memory_budget")

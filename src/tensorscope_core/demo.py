@@ -5,13 +5,19 @@ half is unpredictable (loss ln 64 = 4.16); once an induction head copies the tok
 that followed the previous occurrence, the second half becomes predictable and the
 mean loss falls towards ln(64) / 2 = 2.08. Checkpoints before, during and after the
 phase change are saved with ``save_pretrained`` and analysed with every installed metric.
+
+The ``multitask`` recipe trains the same model on two tasks at once (``repeat``: the sequences
+above; ``count``: a run of consecutive token ids, predictable from the previous token alone) and
+analyses the last checkpoint in one run, per task: the Welford Fisher diagonal, the top-p% Fisher
+masks, their overlap between the tasks, and the curvature three ways side by side (the diagonal's
+trace, and the top eigenvalues of the full Fisher and of the Hessian by Lanczos).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -21,6 +27,7 @@ from .config import RunConfig
 from .errors import MissingDependencyError
 from .plugins import get_registry
 from .results import Results
+from .scheduler.graph import resolve
 
 VOCAB = 64
 HALF = 16
@@ -43,10 +50,30 @@ DEMO_PARAMS: dict[str, dict[str, Any]] = {
 }
 
 
+Sequences = Callable[[int, torch.Generator], torch.Tensor]
+
+
+def demo_params(metrics: str | Sequence[str]) -> dict[str, dict[str, Any]]:
+    """DEMO_PARAMS of the metrics a run computes (those asked for and what they need)."""
+    computed = {node.name for node in resolve(metrics, {}, get_registry())}
+    return {m: p for m, p in DEMO_PARAMS.items() if m in computed}
+
+
 def repeated_sequences(n: int, generator: torch.Generator) -> torch.Tensor:
     """[n, 2*HALF] token ids: HALF random tokens, then the same tokens again."""
     first = torch.randint(0, VOCAB, (n, HALF), generator=generator)
     return torch.cat([first, first], dim=1)
+
+
+def counting_sequences(n: int, generator: torch.Generator) -> torch.Tensor:
+    """[n, 2*HALF] token ids: a random start, then each next id one more (mod VOCAB)."""
+    start = torch.randint(0, VOCAB, (n, 1), generator=generator)
+    return (start + torch.arange(2 * HALF)) % VOCAB
+
+
+def mixed_sequences(n: int, generator: torch.Generator) -> torch.Tensor:
+    """The multitask recipe's training batches: half repeated, half counting sequences."""
+    return torch.cat([repeated_sequences(n - n // 2, generator), counting_sequences(n // 2, generator)])
 
 
 def demo_model() -> Any:
@@ -60,8 +87,10 @@ def demo_model() -> Any:
 
 
 def train(out: Path, steps: Sequence[int] = CHECKPOINT_STEPS, seed: int = 0, batch_size: int = 64,
-          lr: float = 3e-3, log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Train with AdamW, saving a checkpoint folder at each of ``steps``; returns name -> folder."""
+          lr: float = 3e-3, log: Callable[[str], None] = print,
+          sequences: Sequences = repeated_sequences) -> dict[str, Path]:
+    """Train with AdamW on batches of ``sequences``, saving a checkpoint folder at each of ``steps``;
+    returns name -> folder."""
     torch.manual_seed(seed)
     model = demo_model()
     model.config._attn_implementation = "eager"
@@ -75,7 +104,7 @@ def train(out: Path, steps: Sequence[int] = CHECKPOINT_STEPS, seed: int = 0, bat
             checkpoints[f"step-{step:04d}"] = folder
         if step == max(steps):
             break
-        ids = repeated_sequences(batch_size, generator)
+        ids = sequences(batch_size, generator)
         loss = model(input_ids=ids, labels=ids).loss
         optimizer.zero_grad()
         loss.backward()
@@ -85,9 +114,16 @@ def train(out: Path, steps: Sequence[int] = CHECKPOINT_STEPS, seed: int = 0, bat
     return checkpoints
 
 
-def run_demo(out: str | Path, *, steps: Sequence[int] = CHECKPOINT_STEPS, seed: int = 0,
-             metrics: str | Sequence[str] = "all", log: Callable[[str], None] = print,
-             reports: bool = True) -> Results:
+def run_demo(out: str | Path, *, steps: Sequence[int] | None = None, seed: int = 0,
+             metrics: str | Sequence[str] | None = None, log: Callable[[str], None] = print,
+             reports: bool = True, recipe: Literal["induction", "multitask"] = "induction") -> Results:
+    """Run a recipe: ``induction`` (every checkpoint, every installed metric by default) or
+    ``multitask`` (the last checkpoint, the recipe's Fisher and curvature metrics by default)."""
+    if recipe == "multitask":
+        return run_multitask(out, steps=steps or MULTITASK_STEPS, seed=seed, metrics=metrics or MULTITASK_METRICS,
+                             log=log, reports=reports)
+    steps = steps or CHECKPOINT_STEPS
+    metrics = metrics or "all"
     out = Path(out)
     log(f"training the demo model (2 layers, 4 heads) on repeated random sequences; checkpoints at {list(steps)}")
     checkpoints = train(out, steps, seed=seed, log=log)
@@ -95,9 +131,8 @@ def run_demo(out: str | Path, *, steps: Sequence[int] = CHECKPOINT_STEPS, seed: 
     out.mkdir(parents=True, exist_ok=True)
     save_file({"input_ids": data}, str(out / "data.safetensors"))
     log(f"analysing {len(checkpoints)} checkpoints with metrics: {metrics}")
-    installed = get_registry().metrics
     results = analyze({name: str(path) for name, path in checkpoints.items()}, data=data, metrics=metrics,
-                      params={m: p for m, p in DEMO_PARAMS.items() if m in installed},
+                      params=demo_params(metrics),
                       config=RunConfig(seed=seed, batch_size=16, max_length=2 * HALF,
                                        cache_dir=out / ".cache"))
     results.save(out)
@@ -110,6 +145,64 @@ def run_demo(out: str | Path, *, steps: Sequence[int] = CHECKPOINT_STEPS, seed: 
     if reports:
         write_available_reports(results, out, log)
     return results
+
+
+#: the multitask recipe's training (its last checkpoint is analysed) and metrics; there is no
+#: "curvature triangulation" metric: the diagonal's trace, fisher.lanczos and hessian.lanczos run side by side
+MULTITASK_STEPS = (0, 300)
+MULTITASK_METRICS = ("basic.loss", "fisher.diagonal", "fisher.masks", "fisher.overlap", "fisher.lanczos",
+                     "hessian.lanczos")
+TASKS = {"repeat": repeated_sequences, "count": counting_sequences}
+
+
+def run_multitask(out: str | Path, *, steps: Sequence[int] = MULTITASK_STEPS, seed: int = 0,
+                  metrics: str | Sequence[str] = MULTITASK_METRICS, log: Callable[[str], None] = print,
+                  reports: bool = True, n_per_task: int = 32,
+                  params: dict[str, dict[str, Any]] | None = None) -> Results:
+    """Two tasks in one run: per-task Welford Fisher -> masks -> overlap, and the curvature three ways."""
+    out = Path(out)
+    log(f"training the demo model on two tasks ({', '.join(TASKS)}); checkpoints at {list(steps)}")
+    checkpoints = train(out, steps, seed=seed, log=log, sequences=mixed_sequences)
+    last = list(checkpoints)[-1]
+    gen = torch.Generator().manual_seed(seed + 1)
+    data = {task: make(n_per_task, gen) for task, make in TASKS.items()}  # held out from training
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({f"{task}/input_ids": ids for task, ids in data.items()}, str(out / "data.safetensors"))
+    installed = get_registry().metrics
+    asked = [m for m in ([metrics] if isinstance(metrics, str) else metrics) if m in installed or "*" in m]
+    log(f"analysing {last} per task with: {', '.join(asked)}")
+    results = analyze({last: str(checkpoints[last])}, data=data, metrics=asked,
+                      params={**demo_params(asked), **(params or {})},
+                      config=RunConfig(seed=seed, batch_size=16, max_length=2 * HALF, cache_dir=out / ".cache"))
+    results.save(out)
+    for line in multitask_summary(results):
+        log(line)
+    log(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
+    if reports:
+        write_available_reports(results, out, log)
+    return results
+
+
+def multitask_summary(results: Results) -> list[str]:
+    """Per-task loss and Fisher trace, the masks' overlap, and the three curvature figures."""
+    metrics = results.model().metrics
+    lines = []
+    for task in TASKS:
+        loss, diag = metrics.get("basic.loss"), metrics.get("fisher.diagonal")
+        parts = [f"loss {loss.value(f'loss/{task}'):.3f}" if loss is not None and loss.ok else "",
+                 f"Fisher trace {diag.value(f'true_trace/{task}'):.4g}" if diag is not None and diag.ok else ""]
+        lines.append(f"  {task}: " + "  ".join(p for p in parts if p))
+    overlap = metrics.get("fisher.overlap")
+    if overlap is not None and overlap.ok:
+        a, b = TASKS
+        lines.append(f"  mask overlap {a}/{b}: Jaccard {overlap.value(f'jaccard_overall/{a}/{b}'):.3f}")
+    curvature = [f"{name} {metrics[m].value(field):.4g}" for m, field, name in (
+        ("fisher.diagonal", "true_trace", "Fisher trace (diagonal)"),
+        ("fisher.lanczos", "lambda_max", "Fisher top eigenvalue (Lanczos)"),
+        ("hessian.lanczos", "lambda_max", "Hessian top eigenvalue (Lanczos)")) if m in metrics and metrics[m].ok]
+    if curvature:
+        lines.append("  curvature: " + ", ".join(curvature))
+    return lines
 
 
 def write_available_reports(results: Results, out: Path, log: Callable[[str], None]) -> None:

@@ -10,6 +10,11 @@ is never paired with itself (any two of its fields) nor with a metric it is decl
 derive from (``derived_from`` as recorded in the results, followed transitively), so a
 report made where a plugin is not installed excludes the same pairs. All tested pairs
 of one call are one Benjamini-Hochberg family.
+
+The layers (or heads) of one model are not independent of its other values: over several
+models a pair is correlated within models (ranks centred per model, permutation within models),
+so two metrics that both drift across checkpoints do not correlate through the checkpoint alone.
+Each finding's ``test`` says which test it had.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from .checkpoints import order_models
 from .errors import UsageError, did_you_mean
 from .results.analysis import Discovery, ExcludedPair, Finding, ModelOrder, Unit
 from .results.schema import HeadValue, LayerValue, RunRecord, ScalarValue
-from .stats import N_RESAMPLES, InsufficientSampleWarning, Method, adjust, correlation
+from .stats import N_RESAMPLES, InsufficientSampleWarning, Method, adjust, correlation, grouped_correlation
 
 UNITS: tuple[Unit, ...] = ("layer", "head", "model", "checkpoint")
 Key = tuple[str, ...]
@@ -52,8 +57,13 @@ def _put(found: dict[str, Variable], metric: str, field: str, key: Key, value: f
         var.values[key] = value
 
 
+#: fields that bound another field's estimate (its CI): functions of it, never variables of their own
+CI_SUFFIXES = ("_ci_low", "_ci_high")
+
+
 def collect(record: RunRecord, unit: Unit, order: ModelOrder) -> dict[str, Variable]:
-    """The variables observed over ``unit``, by label (``metric.field``)."""
+    """The variables observed over ``unit``, by label (``metric.field``); a field's CI bounds are not
+    variables (they would correlate with their own estimate, and with whatever it correlates with)."""
     found: dict[str, Variable] = {}
     records = {m.name: m for m in record.models}
     names = order.names
@@ -62,6 +72,8 @@ def collect(record: RunRecord, unit: Unit, order: ModelOrder) -> dict[str, Varia
             if not result.ok:
                 continue
             for field, value in result.values.items():
+                if field.endswith(CI_SUFFIXES):
+                    continue
                 if unit == "layer" and isinstance(value, LayerValue):
                     for key, v in zip(value.keys(), value.values, strict=True):
                         _put(found, result.metric, field, (name, key), v, value.on_axis)
@@ -135,8 +147,11 @@ def _select(found: dict[str, Variable], metrics: Sequence[str] | None) -> dict[s
 def discover_correlations(record: RunRecord, metrics: Sequence[str] | None = None, unit: Unit = "layer",
                           method: Method = "spearman", min_n: int = 30, fdr: float = 0.05, *,
                           order: Sequence[str] | None = None, derived: Mapping[str, Sequence[str]] | None = None,
-                          seed: int | None = None, n_resamples: int = N_RESAMPLES) -> Discovery:
-    """Correlate every eligible pair of variables over ``unit``; see the module docstring."""
+                          seed: int | None = None, n_resamples: int = N_RESAMPLES, pooled: bool = False) -> Discovery:
+    """Correlate every eligible pair of variables over ``unit``; see the module docstring.
+
+    Over layers or heads of several models, each pair is tested within models (``stats.grouped_correlation``)
+    unless ``pooled=True``, which treats every (model, layer) as independent (pseudo-replication)."""
     if unit not in UNITS:
         raise UsageError(f"unknown unit {unit!r}", f"choose one of {', '.join(UNITS)}")
     if method not in ("spearman", "pearson"):
@@ -157,8 +172,13 @@ def discover_correlations(record: RunRecord, metrics: Sequence[str] | None = Non
             out.excluded.append(ExcludedPair(x=x.label, y=y.label, reason=reason))
             continue
         keys = sorted(set(x.values) & set(y.values))
-        stat = correlation([x.values[k] for k in keys], [y.values[k] for k in keys], method=method, min_n=min_n,
-                           seed=seed, n_resamples=n_resamples)
+        xs, ys = [x.values[k] for k in keys], [y.values[k] for k in keys]
+        models = [k[0] for k in keys]
+        if unit in ("layer", "head") and len(set(models)) >= 2 and not pooled:
+            stat = grouped_correlation(xs, ys, models, method=method, min_n=min_n, seed=seed,
+                                       n_resamples=n_resamples)
+        else:
+            stat = correlation(xs, ys, method=method, min_n=min_n, seed=seed, n_resamples=n_resamples)
         finding = Finding(**stat.model_dump(), x=x.label, y=y.label, x_metric=x.metric, y_metric=y.metric, unit=unit)
         (out.findings if finding.claimed else out.not_claimed).append(finding)
     adjust(out.findings, fdr)

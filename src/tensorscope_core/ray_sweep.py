@@ -78,7 +78,7 @@ def _member_task(p: Prepared, data: Any, nodes: Sequence[MetricNode], registry: 
     """One member's per-model stage on a Ray worker, writing the shared cache as metrics finish."""
     quiet_transformers()
     p = dataclasses.replace(p, data=data)
-    cache = ResultCache(Path(config.cache_dir)) if config.cache_dir else None
+    cache = ResultCache(Path(config.cache_dir), refresh=config.force_recompute) if config.cache_dir else None
     progress = (lambda model, n: sink.add.remote(n)) if sink is not None else None  # noqa: E731
     with ExitStack() as scratch:
         if config.cache_dir:

@@ -45,6 +45,11 @@ class Correlation(_Stat):
     r: float | None = None
     ci_low: float | None = None
     ci_high: float | None = None
+    #: how r, p and the CI were computed: over all pairs as independent, or within groups (the
+    #: observations of one model) with the group means removed and a permutation within groups
+    test: str = "pooled: pairs as independent observations; bootstrap CI"
+    #: the number of groups for a within-group test (None: pooled)
+    groups: int | None = None
 
 
 class Difference(_Stat):
@@ -135,6 +140,76 @@ def correlation(x: ArrayLike, y: ArrayLike, *, method: Method = "spearman", min_
                              random_state=np.random.default_rng(seed))
         low, high = float(ci.confidence_interval.low), float(ci.confidence_interval.high)
     return Correlation(method=method, n=n, r=r, p=float(res.pvalue), ci_low=_finite(low), ci_high=_finite(high))
+
+
+WITHIN_TEST = ("within {g} groups: each group's {what} centred on its mean, permutation of y within groups "
+               "({perms} permutations), Fisher-z CI at n - groups + 1")
+
+
+def _within_group(values: np.ndarray, labels: np.ndarray, rank: bool) -> np.ndarray:
+    """``values`` ranked within each group (for Spearman) and centred on each group's mean."""
+    out = np.empty_like(values)
+    for g in np.unique(labels):
+        sel = labels == g
+        v = stats.rankdata(values[sel]) if rank else values[sel]
+        out[sel] = v - v.mean()
+    return out
+
+
+def grouped_correlation(x: ArrayLike, y: ArrayLike, groups: Sequence[Any], *, method: Method = "spearman",
+                        min_n: int = 30, seed: int = 0, level: float = 0.95,
+                        n_resamples: int = N_RESAMPLES) -> Correlation:
+    """The correlation of x and y within groups (e.g. the layers or heads of each checkpoint): values
+    ranked (Spearman) and centred within their group, so that differences between groups (checkpoints
+    drifting together) do not count as evidence, and tested by permuting y within groups.
+
+    Pooling the layers of six checkpoints as 6 x L independent pairs is pseudo-replication: two
+    metrics that both rise during training correlate through the checkpoint alone. ``r`` is the pooled
+    within-group correlation; ``p`` = (1 + #{|r_perm| >= |r|}) / (1 + n_resamples) (``n_resamples``
+    0: the t test at df = n - groups - 1, no CI); the CI is Fisher's z at the within-group degrees of
+    freedom, n - groups + 1, which is also the n the floor ``min_n`` is compared with.
+    """
+    a, b = _floats(x), _floats(y)
+    labels = np.asarray(list(groups))
+    if not (a.shape == b.shape == labels.shape):
+        raise ValueError(f"x, y and groups need equal lengths, got {a.size}, {b.size} and {labels.size}")
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b, labels = a[keep], b[keep], labels[keep]
+    sizes = {g: int((labels == g).sum()) for g in np.unique(labels)}
+    kept = np.isin(labels, [g for g, k in sizes.items() if k >= 2])  # a group of one carries no within-group pair
+    a, b, labels = a[kept], b[kept], labels[kept]
+    g = len(np.unique(labels))
+    n = int(a.size)
+    test = WITHIN_TEST.format(g=g, what="ranks" if method == "spearman" else "values", perms=n_resamples)
+    base = {"method": method, "n": n, "groups": g, "test": test}
+    if g < 1 or n - g < 2:
+        return Correlation(**base, claimed=False, reason=f"n={n} in {g} groups leaves no within-group variation")
+    ac, bc = _within_group(a, labels, method == "spearman"), _within_group(b, labels, method == "spearman")
+    norm = float(np.sqrt((ac @ ac) * (bc @ bc)))
+    if norm == 0:
+        return Correlation(**base, claimed=False, reason="a variable is constant within every group: no correlation")
+    r = float(ac @ bc) / norm
+    n_eff = n - g + 1
+    reason = floor_reason(n_eff, min_n, f"pairs (within-group df + 2, {n} pairs in {g} groups)")
+    if reason:
+        return Correlation(**base, r=r, claimed=False, reason=reason)
+    if n_resamples <= 0:  # no permutations: the t test of a correlation with group dummies partialled out
+        df = n - g - 1
+        t = r * np.sqrt(df / max(1.0 - r * r, 1e-300))
+        base["test"] = test.split(", permutation")[0] + f", t test at df = n - groups - 1 = {df}"
+        return Correlation(**base, r=r, p=float(2 * stats.t.sf(abs(t), df)))
+    rng = np.random.default_rng(seed)
+    perm = np.tile(np.arange(n), (n_resamples, 1))
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        perm[:, idx] = idx[np.argsort(rng.random((n_resamples, idx.size)), axis=1)]
+    r_perm = (bc[perm] @ ac) / norm  # group means stay 0 and sums of squares fixed under a within-group shuffle
+    p = float((1 + np.sum(np.abs(r_perm) >= abs(r) - 1e-12)) / (1 + n_resamples))
+    low = high = None
+    if n_eff > 3 and abs(r) < 1:
+        half = stats.norm.ppf(0.5 + level / 2) / np.sqrt(n_eff - 3)
+        low, high = float(np.tanh(np.arctanh(r) - half)), float(np.tanh(np.arctanh(r) + half))
+    return Correlation(**base, r=r, p=p, ci_low=low, ci_high=high)
 
 
 def _batch(n: int, n_resamples: int) -> int:

@@ -23,7 +23,7 @@ from .plugins import Registry, build_registry, get_registry, plugin_module, regi
 from .results import Results
 from .results.schema import MetricResult
 
-FAMILIES = ("gpt2", "llama", "neox", "bert")
+FAMILIES = ("gpt2", "llama", "neox", "bert", "gemma3", "phi3", "qwen2", "qwen3", "mistral", "gptj")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[MASK]")
 
 def tiny_tokenizer() -> Any:
@@ -38,10 +38,13 @@ def tiny_tokenizer() -> Any:
                                    bos_token="[BOS]", mask_token="[MASK]")
 
 def tiny_config(family: str, vocab_size: int, n_layers: int = 2, d_model: int = 32, n_heads: int = 4) -> Any:
-    """Config of a tiny model: GPT-2, LLaMA (grouped-query: 2 KV heads, rotary), GPT-NeoX, BERT."""
+    """Config of a tiny model: GPT-2, LLaMA (grouped-query: 2 KV heads, rotary), GPT-NeoX, BERT, or one of
+    the LLaMA-layout variants and other decoders (see ``_more_config``)."""
     import transformers as tf
 
     common = {"vocab_size": vocab_size, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 2}
+    if family in _MORE:
+        return _more_config(family, common, n_layers, d_model, n_heads)
     if family == "gpt2":
         return tf.GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=n_heads, n_positions=64, **common)
     if family == "llama":
@@ -56,22 +59,55 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 2, d_model: int = 
                              num_attention_heads=n_heads, max_position_embeddings=64, **common)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
+_MORE = ("gemma3", "phi3", "qwen2", "qwen3", "mistral", "gptj")
+
+def _more_config(family: str, common: dict[str, Any], n_layers: int, d_model: int, n_heads: int) -> Any:
+    """Gemma-3 (multi-query, QK-norm, sliding window 4 on even layers), Phi-3 (fused QKV), Qwen2 (QKV
+    biases), Qwen3 (QK-norm), Mistral (sliding window 4), all grouped-query; GPT-J (rotary on half of
+    each head). Windows of 4 act on any sequence longer than 4 tokens."""
+    import transformers as tf
+
+    d_head = d_model // n_heads
+    decoder = {"hidden_size": d_model, "intermediate_size": 2 * d_model, "num_hidden_layers": n_layers,
+               "num_attention_heads": n_heads, "num_key_value_heads": max(1, n_heads // 2),
+               "max_position_embeddings": 64, **common}
+    if family == "gemma3":
+        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+        return tf.Gemma3TextConfig(**{**decoder, "num_key_value_heads": 1}, head_dim=d_head,
+                                   query_pre_attn_scalar=d_head, sliding_window=4, layer_types=layer_types)
+    if family == "mistral":
+        return tf.MistralConfig(**decoder, sliding_window=4, tie_word_embeddings=False)
+    if family in ("phi3", "qwen2", "qwen3"):
+        cls = {"phi3": tf.Phi3Config, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[family]
+        return cls(**decoder, head_dim=d_head, tie_word_embeddings=False)
+    return tf.GPTJConfig(n_embd=d_model, n_inner=2 * d_model, n_layer=n_layers, n_head=n_heads, n_positions=64,
+                         rotary_dim=d_head // 2, **common)
+
 def tiny_model(family: str, folder: str | Path, *, seed: int = 0, with_tokenizer: bool = True,
                **dims: int) -> Path:
     """Build a random tiny model of ``family``, save it (and a tokenizer) to ``folder``."""
     import transformers as tf
 
     tokenizer = tiny_tokenizer() if with_tokenizer else None
-    vocab = len(tokenizer) if tokenizer is not None else 64
+    folder = Path(folder)
+    vocab = _loaded_vocab(family, tokenizer, folder) if tokenizer is not None else 64
     config = tiny_config(family, vocab, **dims)
     torch.manual_seed(seed)
     cls = tf.BertForMaskedLM if family == "bert" else tf.AutoModelForCausalLM
     model = cls(config) if family == "bert" else cls.from_config(config)
-    folder = Path(folder)
     model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
+
+def _loaded_vocab(family: str, tokenizer: Any, folder: Path) -> int:
+    """The vocabulary a loader will see: AutoTokenizer picks the family's own tokenizer class, which
+    may add tokens (Qwen2's adds <|endoftext|>), so the embedding is sized for that."""
+    from transformers import AutoTokenizer
+
+    tiny_config(family, len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return len(AutoTokenizer.from_pretrained(folder))
 
 def padded_batches(rows: Sequence[torch.Tensor], batch_size: int,
                    pad_token_id: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -127,3 +127,20 @@ def test_generic_adapter_without_heads_is_skipped(models):
                   adapter=adapter, config=CONFIG)
     result = res.get("fisher.grouped")
     assert result.status == "skipped" and "per-head weights" in result.reason
+
+
+def test_fused_gate_up_projection_is_split_per_unit(tmp_path):
+    """Phi-3 fuses gate and up into one [2 d_mlp, d] projection (gate rows first): MLP unit j sums
+    rows j and d_mlp + j of it and column j of the projection out."""
+    from tensorscope_core.testing import tiny_model
+
+    folder = tiny_model("phi3", tmp_path / "phi3")
+    res = analyze(folder, data=random_token_data(64, n=4, length=8, seed=3), metrics=["fisher.grouped"],
+                  config=CONFIG)
+    assert res.get("fisher.grouped").ok, res.get("fisher.grouped").reason
+    for layer in range(2):
+        fused = res.tensor("fisher.diagonal", f"true/model.layers.{layer}.mlp.gate_up_proj.weight")
+        down = res.tensor("fisher.diagonal", f"true/model.layers.{layer}.mlp.down_proj.weight")
+        d_mlp = down.shape[1]
+        want = fused[:d_mlp].sum(1) + fused[d_mlp:].sum(1) + down.sum(0)
+        torch.testing.assert_close(res.tensor("fisher.grouped", "true/mlp_unit")[layer], want, rtol=1e-13, atol=0)

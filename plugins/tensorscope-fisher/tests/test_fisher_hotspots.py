@@ -4,6 +4,7 @@ outcomes (thresholds at their boundaries), the wiring to fisher.spectrum, the co
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -11,7 +12,15 @@ from pydantic import ValidationError
 from scipy import stats
 from tensorscope_fisher.hotspots import FisherHotspots, global_stats
 from tensorscope_fisher.hotspots_report import hotspots_section
-from tensorscope_fisher.hotspots_rules import HeadStats, HotspotParams, classify, efficiency_score, top_heads
+from tensorscope_fisher.hotspots_rules import (
+    HeadStats,
+    HotspotParams,
+    classify,
+    compression_potential,
+    efficiency_score,
+    median_cond,
+    top_heads,
+)
 from transformers import AutoModelForCausalLM
 
 from tensorscope_core import RunConfig, analyze
@@ -23,20 +32,20 @@ from tensorscope_core.testing import (
     tiny_model,
 )
 
-#            trace   eigmax  cond   e8      expected            compression_potential   efficiency
-HAND = [(1.0, 1.0, 1.0, 0.5, "moderate", 100 * 0.5 * 0.5, 100.0),
-        (1.0, 3.0, 10.0, 0.5, "critical", 100 * 0.5 * 0.5, 50.0),  # eigmax exactly 3x the median
-        (2.0, 1.0, 1000.0, 1.0, "critical", 0.0, 25.0),  # trace exactly 2x the median (and the max)
-        (0.5, 1.0, 100.0, 0.9, "high_potential", 100 * 0.9 * 0.75, 100 / 3),  # both potential bounds exactly
-        (0.5, 1.0, 100.0, 0.8999, "moderate", 100 * 0.8999 * 0.75, 100 / 3),  # energy just below
-        (1.0, 2.9999, None, 0.5, "moderate", 100 * 0.5 * 0.5, 0.0),  # eigmax just below; cond undefined
-        (1.9999, 1.0, math.inf, 0.5, "moderate", 100 * 0.5 * (1 - 1.9999 / 2), 0.0),  # trace just below
-        (0.0, 0.0, None, None, "high_potential", 100.0, 0.0)]  # zero Fisher: no effect on the loss
-# traces sorted 0, .5, .5, 1, 1, 1, 1.9999, 2 -> median 1; eigmax median 1
+#      trace      cond    e8      expected            compression_potential            efficiency
+HAND = [(2.0, 1000.0, 1.0, "critical", 75.0, 0.0),  # the top head: trace fraction 1
+        (1.9, 10.0, 1.0, "moderate", 50.0, 5.0),  # trace fraction exactly 0.95: not above it; cond low
+        (1.9000001, 1.0, 0.5, "critical", 0.0, 100 * (1 - 1.9000001 / 2)),  # fraction just above 0.95
+        (0.5, 100.0, 0.9, "high_potential", 100 * 0.9 * 2 / 3, 75.0),  # cond = the median, e8 = 0.9 exactly
+        (0.5, 100.0, 0.8999, "moderate", 100 * 0.8999 * 2 / 3, 75.0),  # energy just below
+        (0.5, 99.99, 1.0, "moderate", 100 * math.log10(99.99) / (1 + math.log10(99.99)), 75.0),  # cond just below
+        (1.0, math.inf, 0.95, "high_potential", 95.0, 50.0),  # singular: the largest cond
+        (0.0, None, None, "high_potential", 100.0, 100.0)]  # zero Fisher: no effect on the loss
+# defined conds sorted 1, 10, 99.99, 100, 100, 1000, inf -> median 100; max trace 2
 
 
 def hand_heads():
-    return [HeadStats(0, i, t, e, c, e8, e8, 1.0) for i, (t, e, c, e8, *_) in enumerate(HAND)]
+    return [HeadStats(0, i, t, 1.0, c, e8, e8, 1.0) for i, (t, c, e8, *_) in enumerate(HAND)]
 
 
 def test_categories_and_scores_on_hand_made_spectra():
@@ -45,32 +54,44 @@ def test_categories_and_scores_on_hand_made_spectra():
         assert v.category == category
         assert v.compression_potential == pytest.approx(potential, abs=1e-12)
         assert v.efficiency_score == pytest.approx(efficiency, abs=1e-12)
-    assert [v.trace_ratio for v in verdicts][:3] == [1.0, 1.0, 2.0]
-    moved = classify(hand_heads(), HotspotParams(critical_trace_ratio=1.9999, potential_energy_r8=0.8999))
-    assert moved[6].category == "critical" and moved[4].category == "high_potential"
+    assert verdicts[1].trace_fraction == 0.95 and verdicts[0].trace_fraction == 1.0
+    moved = classify(hand_heads(), HotspotParams(critical_trace_fraction=0.94, potential_energy_r8=0.8999))
+    assert moved[1].category == "critical" and moved[4].category == "high_potential"
+
+
+def test_scores_rise_with_cond_and_energy_and_fall_with_trace():
+    conds = [1.0, 2.0, 10.0, 1e3, 1e6, math.inf]
+    for energy in (0.3, 0.9, 1.0):
+        by_cond = [compression_potential(1.0, c, energy) for c in conds]
+        assert by_cond[0] == 0.0 and by_cond[-1] == pytest.approx(100 * energy)
+        assert all(a < b for a, b in pairwise(by_cond))
+    for cond in conds[1:]:
+        by_energy = [compression_potential(1.0, cond, e) for e in (0.1, 0.5, 0.9, 1.0)]
+        assert all(a < b for a, b in pairwise(by_energy))
+    assert [compression_potential(1.0, 10.0, 1.0), compression_potential(1.0, 1e3, 0.8)] == pytest.approx([50, 60])
+    assert compression_potential(1.0, None, 0.9) == compression_potential(1.0, 10.0, math.nan) == 0.0
+    by_trace = [efficiency_score(t, 4.0) for t in (0.0, 1.0, 2.0, 4.0)]
+    assert by_trace == pytest.approx([100, 75, 50, 0])
+    assert efficiency_score(0.0, 0.0) == 100.0
 
 
 def test_global_statistics_and_hotspots_by_hand():
     heads, verdicts = hand_heads(), classify(hand_heads(), HotspotParams())
     g = global_stats(heads, verdicts, mlp_traces=[2.0, None])
-    total = 1 + 1 + 2 + 0.5 + 0.5 + 1 + 1.9999
-    assert g["total_trace"] == pytest.approx(total) and g["median_trace"] == 1.0 and g["max_trace"] == 2.0
+    total = 2 + 1.9 + 1.9000001 + 3 * 0.5 + 1
+    assert g["total_trace"] == pytest.approx(total) and g["median_trace"] == 0.75 and g["max_trace"] == 2.0
     assert g["attn_trace_share"] == pytest.approx(total / (total + 2.0))
-    assert (g["n_critical"], g["n_high_potential"], g["n_moderate"]) == (2, 2, 4)
-    assert g["compression_potential"] == pytest.approx(sum(h[5] for h in HAND) / 8)
-    assert g["efficiency_score"] == pytest.approx(sum(h[6] for h in HAND) / 8)
-    assert g["median_cond"] == pytest.approx(100.0)  # finite and infinite conds: 1, 10, 1000, 100, 100, inf
-    assert [h.head for h in top_heads(heads, "trace", 3)] == [2, 6, 0]  # ties by layer, then head
-    assert [h.head for h in top_heads(heads, "cond", 2)] == [2, 3]  # inf and undefined are left out
+    assert (g["n_critical"], g["n_high_potential"], g["n_moderate"]) == (2, 3, 3)
+    assert g["compression_potential"] == pytest.approx(sum(h[4] for h in HAND) / 8)
+    assert g["efficiency_score"] == pytest.approx(sum(h[5] for h in HAND) / 8)
+    assert g["median_cond"] == median_cond(heads) == 100.0  # the high_potential bound
+    assert [h.head for h in top_heads(heads, "trace", 3)] == [0, 2, 1]
+    assert [h.head for h in top_heads(heads, "cond", 2)] == [0, 3]  # inf and undefined are left out; ties by head
 
 
-def test_efficiency_score_closed_form():
-    assert [efficiency_score(c) for c in (1.0, 10.0, 1e3, math.inf, None)] == pytest.approx([100, 50, 25, 0, 0])
-
-
-def test_thresholds_must_be_ordered():
-    with pytest.raises(ValidationError, match="potential_trace_ratio"):
-        HotspotParams(potential_trace_ratio=2.0, critical_trace_ratio=2.0)
+def test_thresholds_are_checked():
+    with pytest.raises(ValidationError, match="critical_trace_fraction"):
+        HotspotParams(critical_trace_fraction=1.0)  # nothing could be above the top head
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +119,8 @@ def test_table_carries_the_spectrum_and_round_trips(two_runs, tmp_path):
         readings = FisherHotspots.interpret(hot)
         assert any(r.level == "hotspot" and r.where == f"layer {best[0]} head {best[1]}" and "trace" in r.text
                    for r in readings)
-        assert "How to read" in hot.values["summary"].text
+        assert "How to read" in hot.values["guide"].text
+        assert "thresholds: critical at trace > 0.95 x the top head's" in hot.values["summary"].text
     check_roundtrip(two_runs, tmp_path / "out")
 
 

@@ -114,3 +114,16 @@ def test_encoder_skipped_and_bad_parameters(models):
 
     with pytest.raises(BadParameterError):
         analyze(models["gpt2"], data=TEXTS[:2], metrics=[STEIN], params={STEIN: {"positions": []}})
+
+
+def test_sliding_window_models_are_skipped_with_the_reason(tmp_path):
+    """Mistral (config-wide window) and Gemma-3 (a window on some layers): the single-position attention
+    cannot model a window, so the metric is skipped before it runs, naming the windowed layers."""
+    from tensorscope_core import analyze
+    from tensorscope_core.testing import random_token_data, tiny_model
+
+    for family, layers in (("mistral", "[0, 1]"), ("gemma3", "[0]")):
+        res = analyze(tiny_model(family, tmp_path / family), data=random_token_data(64, n=2, length=8),
+                      metrics=["fisher.stein"])
+        result = res.get("fisher.stein")
+        assert result.status == "skipped" and f"sliding-window attention (layers {layers})" in result.reason

@@ -57,7 +57,8 @@ def _unit_blocks(record: RunRecord, d: Discovery, order: ModelOrder, label: Mapp
     blocks: list[object] = [Heading(f"Unit: {d.unit}"), Para(
         f"{len(d.variables)} variables ({UNIT_TEXT[d.unit]}); {d.method}, Benjamini-Hochberg FDR {d.fdr}, "
         f"floor min_n={d.min_n}. {len(d.findings)} pairs tested, {len(d.significant)} significant, "
-        f"{len(d.not_claimed)} not claimed, {len(d.excluded)} never paired (same metric or declared derivation).")]
+        f"{len(d.not_claimed)} not claimed, {len(d.excluded)} never paired (same metric or declared derivation)."
+        + "".join(f" Test: {t}." for t in sorted({f.test for f in d.findings})))]
     if d.findings:
         r, significant, excluded = _matrix(d)
         blocks.append(Figure(plots.correlation_matrix(

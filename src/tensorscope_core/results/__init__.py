@@ -17,6 +17,7 @@ from .store import atomic_write, load_tensors, save_tensors
 from .table import COLUMNS, tall_rows
 
 if TYPE_CHECKING:
+    from ..trackers import ExportSummary
     from .analysis import Comparisons, Discovery
 
 RESULTS_JSON = "results.json"
@@ -149,6 +150,16 @@ class Results:
                 f"first at {'.'.join(map(str, first['loc'])) or 'the top'}: {first['msg']}",
                 "pass a results.json written by `tensorscope analyze` or Results.save(), unedited") from exc
         return cls(record, _tensors_beside(json_path))
+
+    def export(self, *, tensorboard: str | Path | None = None, wandb_dir: str | Path | None = None,
+               mlflow_uri: str | None = None, writer: Any = None, report: str | Path | None = None,
+               name: str | None = None) -> ExportSummary:
+        """Log these results to experiment trackers (see ``tensorscope_core.trackers.export``); the
+        tracker packages are extras, imported only here."""
+        from ..trackers import export
+
+        return export(self, tensorboard=tensorboard, wandb_dir=wandb_dir, mlflow_uri=mlflow_uri, writer=writer,
+                      report=report, name=name)
 
     def __repr__(self) -> str:
         n = sum(len(m.metrics) for m in self.record.models) + len(self.record.model_set)

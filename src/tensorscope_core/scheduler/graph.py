@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import graphlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -9,7 +10,14 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from ..errors import BadParameterError, MetricCycleError, UsageError, close_matches, did_you_mean
+from ..errors import (
+    BadParameterError,
+    MetricCycleError,
+    UnknownMetricError,
+    UsageError,
+    close_matches,
+    did_you_mean,
+)
 from ..metric import Metric, MetricClass, ModelSetMetric
 from ..plugins import Registry
 from ..results.schema import RungRecord
@@ -79,6 +87,33 @@ def _names(requested: object) -> list[str]:
     return names
 
 
+GLOB_CHARS = frozenset("*?[")
+
+
+def expand_globs(names: Sequence[str], registry: Registry) -> list[str]:
+    """``fisher.*``-style patterns -> the registered metrics they match (in name order), other names
+    as given: family selection without listing a family's metrics. A pattern matching nothing is an
+    UnknownMetricError naming the families and metrics it looks like."""
+    known = sorted(registry.metrics)
+    out: list[str] = []
+    for name in names:
+        if not GLOB_CHARS & set(name):
+            out.append(name)
+            continue
+        matched = fnmatch.filter(known, name)
+        if not matched:
+            stem = name.split("*")[0].rstrip(".")
+            families = sorted({f"{m.split('.')[0]}.*" for m in known})
+            like = [f"{f}.*" for f in close_matches(stem, [f[:-2] for f in families])] or close_matches(stem, known)
+            hint = f"did you mean {', '.join(repr(m) for m in like)}?" if like else ""
+            raise UnknownMetricError(f"the pattern '{name}' matches no installed metric"
+                                     + (f": {hint}" if hint else ""),
+                                     f"families installed: {', '.join(families)}; `tensorscope metrics` lists "
+                                     "every metric (pip install 'tensorscope[<family>]' adds a family)")
+        out.extend(matched)
+    return list(dict.fromkeys(out))
+
+
 def _check_params_shape(params: object, registry: Registry) -> None:
     """params is {metric name: {field: value}}: anything else is refused here, not deep in pydantic."""
     if not isinstance(params, Mapping):
@@ -94,8 +129,10 @@ def _check_params_shape(params: object, registry: Registry) -> None:
 
 def resolve(requested: str | Sequence[str], params: Mapping[str, Mapping[str, Any]],
             registry: Registry) -> list[MetricNode]:
-    """Expand dependencies, validate names and params, detect cycles, order topologically."""
-    names = sorted(registry.metrics) if requested == "all" or requested == ["all"] else _names(requested)
+    """Expand family patterns (``fisher.*``) and dependencies, validate names and params, detect
+    cycles, order topologically."""
+    names = sorted(registry.metrics) if requested == "all" or requested == ["all"] \
+        else expand_globs(_names(requested), registry)
     for name in names:
         registry.metric(name)  # raises UnknownMetricError with suggestions
     _check_params_shape(params, registry)

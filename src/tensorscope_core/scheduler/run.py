@@ -231,7 +231,7 @@ class Executor:
         self.results[active.node.name] = result
         self.tensors.update(tensors)
         if self.cache is not None:
-            self.cache.put(self.keys[active.node.name], result, tensors)
+            self.cache.put(self.keys[active.node.name], result, tensors, model=self.where)
 
 
 @dataclass(kw_only=True)

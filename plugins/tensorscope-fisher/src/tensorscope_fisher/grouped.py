@@ -65,7 +65,8 @@ def head_sums(view: ModelView, layer: int, diag: Mapping[str, torch.Tensor]) -> 
 def mlp_unit_parts(view: ModelView, layer: int) -> list[tuple[Index, int]]:
     """The entries of each MLP hidden unit: (parameter, flat indices [d_mlp, ...]) and the axis of
     the unit. The projections into the hidden units are the block's Linear / Conv1D modules
-    outside attention with d_mlp outputs (rows of [out, in], their biases); the projection out is
+    outside attention with a multiple of d_mlp outputs (rows of [out, in], their biases; a fused
+    gate-and-up projection is split into its d_mlp-row parts); the projection out is
     ``mlp_out[layer]`` (its columns). Its bias is not per unit (it counts in the block)."""
     params = dict(view.model.named_parameters())
     attn = {id(m) for m in view.attn[layer].modules()}
@@ -76,11 +77,14 @@ def mlp_unit_parts(view: ModelView, layer: int) -> list[tuple[Index, int]]:
                 type(module).__name__ not in ("Linear", "Conv1D"):
             continue
         weight = linear_out_in(module)
-        if weight.shape[0] != view.d_mlp:
+        if weight.shape[0] % view.d_mlp:
             continue
-        parts.append((entries_of(weight, params), 0))
-        if getattr(module, "bias", None) is not None:
-            parts.append((entries_of(module.bias, params), 0))  # type: ignore[arg-type]
+        # d_mlp rows per projection; a fused one (Phi-3's gate_up_proj: gate rows, then up rows) is k of them
+        for k in range(weight.shape[0] // view.d_mlp):
+            rows = slice(k * view.d_mlp, (k + 1) * view.d_mlp)
+            parts.append((entries_of(weight[rows], params), 0))
+            if getattr(module, "bias", None) is not None:
+                parts.append((entries_of(module.bias[rows], params), 0))  # type: ignore[index]
     if not parts:
         raise ValueError(f"found no projection into the {view.d_mlp} MLP hidden units in block {layer} "
                          f"of {view.name}")

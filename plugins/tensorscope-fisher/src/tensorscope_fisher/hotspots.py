@@ -19,8 +19,16 @@ from tensorscope_core.plugin_api import (
     TextValue,
 )
 
-from .hotspots_rules import CATEGORIES, METRICS, HeadStats, HotspotParams, Verdict, classify, top_heads
-from .values import finite_or_none
+from .hotspots_rules import (
+    CATEGORIES,
+    METRICS,
+    HeadStats,
+    HotspotParams,
+    Verdict,
+    classify,
+    median_cond,
+    top_heads,
+)
 
 TABLE_COLUMNS = ["run_name", "layer", "head", "metric", "value"]
 HOTSPOT_KINDS = {"top_trace": "trace", "top_eigmax": "eigmax", "top_cond": "cond"}
@@ -40,7 +48,10 @@ GUIDE = """How to read the Fisher spectrum of a head (F = E[g gᵀ] over its par
 - energy_r8 / energy_r16 (share of the trace in the top 8 / 16 directions) and effective rank (directions
   holding 90% of it): high energy and a low effective rank mean the information sits in a few directions,
   so a low-rank approximation (LoRA-style, SVD truncation) of the head loses little.
-Categories: critical = protect; high_potential = compress first; moderate = compress with care."""
+Categories: critical = protect; high_potential = compress first; moderate = compress with care.
+- compression_potential (0-100) rises with energy_r8 and with cond: a concentrated, uneven spectrum
+  loses little under a low-rank approximation. efficiency_score (0-100) falls with the trace: 100 for a
+  head the loss does not see, 0 for the head with the most Fisher mass."""
 
 
 def head_stats(spectrum: MetricResult) -> list[HeadStats]:
@@ -57,7 +68,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 def global_stats(heads: list[HeadStats], verdicts: list[Verdict], mlp_traces: list[float | None]) -> dict[str, Any]:
     traces = [h.trace or 0.0 for h in heads]
-    conds = [h.cond for h in heads if h.cond is not None]
+    conds = [h.cond for h in heads if h.cond is not None and not math.isnan(h.cond)]
     mlp_total = sum(t or 0.0 for t in mlp_traces)
     total = sum(traces)
     counts = {c: sum(v.category == c for v in verdicts) for c in CATEGORIES}
@@ -65,7 +76,7 @@ def global_stats(heads: list[HeadStats], verdicts: list[Verdict], mlp_traces: li
         "n_heads": len(heads), "total_trace": total, "mean_trace": statistics.fmean(traces),
         "median_trace": statistics.median(traces), "max_trace": max(traces),
         "mean_eigmax": _mean([h.eigmax for h in heads]),
-        "median_cond": statistics.median(conds) if conds else None, "max_cond": max(conds) if conds else None,
+        "median_cond": median_cond(heads), "max_cond": max(conds) if conds else None,
         "mean_effective_rank": _mean([h.effective_rank for h in heads]),
         "mean_energy_r8": _mean([h.energy_r8 for h in heads]), "mean_energy_r16": _mean([h.energy_r16 for h in heads]),
         "mlp_total_trace": mlp_total, "attn_trace_share": total / (total + mlp_total) if total + mlp_total else None,
@@ -94,10 +105,11 @@ def summary_text(run: str, heads: list[HeadStats], verdicts: list[Verdict], stat
                      ("moderate", "moderate")):
         shown = ", ".join(by_category[c][:8]) + (" ..." if len(by_category[c]) > 8 else "")
         lines.append(f"{label}: {len(by_category[c])}{': ' + shown if shown else ''}")
-    lines.append(f"thresholds: critical at trace ≥ {params.critical_trace_ratio:g}x or eigmax ≥ "
-                 f"{params.critical_eigmax_ratio:g}x the median head; high potential at trace ≤ "
-                 f"{params.potential_trace_ratio:g}x the median and energy_r8 ≥ {params.potential_energy_r8:g}.")
-    return "\n".join(lines) + "\n\n" + GUIDE
+    bound = stats["median_cond"]
+    lines.append(f"thresholds: critical at trace > {params.critical_trace_fraction:g} x the top head's; high "
+                 f"potential at cond ≥ {'n/a' if bound is None else f'{bound:.4g}'} (the median head's) and "
+                 f"energy_r8 ≥ {params.potential_energy_r8:g}.")
+    return "\n".join(lines)
 
 
 class FisherHotspots(Metric):
@@ -107,19 +119,19 @@ class FisherHotspots(Metric):
       energy_r8, energy_r16 and effective_rank of every head (``head`` = its index) and MLP
       (``head`` = ``"mlp"``); null where a value is undefined.
     - ``category`` per head (codes 0 ``high_potential``, 1 ``moderate``, 2 ``critical``) and the
-      ``categories`` table with each head's ratios and scores; ``compression_potential`` and
-      ``efficiency_score`` per head (``*_head`` grids) and for the run (their means). The rules,
-      thresholds (parameters) and score formulas are in ``tensorscope_fisher.hotspots_rules``:
-      critical when trace ≥ 2x or eigmax ≥ 3x the median head; high_potential when trace ≤ 0.5x
-      the median and energy_r8 ≥ 0.9; compression_potential = 100·energy_r8·(1 − trace/max trace);
-      efficiency_score = 100 / (1 + log10 cond).
+      ``categories`` table with each head's normalised trace, cond, energy_r8 and scores;
+      ``compression_potential`` and ``efficiency_score`` per head (``*_head`` grids) and for the run
+      (their means). The rules, thresholds (parameters) and score formulas are in
+      ``tensorscope_fisher.hotspots_rules``: critical when trace / max trace > 0.95; high_potential
+      when cond ≥ the median head's and energy_r8 ≥ 0.9; compression_potential =
+      100·energy_r8·L/(1 + L) with L = log10 cond; efficiency_score = 100·(1 − trace/max trace).
     - ``hotspots``: the top_k heads by trace, eigmax and cond; the run's global statistics as
-      scalars; ``summary``, a text with the findings and an interpretation guide.
+      scalars; ``summary``, the findings in words; ``guide``, how to read them.
     ``fisher.hotspots_compare`` compares these across the models of a run.
     """
 
     name = "fisher.hotspots"
-    version = "1"
+    version = "2"
     summary = "FIM hotspots: per-head categories (critical / high_potential / moderate), scores and a guide"
     Params = HotspotParams
     requires_metrics = ("fisher.spectrum",)
@@ -127,13 +139,14 @@ class FisherHotspots(Metric):
     fields = {
         "table": "tall table run_name, layer, head, metric, value (heads, and MLPs with head 'mlp')",
         "category": "per head: 0 high_potential, 1 moderate, 2 critical",
-        "categories": "table layer, head, category, trace_ratio, eigmax_ratio, compression_potential, "
+        "categories": "table layer, head, category, trace_fraction, cond, energy_r8, compression_potential, "
                       "efficiency_score",
-        "compression_potential_head": "per head, 100 · energy_r8 · (1 − trace / max trace)",
-        "efficiency_score_head": "per head, 100 / (1 + log10 cond)",
+        "compression_potential_head": "per head, 100 · energy_r8 · L / (1 + L), L = log10 cond",
+        "efficiency_score_head": "per head, 100 · (1 − trace / max trace)",
         "hotspots": "table kind (top_trace / top_eigmax / top_cond), rank, layer, head, value",
         **{s: f"run statistic over heads: {s}" for s in GLOBAL_STATS},
-        "summary": "findings and an interpretation guide (text)",
+        "summary": "the findings in words (text)",
+        "guide": "how to read the spectrum, the categories and the scores (text)",
     }
 
     @classmethod
@@ -160,9 +173,9 @@ class FisherHotspots(Metric):
             "table": TableValue(columns=TABLE_COLUMNS, rows=rows),
             "category": grid([float(CATEGORIES.index(v.category)) for v in verdicts]),
             "categories": TableValue(
-                columns=["layer", "head", "category", "trace_ratio", "eigmax_ratio", "compression_potential",
+                columns=["layer", "head", "category", "trace_fraction", "cond", "energy_r8", "compression_potential",
                          "efficiency_score"],
-                rows=[[h.layer, h.head, v.category, finite_or_none(v.trace_ratio), finite_or_none(v.eigmax_ratio),
+                rows=[[h.layer, h.head, v.category, v.trace_fraction, h.cond, h.energy_r8,
                        v.compression_potential, v.efficiency_score] for h, v in zip(heads, verdicts, strict=True)]),
             "compression_potential_head": grid([v.compression_potential for v in verdicts]),
             "efficiency_score_head": grid([v.efficiency_score for v in verdicts]),
@@ -170,6 +183,7 @@ class FisherHotspots(Metric):
                                    rows=[[kind, r + 1, h.layer, h.head, getattr(h, HOTSPOT_KINDS[kind])]
                                          for kind, found in hot.items() for r, h in enumerate(found)]),
             "summary": TextValue(text=summary_text(run, heads, verdicts, stats, hot, self.params)),
+            "guide": TextValue(text=GUIDE),
         }
         out.update({k: ScalarValue(value=v, n=len(heads)) for k, v in stats.items()})
         return out

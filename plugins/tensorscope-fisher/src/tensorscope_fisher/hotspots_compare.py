@@ -36,7 +36,7 @@ class HotspotsCompare(ModelSetMetric):
 
     reads_weights = False  # the members' fisher.hotspots results only
     name = "fisher.hotspots_compare"
-    version = "1"
+    version = "2"  # 2: the categories of fisher.hotspots 2
     summary = "FIM hotspots compared across models: joined table, global stats, category changes"
     Params = NoParams
     requires_metrics = ("fisher.hotspots",)

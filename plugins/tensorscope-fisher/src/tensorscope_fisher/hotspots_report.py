@@ -1,5 +1,5 @@
 """The report section of fisher.hotspots: per model a layer x head map of the categories, a cond-vs-trace
-scatter of the heads and the summary text."""
+scatter of the heads and the summary text; then the interpretation guide once."""
 
 from __future__ import annotations
 
@@ -45,4 +45,7 @@ def hotspots_section(results: Any) -> str | None:
                                        ylabel="cond (log scale)", colour_label="layer", logx=True, logy=True)
         parts.append(f"<h3>{escape(model)}</h3>" + plots.figure_html(heat) + plots.figure_html(scatter)
                      + f"<pre>{escape(result.values['summary'].text)}</pre>")
+    guide = results.get("fisher.hotspots", model=shown[0]).values.get("guide")  # absent before version 2
+    if guide is not None:
+        parts.append(f"<pre>{escape(guide.text)}</pre>")
     return "".join(parts)

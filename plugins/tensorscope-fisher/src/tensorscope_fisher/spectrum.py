@@ -148,6 +148,9 @@ class Spectrum(Metric):
 
     name = "fisher.spectrum"
     version = "1"
+    #: attn_trace is the trace of a head's Fisher block, the quantity fisher.grouped computes as true/head
+    #: (and true/head_ov on the same parameters): equal by definition, never a finding
+    derived_from = ("fisher.grouped.true/head", "fisher.grouped.true/head_ov")
     summary = "Fisher spectrum per attention head and per MLP (Gram trick): trace, eigmax, cond, energy, rank"
     Params = SpectrumParams
     artifacts = (ARTIFACT,)

@@ -51,6 +51,14 @@ def planned_positions(positions: Literal["last", "all"] | list[int], length: int
     return len({p + length if p < 0 else p for p in positions})
 
 
+def _sliding_window(attn: Any) -> int | None:
+    """The window an attention module attends over: its own attribute where transformers sets one per layer
+    (Gemma, Qwen2: None on global layers), else its config's (Mistral passes config.sliding_window)."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window  # type: ignore[no-any-return]
+    return getattr(getattr(attn, "config", None), "sliding_window", None)
+
+
 class SteinParams(Params):
     layers: list[int] | None = Field(None, description="residuals h to analyse: h enters block l (0 = embeddings, "
                                      "n_layers = input of the final norm); default n_layers * {1,2,3} // 4")
@@ -123,6 +131,11 @@ class FisherStein(Metric):
     def skip_reason(cls, params: SteinParams, view: ModelView, data: PreparedData | None) -> str | None:
         if not view.causal:
             return "fisher.stein needs a causal LM (next-token distribution given a context); this is an encoder"
+        windowed = [i for i, a in enumerate(view.attn) if _sliding_window(a)]
+        if windowed or getattr(view.config, "attn_logit_softcapping", None):
+            return (f"fisher.stein's single-position attention does not model sliding-window attention (layers "
+                    f"{windowed}) or soft-capped logits of {view.family} models: use a GPT-2, LLaMA-family "
+                    "(no sliding window) or GPT-NeoX model")
         return None
 
     @classmethod

@@ -59,6 +59,9 @@ class GradientFlow(Metric):
 
     name = "gradients.flow"
     version = "1"
+    #: grad_norm_mean per block is basic.grad_norms' layer_norm (the same mean over batches of the block's
+    #: gradient norm), and update_ratio is that norm scaled: equal by definition, never a finding
+    derived_from = ("basic.grad_norms.layer_norm",)
     summary = "per-layer gradient norm mean/variance over batches, update/weight ratio, SNR of the mean gradient"
     Params = FlowParams
     artifacts = ("param_grad",)

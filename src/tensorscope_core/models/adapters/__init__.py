@@ -4,10 +4,12 @@ from .base import Adapter
 from .bert import BertAdapter
 from .generic import GenericAdapter
 from .gpt2 import GPT2Adapter
-from .llama import LlamaAdapter
+from .gptj import GPTJAdapter
+from .llama import Gemma3Adapter, LlamaAdapter, Phi3Adapter
 from .neox import NeoXAdapter
 
-BUILTIN_ADAPTERS: tuple[Adapter, ...] = (GPT2Adapter(), LlamaAdapter(), NeoXAdapter(), BertAdapter())
+BUILTIN_ADAPTERS: tuple[Adapter, ...] = (GPT2Adapter(), LlamaAdapter(), Gemma3Adapter(), Phi3Adapter(),
+                                         NeoXAdapter(), GPTJAdapter(), BertAdapter())
 
-__all__ = ["Adapter", "BUILTIN_ADAPTERS", "BertAdapter", "GPT2Adapter", "GenericAdapter", "LlamaAdapter",
-           "NeoXAdapter"]
+__all__ = ["Adapter", "BUILTIN_ADAPTERS", "BertAdapter", "GPT2Adapter", "GPTJAdapter", "Gemma3Adapter",
+           "GenericAdapter", "LlamaAdapter", "NeoXAdapter", "Phi3Adapter"]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ...errors import UnsupportedModelError
-from ..view import ModelView
+from ..view import HeadWeights, ModelView
 
 
 @runtime_checkable
@@ -62,6 +62,27 @@ def split_heads_out(weight_out_in: torch.Tensor, n: int, d_head: int) -> torch.T
 
 def split_bias(bias: torch.Tensor | None, n: int, d_head: int) -> torch.Tensor | None:
     return None if bias is None else bias.reshape(n, d_head)
+
+
+#: a projection's weight [out, in] and bias (None where absent)
+Projection = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def weight_bias(linear: nn.Module) -> Projection:
+    return linear.weight, linear.bias  # type: ignore[return-value]
+
+
+def heads_of(q: Projection, k: Projection, v: Projection, o_weight: torch.Tensor,
+             n_heads: int, n_kv_heads: int, d_head: int) -> HeadWeights:
+    """HeadWeights of separate Q, K, V and output projections; query head h reads K/V head
+    h // (n_heads / n_kv_heads) (grouped-query; multi-query when n_kv_heads is 1)."""
+    (wq, bq), (wk, bk), (wv, bv) = q, k, v
+    group = n_heads // n_kv_heads
+    return HeadWeights(
+        split_heads_in(wq, n_heads, d_head), split_heads_in(wk, n_kv_heads, d_head),
+        split_heads_in(wv, n_kv_heads, d_head), split_heads_out(o_weight, n_heads, d_head),
+        split_bias(bq, n_heads, d_head), split_bias(bk, n_kv_heads, d_head), split_bias(bv, n_kv_heads, d_head),
+        tuple(h // group for h in range(n_heads)))
 
 
 def lm_parts(module: nn.Module) -> tuple[nn.Embedding, nn.Module | None]:

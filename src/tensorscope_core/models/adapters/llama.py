@@ -1,4 +1,11 @@
-"""LLaMA family (Llama, Mistral, Qwen2/3, SmolLM): rotary positions, grouped-query attention."""
+"""LLaMA-layout decoders: ``model.layers[l].self_attn.{q,k,v,o}_proj``, ``mlp.down_proj``, ``model.norm``.
+
+Llama, Mistral (sliding window), Qwen2 (Q/K/V biases), Qwen3 (QK-norm), SmolLM3 and OLMo share it
+as is; Gemma-3 and Phi-3 are variants (their own family names, below). Rotary positions and
+grouped-query attention throughout. Sliding windows, QK-norm and extra norms change how scores or
+the residual stream are computed, not where the projections are, so the view is the same; the
+per-head weights are the projections' own (before any QK-norm or rotation).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +14,21 @@ from typing import Any
 from torch import nn
 
 from ..view import HeadWeights, ModelView
-from .base import get_path, hf_common, hf_model_type, lm_parts, split_bias, split_heads_in, split_heads_out
+from .base import Projection, get_path, heads_of, hf_common, hf_model_type, lm_parts, weight_bias
 
 LLAMA_LIKE = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo", "olmo2"})
 
 
 class LlamaAdapter:
     name = "llama"
+    model_types: frozenset[str] = LLAMA_LIKE
 
     def matches(self, model: nn.Module) -> bool:
-        return hf_model_type(model) in LLAMA_LIKE
+        return hf_model_type(model) in self.model_types
+
+    def projections(self, attn: Any, n_heads: int, n_kv_heads: int, d_head: int) -> list[Projection]:
+        """The Q, K, V projections of one attention module (separate q_proj/k_proj/v_proj here)."""
+        return [weight_bias(attn.q_proj), weight_bias(attn.k_proj), weight_bias(attn.v_proj)]
 
     def build(self, model: nn.Module, name: str, tokenizer: Any = None) -> ModelView:
         common = hf_common(model)
@@ -26,12 +38,8 @@ class LlamaAdapter:
 
         def head_weights(layer: int) -> HeadWeights:
             attn = blocks[layer].self_attn
-            group = H // Hkv
-            return HeadWeights(
-                split_heads_in(attn.q_proj.weight, H, dh), split_heads_in(attn.k_proj.weight, Hkv, dh),
-                split_heads_in(attn.v_proj.weight, Hkv, dh), split_heads_out(attn.o_proj.weight, H, dh),
-                split_bias(attn.q_proj.bias, H, dh), split_bias(attn.k_proj.bias, Hkv, dh),
-                split_bias(attn.v_proj.bias, Hkv, dh), tuple(h // group for h in range(H)))
+            q, k, v = self.projections(attn, H, Hkv, dh)
+            return heads_of(q, k, v, attn.o_proj.weight, H, Hkv, dh)
 
         embed, unembed = lm_parts(model)
         return ModelView(
@@ -40,3 +48,31 @@ class LlamaAdapter:
             mlp_out=[b.mlp.down_proj for b in blocks],
             attn_out=[b.self_attn.o_proj for b in blocks], final_norm=body.norm, unembed=unembed,
             head_weights_fn=head_weights, tokenizer=tokenizer, **common)
+
+
+class Gemma3Adapter(LlamaAdapter):
+    """Gemma-3 text models (``Gemma3ForCausalLM``; the multimodal ``gemma3`` wrapper is not mapped).
+
+    The LLaMA layout with multi-query attention, QK-norm, norms before and after both the
+    attention and the MLP, interleaved sliding-window and global layers, and embeddings scaled by
+    sqrt(d_model) inside the embedding module (so ``view.embed(ids)`` is what the first block reads;
+    ``view.embed.weight`` is unscaled).
+    """
+
+    name = "gemma3"
+    model_types = frozenset({"gemma3_text"})
+
+
+class Phi3Adapter(LlamaAdapter):
+    """Phi-3: the LLaMA layout with Q, K and V fused in one ``qkv_proj`` (rows: all query heads,
+    then the key heads, then the value heads) and gate/up fused in ``gate_up_proj``."""
+
+    name = "phi3"
+    model_types = frozenset({"phi3"})
+
+    def projections(self, attn: Any, n_heads: int, n_kv_heads: int, d_head: int) -> list[Projection]:
+        sizes = [n_heads * d_head, n_kv_heads * d_head, n_kv_heads * d_head]
+        weights = attn.qkv_proj.weight.split(sizes, dim=0)
+        bias = attn.qkv_proj.bias
+        biases = [None] * 3 if bias is None else bias.split(sizes)
+        return list(zip(weights, biases, strict=True))
