@@ -177,3 +177,38 @@ def test_two_models_with_one_name_are_refused_with_how_to_name_them(tmp_path: Pa
         ts.plan([str(folder), str(folder) + "/"], None, ["basic.weight_norms"])
     named = ts.analyze({"a": a, "b": b}, None, ["basic.weight_norms"])
     assert [m.name for m in named.record.models] == ["a", "b"]
+
+
+def test_an_artifact_that_fails_fails_only_its_readers(tmp_path: Path) -> None:
+    """A producer that raises while deriving: the metrics that read its artifact end in error with the
+    cause, the others in the same shared pass keep their results (equal to a run without the reader)."""
+    from tensorscope_core.artifacts import ArtifactSpec
+
+    def derive(ctx):
+        raise ValueError("this producer cannot read the model")
+
+    broken = ArtifactSpec("t.broken", "forward", "an artifact whose producer raises", lambda v, b, s: 8,
+                          derive=derive)
+
+    class Reader(ts.Metric):
+        name = "t.reader"
+        artifacts = ("t.broken",)
+
+        def update(self, step):
+            raise AssertionError("never fed: its artifact failed")
+
+        def finalize(self):
+            return {"x": 1.0}
+
+    folder = tiny_model("gpt2", tmp_path / "m", with_tokenizer=False)
+    data = random_token_data(64, n=4, length=8)
+    with temporary_plugin("t", metrics=[Reader], artifacts=[broken]):
+        res = ts.analyze(str(folder), data, ["t.reader", "basic.loss", "basic.activation_stats"])
+        alone = ts.analyze(str(folder), data, ["basic.loss"])
+        with pytest.raises(ts.errors.TensorScopeError, match="this producer cannot read the model"):
+            ts.analyze(str(folder), data, ["t.reader", "basic.loss"], config=ts.RunConfig(fail_fast=True))
+    reader = res.get("t.reader")
+    assert reader.status == "error" and reader.error_type == "ValueError"
+    assert "this producer cannot read the model" in reader.reason
+    assert res.get("basic.activation_stats").ok
+    assert res.get("basic.loss").value("loss") == alone.get("basic.loss").value("loss")

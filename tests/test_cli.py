@@ -139,3 +139,16 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_any_pass(model_dir: Path, 
     cache.write_text("not a folder")
     with pytest.raises(UsageError, match="cache dir"):
         analyze(str(model_dir), None, ["basic.weight_norms"], config=RunConfig(cache_dir=cache))
+
+
+def test_new_plugin_names_a_next_step_that_brings_pytest(capsys, tmp_path: Path) -> None:
+    """The printed next step installs the plugin with its `test` extra (pytest) and runs pytest through
+    the same Python, so it works in a fresh environment that has only TensorScope."""
+    import tomllib
+
+    assert main(["new-plugin", "probes", "--dir", str(tmp_path)]) == 0
+    folder = tmp_path / "tensorscope-probes"
+    nxt = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("next:"))
+    assert nxt == f"next: pip install -e '{folder}[test]' && python -m pytest {folder}/tests"
+    extras = tomllib.loads((folder / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("pytest") for req in extras["test"])

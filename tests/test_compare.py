@@ -246,7 +246,7 @@ def test_units_head_model_and_checkpoint() -> None:
 
 def test_change_points_of_a_model_set_metric_reach_the_comparison_and_the_report() -> None:
     """A model-set table with the change-point columns (dynamics.phase_transitions writes one) marks
-    the matching scalar and per-layer series; the report shades the scalar's panel and lists every change."""
+    the matching scalar and per-layer series; the report lists every change, grouped by interval."""
     from tensorscope_core.report.comparison_section import comparison_section
     from tensorscope_core.results.schema import LayerValue, MetricResult, TableValue
 
@@ -269,7 +269,8 @@ def test_change_points_of_a_model_set_metric_reach_the_comparison_and_the_report
     assert all(not s.changes for s in result.scalars if s.metric != "basic.loss")
     section = comparison_section(result, {n: n for n in result.order.names})
     tables = [b for b in section.blocks if type(b).__name__ == "Table" and "found by" in b.columns]
-    assert [row[0] for row in tables[0].rows] == ["basic.loss.loss", "basic.grad_norms.layer_norm[L1]"]
+    assert tables[0].rows == [["step-50 → step-75", "detector.changes", 2,
+                               "basic.loss.loss, basic.grad_norms.layer_norm[L1]"]]  # one row per interval
 
 
 def test_discovery_over_checkpoints_tests_within_checkpoints_not_pooled() -> None:

@@ -1,7 +1,7 @@
 """`tensorscope demo --recipe multitask`, reduced: the untrained checkpoint (step 0) analysed per task in one
 run. Known answers: an untrained model predicts neither task (loss ln 64 on both); each task's mask keeps
 ceil(10% of the parameters); the overlap's Jaccard is |A and B| / |A or B| of its own counts; Lanczos
-eigenvalues come out descending with lambda_max the first."""
+eigenvalues come out descending with lambda_max the first; the triangulation holds each estimator's own value."""
 
 from __future__ import annotations
 
@@ -53,5 +53,12 @@ def test_multitask_recipe_runs_fisher_masks_overlap_and_curvature_per_task(tmp_p
         eig = metrics[name].value("eigenvalues")
         assert eig == sorted(eig, reverse=True) and metrics[name].value("lambda_max") == eig[0]
     assert f"  mask overlap repeat/count: Jaccard {jaccard:.3f}" in lines
-    assert any(line.startswith("  curvature: Fisher trace (diagonal)") for line in lines)
+    # one triangulation result holds the three estimators, each as its own metric reported it
+    rows = {row[0]: row for row in metrics["fisher.triangulation"].values["estimates"].rows}
+    assert rows["fisher.lanczos"][6] == metrics["fisher.lanczos"].value("lambda_max")
+    assert rows["hessian.lanczos"][6] == metrics["hessian.lanczos"].value("lambda_max")
+    per_task = [metrics["fisher.diagonal"].value(f"true_trace/{task}") for task in ("repeat", "count")]
+    assert rows["fisher.diagonal (true)"][5] == pytest.approx(sum(per_task) / 2)  # two tasks of 8 sequences
+    lanczos = metrics["fisher.lanczos"].value("lambda_max")
+    assert f"    fisher.lanczos [true Fisher]: top {lanczos:.4g} (estimate)" in lines
     assert (tmp_path / "results.json").exists()

@@ -99,6 +99,8 @@ def test_a_family_pattern_selects_the_family_and_a_pattern_matching_nothing_is_r
     assert sorted(n.name for n in nodes) == BASIC
     assert sorted(n.name for n in resolve(["basic.*_norms"], {}, basic_registry)) == ["basic.grad_norms",
                                                                                       "basic.weight_norms"]
+    # the Python API takes the CLI's comma-separated form too
+    assert sorted(n.name for n in resolve("basic.*_norms, basic.loss", {}, basic_registry)) == BASIC[1:]
     with pytest.raises(UnknownMetricError, match="matches no installed metric: did you mean 'basic.\\*'"):
         resolve(["basik.*"], {}, basic_registry)
 

@@ -306,7 +306,7 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 
     folder = write_plugin(args.name, Path(args.dir))
     _emit(args, {"folder": str(folder)},
-          f"wrote {folder}\nnext: pip install -e {folder} && pytest {folder}/tests")
+          f"wrote {folder}\nnext: pip install -e '{folder}[test]' && python -m pytest {folder}/tests")
     return 0
 
 

@@ -93,9 +93,17 @@ def _keep_grad(ctx: CaptureContext, index: int, grad: torch.Tensor, n: int) -> N
 
 def _install_mlp_hidden(ctx: CaptureContext) -> None:
     n = ctx.view.n_layers
+    stream: dict[str, torch.Tensor] = {}  # the residual stream entering the model: [batch, seq, d]
+    if ctx.view.mlp_tokens_flat:
+        def pre_first(module: Any, args: tuple, kwargs: dict) -> None:
+            stream["in"] = args[0] if args else kwargs["hidden_states"]
+        ctx.forward_hook(ctx.view.blocks[0], pre_first, pre=True)
     for layer, module in enumerate(ctx.view.mlp_out):
         def pre(module: Any, args: tuple, kwargs: dict, layer: int = layer) -> None:
-            ctx.keep("mlp_hidden", layer, (args[0] if args else next(iter(kwargs.values()))).detach(), n)
+            hidden = (args[0] if args else next(iter(kwargs.values()))).detach()
+            if ctx.view.mlp_tokens_flat:
+                hidden = ctx.view.mlp_tokens(hidden, stream["in"])
+            ctx.keep("mlp_hidden", layer, hidden, n)
         ctx.forward_hook(module, pre, pre=True)
 
 

@@ -9,8 +9,9 @@ phase change are saved with ``save_pretrained`` and analysed with every installe
 The ``multitask`` recipe trains the same model on two tasks at once (``repeat``: the sequences
 above; ``count``: a run of consecutive token ids, predictable from the previous token alone) and
 analyses the last checkpoint in one run, per task: the Welford Fisher diagonal, the top-p% Fisher
-masks, their overlap between the tasks, and the curvature three ways side by side (the diagonal's
-trace, and the top eigenvalues of the full Fisher and of the Hessian by Lanczos).
+masks, their overlap between the tasks, and the curvature triangulation (``fisher.triangulation``:
+the diagonal's trace and the top eigenvalues of the full Fisher and of the Hessian by Lanczos, side by
+side with their ratios and which agree).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ DEMO_PARAMS: dict[str, dict[str, Any]] = {
     "information.mutual_information": {"n_bootstrap": 20},
     "information.pid": {"n_bootstrap": 10},
     "structure.modularity": {"n_permutations": 9, "max_edges": 1024},
+    # the multitask recipe's curvature triangulation: the three estimators it runs anyway
+    "fisher.triangulation": {"estimators": ["fisher.diagonal", "fisher.lanczos", "hessian.lanczos"]},
 }
 
 
@@ -86,6 +89,18 @@ def demo_model() -> Any:
     return LlamaForCausalLM(config)
 
 
+def demo_tokenizer() -> Any:
+    """The checkpoints' tokenizer: token i is the number ``i`` written out, so ``"3 17 42 3 17 42"`` is
+    ids 3, 17, 42, 3, 17, 42 and the checkpoints take text as well as token ids. Anything else is id 0,
+    the model's pad/BOS/EOS id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({str(i): i for i in range(VOCAB)}, unk_token="0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="0", pad_token="0")
+
+
 def train(out: Path, steps: Sequence[int] = CHECKPOINT_STEPS, seed: int = 0, batch_size: int = 64,
           lr: float = 3e-3, log: Callable[[str], None] = print,
           sequences: Sequences = repeated_sequences) -> dict[str, Path]:
@@ -96,11 +111,13 @@ def train(out: Path, steps: Sequence[int] = CHECKPOINT_STEPS, seed: int = 0, bat
     model.config._attn_implementation = "eager"
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
+    tokenizer = demo_tokenizer()
     checkpoints: dict[str, Path] = {}
     for step in range(max(steps) + 1):
         if step in steps:
             folder = out / "checkpoints" / f"step-{step:04d}"
             model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
             checkpoints[f"step-{step:04d}"] = folder
         if step == max(steps):
             break
@@ -147,11 +164,11 @@ def run_demo(out: str | Path, *, steps: Sequence[int] | None = None, seed: int =
     return results
 
 
-#: the multitask recipe's training (its last checkpoint is analysed) and metrics; there is no
-#: "curvature triangulation" metric: the diagonal's trace, fisher.lanczos and hessian.lanczos run side by side
+#: the multitask recipe's training (its last checkpoint is analysed) and metrics: fisher.triangulation sets
+#: the diagonal's trace and the Fisher and Hessian Lanczos eigenvalues side by side in one result
 MULTITASK_STEPS = (0, 300)
 MULTITASK_METRICS = ("basic.loss", "fisher.diagonal", "fisher.masks", "fisher.overlap", "fisher.lanczos",
-                     "hessian.lanczos")
+                     "hessian.lanczos", "fisher.triangulation")
 TASKS = {"repeat": repeated_sequences, "count": counting_sequences}
 
 
@@ -184,7 +201,7 @@ def run_multitask(out: str | Path, *, steps: Sequence[int] = MULTITASK_STEPS, se
 
 
 def multitask_summary(results: Results) -> list[str]:
-    """Per-task loss and Fisher trace, the masks' overlap, and the three curvature figures."""
+    """Per-task loss and Fisher trace, the masks' overlap, and the curvature triangulation."""
     metrics = results.model().metrics
     lines = []
     for task in TASKS:
@@ -196,12 +213,16 @@ def multitask_summary(results: Results) -> list[str]:
     if overlap is not None and overlap.ok:
         a, b = TASKS
         lines.append(f"  mask overlap {a}/{b}: Jaccard {overlap.value(f'jaccard_overall/{a}/{b}'):.3f}")
-    curvature = [f"{name} {metrics[m].value(field):.4g}" for m, field, name in (
-        ("fisher.diagonal", "true_trace", "Fisher trace (diagonal)"),
-        ("fisher.lanczos", "lambda_max", "Fisher top eigenvalue (Lanczos)"),
-        ("hessian.lanczos", "lambda_max", "Hessian top eigenvalue (Lanczos)")) if m in metrics and metrics[m].ok]
-    if curvature:
-        lines.append("  curvature: " + ", ".join(curvature))
+    triangulation = metrics.get("fisher.triangulation")
+    if triangulation is not None and triangulation.ok:
+        lines.append("  curvature triangulation (trace, top eigenvalue):")
+        for row in triangulation.values["estimates"].rows:  # type: ignore[union-attr]
+            estimator, matrix, trace, top1, kind = row[0], row[1], row[5], row[6], row[7]
+            shown = "  ".join(p for p in (f"trace {trace:.4g}" if trace is not None else "",
+                                          f"top {top1:.4g} ({kind})" if top1 is not None else "") if p)
+            lines.append(f"    {estimator} [{matrix}]: {shown}")
+        lines.append(f"    pairs: {triangulation.value('n_agree'):.0f} agree or consistent, "
+                     f"{triangulation.value('n_disagree'):.0f} disagree")
     return lines
 
 

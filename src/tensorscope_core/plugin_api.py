@@ -27,7 +27,9 @@ What is here, by job:
 - errors: ``TensorScopeError``, ``BadParameterError``, ``DataError``, ``EmptyDataError``,
   ``UnsupportedModelError``;
 - plugin registration: ``hookimpl``, ``PLUGIN_API_VERSION``;
-- report sections: ``report_plots()`` returns the plotting helpers (needs the ``report`` extra).
+- report sections: ``report_plots()`` returns the plotting helpers (needs the ``report`` extra);
+- weight matching of MLP units between two models (Git Re-Basin): ``align``, ``aligned_bytes``,
+  ``mlp_unit_axes``, ``match_units``, ``permute_units``, ``UnitAxis``.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ from .results.schema import (
 )
 from .results.store import atomic_write
 from .stats import bootstrap_ci, bootstrap_ratio_ci, correlation, fdr_bh
+from .weight_matching import UnitAxis, align, aligned_bytes, match_units, mlp_unit_axes, permute_units
 
 
 def report_plots() -> ModuleType:
@@ -145,4 +148,10 @@ __all__ = [
     "step_of",
     "sum_of_squares",
     "tasks_skip_reason",
+    "UnitAxis",
+    "align",
+    "aligned_bytes",
+    "match_units",
+    "mlp_unit_axes",
+    "permute_units",
 ]

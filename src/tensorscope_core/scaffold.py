@@ -107,10 +107,10 @@ README = '''# tensorscope-{name}
 A TensorScope plugin. Install it next to TensorScope:
 
 ```
-pip install -e .
+pip install -e ".[test]"     # the plugin and pytest
 tensorscope plugins        # lists tensorscope-{name} with its metrics
 tensorscope explain {name}.embedding_row_norm
-pytest tests
+python -m pytest tests
 ```
 
 ## Metrics

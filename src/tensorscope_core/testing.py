@@ -23,7 +23,7 @@ from .plugins import Registry, build_registry, get_registry, plugin_module, regi
 from .results import Results
 from .results.schema import MetricResult
 
-FAMILIES = ("gpt2", "llama", "neox", "bert", "gemma3", "phi3", "qwen2", "qwen3", "mistral", "gptj")
+FAMILIES = ("gpt2", "llama", "neox", "bert", "gemma3", "phi3", "qwen2", "qwen3", "mistral", "gptj", "opt")
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]", "[MASK]")
 
 def tiny_tokenizer() -> Any:
@@ -59,12 +59,13 @@ def tiny_config(family: str, vocab_size: int, n_layers: int = 2, d_model: int = 
                              num_attention_heads=n_heads, max_position_embeddings=64, **common)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
-_MORE = ("gemma3", "phi3", "qwen2", "qwen3", "mistral", "gptj")
+_MORE = ("gemma3", "phi3", "qwen2", "qwen3", "mistral", "gptj", "opt")
 
 def _more_config(family: str, common: dict[str, Any], n_layers: int, d_model: int, n_heads: int) -> Any:
     """Gemma-3 (multi-query, QK-norm, sliding window 4 on even layers), Phi-3 (fused QKV), Qwen2 (QKV
     biases), Qwen3 (QK-norm), Mistral (sliding window 4), all grouped-query; GPT-J (rotary on half of
-    each head). Windows of 4 act on any sequence longer than 4 tokens."""
+    each head); OPT (pre-norm, learned positions, MLP on flattened tokens). Windows of 4 act on any
+    sequence longer than 4 tokens."""
     import transformers as tf
 
     d_head = d_model // n_heads
@@ -80,6 +81,10 @@ def _more_config(family: str, common: dict[str, Any], n_layers: int, d_model: in
     if family in ("phi3", "qwen2", "qwen3"):
         cls = {"phi3": tf.Phi3Config, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[family]
         return cls(**decoder, head_dim=d_head, tie_word_embeddings=False)
+    if family == "opt":
+        return tf.OPTConfig(hidden_size=d_model, ffn_dim=2 * d_model, num_hidden_layers=n_layers,
+                            num_attention_heads=n_heads, max_position_embeddings=64, word_embed_proj_dim=d_model,
+                            do_layer_norm_before=True, **common)
     return tf.GPTJConfig(n_embd=d_model, n_inner=2 * d_model, n_layer=n_layers, n_head=n_heads, n_positions=64,
                          rotary_dim=d_head // 2, **common)
 
@@ -95,6 +100,11 @@ def tiny_model(family: str, folder: str | Path, *, seed: int = 0, with_tokenizer
     torch.manual_seed(seed)
     cls = tf.BertForMaskedLM if family == "bert" else tf.AutoModelForCausalLM
     model = cls(config) if family == "bert" else cls.from_config(config)
+    if family == "opt":  # OPT starts its biases at zero; random ones let tests see the bias paths
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if pname.endswith(".bias"):
+                    param.normal_(0.0, 0.02)
     model.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tensorscope_core import RunConfig, analyze
-from tensorscope_core.testing import check_declared_cost, run_metric
+from tensorscope_core.testing import check_declared_cost, run_metric, tiny_model
 
 METRIC = "circuits.ablation"
 TEXTS = ["the cat sat on the mat", "a dog ran", "the bird flew over the old house today", "one two three four"]
@@ -23,6 +23,9 @@ def projections(model, family, layer):
     if family == "gpt2":  # Conv1D: weight [in, out]
         block = model.transformer.h[layer]
         return block.attn.c_proj, block.mlp.c_proj, "in_out"
+    if family == "opt":  # its MLP runs on the tokens flattened to [batch * seq, d]
+        block = model.model.decoder.layers[layer]
+        return block.self_attn.out_proj, block.fc2, "out_in"
     block = model.model.layers[layer]
     return block.self_attn.o_proj, block.mlp.down_proj, "out_in"
 
@@ -30,7 +33,7 @@ def projections(model, family, layer):
 def mean_input(model, module, ids_list):
     """Mean over all real tokens of the input of ``module`` (one unpadded sequence at a time)."""
     seen = []
-    handle = module.register_forward_hook(lambda m, args, out: seen.append(args[0][0]))
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1])))
     with torch.no_grad():
         for ids in ids_list:
             model(ids)
@@ -79,33 +82,35 @@ def hand_delta(folder, family, kind, layer, head, mode):
 
 
 @pytest.fixture(scope="module")
-def results(models):
+def results(models, tmp_path_factory):
     config = RunConfig(batch_size=2, dtype="float64")  # two padded batches
-    return {family: analyze(models[family], data=TEXTS, metrics=[METRIC], config=config).get(METRIC)
-            for family in ("gpt2", "llama")}
+    folders = {**models, "opt": tiny_model("opt", tmp_path_factory.mktemp("ablation-opt") / "opt")}
+    return {family: (folders[family], analyze(folders[family], data=TEXTS, metrics=[METRIC], config=config).get(METRIC))
+            for family in ("gpt2", "llama", "opt")}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
 @pytest.mark.parametrize("mode", ["zero", "mean"])
-def test_head_ablation_equals_editing_w_o(results, models, family, mode):
-    result = results[family]
+def test_head_ablation_equals_editing_w_o(results, family, mode):
+    folder, result = results[family]
     assert result.ok, result.reason
     for layer, head in ((0, 1), (1, 3)):
-        want = hand_delta(models[family], family, "head", layer, head, mode)
+        want = hand_delta(folder, family, "head", layer, head, mode)
         assert abs(want) > 1e-6  # the head matters, so equality is informative
         assert result.value(f"head_{mode}")[layer][head] == pytest.approx(want, rel=1e-6, abs=1e-9)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
 @pytest.mark.parametrize("mode", ["zero", "mean"])
-def test_mlp_ablation_equals_editing_the_output_projection(results, models, family, mode):
-    want = hand_delta(models[family], family, "mlp", 1, None, mode)
+def test_mlp_ablation_equals_editing_the_output_projection(results, family, mode):
+    folder, result = results[family]
+    want = hand_delta(folder, family, "mlp", 1, None, mode)
     assert abs(want) > 1e-6
-    assert results[family].value(f"mlp_{mode}")[1] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert result.value(f"mlp_{mode}")[1] == pytest.approx(want, rel=1e-6, abs=1e-9)
 
 
 def test_table_cis_and_cost(results):
-    result = results["gpt2"]
+    result = results["gpt2"][1]
     rows = result.values["table"].rows
     assert len(rows) == 2 * (2 * 4 + 2)  # modes x (heads + MLPs)
     for kind, layer, head, mode, delta, low, high in rows:

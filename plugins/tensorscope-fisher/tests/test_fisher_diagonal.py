@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from fisher_diagonal_reference import example_squares, load_causal, summary
-from tensorscope_fisher.diagonal import Welford
+from tensorscope_fisher.diagonal import FisherDiagonal, Welford
 
 from tensorscope_core import RunConfig, analyze, plan
-from tensorscope_core.testing import check_declared_cost, check_roundtrip, random_token_data
+from tensorscope_core.testing import check_declared_cost, check_roundtrip, random_token_data, run_metric
 
 CONFIG = RunConfig(batch_size=4, max_length=32, dtype="float64")
 DECAY = 0.9
@@ -162,3 +162,27 @@ def test_welford_merges_uneven_batches_like_numpy():
     one = Welford(2)
     one.add(torch.ones(1, 2, dtype=torch.float64), 0.5)
     assert torch.isnan(one.variance()).all() and torch.isnan(one.interval(0.95)[0]).all()
+
+
+def test_welford_mean_and_ema_closed_forms():
+    """Hand series of 4 batches: the Welford mean is the plain mean of all rows (unequal batch sizes), the
+    EMA is β³ m_1 + (1 - β)(β² m_2 + β m_3 + m_4) of the batch means m_b."""
+    beta = 0.9
+    batches = [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, -1.0], [5.0, 0.0]]),
+               torch.tensor([[0.0, 4.0], [2.0, 2.0], [1.0, 1.0]]), torch.tensor([[7.0, 7.0]])]
+    acc = Welford(2)
+    for b in batches:
+        acc.add(b.double(), beta)
+    every = torch.cat(batches).double()
+    torch.testing.assert_close(acc.mean, every.mean(0), rtol=1e-15, atol=0)
+    m = [b.double().mean(0) for b in batches]
+    closed = beta**3 * m[0] + (1 - beta) * (beta**2 * m[1] + beta * m[2] + m[3])
+    torch.testing.assert_close(acc.ema, closed, rtol=1e-14, atol=0)
+    torch.testing.assert_close(acc.variance(), every.var(0), rtol=1e-14, atol=0)
+
+
+def test_interpret_says_which_estimate_for_which_purpose(models):
+    result = run_metric("fisher.diagonal", models["gpt2"], random_token_data(300, n=4, length=6),
+                        params={"ema_decay": 0.9, "per_task": False})
+    (reading,) = FisherDiagonal.interpret(result)
+    assert "importance masks" in reading.text and "window 1/(1 - decay) = 10 batches" in reading.text

@@ -39,6 +39,12 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def bert(tmp_path_factory) -> Path:
+    """A tiny BERT (masked LM) with tokenizer, for the runs that check an encoder too."""
+    return tiny_model("bert", tmp_path_factory.mktemp("gradient-bert") / "bert", seed=0)
+
+
+@pytest.fixture(scope="session")
 def texts() -> list[str]:
     """12 texts of different lengths (every batch of 4 is padded)."""
     corpus = builtin_corpus()

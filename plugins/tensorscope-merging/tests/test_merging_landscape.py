@@ -144,3 +144,90 @@ def test_a_tight_budget_takes_bf16_directions_which_equal_the_rounded_directions
     assert out.declared_bytes == 2 * 2 * n_params + 4 * n_params + 8 * 9 and asked == 3 * 4 * n_params + 8 * 9
     check_declared_cost(out)
     check_declared_cost(res.get("landscape.surface_2d"))
+
+
+@pytest.mark.parametrize("one_dim", ["zero", "weights"])
+def test_layer_and_global_normalisations_give_theta_norms(models, one_dim):
+    """'layer': ||d_T|| = ||theta_T|| per matrix; 'global': ||d|| = ||theta|| over the matrices together
+    (over all tensors too with one_dim='weights'); 1-D tensors as for 'filter'. rtol 1e-6."""
+    view = load_model(ModelSource(models["llama"]), get_registry().adapters)
+    theta = {n: p.detach() for n, p in view.model.named_parameters()}
+    raw = gaussian_direction(theta, torch.Generator().manual_seed(123))
+    rows = output_row_dims(view.model)
+
+    def norm(tensors):
+        return float(sum(t.double().square().sum() for t in tensors)) ** 0.5
+
+    layer = normalize_direction(raw, theta, rows, "layer", one_dim)
+    glob = normalize_direction(raw, theta, rows, "global", one_dim)
+    matrices = [n for n, t in theta.items() if t.dim() > 1]
+    for name in matrices:
+        assert norm([layer[name]]) == pytest.approx(norm([theta[name]]), rel=1e-6), name
+    assert norm([glob[n] for n in matrices]) == pytest.approx(norm([theta[n] for n in matrices]), rel=1e-6)
+    ratios = {norm([glob[n]]) / norm([raw[n]]) for n in matrices}  # one scale for all matrices
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-6)
+    for name in (n for n, t in theta.items() if t.dim() <= 1):
+        want = torch.zeros_like(theta[name]) if one_dim == "zero" else theta[name]
+        assert torch.equal(layer[name], want) and torch.equal(glob[name], want), name
+    if one_dim == "weights":
+        assert norm(glob.values()) == pytest.approx(norm(theta.values()), rel=1e-6)
+
+
+@pytest.mark.parametrize(("normalization", "alpha2", "beta2"), [
+    ("none", 9.0, 16.0),            # the raw directions
+    ("filter", 1.0, 4.0 + 9.0),     # delta on row 0 of a only: that row's norm^2; eta on both rows of b
+    ("layer", 5.0, 13.0),           # ||theta_a||^2, ||theta_b||^2
+    ("global", 18.0, 18.0),         # ||theta_a||^2 + ||theta_b||^2, both directions
+])
+def test_quadratic_surface_under_each_normalisation(normalization, alpha2, beta2):
+    """L(w) = 1/2 sum_T c_T ||w_T||^2 with delta (in a) and eta (in b) orthogonal to theta row by row:
+    f(alpha, beta) = L(theta) + 1/2 (alpha^2 c_a ||delta||^2 + beta^2 c_b ||eta||^2), where the squared
+    norms are what each normalisation makes them."""
+    c = {"a": 2.0, "b": 0.5, "g": 3.0}
+    theta = {"a": torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]], dtype=torch.float64),
+             "b": torch.tensor([[0.0, 2.0], [3.0, 0.0]], dtype=torch.float64),
+             "g": torch.tensor([1.0, -1.0], dtype=torch.float64)}
+    raw_delta = {"a": torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64),
+                 "b": torch.zeros(2, 2, dtype=torch.float64), "g": torch.ones(2, dtype=torch.float64)}
+    raw_eta = {"a": torch.zeros(2, 3, dtype=torch.float64),
+               "b": torch.tensor([[4 * 0.6, 0.0], [0.0, 4 * 0.8]], dtype=torch.float64),
+               "g": torch.ones(2, dtype=torch.float64)}
+    rows = {"a": 0, "b": 0, "g": 0}
+    delta = normalize_direction(raw_delta, theta, rows, normalization, "zero")
+    eta = normalize_direction(raw_eta, theta, rows, normalization, "zero")
+
+    def loss(p):
+        return sum(0.5 * c[n] * p[n].square().sum() for n in p)
+
+    coords = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    got = surface(loss, theta, delta, eta, coords)
+    base = float(loss(theta))
+    assert float(got[2, 2]) == pytest.approx(base, rel=1e-12)  # f(0, 0) = L(theta)
+    for i, x in enumerate(coords.tolist()):
+        for j, y in enumerate(coords.tolist()):
+            want = base + 0.5 * (x * x * c["a"] * alpha2 + y * y * c["b"] * beta2)
+            assert float(got[i, j]) == pytest.approx(want, rel=1e-9), (normalization, x, y)
+
+
+@pytest.mark.parametrize("normalization", ["layer", "global"])
+def test_centre_is_the_models_loss_under_other_normalisations(models, tokenizer, normalization):
+    ids = random_token_data(len(tokenizer), n=8, length=10, seed=3)
+    res = analyze(str(models["gpt2"]), data=ids, metrics=["landscape.surface_2d", "basic.loss"],
+                  params={"landscape.surface_2d": {"grid": 3, "max_batches": None, "normalization": normalization}},
+                  config=RunConfig(batch_size=4, max_length=16))
+    result = res.get("landscape.surface_2d")
+    assert result.ok, result.reason
+    assert result.value("center_loss") == pytest.approx(res.get("basic.loss").value("loss"), rel=1e-6)
+    assert result.value("loss_std") > 0
+    check_declared_cost(result)
+
+
+def test_filter_surface_is_unchanged_by_the_new_normalisations(models, tokenizer):
+    """The default ('filter') draws and scales exactly as before: rows of theta, so the pinned value holds."""
+    view = load_model(ModelSource(models["gpt2"]), get_registry().adapters)
+    theta = {n: p.detach() for n, p in view.model.named_parameters()}
+    raw = gaussian_direction(theta, torch.Generator().manual_seed(123))
+    d = normalize_direction(raw, theta, output_row_dims(view.model), "filter", "zero")
+    name = "transformer.h.1.mlp.c_proj.weight"  # Conv1D [in, out]: output rows are columns
+    cols = raw[name] * (theta[name].norm(dim=0) / (raw[name].norm(dim=0) + 1e-10))[None, :]
+    assert torch.equal(d[name], cols.contiguous())

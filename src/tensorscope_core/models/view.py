@@ -75,8 +75,17 @@ class ModelView:
     pad_token_id: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
     attn_out: list[nn.Module] = field(default_factory=list)
+    #: True where the architecture flattens the tokens to [batch * seq, ...] around its MLP (OPT): hooks
+    #: on ``mlp_out`` then see 2-D tensors; read them through ``mlp_tokens``
+    mlp_tokens_flat: bool = False
     #: where accelerate placed each module (module name -> GPU index, "cpu" or "disk"); None: one device
     device_map: dict[str, Any] | None = None
+
+    def mlp_tokens(self, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``tensor`` seen by a hook on ``mlp_out`` as [batch, seq, ...], ``like`` being any [batch, seq, ...]
+        tensor of the same forward (its ids, or the residual stream): a no-op except where the architecture
+        flattened the tokens (OPT)."""
+        return tensor.reshape(*like.shape[:2], *tensor.shape[1:]) if self.mlp_tokens_flat else tensor
 
     def head_weights(self, layer: int) -> HeadWeights:
         if self.head_weights_fn is None:

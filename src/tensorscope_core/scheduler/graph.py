@@ -74,8 +74,9 @@ def validate_params(cls: MetricClass, raw: Mapping[str, Any]) -> BaseModel:
 
 
 def _names(requested: object) -> list[str]:
-    """The metric names asked for: a name, or a list of names; never none."""
-    items = [requested] if isinstance(requested, str) else requested
+    """The metric names asked for: a name, comma-separated names (as the CLI takes them), or a list of
+    names; never none."""
+    items = requested.split(",") if isinstance(requested, str) else requested
     if not isinstance(items, (list, tuple)) or not all(isinstance(n, str) for n in items):
         raise UsageError(f"metrics must be a name, a list of names or 'all', got {requested!r}",
                          'pass e.g. metrics=["basic.loss", "basic.grad_norms"] '

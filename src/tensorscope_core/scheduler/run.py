@@ -43,6 +43,14 @@ class OutOfMemoryAtFloor(TensorScopeError):
     pass
 
 
+class ArtifactFailed(Exception):
+    """An artifact's producer raised while deriving it: only the metrics that read it fail."""
+
+    def __init__(self, name: str, cause: BaseException) -> None:
+        self.name, self.cause = name, cause
+        super().__init__(f"artifact '{name}' failed: {type(cause).__name__}: {cause}")
+
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
@@ -358,6 +366,10 @@ class ModelRunner(Executor):
                         artifacts = self._run_batch(ctx, specs, batch, targets, micro, backward) \
                             if kind != "data" else {s.name: None for s in specs}
                         break
+                    except ArtifactFailed as failed:  # its readers fail; the batch runs again without it
+                        model.zero_grad(set_to_none=True)
+                        ctx.store.clear()
+                        specs = self._drop_artifact(group, specs, failed)
                     except Exception as exc:
                         model.zero_grad(set_to_none=True)
                         ctx.store.clear()
@@ -383,6 +395,15 @@ class ModelRunner(Executor):
                 if self.progress is not None:
                     self.progress(self.view.name, 1)
         model.zero_grad(set_to_none=True)
+
+    def _drop_artifact(self, group: list[ActiveMetric], specs: list[ArtifactSpec],
+                       failed: ArtifactFailed) -> list[ArtifactSpec]:
+        """Fail the metrics that read ``failed.name`` (``fail_fast`` raises) and capture the rest without it.
+        An artifact derived from it fails in turn when the batch runs again, and is dropped the same way."""
+        for active in group:
+            if failed.name in active.node.cls.artifacts and active.node.name not in self.results:
+                self._fail(active, failed.cause)
+        return [s for s in specs if s.name != failed.name]
 
     def _feed(self, group: list[ActiveMetric], step: Step) -> None:
         """Update each live metric; drop each artifact after its last consumer."""
@@ -445,4 +466,9 @@ class ModelRunner(Executor):
             for kind, count in own.items():
                 self.passes[kind] = self.passes.get(kind, 0) + count
         with self.counter.attributed(f"artifact:{spec.name}"):
-            spec.derive(ctx)
+            try:
+                spec.derive(ctx)
+            except METRIC_FAULTS as exc:
+                if is_oom(exc):
+                    raise  # the pass halves its micro-batch
+                raise ArtifactFailed(spec.name, exc) from exc

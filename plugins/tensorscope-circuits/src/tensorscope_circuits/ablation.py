@@ -23,7 +23,7 @@ from tensorscope_core.plugin_api import (
     bootstrap_ratio_ci,
 )
 
-from .interventions import Edit, edit_heads, edit_output, head_attn_out_reason, hooked, logits_of, token_ce
+from .interventions import Edit, edit_heads, edit_mlp, head_attn_out_reason, hooked, logits_of, token_ce
 
 Mode = Literal["zero", "mean"]
 Component = tuple[str, int, int | None]  # ("head", layer, head) or ("mlp", layer, None)
@@ -123,7 +123,7 @@ class Ablation(Metric):
         kind, layer, _ = component
         if kind == "head":
             return edit_heads(self.view, layer, edit)
-        return edit_output(self.view.mlp_out[layer], edit)
+        return edit_mlp(self.view, layer, edit)
 
     def _means(self) -> dict[tuple[str, int], torch.Tensor]:
         """Mean over all real tokens of each layer's head outputs [n_heads, d_head] and MLP output [d_model]."""

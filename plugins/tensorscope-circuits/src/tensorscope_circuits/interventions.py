@@ -1,15 +1,15 @@
 """Interventions on a forward pass, in the ModelView's vocabulary only: the residual stream
 entering a block (``resid[l]``, as the core's artifact numbers it), a module's output (the
-MLP's, via ``view.mlp_out``) and the per-head slices of the attention output projection's
-input (``view.attn_out``: head h is columns h*d_head:(h+1)*d_head).
+MLP's, via ``view.mlp_out``, read per token by ``edit_mlp``) and the per-head slices of the
+attention output projection's input (``view.attn_out``: head h is columns h*d_head:(h+1)*d_head).
 
-Each helper registers one hook and returns its handle; ``hooked`` removes them all on exit,
+Each helper registers its hooks and returns their handle; ``hooked`` removes them all on exit,
 also on error. The functions passed in receive the tensor and return its replacement.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,7 +20,7 @@ from tensorscope_core.plugin_api import ModelView
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 @contextmanager
-def hooked(handles: list[RemovableHandle]) -> Iterator[None]:
+def hooked(handles: Sequence[RemovableHandle | HookGroup]) -> Iterator[None]:
     """Keep ``handles`` for the block, remove them after it."""
     try:
         yield
@@ -55,8 +55,37 @@ def edit_resid(view: ModelView, index: int, edit: Edit) -> RemovableHandle:
 
 
 def edit_output(module: torch.nn.Module, edit: Edit) -> RemovableHandle:
-    """Edit a module's (main) output, e.g. ``view.mlp_out[l]`` for the MLP's contribution."""
+    """Edit a module's (main) output."""
     return module.register_forward_hook(_edit_output(edit))
+
+
+class HookGroup:
+    """Several hooks that are installed and removed as one."""
+
+    def __init__(self, *handles: RemovableHandle) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def edit_mlp(view: ModelView, layer: int, edit: Edit) -> RemovableHandle | HookGroup:
+    """Edit the MLP's contribution at ``layer`` (the output of ``view.mlp_out[layer]``) as [batch, seq,
+    d_model]: where the architecture runs its MLP on flattened tokens (OPT), a pre-hook on the block
+    keeps the stream's shape so ``edit`` still sees positions."""
+    if not view.mlp_tokens_flat:
+        return edit_output(view.mlp_out[layer], edit)
+    stream: dict[str, torch.Tensor] = {}
+
+    def keep(module: Any, args: tuple, kwargs: dict) -> None:
+        stream["in"] = args[0] if args else kwargs["hidden_states"]
+
+    def per_token(x: torch.Tensor) -> torch.Tensor:
+        return edit(view.mlp_tokens(x, stream["in"])).reshape(x.shape)
+
+    return HookGroup(view.blocks[layer].register_forward_pre_hook(keep, with_kwargs=True),
+                     edit_output(view.mlp_out[layer], per_token))
 
 
 def edit_heads(view: ModelView, layer: int, edit: Edit) -> RemovableHandle:

@@ -14,6 +14,7 @@ from scipy import stats
 
 from tensorscope_core.plugin_api import (
     Cost,
+    Interpretation,
     Metric,
     MetricResult,
     ModelView,
@@ -192,6 +193,19 @@ class FisherDiagonal(Metric):
                 out.append(Rung(name, current, accuracy))
                 last = held
         return out
+
+    @classmethod
+    def interpret(cls, result: MetricResult) -> list[Interpretation]:
+        """Which running estimate to read for which purpose (README: "Welford or EMA")."""
+        decay = float(result.params.get("ema_decay", 0.95))
+        n = result.value("n_examples")
+        if "true_ema/" not in "".join(result.values) and "empirical_ema/" not in "".join(result.values):
+            return [Interpretation(text=f"the mean fields (Welford over all {n:.0f} examples) are the Fisher "
+                                        "of the whole run: use them for importance masks and Fisher merging")]
+        return [Interpretation(text=f"importance masks / Fisher merging over a run: read <kind>/<param>, the "
+                                    f"Welford mean over all {n:.0f} examples with equal weight; tracking a "
+                                    f"model that drifts during training: read <kind>_ema/<param>, decay "
+                                    f"{decay:g}, effective window 1/(1 - decay) = {1 / (1 - decay):.3g} batches")]
 
     def setup(self) -> None:
         size = layout_size(layout_of(self.view))

@@ -23,7 +23,16 @@ from tensorscope_core.plugin_api import (
     TableValue,
 )
 
-from .kfac_stats import ARTIFACT, KfacStats, Labels, block_linears, factor_bytes, factor_dims, is_diagonal
+from .kfac_stats import (
+    ARTIFACT,
+    KfacStats,
+    Labels,
+    block_linears,
+    factor_bytes,
+    factor_dims,
+    is_diagonal,
+    served_as_asked,
+)
 from .kronecker import factor_eigenvalues, kron_capacity
 from .values import finite_or_none
 
@@ -32,20 +41,25 @@ CAPACITY_COLUMNS = ["module", "layer", "dim_A", "dim_G", "trace", "logdet", "con
 DIAGONAL_RUNGS = (2048, 1024, 512, 0)
 
 
-class KfacParams(Params):
+class FactorParams(Params):
+    """What selects and shapes the K-FAC factors (fisher.kfac, fisher.natural_gradient)."""
+
     modules: tuple[str, ...] = Field(("*",), description="fnmatch patterns over module names (as in "
                                      "model.named_modules()); the Linear/Conv1D modules inside the blocks that "
                                      "match any of them are analysed")
     labels: Labels = Field("sampled", description="'sampled': y drawn from the model (true Fisher); "
                            "'observed': the data's next tokens (empirical Fisher)")
-    damping: float = Field(1e-3, ge=0.0, description="λ added to A ⊗ G for logdet and cond (0: undamped)")
-    keep_factors: bool = Field(True, description="return the factors A and G of every module as tensors")
     diagonal_over: int | None = Field(
         None, ge=0, description="factors of more rows than this are accumulated as their diagonal only (d instead "
         "of d x d values); their eigenvalues are taken to be the diagonal's entries; None: every factor in full")
 
 
-def selected_modules(params: KfacParams, view: ModelView) -> list[str]:
+class KfacParams(FactorParams):
+    damping: float = Field(1e-3, ge=0.0, description="λ added to A ⊗ G for logdet and cond (0: undamped)")
+    keep_factors: bool = Field(True, description="return the factors A and G of every module as tensors")
+
+
+def selected_modules(params: FactorParams, view: ModelView) -> list[str]:
     return [n for n in block_linears(view) if any(fnmatch.fnmatchcase(n, p) for p in params.modules)]
 
 
@@ -137,8 +151,8 @@ class Kfac(Metric):
         modules = block_linears(self.view)
         self.layers = [modules[n][0] for n in self.names]
         dims = [factor_dims(modules[n][1]) for n in self.names]
-        self.a_sums = [_zeros(d_a, self.params.diagonal_over) for d_a, _ in dims]
-        self.g_sums = [_zeros(d_g, self.params.diagonal_over) for _, d_g in dims]
+        self.a_sums = [zero_factor(d_a, self.params.diagonal_over) for d_a, _ in dims]
+        self.g_sums = [zero_factor(d_g, self.params.diagonal_over) for _, d_g in dims]
         self.count = torch.zeros((), dtype=torch.float64)
 
     def update(self, step: Step) -> None:
@@ -146,8 +160,8 @@ class Kfac(Metric):
         self.count += served.counts.sum().cpu()
         for i, name in enumerate(self.names):
             a_sum, g_sum = served.of(name)
-            self.a_sums[i] += a_sum.sum(0).cpu()
-            self.g_sums[i] += g_sum.sum(0).cpu()
+            self.a_sums[i] += served_as_asked(a_sum.sum(0), self.a_sums[i].ndim).cpu()
+            self.g_sums[i] += served_as_asked(g_sum.sum(0), self.g_sums[i].ndim).cpu()
 
     def finalize(self) -> dict[str, Any]:
         n = float(self.count)
@@ -177,7 +191,7 @@ class Kfac(Metric):
         return out
 
 
-def _zeros(dim: int, diagonal_over: int | None) -> torch.Tensor:
+def zero_factor(dim: int, diagonal_over: int | None) -> torch.Tensor:
     """A factor's running sum: d x d, or d for a diagonal (float64)."""
     return torch.zeros(dim if is_diagonal(dim, diagonal_over) else (dim, dim), dtype=torch.float64)
 

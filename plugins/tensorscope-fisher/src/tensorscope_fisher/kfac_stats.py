@@ -106,6 +106,13 @@ def factor_bytes(dim: int, diagonal_over: int | None) -> int:
     return 8 * (dim if is_diagonal(dim, diagonal_over) else dim * dim)
 
 
+def served_as_asked(total: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A served factor sum in the form its consumer accumulates (``ndim`` 2: full, 1: diagonal): a pass
+    serves full factors to every consumer when any asks them (``merge_requests``), so a consumer that
+    asked for the diagonal takes it from the full factor."""
+    return total.diagonal() if total.ndim == 2 and ndim == 1 else total
+
+
 def _second_moment(x: torch.Tensor, diagonal_over: int | None) -> torch.Tensor:
     """Σ_t x_t x_tᵀ [1, d, d], or its diagonal Σ_t x_t² [1, d] above ``diagonal_over``."""
     return (x * x).sum(0)[None] if is_diagonal(x.shape[1], diagonal_over) else (x.T @ x)[None]
@@ -157,11 +164,12 @@ def _derive(ctx: CaptureContext) -> None:
     examples = (targets.target_mask if ctx.view.causal else ctx.batch.attention_mask).bool()
     stats = []
     for name, grad in zip(names, grads, strict=True):
-        a = inputs[name][examples].double()
+        # [batch, seq, ...] again where the architecture runs a module on flattened tokens (OPT's MLP)
+        a = inputs[name].reshape(*examples.shape, -1)[examples].double()
         if getattr(modules[name], "bias", None) is not None:
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
         g = torch.zeros(a.shape[0], outputs[name].shape[-1], dtype=torch.float64, device=a.device) \
-            if grad is None else grad[examples].double()
+            if grad is None else grad.reshape(*examples.shape, -1)[examples].double()
         over = ctx.request(ARTIFACT).get("diagonal_over")
         stats.append([_second_moment(a, over), _second_moment(g, over)])
     ctx.store[ARTIFACT] = KfacStats(tuple(names), examples.sum().double().reshape(1), stats)

@@ -17,8 +17,12 @@ from .hotspots_report import hotspots_section
 from .kfac import Kfac
 from .kfac_stats import KFAC_STATS
 from .masks import FisherMasks, FisherOverlap
+from .natural_gradient import NaturalGradient
 from .spectrum import Spectrum
 from .stein_metric import FisherStein
+from .triangulation import Triangulation
+from .triangulation_report import TITLE as TRIANGULATION_TITLE
+from .triangulation_report import triangulation_section
 
 TENSORSCOPE_PLUGIN_API = 2
 
@@ -30,10 +34,12 @@ METRICS: tuple[type, ...] = (
     FisherLanczos,
     HessianLanczos,
     Kfac,
+    NaturalGradient,
     Spectrum,
     FisherHotspots,
     HotspotsCompare,
     FisherStein,
+    Triangulation,
 )
 
 
@@ -51,3 +57,4 @@ def register_artifacts(register: Callable[[Any], None]) -> None:
 @hookimpl
 def register_report_sections(register: Callable[[str, Callable[..., Any]], None]) -> None:
     register(HOTSPOTS_TITLE, hotspots_section)
+    register(TRIANGULATION_TITLE, triangulation_section)

@@ -10,6 +10,7 @@ from .curvature import Curvature
 from .effective_rank import EffectiveRank
 from .features import SuperpositionFeatures
 from .fiber_bundle import FiberBundle
+from .sample_outliers import SampleOutliers
 from .similarity import CKA, RSA, CKAAcross, RSAAcross
 from .similarity_terms import SimilarityTerms
 from .singularities import Singularities
@@ -19,7 +20,7 @@ TENSORSCOPE_PLUGIN_API = 2
 
 METRICS: tuple[type, ...] = (
     EffectiveRank, SimilarityTerms, CKA, RSA, CKAAcross, RSAAcross, SuperpositionFeatures, SuperpositionSparsity,
-    FiberBundle, Singularities, Curvature,
+    FiberBundle, Singularities, Curvature, SampleOutliers,
 )
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from tensorscope_core.plugin_api import hookimpl
 
 from .flow import GradientFlow
+from .layer_alignment import LayerAlignment
 from .pathology import GradientPathology
 from .sample_conflicts import SampleConflicts
 from .task_conflict import TaskConflict
@@ -15,7 +16,8 @@ from .tracin import CriticalSamples, TracIn, TracInTerms
 
 TENSORSCOPE_PLUGIN_API = 2
 
-METRICS = (GradientFlow, GradientPathology, TaskConflict, SampleConflicts, TracInTerms, TracIn, CriticalSamples)
+METRICS = (GradientFlow, GradientPathology, TaskConflict, LayerAlignment, SampleConflicts, TracInTerms, TracIn,
+           CriticalSamples)
 
 
 @hookimpl

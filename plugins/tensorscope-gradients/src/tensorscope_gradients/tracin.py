@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,8 +33,9 @@ from tensorscope_core.plugin_api import (
 
 from .checkpoints import CheckpointRate, learning_rates
 from .common import example_texts, upper_bound_examples
+from .interpolation import PathGradients, copy_bytes, path_tasks, point_calls
 from .ladders import example_rows_ladder, stored_width
-from .maths import bh, null_p_values, robust_null
+from .maths import bh, interpolation_weights, null_p_values, robust_null
 from .per_sample import ARTIFACT, mean_loss_rows, per_example_request
 from .projection import Projection
 from .selection import Layout, SubsetMetric, SubsetParams, planned_size, subset_size
@@ -171,6 +173,7 @@ class Combined:
     self_influence: torch.Tensor  # [n_train]
     test_self_influence: torch.Tensor  # [n_test]
     rates: list[CheckpointRate]
+    path_points: int  # interior points of the path evaluated (0: TracInCP)
     train_texts: list[str]
     test_texts: list[str]
     projection_error: float
@@ -199,14 +202,18 @@ def split_sizes(shape: RunShape) -> tuple[int, int]:
     two largest tasks (the largest train x test product any two tasks can give). A model-set cost
     sees only its own parameters, not those of ``gradients.tracin_terms``: with other task names
     chosen there while ``train`` and ``test`` also exist, this follows ``train`` and ``test``."""
-    rows: dict[str | None, int] = {}
+    train, test = default_tasks(shape)
+    rows = {train: 0, test: 0}
     for n, _, task in shape.batches:
-        rows[task] = rows.get(task, 0) + n
+        if task in rows:
+            rows[task] += n
+    return rows[train], rows[test]
+
+
+def default_tasks(shape: RunShape) -> tuple[str | None, str | None]:
+    """``path_tasks`` with ``gradients.tracin_terms``' default task names."""
     train, test = (TermsParams.model_fields[f].default for f in ("train_task", "test_task"))
-    if train in rows and test in rows:
-        return rows[train], rows[test]
-    largest = [*sorted(rows.values(), reverse=True)[:2], 0, 0]
-    return largest[0], largest[1]
+    return path_tasks(shape, train, test)
 
 
 class CheckpointSetMetric(ModelSetMetric):
@@ -221,6 +228,8 @@ class CheckpointSetMetric(ModelSetMetric):
 
     requires_metrics = (TERMS,)
     reads_weights = False  # the checkpoints' tracin_terms and their names/configs (learning rates) only
+    #: what computes the interior points' terms (a hand-built model's closed form in the known-answer tests)
+    path_gradients: ClassVar[type[PathGradients]] = PathGradients
 
     @classmethod
     def cost(cls, params: CheckpointParams, view: ModelView, shape: RunShape) -> Cost:
@@ -236,15 +245,19 @@ class CheckpointSetMetric(ModelSetMetric):
         self.checkpoint_dots = torch.zeros(0, dtype=torch.float64)
         self.checkpoint_selfs: tuple[torch.Tensor, ...] = ()
 
-    def combine(self, views: Mapping[str, ModelView], results: Mapping[str, Mapping[str, MetricResult]]) -> Combined:
+    def combine(self, views: Mapping[str, ModelView], results: Mapping[str, Mapping[str, MetricResult]],
+                points: int = 0) -> Combined:
         """TracInCP over the model set from each checkpoint's ``gradients.tracin_terms``: the sums of
         ``maths.combine_checkpoints`` (the same operations in the same order), added one checkpoint at
-        a time into the running sums instead of over a list of every checkpoint's matrices."""
+        a time into the running sums instead of over a list of every checkpoint's matrices. With
+        ``points`` > 0, each checkpoint but the last weighs eta / (points + 1) and the interior points
+        of each interval are added after the checkpoints (``maths.interpolation_weights``)."""
         params: CheckpointParams = self.params
         rates = learning_rates(dict(views), params.learning_rates, params.default_learning_rate)
+        weights, interior = interpolation_weights([r.learning_rate for r in rates], points)
         terms = [results[rate.model][TERMS] for rate in rates]
         shapes = []
-        for rate, result in zip(rates, terms, strict=True):
+        for weight, result in zip(weights, terms, strict=True):
             self.checkpoint_dots = torch.zeros(0, dtype=torch.float64)  # dropped before the next is parsed
             self.checkpoint_dots = dots = _dots(result)
             self.checkpoint_selfs = selfs = (torch.tensor(result.value("train_self"), dtype=torch.float64),
@@ -256,15 +269,14 @@ class CheckpointSetMetric(ModelSetMetric):
                 self.influence = torch.zeros_like(dots, dtype=torch.float64)
                 self.self_influence = torch.zeros_like(selfs[0], dtype=torch.float64)
                 self.test_self_influence = torch.zeros_like(selfs[1], dtype=torch.float64)
-            lr = float(rate.learning_rate)
-            self.influence.add_(dots.mul_(lr))
-            self.self_influence.add_(selfs[0].mul_(lr))
-            self.test_self_influence.add_(selfs[1].mul_(lr))
+            self.add(weight, dots, *selfs)
         if len(set(shapes)) != 1:
             raise ValueError(f"the checkpoints saw different numbers of train x test examples {sorted(set(shapes))}: "
                              "run every checkpoint on the same data")
+        if interior:
+            self.add_path(views, terms[0], interior)
         examples = terms[0].values["examples"].rows  # type: ignore[union-attr]
-        return Combined(self.influence, self.self_influence, self.test_self_influence, rates,
+        return Combined(self.influence, self.self_influence, self.test_self_influence, rates, len(interior),
                         [str(r[4]) for r in examples if r[0] == "train"],
                         [str(r[4]) for r in examples if r[0] == "test"],
                         max(float(t.value("projection_error") or 0.0) for t in terms),
@@ -272,8 +284,41 @@ class CheckpointSetMetric(ModelSetMetric):
                         dict(terms[0].params))
 
 
+    def add(self, weight: float, dots: torch.Tensor, train_self: torch.Tensor, test_self: torch.Tensor) -> None:
+        """Add one point's terms, times its weight, into the running sums (``dots`` is scaled in place)."""
+        self.influence.add_(dots.mul_(weight))
+        self.self_influence.add_(train_self.mul_(weight))
+        self.test_self_influence.add_(test_self.mul_(weight))
+
+    def add_path(self, views: Mapping[str, ModelView], terms: MetricResult,
+                 interior: list[tuple[int, float, float]]) -> None:
+        """Add the interior points (interval i, t, weight): theta(t) between checkpoints i and i + 1, built
+        one at a time on one copy of the model (``PathGradients``, kept as ``self.path``)."""
+        members = list(views)
+        first = views[members[0]]
+        self.path = path = self.path_gradients(first, terms.params, self.shape.seed)
+        tasks = default_tasks(self.shape)
+        if {path.train_task, path.test_task} != set(tasks):
+            raise ValueError(f"interpolation runs the tasks {path.train_task!r} and {path.test_task!r} of "
+                             f"gradients.tracin_terms, but its declared passes follow {tasks[0]!r} and {tasks[1]!r} "
+                             "(a model-set metric sees the run's batches, not the terms' parameters): name the "
+                             "tasks 'train' and 'test'")
+        with path.view() as view:
+            for i, t, weight in interior:
+                path.move_to(views[members[i]], views[members[i + 1]], t)
+                self.checkpoint_dots = torch.zeros(0, dtype=torch.float64)  # the last point's make way
+                targets = functools.partial(self.loss_targets, views[members[i]])
+                self.checkpoint_dots, *selfs = path.terms(view, self.data[members[i]], targets)
+                self.checkpoint_selfs = tuple(selfs)
+                self.add(weight, self.checkpoint_dots, *selfs)
+
+
 class TracInParams(CheckpointParams):
     top_k: int = Field(5, ge=1, description="proponents and opponents listed per test example")
+    interpolation_points: int = Field(
+        0, ge=0, description="n points per interval between consecutive checkpoints (in the order the models "
+                             "were given), theta(t) = (1-t) theta_i + t theta_i+1 at t = k/(n+1), each interval's "
+                             "learning rate split evenly over its n+1 sub-steps (0: TracInCP)")
 
 
 class TracIn(CheckpointSetMetric):
@@ -287,23 +332,60 @@ class TracIn(CheckpointSetMetric):
     last logged ``learning_rate`` of each checkpoint folder's trainer_state.json (HF Trainer),
     else ``default_learning_rate``. Positive influence = proponent (a step on z lowers the
     loss on z'), negative = opponent.
+
+    With ``interpolation_points`` n > 0, the path between consecutive checkpoints i, i + 1 (in the
+    order the models were given) is sampled at theta(t) = (1 - t) theta_i + t theta_{i+1},
+    t = k / (n + 1), k = 1..n, and interval i's learning rate eta_i is split evenly over its n + 1
+    sub-steps (checkpoint i and its n interior points, eta_i / (n + 1) each; the last checkpoint
+    keeps its eta): a left Riemann sum of eta_i * integral_0^1 g(t) . g'(t) dt per interval, which
+    is TracInCP at n = 0. The interior gradients are computed here, one point at a time on one
+    extra copy of the model, with the parameters and projection of ``gradients.tracin_terms``
+    (declared as per-example backward passes; a ``mask_metric`` subset is refused).
     """
 
     name = "gradients.tracin"
-    version = "1"
-    summary = "TracInCP influence of training examples on test examples over checkpoints; self-influence"
+    version = "2"
+    summary = "TracInCP influence of training examples on test examples over checkpoints (optionally along the " \
+              "interpolated path between them); self-influence"
     Params = TracInParams
+    reads_weights = True  # the checkpoints' weights are the ends of the interpolated path
     fields = {"influence": "[n_train, n_test] TracInCP influence", "self_influence": "per training example",
               "test_self_influence": "per test example",
               "top_proponents": "per test example the top_k training examples with the largest positive influence",
               "top_opponents": "per test example the top_k training examples with the most negative influence",
               "checkpoints": "table model, step, learning_rate, source", "n_checkpoints": "checkpoints summed",
+              "path_points": "interior points of the path between checkpoints evaluated "
+                             "((checkpoints - 1) x interpolation_points; 0: TracInCP)",
               "projection_error": "largest projection_error of the checkpoints' terms (0: exact)",
               "projection_error_bound": "sqrt(2 / projection_dim) (0: exact)"}
 
+    @classmethod
+    def uses_data(cls, params: TracInParams) -> bool:
+        return params.interpolation_points > 0
+
+    @classmethod
+    def own_passes(cls, params: TracInParams, view: ModelView, shape: RunShape, members: Sequence[str],
+                   base_name: str | None) -> dict[str, int]:
+        """A per-example backward of every batch of the training and test tasks at each interior point."""
+        points = (len(members) - 1) * params.interpolation_points
+        return {"per_example_backward": points * point_calls(view, shape, default_tasks(shape))} if points > 0 else {}
+
+    @classmethod
+    def cost(cls, params: CheckpointParams, view: ModelView, shape: RunShape) -> Cost:
+        """The running sums (see ``CheckpointSetMetric``) and, with interpolation, one copy of the model
+        and the test examples' gradients at the current point, float64 [n_test, trainable entries] (an
+        upper bound where the terms use a parameter subset or a projection, which a model-set cost
+        does not see)."""
+        sums = super().cost(params, view, shape).state_bytes
+        if not isinstance(params, TracInParams) or params.interpolation_points == 0:
+            return Cost(state_bytes=sums)
+        n_test = split_sizes(shape)[1]
+        width = sum(p.numel() for p in view.model.parameters() if p.requires_grad)
+        return Cost(state_bytes=sums + copy_bytes(view) + 8 * n_test * width)
+
     def compute_set(self, views: Mapping[str, ModelView],
                     results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, object]:
-        c = self.combine(views, results)
+        c = self.combine(views, results, self.params.interpolation_points)
         infl = c.influence
         k = self.params.top_k
         pro, opp = [], []
@@ -322,6 +404,7 @@ class TracIn(CheckpointSetMetric):
                 "checkpoints": TableValue(columns=["model", "step", "learning_rate", "source"],
                                           rows=[[r.model, r.step, r.learning_rate, r.source] for r in c.rates]),
                 "n_checkpoints": ScalarValue(value=len(c.rates)),
+                "path_points": ScalarValue(value=c.path_points),
                 "projection_error": ScalarValue(value=c.projection_error),
                 "projection_error_bound": ScalarValue(value=c.projection_error_bound)}
 

@@ -3,8 +3,9 @@
 f(alpha, beta) = L(theta + alpha * delta + beta * eta) for two Gaussian directions delta, eta
 shaped like the parameters. Filter normalisation rescales every output row of every
 weight matrix of a direction to the norm of the same row of theta, so the plot's scale is
-comparable across layers and models; 1-D tensors (biases, norm gains) are zeroed (the
-reference's ``ignore='biasbn'``) or set equal to theta.
+comparable across layers and models; 'layer' rescales each matrix as a whole (the reference's
+``norm='layer'``), 'global' the matrices together. 1-D tensors (biases, norm gains) are zeroed
+(the reference's ``ignore='biasbn'``) or set equal to theta, whatever the normalisation.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ class SurfaceParams(Params):
     max_batches: int | None = Field(4, ge=1, description="average the surface over the run's first this many "
                                                          "batches; None: all of them")
     direction_seed: int = Field(123, description="seed of the Gaussian directions (the reference uses 123)")
-    normalization: Literal["filter", "none"] = Field(
-        "filter", description="'filter': each output row of a direction gets the norm of theta's row; 'none'")
+    normalization: Literal["filter", "layer", "global", "none"] = Field(
+        "filter", description="'filter': each output row of a direction gets the norm of theta's row; 'layer': each "
+                              "matrix the norm of theta's matrix; 'global': all matrices together the norm of "
+                              "theta's matrices; 'none'")
     one_dim: Literal["zero", "weights"] = Field(
         "zero", description="directions of 1-D tensors (biases, norm gains): 'zero' (the reference's "
                             "ignore='biasbn') or 'weights' (equal to theta, as the reference without ignore)")
@@ -81,23 +84,42 @@ def gaussian_direction(theta: Mapping[str, torch.Tensor], gen: torch.Generator) 
 
 def normalize_direction(direction: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor],
                         row_dims: Mapping[str, int], normalization: str, one_dim: str) -> Tensors:
-    """Filter normalisation: ``d_i <- d_i * ||theta_i|| / (||d_i|| + 1e-10)`` for every output row
-    i of every tensor of two or more dimensions; 1-D tensors are zeroed or set equal to theta."""
+    """Scale the tensors of two or more dimensions of ``direction`` to theta's norms, each scale
+    ``||theta_part|| / (||d_part|| + 1e-10)``: per output row of each tensor (``'filter'``), per
+    tensor (``'layer'``), or one scale for all of them (``'global'``; norms over all those
+    tensors, in float64); ``'none'`` keeps them. 1-D tensors are zeroed or set equal to theta."""
     out: Tensors = {}
-    for name, d in direction.items():
-        t = theta[name]
-        if t.dim() <= 1:
-            out[name] = torch.zeros_like(t) if one_dim == "zero" else t.detach().clone()
-            continue
-        if normalization == "none":
-            out[name] = d.clone()
-            continue
-        row = row_dims.get(name, 0)
-        rows_d = d.movedim(row, 0).reshape(d.shape[row], -1)
-        rows_t = t.detach().movedim(row, 0).reshape(t.shape[row], -1)
-        scale = rows_t.norm(dim=1) / (rows_d.norm(dim=1) + 1e-10)
-        out[name] = (rows_d * scale[:, None]).reshape(d.movedim(row, 0).shape).movedim(0, row).contiguous()
-    return out
+    matrices = [name for name in direction if theta[name].dim() > 1]
+    for name in direction:
+        if theta[name].dim() <= 1:
+            out[name] = torch.zeros_like(theta[name]) if one_dim == "zero" else theta[name].detach().clone()
+    if normalization == "none":
+        out.update({name: direction[name].clone() for name in matrices})
+    elif normalization == "filter":
+        out.update({name: _filter_normalized(direction[name], theta[name].detach(), row_dims.get(name, 0))
+                    for name in matrices})
+    elif normalization == "layer":
+        out.update({name: direction[name] * _scale([theta[name]], [direction[name]]) for name in matrices})
+    else:
+        scale = _scale([theta[n] for n in matrices], [direction[n] for n in matrices])
+        out.update({name: direction[name] * scale for name in matrices})
+    return {name: out[name] for name in direction}
+
+
+def _filter_normalized(d: torch.Tensor, t: torch.Tensor, row: int) -> torch.Tensor:
+    """``d`` with every output row (slice along ``row``) scaled to the norm of the same row of ``t``."""
+    rows_d = d.movedim(row, 0).reshape(d.shape[row], -1)
+    rows_t = t.movedim(row, 0).reshape(t.shape[row], -1)
+    scale = rows_t.norm(dim=1) / (rows_d.norm(dim=1) + 1e-10)
+    return (rows_d * scale[:, None]).reshape(d.movedim(row, 0).shape).movedim(0, row).contiguous()
+
+
+def _scale(theta: Sequence[torch.Tensor], direction: Sequence[torch.Tensor]) -> float:
+    """``||theta|| / (||direction|| + 1e-10)`` over all the tensors given, in float64."""
+    def norm(tensors: Sequence[torch.Tensor]) -> float:
+        return math.sqrt(sum(float(t.detach().double().square().sum()) for t in tensors))
+
+    return norm(theta) / (norm(direction) + 1e-10)
 
 
 def direction_cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
@@ -139,7 +161,9 @@ class LossSurface2D(Metric):
     Two directions delta, eta are drawn from N(0, 1) per parameter entry (seed
     ``direction_seed``; all trainable parameters, tied ones once), filter-normalised (each
     output row of each weight matrix scaled to the norm of theta's row: rows of nn.Linear and
-    embeddings, columns of GPT-2's Conv1D) with 1-D tensors zeroed or set to theta. On a
+    embeddings, columns of GPT-2's Conv1D; ``normalization='layer'``: each weight matrix scaled
+    to the norm of theta's matrix; ``'global'``: all weight matrices together scaled to the norm
+    of theta's matrices) with 1-D tensors zeroed or set to theta. On a
     ``grid`` x ``grid`` lattice of alpha, beta in [-span, span], ``surface[i, j]`` is the
     run's token loss of theta + alpha_i delta + beta_j eta, averaged over the first
     ``max_batches`` batches (token-weighted, as ``basic.loss``), so ``center_loss`` = f(0, 0)

@@ -109,6 +109,13 @@ def jaccard(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> flo
     return inter / union if union else 1.0
 
 
+def dice(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """2 |A and B| / (|A| + |B|) of the kept entries (1 when both keep nothing)."""
+    inter = sum(int((a[n] & b[n]).sum()) for n in a)
+    sizes = sum(int(a[n].sum()) + int(b[n].sum()) for n in a)
+    return 2 * inter / sizes if sizes else 1.0
+
+
 def overlap_coefficient(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """|A and B| / min(|A|, |B|) of the kept entries (1 when either keeps nothing)."""
     inter = sum(int((a[n] & b[n]).sum()) for n in a)

@@ -21,11 +21,13 @@ from tensorscope_core.plugin_api import (
     ScalarValue,
     SeriesValue,
     TextValue,
+    align,
+    aligned_bytes,
     batch_loss,
+    mlp_unit_axes,
 )
 
 from .evaluate import POOLED, Score, TargetsFn, evaluate, loss_skip_reason
-from .permutation import align, aligned_bytes, mlp_unit_axes
 from .weights import check_compatible, members, number, parameters
 
 Weights = dict[str, torch.Tensor]

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from tensorscope_core.plugin_api import hookimpl
 
 from .fisher_weighted import FisherWeighted
+from .imp import ImpOverlap, IterativeMagnitudePruning
 from .landscape import LossSurface2D
 from .lottery import EarlyBird, MagnitudeMasks
 from .mode_connectivity import ModeConnectivity
@@ -18,7 +19,7 @@ TENSORSCOPE_PLUGIN_API = 2
 
 METRICS: tuple[type, ...] = (
     TaskVectors, TiesConflicts, FisherWeighted, ModeConnectivity,
-    LossSurface2D, Sharpness, MagnitudeMasks, EarlyBird,
+    LossSurface2D, Sharpness, MagnitudeMasks, EarlyBird, IterativeMagnitudePruning, ImpOverlap,
 )
 
 

@@ -15,7 +15,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from tensorscope_core.plugin_api import ModelView
+from .models.view import ModelView
 
 
 @dataclass(frozen=True)
