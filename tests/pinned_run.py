@@ -112,7 +112,9 @@ def run(root: Path) -> dict[str, Any]:
                        f"{family}-b": tiny_model(family, root / f"{family}-b", seed=2)}
             base = tiny_model(family, root / f"{family}-base", seed=0)
             with counting_model_calls([classes[family]]) as counts:
-                res = analyze(members, data=pinned_data(), metrics="all", config=CONFIG, params=PARAMS, base=base)
+                # interventions.vectors compares two named models of the three: the base and a fine-tune
+                params = {**PARAMS, "interventions.vectors": {"broken": "base", "healthy": f"{family}-a"}}
+                res = analyze(members, data=pinned_data(), metrics="all", config=CONFIG, params=params, base=base)
             status: dict[str, str] = {}
             values: dict[str, list[float | None]] = {}
             results = [(m.name, r) for m in res.record.models for r in m.metrics.values()]
