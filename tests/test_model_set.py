@@ -52,3 +52,27 @@ def test_model_set_metric_gets_all_models_and_their_results(tmp_path: Path, regi
     assert result.value("norm_change") == pytest.approx(norm(mb) - norm(ma), rel=1e-9)
     assert set(res.models) == {"a", "b"}
     assert all(res.get("basic.weight_norms", model=m).ok for m in ("a", "b"))
+
+
+def test_the_progress_bar_counts_batches_and_every_metric_result(tmp_path: Path, registry_with_set_metric: None,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """One bar over the run: each member's batches of its data stage, one step per per-model result
+    (cached, skipped and finalized alike), one per model-set result; it ends full, and its postfix names
+    a metric while that metric finalizes."""
+    import re
+
+    from tensorscope_core import RunConfig
+
+    a = tiny_model("gpt2", tmp_path / "a", seed=0)
+    b = tiny_model("gpt2", tmp_path / "b", seed=1)
+    metrics = ["basic.loss", "basic.weight_norms", "testset.weight_distance"]
+    config = RunConfig(progress=True, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    res = analyze({"a": str(a), "b": str(b)}, metrics=metrics, config=config)
+    batches = res.record.models[0].passes["forward"]
+    steps = 2 * (batches + 2) + 1  # one data stage of batches + 2 per-model results, per member; 1 set result
+    err = capsys.readouterr().err
+    assert f"{steps}/{steps}" in err
+    assert re.search(r"(a|b): basic\.loss", err) and "model set: testset.weight_distance" in err
+    assert "Loading weights" not in err  # transformers' own bars stay off while the run loads a model
+    analyze({"a": str(a), "b": str(b)}, metrics=metrics, config=config)  # every result from the cache
+    assert f"{steps}/{steps}" in capsys.readouterr().err

@@ -150,7 +150,8 @@ def test_progress_bar_follows_the_workers(cluster: Any, checkpoints: list[Path],
     err = capsys.readouterr().err
     assert "analysing" in err and "members=2/2" in err
     batches = analyze(checkpoints[:1], metrics=["basic.loss"]).record.models[0].passes["forward"]
-    assert f"{2 * batches}/{2 * batches}" in err  # every batch of both members reached the bar
+    steps = 2 * (batches + 1)  # every batch of both members, and each member's one metric result
+    assert f"{steps}/{steps}" in err
 
 
 def test_without_ray_the_error_names_the_extra(checkpoints: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:

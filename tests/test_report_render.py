@@ -74,7 +74,7 @@ class Drawn:
     def __init__(self) -> None:
         self.titles: list[str] = []
         self.captions: dict[int, str] = {}  # id(figure) -> caption
-        self.limits: dict[int, list[tuple[float, float]]] = {}
+        self.limits: dict[int, list[tuple[float | None, float | None]]] = {}
         self.figures: list[Any] = []  # kept alive, so no figure's id is reused by another
 
 
@@ -112,19 +112,25 @@ def _sections(html: str) -> dict[str, str]:
 
 
 def _largest_change(res: Results) -> str:
-    """The planted change with the largest |after - before| / max(|before|, |after|), from the record."""
+    """The planted change with the largest |after - before| over its field's largest |value| (over every
+    model, and every layer of a per-layer field), from the record."""
     models = {m.name: m for m in res.record.models}
 
-    def value(series: str, model: str) -> float:
+    def field(series: str) -> tuple[str, str, int | None]:
         layer = re.match(r"^(.*)\[(\d+)\]$", series)
-        base = layer.group(1) if layer else series
-        metric, name = base.rsplit(".", 1)
+        metric, name = (layer.group(1) if layer else series).rsplit(".", 1)
+        return metric, name, int(layer.group(2)) if layer else None
+
+    def values(series: str, model: str) -> list[float]:
+        metric, name, _ = field(series)
         got = models[model].metrics[metric].value(name)
-        return float(got[int(layer.group(2))] if layer else got)
+        return [float(v) for v in (got if isinstance(got, list) else [got])]
 
     def size(change: tuple[str, str, str]) -> float:
-        a, b = value(change[0], change[1]), value(change[0], change[2])
-        return abs(b - a) / max(abs(a), abs(b))
+        i = field(change[0])[2] or 0
+        a, b = values(change[0], change[1])[i], values(change[0], change[2])[i]
+        scale = max(abs(v) for m in models for v in values(change[0], m))
+        return abs(b - a) / scale
 
     return max(CHANGES, key=size)[0]
 
@@ -136,7 +142,7 @@ def test_the_executive_page_comes_first_and_names_the_largest_change(run: Result
     sections = _sections(html)
     assert list(sections)[0] == "summary" and list(sections)[-1] == "appendix"
     summary = sections["summary"]
-    assert f"Largest relative change: {_largest_change(run)}" in summary.replace("<wbr>", "")
+    assert f"Largest change for its scale: {_largest_change(run)}" in summary.replace("<wbr>", "")
     assert "The loss changed between step 200 → 300" in summary
     assert "3 change points" in summary
     assert summary.count('class="plot"') == 1  # one headline figure: loss and induction per layer by step

@@ -6,7 +6,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,7 +317,7 @@ class MemberRun:
 
 def run_member(p: Prepared, nodes: Sequence[MetricNode], registry: Registry, config: RunConfig,
                adapter: Adapter | None, tokenizer: Any, budget: Budget, cache: ResultCache | None,
-               progress: Callable[[str, int], Any] | None) -> tuple[MemberRun, ModelView]:
+               progress: Callable[[str, int, str], Any] | None) -> tuple[MemberRun, ModelView]:
     """Run one member's plan at the run's final rungs (the same on every executor)."""
     if p.view is None and files_signature(p.source) != p.signature:
         raise ModelChangedError(f"the files of {p.source.display_name} changed after the run was planned",
@@ -348,13 +348,29 @@ def lost_member(p: Prepared, nodes: Sequence[MetricNode], reason: str, error_typ
 
 
 def _progress_bar(config: RunConfig, prepared: Sequence[Prepared], nodes: Sequence[MetricNode]) -> Any:
-    """One bar over the members' batches and stages (None without ``config.progress``)."""
+    """One bar over the whole run (None without ``config.progress``): each member's batches per stage and
+    one step per metric result, then one per model-set metric; its postfix names the metric finalizing."""
     if not config.progress:
         return None
     from tqdm.auto import tqdm
 
-    total = sum(p.shape.n_batches * len({n.stage for n in nodes}) for p in prepared)
-    return tqdm(total=total, desc="analysing", unit="batch")
+    per_model = sum(n.cls.scope == "model" for n in nodes)
+    data_stages = len({n.stage for n in nodes if n.cls.scope == "model" and set(n.cls.artifacts) - {"weights"}})
+    total = sum(p.shape.n_batches * data_stages + per_model for p in prepared) \
+        + sum(n.cls.scope == "model_set" for n in nodes)
+    return tqdm(total=total, desc="analysing", unit="step")
+
+
+def _bar_progress(bar: Any) -> Callable[[str, int, str], None] | None:
+    """The runners' ``progress`` callback moving ``bar``."""
+    if bar is None:
+        return None
+
+    def progress(run: str, steps: int, doing: str) -> None:
+        if doing:
+            bar.set_postfix_str(f"{'model set' if run == '*' else run}: {doing}")
+        bar.update(steps)
+    return progress
 
 
 def _run_members_here(prepared: Sequence[Prepared], nodes: Sequence[MetricNode], registry: Registry,
@@ -362,7 +378,7 @@ def _run_members_here(prepared: Sequence[Prepared], nodes: Sequence[MetricNode],
                       cache: ResultCache | None, bar: Any,
                       keep_views: bool) -> tuple[list[MemberRun], dict[str, ModelView]]:
     """The local executor: one member after another in this process (views kept for the model-set stage)."""
-    progress = (lambda model, n: bar.update(n)) if bar is not None else None  # noqa: E731
+    progress = _bar_progress(bar)
     release_weights = keep_views and not _reads_weights(nodes)
     runs: list[MemberRun] = []
     views: dict[str, ModelView] = {}
@@ -425,22 +441,18 @@ def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[Metr
         made = [d for d in (cache_dir, cache_dir / SCRATCH_DIR) if not d.exists()]
         scratch.enter_context(scratch_under(cache_dir / SCRATCH_DIR))
         scratch.callback(_remove_if_empty, [cache_dir / SCRATCH_DIR, *[d for d in made if d == cache_dir]])
-    with scratch:
-        bar = _progress_bar(config, prepared, nodes)
-        try:
-            if on_ray:
-                from .ray_sweep import run_members_on_ray
+    bar = _progress_bar(config, prepared, nodes)
+    with scratch, (closing(bar) if bar is not None else nullcontext()):
+        if on_ray:
+            from .ray_sweep import run_members_on_ray
 
-                runs = run_members_on_ray(prepared, nodes, registry, config, adapter, tokenizer, budget, bar)
-                lost_any = any(run.failure is not None for run in runs)
-                views = _set_views(prepared, nodes, registry, config, adapter, tokenizer) \
-                    if set_plan and not lost_any else {}
-            else:
-                runs, views = _run_members_here(prepared, nodes, registry, config, adapter, tokenizer, budget,
-                                                cache, bar, keep_views=set_plan is not None)
-        finally:
-            if bar is not None:
-                bar.close()
+            runs = run_members_on_ray(prepared, nodes, registry, config, adapter, tokenizer, budget, bar)
+            lost_any = any(run.failure is not None for run in runs)
+            views = _set_views(prepared, nodes, registry, config, adapter, tokenizer) \
+                if set_plan and not lost_any else {}
+        else:
+            runs, views = _run_members_here(prepared, nodes, registry, config, adapter, tokenizer, budget,
+                                            cache, bar, keep_views=set_plan is not None)
         tensors = {k: v for run in runs for k, v in run.tensors.items()}
         model_set: dict[str, MetricResult] = {}
         lost = next((run for run in runs if run.failure is not None), None)
@@ -456,7 +468,7 @@ def _analyze(sources: list[ModelSource], data: DataSpec | None, nodes: list[Metr
                 fingerprints={run.record.name: run.fingerprints for run in runs},
                 shape=prepared[0].shape, declared=set_plan.declared_state, base_name=base_name,
                 data={p.source.display_name: p.data for p in prepared if p.data is not None},
-                counter=PassCounter({type(v.model) for v in views.values()}))
+                counter=PassCounter({type(v.model) for v in views.values()}), progress=_bar_progress(bar))
             model_set = set_runner.run()
         record = RunRecord(
             tensorscope_version=registry.plugin_version("tensorscope-core") or "unknown",

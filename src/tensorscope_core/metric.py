@@ -304,8 +304,8 @@ class ModelSetMetric(MetricBase):
 
     Implement ``compute_set(views, results)``. ``self.base_name`` is the member that is the base
     model (None without a base), ``self.data`` each member's prepared data by model name when
-    ``uses_data`` asks for it. ``needs_base`` and ``set_skip_reason`` make it end ``skipped``
-    where it does not apply. Set ``reads_weights = False`` when ``compute_set`` reads only the
+    ``uses_data`` asks for it. ``needs_base``, ``min_models`` and ``set_skip_reason`` make it end
+    ``skipped`` where it does not apply. Set ``reads_weights = False`` when ``compute_set`` reads only the
     members' results and metadata (names, configs, dims): when no model-set metric of a run reads
     weights, the members' weights are released after their own metrics (their views stay, on
     PyTorch's ``meta`` device) instead of staying loaded for this stage.
@@ -314,6 +314,8 @@ class ModelSetMetric(MetricBase):
     scope: ClassVar[Scope] = "model_set"
     #: skipped (with the fix) when the run has no base model
     needs_base: ClassVar[bool] = False
+    #: skipped (with the fix) when the run has fewer models (the base included): 2 for a comparison
+    min_models: ClassVar[int] = 1
     #: compute_set reads the members' parameter values; False: their results and metadata only
     reads_weights: ClassVar[bool] = True
 

@@ -79,7 +79,7 @@ def _member_task(p: Prepared, data: Any, nodes: Sequence[MetricNode], registry: 
     quiet_transformers()
     p = dataclasses.replace(p, data=data)
     cache = ResultCache(Path(config.cache_dir), refresh=config.force_recompute) if config.cache_dir else None
-    progress = (lambda model, n: sink.add.remote(n)) if sink is not None else None  # noqa: E731
+    progress = (lambda model, n, doing: sink.add.remote(n) if n else None) if sink is not None else None  # noqa: E731
     with ExitStack() as scratch:
         if config.cache_dir:
             scratch.enter_context(scratch_under(Path(config.cache_dir) / SCRATCH_DIR))

@@ -119,7 +119,7 @@ def test_one_model_is_skipped(models):
     result = analyze(models["bert"], data=["the cat"], metrics=["circuits.attention_drift"]).get(
         "circuits.attention_drift"
     )
-    assert result.status == "skipped" and "at least two models" in result.reason
+    assert result.status == "skipped" and "pass at least 2 models" in result.reason
 
 
 def test_masked_lm_pair_on_padded_text(models):

@@ -168,7 +168,7 @@ def test_comparison_of_different_grids_compares_global_statistics(models, tmp_pa
 def test_comparison_needs_two_models(models):
     res = analyze(models["gpt2"], data=random_token_data(300, n=4, length=8), metrics=["fisher.hotspots_compare"])
     result = res.get("fisher.hotspots_compare")
-    assert result.status == "skipped" and "at least two models" in result.reason
+    assert result.status == "skipped" and "pass at least 2 models" in result.reason
 
 
 def test_report_section_renders(two_runs, models):

@@ -159,7 +159,7 @@ def test_early_bird_skips_a_single_model(models, tokenizer):
     ids = random_token_data(len(tokenizer), n=4, length=8, seed=9)
     res = analyze(str(models["gpt2"]), data=ids, metrics=["lottery.early_bird"], config=CFG)
     result = res.get("lottery.early_bird")
-    assert result.status == "skipped" and "at least two models" in result.reason
+    assert result.status == "skipped" and "pass at least 2 models" in result.reason
 
 
 def test_early_bird_names_a_missing_sparsity(models, tokenizer):

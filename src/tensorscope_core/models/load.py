@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, NonFiniteWeightsError, UnsupportedModelError
+from ..quiet import no_loading_bars
 from .adapters import Adapter
 from .view import ModelView
 
@@ -138,7 +139,8 @@ def _from_hf_folder(folder: Path, dispatch: Dispatch | None = None) -> tuple[nn.
     auto = _auto_class(config)
     extra = {} if dispatch is None else dispatch.from_pretrained_kwargs()
     try:
-        model = auto.from_pretrained(folder, attn_implementation="eager", **HF_SAFE, **extra)
+        with no_loading_bars():
+            model = auto.from_pretrained(folder, attn_implementation="eager", **HF_SAFE, **extra)
     except Exception as exc:
         if dispatch is not None and "offload" in str(exc):
             raise ModelLoadError(f"accelerate could not place {folder} with device_map={dispatch.device_map!r}: {exc}",
@@ -227,8 +229,9 @@ def _from_gguf(path: Path) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, attn_implementation="eager",
-                                                     **HF_SAFE)
+        with no_loading_bars():
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                         attn_implementation="eager", **HF_SAFE)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **HF_SAFE)
     except Exception as exc:  # the gguf reader raises whatever a damaged file makes it meet
         first_line = (str(exc).strip().splitlines() or [""])[0]

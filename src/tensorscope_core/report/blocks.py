@@ -36,6 +36,8 @@ class Table:
     columns: list[str]
     rows: list[list[Any]]
     caption: str = ""
+    #: many columns: set in a smaller font so it fits the page
+    wide: bool = False
     kind: str = "table"
 
 
@@ -58,6 +60,8 @@ class Section:
     id: str
     title: str
     blocks: list[Any] = field(default_factory=list)
+    #: follows the previous section on the same page (family and contributed sections) instead of a new page
+    flow: bool = False
 
     @property
     def plots(self) -> int:

@@ -1,5 +1,6 @@
-"""The comparison section: highest/lowest per metric, differences with significance,
-trajectories and trends across checkpoints, early indicators."""
+"""The comparison section, as tables of what was claimed: the changes between checkpoints,
+the significant differences and trends, the early indicators; what could not be tested is
+said once (which metrics, why). The trajectories themselves are drawn in the family sections."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ from collections.abc import Mapping
 
 from ..results.analysis import Comparisons
 from ..stats import Difference, Trend
-from . import plots
-from .blocks import Figure, Heading, Items, Para, Section, Table, ci, num
+from .blocks import Heading, Para, Section, Table, ci, num
 
-PANELS_PER_FIGURE = 9
+ROWS = 10  # rows of a claims table; the rest are in the report JSON
 
 
 def _verdict(stat: Difference | Trend | None) -> str:
@@ -29,85 +29,94 @@ def _order_text(c: Comparisons) -> str:
     return "Models in the order given (no step in their names): compared pairwise."
 
 
+def untested_sentence(c: Comparisons) -> str:
+    """One sentence for every difference that had no per-example values to test."""
+    metrics = sorted({s.metric for s in c.scalars for d in s.differences if d.test is None})
+    if not metrics:
+        return ""
+    return (f"No per-example values, so differences between models were not tested (values only, in the "
+            f"report JSON): {', '.join(metrics)}.")
+
+
 def _differences(c: Comparisons, label: Mapping[str, str]) -> list[object]:
-    """Tested differences in full; untested ones (no per-example values) as values only."""
-    tested, untested = [], []
-    for s in c.scalars:
-        for d in s.differences:
-            pair = f"{label[d.a]} → {label[d.b]}"
-            t = d.test
-            if t is None:
-                untested.append([f"{s.metric}.{s.field}", pair, num(d.value_a), num(d.value_b), num(d.difference),
-                                 d.note or ""])
-            else:
-                tested.append([f"{s.metric}.{s.field}", pair, num(t.mean_difference), ci(t.ci_low, t.ci_high),
-                               f"{t.test} (n={t.n})", num(t.p, 3), num(t.p_adjusted, 3), num(t.cohen_d, 3),
-                               num(t.cliffs_delta, 3), _verdict(t)])
-    blocks: list[object] = []
-    if tested:
-        blocks += [Heading("Differences tested on per-example values"), Table(
-            ["value", "pair", "mean diff (b − a)", "95% CI", "test", "p", "p (BH)", "Cohen's d", "Cliff's δ",
-             "verdict"], tested)]
-    if untested:
-        blocks += [Heading("Differences without per-example values (not tested)"), Table(
-            ["value", "pair", "a", "b", "b − a", "note"], untested)]
+    tested = [(s, d) for s in c.scalars for d in s.differences if d.test is not None]
+    claimed = sorted([(s, d) for s, d in tested if d.test is not None and d.test.claimed],
+                     key=lambda sd: not (sd[1].test is not None and sd[1].test.significant))
+    blocks: list[object] = [Heading("Differences tested on per-example values")]
+    if claimed:
+        rows, note = _capped([[f"{s.metric}.{s.field}", f"{label[d.a]} → {label[d.b]}", num(d.test.mean_difference),
+                               ci(d.test.ci_low, d.test.ci_high), f"{d.test.test} (n={d.test.n})",
+                               num(d.test.p_adjusted, 3), num(d.test.cohen_d, 3), num(d.test.cliffs_delta, 3),
+                               _verdict(d.test)] for s, d in claimed if d.test is not None])
+        blocks.append(Table(
+            ["value", "pair", "mean diff (b − a)", "95% CI", "test", "p (BH)", "Cohen's d", "Cliff's δ", "verdict"],
+            rows, note, wide=True))
+    significant = sum(1 for _, d in claimed if d.test is not None and d.test.significant)
+    below = len(tested) - len(claimed)
+    blocks.append(Para(f"{len(tested)} pairs tested, {significant} significant"
+                       + (f"; {below} with fewer examples than min_n={c.min_n}: not claimed" if below else "")
+                       + ".", "muted"))
+    sentence = untested_sentence(c)
+    if sentence:
+        blocks.append(Para(sentence, "muted"))
     return blocks
+
+
+def _changes(c: Comparisons, label: Mapping[str, str]) -> list[object]:
+    """The changes found, one row per interval and method, naming every series that changed there."""
+    grouped: dict[tuple[str, str, str], list[str]] = {}
+    spans = [(f"{s.metric}.{s.field}", ch) for s in c.scalars for ch in s.changes]
+    spans += [(f"{lt.metric}.{lt.field}[{ch.label}]", ch) for lt in c.layers for ch in lt.changes]
+    for series, ch in spans:
+        grouped.setdefault((ch.model_before, ch.model_after, ch.found_by), []).append(series)
+    if not grouped:
+        return []
+    names = c.order.names
+    rows = [[f"{label.get(a, a)} → {label.get(b, b)}", by, len(series), ", ".join(series)]
+            for (a, b, by), series in sorted(grouped.items(), key=lambda kv: names.index(kv[0][0])
+                                              if kv[0][0] in names else 0)]
+    return [Heading("Changes between checkpoints"), Table(["between", "found by", "series", "which"], rows)]
+
+
+def _capped(rows: list[list[object]]) -> tuple[list[list[object]], str]:
+    return rows[:ROWS], (f"first {ROWS} of {len(rows)}; all in the report JSON" if len(rows) > ROWS else "")
 
 
 def comparison_section(c: Comparisons, label: Mapping[str, str]) -> Section:
     section = Section("comparisons", "Comparisons across models")
-    names = c.order.names
-    xlabels = [label[n] for n in names]
     section.blocks.append(Para(f"{_order_text(c)} Tests: BH-corrected at {c.alpha} per family (differences, "
                                f"trends, early indicators); floor min_n={c.min_n} examples, "
-                               f"{c.trend_min_n} checkpoints for trends."))
-    scalars = [s for s in c.scalars if sum(v is not None for v in s.values) >= 1]
-    for start in range(0, len(scalars), PANELS_PER_FIGURE):
-        chunk = scalars[start:start + PANELS_PER_FIGURE]
-        panels = {f"{s.metric}.{s.field}": (s.values, s.ci_low, s.ci_high) for s in chunk}
-        spans = {f"{s.metric}.{s.field}": [(names.index(ch.model_before), names.index(ch.model_after))
-                                           for ch in s.changes if {ch.model_before, ch.model_after} <= set(names)]
-                 for s in chunk}
-        kind = "trajectories across checkpoints" if c.order.is_series else "values per model"
-        marked = "; shaded: a change found between two checkpoints" if any(spans.values()) else ""
-        section.blocks.append(Figure(plots.scalar_panels(names, panels,
-                                                         f"Scalar metrics: {kind} (band/bars: 95% CI{marked})",
-                                                         trajectory=c.order.is_series, xlabels=xlabels, spans=spans)))
-    changes = [[f"{s.metric}.{s.field}", label.get(ch.model_before, ch.model_before),
-                label.get(ch.model_after, ch.model_after), ch.found_by] for s in c.scalars for ch in s.changes]
-    changes += [[f"{lt.metric}.{lt.field}[{ch.label}]", label.get(ch.model_before, ch.model_before),
-                 label.get(ch.model_after, ch.model_after), ch.found_by] for lt in c.layers for ch in lt.changes]
-    if changes:
-        section.blocks += [Heading("Changes between checkpoints"),
-                           Table(["series", "from checkpoint", "to checkpoint", "found by"], changes)]
-    summary = c.summary()
-    if summary:
-        section.blocks += [Heading("Highest and lowest"),
-                           Table(["metric", "field", "highest", "lowest"],
-                                 [[s["metric"], s["field"], label.get(s["highest"] or "", s["highest"]),
-                                   label.get(s["lowest"] or "", s["lowest"])] for s in summary])]
+                               f"{c.trend_min_n} checkpoints for trends. Highest and lowest model per field, and "
+                               f"every value, are in the report JSON."))
+    section.blocks += _changes(c, label)
     section.blocks += _differences(c, label)
-    trends = [[f"{s.metric}.{s.field}", num(s.trend.tau, 3), s.trend.direction, s.trend.n, num(s.trend.p, 3),
-               num(s.trend.p_adjusted, 3), _verdict(s.trend)] for s in c.scalars if s.trend is not None]
+    trends = [s for s in c.scalars if s.trend is not None]
+    claimed = [s for s in trends if s.trend is not None and s.trend.significant]
     if trends:
-        section.blocks += [Heading("Trends across checkpoints (Kendall's tau against order)"),
-                           Table(["value", "tau", "direction", "n", "p", "p (BH)", "verdict"], trends)]
-    for lt in c.layers:
-        section.blocks.append(Figure(plots.trajectory_heatmap(lt.labels, [label[m] for m in lt.models], lt.values,
-                                                              f"{lt.metric}.{lt.field}: per layer across checkpoints")))
-        claimed = [f"layer {label}: tau {num(t.tau, 3)}, p (BH) {num(t.p_adjusted, 3)}"
-                   for label, t in zip(lt.labels, lt.trends, strict=True) if t.significant]
+        section.blocks.append(Heading("Trends across checkpoints (Kendall's tau against order)"))
         if claimed:
-            section.blocks.append(Items(claimed))
+            rows, note = _capped([[f"{s.metric}.{s.field}", num(s.trend.tau, 3), s.trend.direction, s.trend.n,
+                                   num(s.trend.p_adjusted, 3)] for s in claimed if s.trend])
+            section.blocks.append(Table(["value", "tau", "direction", "n", "p (BH)"], rows, note))
+        unclaimed = {_verdict(s.trend) for s in trends if s not in claimed}
+        section.blocks.append(Para(f"{len(trends)} scalar series tested, {len(claimed)} significant"
+                                   + (f"; the others: {'; '.join(sorted(unclaimed))}" if unclaimed else "") + ".",
+                                   "muted"))
+    layer_trends = sorted([(t.p_adjusted or 0.0, f"{lt.metric}.{lt.field}[{lab}]", t) for lt in c.layers
+                           for lab, t in zip(lt.labels, lt.trends, strict=True) if t.significant],
+                          key=lambda item: item[0])
+    if layer_trends:
+        rows, note = _capped([[name, num(t.tau, 3), t.direction, num(t.p_adjusted, 3)]
+                              for _, name, t in layer_trends])
+        section.blocks += [Heading("Significant per-layer trends"),
+                           Table(["series", "tau", "direction", "p (BH)"], rows, note)]
     if c.early_indicators:
-        rows = []
-        for e in c.early_indicators:
-            verdict = ("significant" if e.stat.significant else "n.s.") if e.stat.claimed else (e.stat.reason or "")
-            rows.append([f"{e.metric}.{e.field}", label.get(e.early, e.early) if e.early else "(each model)",
-                         "final value" if e.target == "final" else "outcome", num(e.stat.r, 3),
-                         ci(e.stat.ci_low, e.stat.ci_high), e.stat.n, num(e.stat.p_adjusted, 3), verdict])
-        section.blocks += [Heading("Early indicators"),
-                           Table(["value", "at", "predicts", "rho", "95% CI", "n", "p (BH)", "verdict"], rows)]
-    if c.warnings:
-        section.blocks.append(Items(c.warnings, "warning"))
+        shown = [e for e in c.early_indicators if e.stat.claimed and e.stat.significant]
+        section.blocks.append(Heading("Early indicators"))
+        if shown:
+            section.blocks.append(Table(["value", "at", "predicts", "rho", "95% CI", "n", "p (BH)"], [
+                [f"{e.metric}.{e.field}", label.get(e.early, e.early) if e.early else "(each model)",
+                 "final value" if e.target == "final" else "outcome", num(e.stat.r, 3),
+                 ci(e.stat.ci_low, e.stat.ci_high), e.stat.n, num(e.stat.p_adjusted, 3)] for e in shown]))
+        section.blocks.append(Para(f"{len(c.early_indicators)} tested, {len(shown)} significant.", "muted"))
     return section

@@ -13,8 +13,8 @@ from ..results.schema import RunRecord
 from . import plots
 from .blocks import Figure, Heading, Para, Section, Table, ci, num
 
-MAX_ROWS = 25
-SCATTERS = 2
+MAX_ROWS = 12
+SCATTERS = 1
 
 
 def _matrix(d: Discovery) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -47,9 +47,11 @@ def _not_claimed(d: Discovery) -> list[object]:
         blocks.append(Para(f"{len(below)} pairs have fewer than min_n={d.min_n} observations (largest n="
                            f"{max(f.n for f in below)}): not claimed. Lower min_n only with a reason; the "
                            f"descriptive r of each is in the report JSON.", "warning"))
-    if other:
-        blocks.append(Table(["x", "y", "n", "why not tested"], [[f.x, f.y, f.n, f.reason or ""]
-                                                                 for f in other[:MAX_ROWS]]))
+    reasons: dict[str, int] = {}
+    for f in other:
+        reasons[f.reason or "not tested"] = reasons.get(f.reason or "not tested", 0) + 1
+    if reasons:
+        blocks.append(Table(["why not tested", "pairs"], [[why, n] for why, n in reasons.items()]))
     return blocks
 
 
@@ -59,17 +61,22 @@ def _unit_blocks(record: RunRecord, d: Discovery, order: ModelOrder, label: Mapp
         f"floor min_n={d.min_n}. {len(d.findings)} pairs tested, {len(d.significant)} significant, "
         f"{len(d.not_claimed)} not claimed, {len(d.excluded)} never paired (same metric or declared derivation)."
         + "".join(f" Test: {t}." for t in sorted({f.test for f in d.findings})))]
-    if d.findings:
+    if d.findings and len(d.variables) <= plots.TICKS_MAX:
         r, significant, excluded = _matrix(d)
         blocks.append(Figure(plots.correlation_matrix(
             d.variables, r, significant, excluded,
             f"{d.method} r over unit '{d.unit}'; * significant after FDR, × never paired (same metric or "
             f"derived), blank: not tested")))
+    elif d.findings:
+        blocks.append(Para(f"{len(d.variables)} variables: too many for a readable matrix; the strongest pairs "
+                           f"are listed, every pair is in the report JSON.", "muted"))
+    if d.findings:
         blocks.append(Table(["x", "y", "r", "95% CI", "n", "p", "p (BH)", "significant"],
                             [[f.x, f.y, num(f.r, 3), ci(f.ci_low, f.ci_high), f.n, num(f.p, 3),
                               num(f.p_adjusted, 3), num(f.significant)] for f in d.findings[:MAX_ROWS]],
                             caption="tested pairs, strongest first" + (
-                                f" (first {MAX_ROWS} of {len(d.findings)})" if len(d.findings) > MAX_ROWS else "")))
+                                f" (first {MAX_ROWS} of {len(d.findings)})" if len(d.findings) > MAX_ROWS else ""),
+                            wide=True))
     top = d.significant[:SCATTERS]
     if top:
         variables = collect(record, d.unit, order)

@@ -59,47 +59,79 @@ def interpretations(results: Results, order: list[str], registry: Registry) -> l
     return out
 
 
+#: figures a plugin-contributed section shows (the last ones: per-model sections end on the latest model)
+CONTRIBUTED_FIGURES = 3
+#: rows of each table in a plugin-contributed section (the first ones)
+CONTRIBUTED_ROWS = 12
+
+
+def trim_tables(html: str, rows: int = CONTRIBUTED_ROWS) -> str:
+    """Each ``<table>`` of ``html`` cut to its header and first ``rows`` rows, with a note of the rest."""
+    def cut(match: re.Match[str]) -> str:
+        table = match.group(0)
+        found = list(re.finditer(r"<tr\b.*?</tr>", table, re.S))
+        body = [m for m in found if "<td" in m.group(0)]
+        if len(body) <= rows:
+            return table
+        end = body[rows - 1].end()
+        return (table[:end] + "</table>" + f'<p class="muted">first {rows} of {len(body)} rows; all in '
+                f"results.json</p>")
+
+    return re.sub(r"<table\b.*?</table>", cut, html, flags=re.S)
+
+
 def plugin_sections(results: Results, registry: Registry) -> list[Section]:
     """Sections plugins contribute through ``register_report_sections``; ``render(results)``
-    returns HTML, or None / '' to stay out of this report."""
+    returns HTML, or None / '' to stay out of this report. Each shows at most
+    ``CONTRIBUTED_FIGURES`` figures, with a note of how many it left out."""
+    from .plots import figure_budget
+
     sections = []
     for i, (title, render) in enumerate(registry.report_sections):
-        section = Section(f"contributed-{i}", title)
+        section = Section(f"contributed-{i}", title, flow=True)
         try:
-            html = render(results)
+            with figure_budget(CONTRIBUTED_FIGURES) as budget:
+                html = render(results)
+            html = trim_tables(budget.resolve(str(html))) if html else html
         except Exception as exc:
             section.blocks.append(Para(f"this section failed: {type(exc).__name__}: {exc}", "error"))
         else:
             if not html:
                 continue
             section.blocks.append(Html(str(html)))
+            if budget.dropped:
+                section.blocks.append(Para(f"{budget.dropped} earlier figure(s) of this section not shown (the same "
+                                           f"plots for other models); the values are in results.json.", "muted"))
         sections.append(section)
     return sections
 
 
 def build_sections(results: Results, *, progress: bool = False) -> list[Section]:
-    """Overview, comparisons, correlations, one section per plugin's metrics, contributed sections."""
+    """Summary (the executive page), comparisons, correlations, one section per metric family,
+    the plugins' contributed sections, the appendix."""
     from ..checkpoints import order_models
     from ..plugins import get_registry
+    from .appendix import appendix
     from .comparison_section import comparison_section
+    from .context import Context, change_spans
     from .correlation_section import correlation_section
     from .metric_sections import metric_sections
-    from .overview import overview
+    from .summary import summary
 
     registry = get_registry()
     ensure_analyses(results)
     ordering = results.comparisons.order if results.comparisons is not None else order_models(results.models)
-    order = ordering.names
-    readings = interpretations(results, order, registry)
-    label = short_names(order)
-    describe = {name: cls.describe() for name, cls in registry.metrics.items()}
+    ctx = Context(results, ordering, short_names(ordering.names),
+                  {name: cls.describe() for name, cls in registry.metrics.items()},
+                  interpretations(results, list(ordering.names), registry), change_spans(results))
     steps: list[tuple[str, Callable[[], list[Section]]]] = [
-        ("overview", lambda: [overview(results, order, list(ordering.steps), readings, label)]),
-        ("comparisons", lambda: [comparison_section(results.comparisons, label)] if results.comparisons else []),
+        ("summary", lambda: [summary(ctx)]),
+        ("comparisons", lambda: [comparison_section(results.comparisons, ctx.label)] if results.comparisons else []),
         ("correlations", lambda: [correlation_section(results.record, list(results.correlations.values()),
-                                                      ordering, label)]),
-        ("metrics", lambda: metric_sections(results, order, ordering.is_series, describe, readings, label)),
+                                                      ordering, ctx.label)]),
+        ("families", lambda: metric_sections(ctx)),
         ("plugin sections", lambda: plugin_sections(results, registry)),
+        ("appendix", lambda: [appendix(ctx)]),
     ]
     bar = None
     if progress:

@@ -39,8 +39,12 @@ def html_to_pdf(html: str, path: Path) -> Path:
     return path
 
 
-def write_pdf(results: Results, path: Path, *, progress: bool = False) -> Path:
+def write_pdf(results: Results, path: Path, *, progress: bool = False, html_path: Path | None = None) -> Path:
+    """The PDF, and the same render as HTML at ``html_path`` when given (one render for both)."""
     html = render_html(results, progress=progress)
+    if html_path is not None:
+        with atomic_write(html_path) as handle:
+            handle.write(html)
     try:
         return html_to_pdf(html, path)
     except PdfUnavailableError as exc:

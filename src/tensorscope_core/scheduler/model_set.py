@@ -58,6 +58,7 @@ class ModelSetRunner(Executor):
                 if active is not None:
                     self._finish_one(active, functools.partial(active.instance.compute_set, self.views,
                                                                self.per_model))
+        self._report_rest("model_set", self.nodes)
         return self.results
 
     def _admit(self, node: MetricNode) -> ActiveMetric | None:
@@ -71,6 +72,11 @@ class ModelSetRunner(Executor):
             self.results[node.name] = self._result(node, "skipped", reason=(
                 f"{node.name} compares fine-tunes with their base model and this run has none: "
                 f"pass base=... (CLI --base BASE_MODEL)"))
+            return None
+        if len(self.views) < cls.min_models:
+            self.results[node.name] = self._result(node, "skipped", reason=(
+                f"{node.name} compares models: pass at least {cls.min_models} models to analyze() "
+                f"(got {len(self.views)})"))
             return None
         active = ActiveMetric(node, None, self.declared.get(node.name, 0))
         try:

@@ -144,6 +144,19 @@ class Executor:
     results: dict[str, MetricResult] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
+    #: ``progress(run, steps, doing)``: each batch of a shared pass is a step, and so is each metric's
+    #: result; ``doing`` names the metric whose finalize starts (steps 0), so long ones show
+    progress: Callable[[str, int, str], Any] | None = None
+    #: metric results reported to ``progress`` so far
+    reported: int = 0
+
+    def _tick(self, steps: int, doing: str = "") -> None:
+        if self.progress is not None and (steps or doing):
+            self.progress(self.where, steps, doing)
+
+    def _report_rest(self, scope: str, nodes: Sequence[MetricNode]) -> None:
+        """One step for each metric of ``scope`` not finalized here (cached, skipped or failed early)."""
+        self._tick(sum(n.cls.scope == scope for n in nodes) - self.reported)
 
     @property
     def where(self) -> str:
@@ -223,6 +236,7 @@ class Executor:
     def _finish_one(self, active: ActiveMetric, compute: Callable[[], Any]) -> None:
         """Compute the output, type it, record it ok (and cache it), or record the failure. The
         instance is dropped afterwards, so its state (and any scratch file it owns) goes now."""
+        self._tick(0, active.node.name)
         try:
             output = self._call(active, compute)
             active.measured = max(active.measured, active.instance.state_bytes())
@@ -233,6 +247,8 @@ class Executor:
             return
         finally:
             active.instance = None
+            self.reported += 1
+            self._tick(1)
         result = self._result(active.node, "ok", values=values, declared_bytes=active.declared,
                               measured_bytes=active.measured, seconds=round(active.seconds, 4),
                               **self._passes_of(active))
@@ -253,7 +269,6 @@ class ModelRunner(Executor):
     shape: RunShape
     data_fingerprint: str | None
     model_fingerprint: str
-    progress: Callable[[str, int], Any] | None = None
     passes: dict[str, int] = field(default_factory=dict)
     #: per artifact: the most bytes one batch of it held, and what its declaration said for that batch
     artifact_bytes: dict[str, int] = field(default_factory=dict)
@@ -273,6 +288,7 @@ class ModelRunner(Executor):
     def run(self) -> None:
         with self.counter.active():
             self._run_stages()
+        self._report_rest("model", self.nodes)
         for result in self.results.values():
             if result.from_cache:
                 continue  # its passes ran in an earlier run
@@ -283,6 +299,9 @@ class ModelRunner(Executor):
         for stage in sorted({n.stage for n in self.nodes}):
             members = [n for n in self.nodes if n.stage == stage and n.cls.scope == "model"]
             active = [a for a in (self._admit(n) for n in members) if a is not None]
+            if not any(set(a.node.cls.artifacts) - {"weights"} for a in active) \
+                    and any(set(n.cls.artifacts) - {"weights"} for n in members):
+                self._tick(self.shape.n_batches)  # the stage's data pass is not needed (results cached, skipped)
             if not active:
                 continue
             weights_only = [a for a in active if not (set(a.node.cls.artifacts) - {"weights"})]
@@ -392,8 +411,7 @@ class ModelRunner(Executor):
                 self._feed(group, Step(batch, artifacts, targets))
                 del artifacts
                 model.zero_grad(set_to_none=True)  # param_grad handed metrics the .grad tensors themselves
-                if self.progress is not None:
-                    self.progress(self.view.name, 1)
+                self._tick(1)
         model.zero_grad(set_to_none=True)
 
     def _drop_artifact(self, group: list[ActiveMetric], specs: list[ArtifactSpec],

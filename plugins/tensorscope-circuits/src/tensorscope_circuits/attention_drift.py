@@ -53,6 +53,7 @@ class AttentionDrift(ModelSetMetric):
     """
 
     name = "circuits.attention_drift"
+    min_models = 2  # a comparison: the core skips a smaller set with the fix
     version = "1"
     summary = "mean JSD of attention rows per head between consecutive checkpoints (a model-set metric)"
     fields = {
@@ -78,8 +79,6 @@ class AttentionDrift(ModelSetMetric):
 
     @classmethod
     def set_skip_reason(cls, params: Any, views: Mapping[str, ModelView], base_name: str | None) -> str | None:
-        if len(views) < 2:
-            return f"{cls.name} compares checkpoints: pass at least two models to analyze() (got {len(views)})"
         shapes = {(v.n_layers, v.n_heads) for v in views.values()}
         if len(shapes) > 1:
             return f"{cls.name} compares the same heads: the models have different layers x heads {sorted(shapes)}"

@@ -47,6 +47,7 @@ class RepresentationDrift(ModelSetMetric):
     """
 
     name = "dynamics.representation_drift"
+    min_models = 2  # a comparison: the core skips a smaller set with the fix
     version = "1"
     summary = "1 - linear CKA per layer between consecutive checkpoints (or each model and its base)"
     Params = SeriesParams
@@ -64,11 +65,6 @@ class RepresentationDrift(ModelSetMetric):
     def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:
         return Cost(state_bytes=0)
 
-    @classmethod
-    def set_skip_reason(cls, params: Any, views: Mapping[str, ModelView], base_name: str | None) -> str | None:
-        if len(views) < 2:
-            return f"{cls.name} compares checkpoints: pass at least two models to analyze() (got {len(views)})"
-        return None
 
     def _pairs(self, names: list[str]) -> list[tuple[str, str]]:
         ordered = order_checkpoints(names, self.params.steps).names

@@ -69,6 +69,7 @@ class Grokking(ModelSetMetric):
     """
 
     name = "dynamics.grokking"
+    min_models = 2  # a comparison: the core skips a smaller set with the fix
     version = "1"
     summary = "train vs held-out onset steps at a threshold: delay and ratio (grokking)"
     Params = GrokkingParams
@@ -91,13 +92,6 @@ class Grokking(ModelSetMetric):
     def cost(cls, params: Any, view: ModelView, shape: RunShape) -> Cost:
         return Cost(state_bytes=0)
 
-    @classmethod
-    def set_skip_reason(
-        cls, params: GrokkingParams, views: Mapping[str, ModelView], base_name: str | None
-    ) -> str | None:
-        if len(views) < 2:
-            return f"{cls.name} needs a series of at least 2 checkpoints, got {len(views)}"
-        return None
 
     def _curves(
         self, names: list[str], results: Mapping[str, Mapping[str, MetricResult]]

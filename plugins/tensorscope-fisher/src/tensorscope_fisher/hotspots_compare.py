@@ -36,6 +36,7 @@ class HotspotsCompare(ModelSetMetric):
 
     reads_weights = False  # the members' fisher.hotspots results only
     name = "fisher.hotspots_compare"
+    min_models = 2  # a comparison: the core skips a smaller set with the fix
     version = "2"  # 2: the categories of fisher.hotspots 2
     summary = "FIM hotspots compared across models: joined table, global stats, category changes"
     Params = NoParams
@@ -48,11 +49,6 @@ class HotspotsCompare(ModelSetMetric):
               "trace_rank_correlation": "Spearman rho of head traces, first model vs each later one (same grids only)",
               "summary": "the comparison in words (text)"}
 
-    @classmethod
-    def set_skip_reason(cls, params: NoParams, views: Mapping[str, ModelView], base_name: str | None) -> str | None:
-        if len(views) < 2:
-            return f"fisher.hotspots_compare needs at least two models; this run has {len(views)}"
-        return None
 
     def compute_set(self, views: Mapping[str, ModelView],
                     results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, Any]:

@@ -287,6 +287,7 @@ class ImpOverlap(ModelSetMetric):
 
     reads_weights = False  # the members' lottery.imp results only
     name = "lottery.imp_overlap"
+    min_models = 2  # a comparison: the core skips a smaller set with the fix
     version = "1"
     summary = "Jaccard and Dice overlap of the final IMP tickets across checkpoints"
     Params = NoParams
@@ -297,12 +298,6 @@ class ImpOverlap(ModelSetMetric):
               "jaccard_consecutive": "Jaccard index of each model's ticket with the next's, in the order given",
               "dice_consecutive": "Dice coefficient of each model's ticket with the next's"}
 
-    @classmethod
-    def set_skip_reason(cls, params: NoParams, views: Mapping[str, ModelView],
-                        base_name: str | None) -> str | None:
-        if len(views) < 2:
-            return f"ticket overlap compares checkpoints: pass at least two models (got {len(views)})"
-        return None
 
     def compute_set(self, views: Mapping[str, ModelView],
                     results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, Any]:

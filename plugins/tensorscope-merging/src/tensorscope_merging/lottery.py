@@ -316,6 +316,7 @@ class EarlyBird(ModelSetMetric):
 
     reads_weights = False  # the checkpoints' lottery.magnitude_masks results only
     name = "lottery.early_bird"
+    min_models = 2  # a comparison: the core skips a smaller set with the fix
     version = "1"
     summary = "mask distances between consecutive checkpoints and the first where the pruning mask settles"
     Params = EarlyBirdParams
@@ -325,12 +326,6 @@ class EarlyBird(ModelSetMetric):
               "early_bird_index": "index of the Early-Bird checkpoint (NaN: none found)",
               "early_bird": "its name, or a sentence saying that none was found"}
 
-    @classmethod
-    def set_skip_reason(cls, params: EarlyBirdParams, views: Mapping[str, ModelView],
-                        base_name: str | None) -> str | None:
-        if len(views) < 2:
-            return f"Early-Bird detection compares checkpoints: pass at least two models (got {len(views)})"
-        return None
 
     def compute_set(self, views: Mapping[str, ModelView],
                     results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, Any]:
