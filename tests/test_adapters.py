@@ -218,13 +218,12 @@ def test_plain_module_is_unsupported(basic_registry: Any) -> None:
 def test_transformers_model_without_adapter_is_unsupported(basic_registry: Any) -> None:
     import transformers as tf
 
-    config = tf.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                          max_position_embeddings=32, word_embed_proj_dim=16)
-    model = tf.OPTForCausalLM(config)
+    config = tf.BloomConfig(vocab_size=64, hidden_size=16, n_layer=1, n_head=2)
+    model = tf.BloomForCausalLM(config)
     with pytest.raises(UnsupportedModelError) as info:
         load_model(ModelSource(model), basic_registry.adapters)
     message = str(info.value)
-    assert "'opt'" in message and "GenericAdapter" in message
+    assert "'bloom'" in message and "GenericAdapter" in message
     assert "llama" in message  # lists the adapters that are installed
 
 
