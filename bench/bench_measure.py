@@ -95,7 +95,7 @@ def build_runner(view: ModelView, data: PreparedData, metrics: Sequence[str], re
     shape = RunShape(batch_size=config.batch_size, seq_len=data.max_seq_len, n_batches=data.n_batches(),
                      n_sequences=data.n_sequences, tasks=tuple(data.tasks), seed=config.seed,
                      batches=data.batch_layout())
-    plan = make_plan(nodes, view, shape, registry, config.budget_bytes, config.min_micro_batch)
+    plan = make_plan(nodes, view, shape, registry, config.budget().nbytes, config.min_micro_batch)
     if plan.micro_batch != config.batch_size:
         raise RuntimeError(f"the plan micro-batches ({plan.micro_batch} < {config.batch_size}); "
                            "raise the bench memory budget so timings compare whole batches")

@@ -154,7 +154,7 @@ def bench_model(name: str, builder: Callable[[bool], Any], size: BenchSize, regi
     out["breakdown"] = breakdown(runs)
     log(f"[{name}] declared vs measured bytes (probe run, analyze() run)")
     out["memory"] = memory_numbers(name, model, view, data, one_batch, runs, basic, registry, bench_registry,
-                                   config, model_fp, data_fp)
+                                   config, model_fp, data_fp, quick=size.quick)
     e2e = out["memory"].pop("analyze_seconds_total")
     ours_total = statistics.median(o.total.wall for o in runs["ours_all"])
     out["analyze_end_to_end"] = {
@@ -249,10 +249,13 @@ def breakdown(runs: dict[str, list[RunOutcome]]) -> dict[str, Any]:
 
 def memory_numbers(name: str, model: torch.nn.Module, view: Any, data: Any, one_batch: Any,
                    runs: dict[str, list[RunOutcome]], basic: Sequence[str], registry: Registry,
-                   bench_registry: Registry, config: RunConfig, model_fp: str, data_fp: str) -> dict[str, Any]:
+                   bench_registry: Registry, config: RunConfig, model_fp: str, data_fp: str,
+                   quick: bool = False) -> dict[str, Any]:
+    """Declared vs measured bytes of every installed metric (with --quick: the basic ones, which the timed
+    runs measured; every other metric runs once more here at its research defaults, minutes in all)."""
     metric_rows: list[dict[str, Any]] = []
     together = runs["ours_all"][0].ran.results
-    for metric in sorted(registry.metrics):
+    for metric in sorted(m for m in registry.metrics if not quick or m in basic):
         if registry.metrics[metric].scope == "model_set":  # runs once per run over models: no per-model state
             metric_rows.append({"metric": metric, "status": "model-set", "declared_bytes": None,
                                 "measured_bytes": None, "ratio": None, "within_tolerance": None,
