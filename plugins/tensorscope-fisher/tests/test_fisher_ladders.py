@@ -159,6 +159,15 @@ def test_kfac_diagonal_rung(models, tasks):
     assert {r[-1] for r in result.values["capacity"].rows} == {"A+G"}
 
 
+def test_natural_gradient_steps_down_like_kfac(models, tasks):
+    """fisher.natural_gradient offers fisher.kfac's rungs; its 'diagonal' rung is the run asked with
+    diagonal_over=0 (whose direction the natural-gradient tests check against grad / (g a^T + lambda)),
+    and holds what it declares."""
+    _, stepped = run(models["gpt2"], tasks, "fisher.natural_gradient", "diagonal")
+    _, asked = run(models["gpt2"], tasks, "fisher.natural_gradient", diagonal_over=0)
+    assert stepped.values == asked.values
+
+
 # -- fisher.spectrum ---------------------------------------------------------------------------------------
 
 def test_spectrum_disk_is_the_same_bits(models, tasks):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from pydantic import Field
@@ -52,6 +52,28 @@ class FactorParams(Params):
     diagonal_over: int | None = Field(
         None, ge=0, description="factors of more rows than this are accumulated as their diagonal only (d instead "
         "of d x d values); their eigenvalues are taken to be the diagonal's entries; None: every factor in full")
+
+
+FactorParamsT = TypeVar("FactorParamsT", bound=FactorParams)
+
+
+def diagonal_rungs(params: FactorParamsT, state_bytes: Callable[[FactorParamsT], int], effect: str) -> list[Rung]:
+    """The rungs of a metric that holds K-FAC factor sums: factors above 2048, 1024, 512 rows, then every
+    factor, kept as their diagonals, each offered only where it holds less than the one before;
+    ``effect`` says what a diagonal factor does to the metric's values."""
+    out: list[Rung] = []
+    last = state_bytes(params)
+    for over in DIAGONAL_RUNGS:
+        if params.diagonal_over is not None and over >= params.diagonal_over:
+            continue
+        rung = params.model_copy(update={"diagonal_over": over})
+        held = state_bytes(rung)
+        if held < last:
+            which = "every factor" if over == 0 else f"factors over {over} rows"
+            out.append(Rung("diagonal" if over == 0 else f"diagonal-over-{over}", rung,
+                            f"{which} kept as their diagonals: {effect}"))
+            last = held
+    return out
 
 
 class KfacParams(FactorParams):
@@ -122,23 +144,10 @@ class Kfac(Metric):
 
     @classmethod
     def ladder(cls, params: KfacParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
-        """Factors above 2048, 1024, 512 rows, then every factor, kept as their diagonals (each rung
-        offered only where it holds less than the one before)."""
-        out: list[Rung] = []
-        last = cls.cost(params, view, shape).state_bytes
-        for over in DIAGONAL_RUNGS:
-            if params.diagonal_over is not None and over >= params.diagonal_over:
-                continue
-            rung = params.model_copy(update={"diagonal_over": over})
-            held = cls.cost(rung, view, shape).state_bytes
-            if held < last:
-                which = "every factor" if over == 0 else f"factors over {over} rows"
-                out.append(Rung("diagonal" if over == 0 else f"diagonal-over-{over}", rung,
-                                f"{which} kept as their diagonals: trace exact; for those modules eigmax a lower "
-                                "bound, eigmin an upper bound, logdet an upper bound, cond a lower bound (Schur, "
-                                "Hadamard); smaller factors exact"))
-                last = held
-        return out
+        """Factors above 2048, 1024, 512 rows, then every factor, kept as their diagonals."""
+        return diagonal_rungs(params, lambda rung: cls.cost(rung, view, shape).state_bytes,
+                              "trace exact; for those modules eigmax a lower bound, eigmin an upper bound, logdet an "
+                              "upper bound, cond a lower bound (Schur, Hadamard); smaller factors exact")
 
     @classmethod
     def artifact_requests(cls, params: KfacParams, view: ModelView) -> dict[str, Any]:

@@ -20,6 +20,7 @@ eigenbasis and its entries as eigenvalues.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -31,13 +32,14 @@ from tensorscope_core.plugin_api import (
     Metric,
     ModelView,
     PreparedData,
+    Rung,
     RunShape,
     ScalarValue,
     Step,
     TableValue,
 )
 
-from .kfac import FactorParams, selected_modules, zero_factor
+from .kfac import FactorParams, diagonal_rungs, selected_modules, zero_factor
 from .kfac_stats import ARTIFACT, KfacStats, block_linears, factor_bytes, factor_dims, served_as_asked
 from .values import finite_or_none
 
@@ -189,6 +191,13 @@ class NaturalGradient(Metric):
         grads = sum(8 * d_a * d_g for d_a, d_g in dims)
         flops = sum(10 * (d_a**3 + d_g**3) + 4 * d_a * d_g * (d_a + d_g) for d_a, d_g in dims)
         return Cost(state_bytes=factors + grads + 16, flops=float(flops))
+
+    @classmethod
+    def ladder(cls, params: NaturalGradientParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
+        """fisher.kfac's rungs: large factors kept as their diagonals (the gradient sums stay whole)."""
+        return diagonal_rungs(params, lambda rung: cls.cost(rung, view, shape).state_bytes,
+                              "for those modules the direction preconditions with the factors' diagonals "
+                              "(exact where the factor is diagonal); smaller factors exact")
 
     def setup(self) -> None:
         self.names = selected_modules(self.params, self.view)
