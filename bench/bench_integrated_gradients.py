@@ -17,14 +17,18 @@ The targets reach Captum's forward as an additional argument, so its convergence
 at the baseline ids) scores the same next tokens as our completeness error.
 
 Ours end to end: ``analyze(model, ids, ["circuits.integrated_gradients"], baseline="pad")``
-(view, checks, fingerprint, the shared forward pass, then the metric: the path in chunks of
-``chunk`` nodes x the batch, F at both ends for the completeness error). Captum:
+(view, finiteness check, fingerprint, the shared forward pass, whose loss is F(x), then the
+metric: one forward for F(x'), the path in chunks of ``chunk`` nodes x the batch; GPT-2 is
+causal and its last position has no target, so the metric's forwards leave that column out,
+and its attribution is exactly 0, as Captum's gradient there is). Captum:
 ``LayerIntegratedGradients(forward_func, model.transformer.wte).attribute(ids, baselines=0,
 n_steps=steps, method="gausslegendre", internal_batch_size=chunk x batch,
-return_convergence_delta=True)`` (the convergence delta is what our completeness error reports),
-summed over the embedding. A third variant times the computation alone: the plugin's ``integrated_gradients`` function
-on the model's view with the metric's objective, without ``analyze`` (so without its loading
-checks, fingerprints and shared forward pass).
+return_convergence_delta=True)`` (the convergence delta is what our completeness error reports;
+Captum runs four forwards of the batch besides the path: the layer's output at the input and
+at the baseline, and F at both ends), summed over the embedding. A third variant times the
+computation alone: the plugin's ``integrated_gradients`` function on the model's view with the
+metric's objective and extent, without ``analyze`` (so without its loading checks,
+fingerprints and shared forward pass).
 
 Time: interleaved repetitions, ratio ours / Captum per repetition (median, min-max), process
 CPU time with one thread. Peak memory: each side once more under ``torch.profiler`` with
@@ -128,7 +132,7 @@ def ours(model: Any, ids: torch.Tensor, size: IGSize, dtype: str = "float32") ->
 def ours_function(model: Any, ids: torch.Tensor, size: IGSize) -> tuple[torch.Tensor, dict[str, Any]]:
     """The computation alone: the plugin's ``integrated_gradients`` on the model's view, with the
     metric's objective and baseline (what the metric's ``update`` runs), without ``analyze``."""
-    from tensorscope_circuits.ig import integrated_gradients, mean_token_loss
+    from tensorscope_circuits.ig import integrated_gradients, mean_token_loss, scored_extent
 
     from tensorscope_core.models.load import ModelSource, load_model
     from tensorscope_core.plugins import get_registry
@@ -138,7 +142,8 @@ def ours_function(model: Any, ids: torch.Tensor, size: IGSize) -> tuple[torch.Te
     target_ids[:, :-1], target_mask[:, -1] = ids[:, 1:], 0
     baseline = view.embed.weight[view.pad_token_id].detach().expand(*ids.shape, view.d_model)
     result = integrated_gradients(view, ids, torch.ones_like(ids), baseline, mean_token_loss(target_ids, target_mask),
-                                  steps=size.steps, rule="gausslegendre", chunk=size.chunk)
+                                  steps=size.steps, rule="gausslegendre", chunk=size.chunk,
+                                  reads=scored_extent(target_mask))
     return result.attributions, {"completeness_error": float(result.completeness_error.abs().max())}
 
 

@@ -101,7 +101,7 @@ def test_roundtrip_with_tensors(use_registry: Callable[..., Any], model_dirs: di
     assert loaded.get("basic.loss").value("loss") == res.get("basic.loss").value("loss")
     # the JSON is plain JSON (no NaN tokens) with the schema version at the root
     raw = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert raw["schema_version"] == SCHEMA_VERSION == "1.3"
+    assert raw["schema_version"] == SCHEMA_VERSION == "1.4"
     assert raw["models"][0]["metrics"]["t.tensor"]["values"]["nan"]["value"] is None
 
 
@@ -118,7 +118,7 @@ def test_csv_is_the_tall_table(use_registry: Callable[..., Any], model_dirs: dic
     assert list(COLUMNS) == ["run", "layer", "head", "metric", "field", "index", "value", "ci_low", "ci_high"]
     loss = res.get("basic.loss").values["loss"]
     row = rows[("basic.loss", "loss", "", "", "")]
-    assert row["run"] == folder
+    assert row["run"] == Path(folder).name
     assert float(row["value"]) == loss.value
     assert (float(row["ci_low"]), float(row["ci_high"])) == (loss.ci_low, loss.ci_high)
     assert loss.ci_low < loss.value < loss.ci_high
@@ -233,7 +233,8 @@ def test_get_by_model_name_with_or_without_trailing_slash(model_dirs: dict[str, 
                                                           tmp_path: Path) -> None:
     folder = str(model_dirs["gpt2"])
     res = analyze(folder + "/", data=tokens, metrics=["basic.loss"], config=CFG)
-    assert res.models == [folder]
+    assert res.models == [Path(folder).name]  # the short name; the path stays in the record
+    assert res.record.models[0].source == folder
     want = res.get("basic.loss").value("loss")
     assert res.get("basic.loss", model=folder).value("loss") == want
     assert res.get("basic.loss", model=folder + "/").value("loss") == want

@@ -22,6 +22,7 @@ from .machine import Budget, check_device
 from .metric import Rung, RunShape
 from .models.adapters import Adapter
 from .models.load import Dispatch, ModelSource, files_signature, is_meta, load_model, modules_restored, release
+from .models.names import short_names
 from .models.view import ModelView
 from .plugins import Registry, get_registry
 from .results import Results
@@ -62,6 +63,7 @@ def _sources(models: ModelsArg, base_config: str | None, base: ModelSpec | None 
                          f"{type(models).__name__}", 'pass e.g. analyze(["ckpt-100/", "ckpt-500/"])')
     if not sources:
         raise UsageError("no model was given", "pass at least one model: a folder, a weights file or a module")
+    sources = short_names(sources, taken=() if base is None else (BASE_NAME,))
     _refuse_duplicate_names(sources)
     if base is None:
         return sources
@@ -253,6 +255,11 @@ def _replan(p: Prepared, nodes: Sequence[MetricNode], registry: Registry, adapte
     return plan
 
 
+def _given_path(source: ModelSource) -> str | None:
+    """Where a model given by path was read from, kept beside its short name (a module: None)."""
+    return None if isinstance(source.source, nn.Module) else source.where
+
+
 def _record_model(runner: ModelRunner, prepared: Prepared, order: Sequence[str]) -> ModelRecord:
     view = runner.view
     d = prepared.data
@@ -260,8 +267,9 @@ def _record_model(runner: ModelRunner, prepared: Prepared, order: Sequence[str])
     if view.device_map is not None:
         notes.append(dispatch_note(view))
     return ModelRecord(
-        name=view.name, family=view.family, fingerprint=runner.model_fingerprint, dims=view.dims(),
-        data_fingerprint=runner.data_fingerprint, n_sequences=len(d.used_sequences()) if d else 0,
+        name=view.name, source=_given_path(prepared.source), family=view.family,
+        fingerprint=runner.model_fingerprint, dims=view.dims(), data_fingerprint=runner.data_fingerprint,
+        n_sequences=len(d.used_sequences()) if d else 0,
         n_tokens=sum(len(s) for s in d.used_sequences()) if d else 0,
         passes=dict(runner.passes), model_calls=dict(sorted(runner.counter.calls.items())), notes=notes,
         artifact_bytes={k: ArtifactBytes(declared=runner.artifact_declared.get(k, 0), held=v)
@@ -342,7 +350,8 @@ def lost_member(p: Prepared, nodes: Sequence[MetricNode], reason: str, error_typ
     """The record of a member whose whole stage was lost: every per-model metric an error naming why."""
     metrics = {n.name: metric_result(n, "error", reason=reason, error_type=error_type)
                for n in nodes if n.cls.scope == "model"}
-    record = ModelRecord(name=p.source.display_name, family=p.family, fingerprint="", dims=p.dims,
+    record = ModelRecord(name=p.source.display_name, source=_given_path(p.source), family=p.family, fingerprint="",
+                         dims=p.dims,
                          notes=[reason], metrics=metrics)
     return MemberRun(record, {}, {}, ("", None), failure=reason)
 

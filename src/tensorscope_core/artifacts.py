@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 PassKind = Literal["weights", "data", "forward", "backward"]
 PASS_ORDER: tuple[PassKind, ...] = ("weights", "data", "forward", "backward")
 Combine = Literal["cat", "sum"]
+#: the core artifact of parameter gradients: only a pass that asks it backpropagates into the weights
+PARAM_GRAD = "param_grad"
 BytesFn = Callable[[ModelView, int, int], int]
 #: what one consumer asks of a parameterised artifact (layers, modules, parameter names, label kinds)
 Request = Mapping[str, Any]
@@ -65,6 +67,15 @@ class ArtifactSpec:
 def act_bytes(view: ModelView, batch: int, seq: int) -> int:
     """Rough bytes autograd keeps per forward for the backward (per token: a few d_model,
     the MLP hidden, and the attention matrix per head), used for the memory plan."""
-    per_layer = batch * seq * (8 * view.d_model + 2 * view.d_mlp + 2 * view.n_heads * seq)
-    logits = 3 * batch * seq * view.vocab_size
-    return (view.n_layers * per_layer + logits) * view.dtype_bytes
+    return (view.n_layers * _block_elements(view, batch, seq) + 3 * batch * seq * view.vocab_size) * view.dtype_bytes
+
+
+def _block_elements(view: ModelView, batch: int, seq: int) -> int:
+    return batch * seq * (8 * view.d_model + 2 * view.d_mlp + 2 * view.n_heads * seq)
+
+
+def forward_act_bytes(view: ModelView, batch: int, seq: int, *, loss: bool = True) -> int:
+    """Bytes a forward without autograd holds at its peak: one block's working tensors at a time, then
+    the logits and (``loss``) their log-softmax; with a 49,152-word vocabulary, mostly the logits."""
+    logits = (2 if loss else 1) * batch * seq * view.vocab_size
+    return (_block_elements(view, batch, seq) + logits) * view.dtype_bytes

@@ -80,6 +80,30 @@ def capture_scope(view: ModelView, specs: Sequence[ArtifactSpec], seed: int,
         ctx.remove_hooks()
 
 
+@contextmanager
+def embedding_output(view: ModelView) -> Iterator[list[torch.Tensor]]:
+    """The token embedding's outputs of the forwards made in the block (where a backward can stop)."""
+    outputs: list[torch.Tensor] = []
+    handle = view.embed.register_forward_hook(lambda module, args, output: outputs.append(first_tensor(output)))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def backpropagate(loss: torch.Tensor, embedded: Sequence[torch.Tensor], into_weights: bool) -> None:
+    """The shared backward. It goes into the weights only when a metric reads their gradients; else
+    it stops at the token embedding's output, so no weight gradient (as large as the model, and a third
+    of the backward's work) is made: what activation and attention gradients the artifacts hook are
+    computed all the same, since they lie between the loss and that output."""
+    start = embedded[-1] if embedded else None
+    if into_weights or start is None or not start.requires_grad:
+        loss.backward()
+        return
+    torch.autograd.backward(loss, inputs=[start])
+    start.grad = None
+
+
 def first_tensor(output: Any) -> torch.Tensor:
     """A module's main output: the tensor itself or the first element of a tuple."""
     return output[0] if isinstance(output, (tuple, list)) else output

@@ -163,13 +163,17 @@ class MetricBase:
 
     @classmethod
     def cheaper_rungs(cls, params: Any, view: ModelView, shape: RunShape, candidates: Sequence[Rung]) -> list[Rung]:
-        """The ``candidates`` (in order) whose declared state is smaller than the rung before them (the
-        asked ``params`` first): a ladder's rungs must each save memory, and which do can depend on the
-        model (a disk rung leaves nothing for a sketch to save)."""
+        """The ``candidates`` (in order) whose declared memory (state plus working memory) is smaller than
+        the rung before them (the asked ``params`` first): a ladder's rungs must each save memory, and which
+        do can depend on the model (a disk rung leaves nothing for a sketch to save)."""
+        def held_by(p: Any) -> int:
+            cost = cls.cost(p, view, shape)
+            return cost.state_bytes + cost.transient_bytes
+
         out: list[Rung] = []
-        last = cls.cost(params, view, shape).state_bytes
+        last = held_by(params)
         for rung in candidates:
-            held = cls.cost(rung.params, view, shape).state_bytes
+            held = held_by(rung.params)
             if held < last:
                 out.append(rung)
                 last = held

@@ -13,7 +13,8 @@ What is here, by job:
   ``Params``, ``NoParams``, ``RunShape``, ``Step``, ``Cost``, ``Interpretation``;
 - the values a metric returns: ``ScalarValue``, ``LayerValue``, ``HeadValue``, ``SeriesValue``,
   ``TableValue``, ``TensorValue``, ``TextValue``, ``MetricResult`` (read from needed metrics);
-- artifacts: ``ArtifactSpec``, ``CaptureContext``, ``act_bytes``, ``first_tensor``; the value of the
+- artifacts: ``ArtifactSpec``, ``CaptureContext``, ``act_bytes`` (what a backward keeps),
+  ``forward_act_bytes`` (a forward's peak without autograd), ``first_tensor``; the value of the
   core's ``per_example_grads`` artifact, ``ExampleGrads``, its ``example_grads_layout`` and the
   seeded ``draw_labels`` it samples labels with;
 - the model vocabulary: ``ModelView``, ``HeadWeights``, ``linear_out_in``, ``model_view``;
@@ -22,7 +23,8 @@ What is here, by job:
   ``StoreBacking`` in memory or on disk), ``CountSketch``, ``row_squares``;
 - memory ladders: ``Rung``, ``ASKED`` (see ``Metric.ladder``);
 - functional helpers: ``batch_loss``, ``batch_logits``, ``hook_free_copy``, ``hook_free_view``,
-  ``per_example_grads``, ``per_example_calls``, ``sum_of_squares``, ``atomic_write``;
+  ``per_example_grads``, ``per_example_calls``, ``sum_of_squares``, ``float64_sum_of_squares``,
+  ``atomic_write``;
 - statistics: ``bootstrap_ci``, ``bootstrap_ratio_ci``, ``correlation``, ``fdr_bh``;
 - errors: ``TensorScopeError``, ``BadParameterError``, ``DataError``, ``EmptyDataError``,
   ``UnsupportedModelError``;
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from .artifacts import ArtifactSpec, act_bytes
+from .artifacts import ArtifactSpec, act_bytes, forward_act_bytes
 from .capture import CaptureContext, first_tensor
 from .checkpoints import order_models, step_of
 from .core_artifacts import LossTargets
@@ -57,7 +59,7 @@ from .metric import ASKED, Metric, ModelSetMetric, NoParams, Params, Rung, RunSh
 from .models.adapters.base import linear_out_in
 from .models.load import model_view
 from .models.view import HeadWeights, ModelView
-from .numerics import js_divergence_bits, sum_of_squares
+from .numerics import float64_sum_of_squares, js_divergence_bits, sum_of_squares
 from .per_example import per_example_calls, per_example_grads
 from .results.analysis import Interpretation, ModelOrder
 from .results.schema import (
@@ -133,6 +135,8 @@ __all__ = [
     "correlation",
     "draw_labels",
     "example_grads_layout",
+    "float64_sum_of_squares",
+    "forward_act_bytes",
     "fdr_bh",
     "first_tensor",
     "hook_free_copy",

@@ -110,6 +110,22 @@ def tiny_model(family: str, folder: str | Path, *, seed: int = 0, with_tokenizer
         tokenizer.save_pretrained(folder)
     return folder
 
+#: a real 135M-parameter LLaMA-family model's shape (SmolLM-135M): 30 layers, d 576, 9 query and 3 key/value
+#: heads, MLP 1536, vocabulary 49,152, tied embeddings
+REAL_135M = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+             "intermediate_size": 1536, "vocab_size": 49152}
+
+
+def real_shaped_llama(seed: int = 0, **shape: int) -> Any:
+    """A random LLaMA with ``REAL_135M``'s shape (entries of ``shape`` override it), in eval mode: real
+    models' memory and time without a download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**REAL_135M, **shape}, max_position_embeddings=2048, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
 def _loaded_vocab(family: str, tokenizer: Any, folder: Path) -> int:
     """The vocabulary a loader will see: AutoTokenizer picks the family's own tokenizer class, which
     may add tokens (Qwen2's adds <|endoftext|>), so the embedding is sized for that."""

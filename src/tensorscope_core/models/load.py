@@ -34,8 +34,11 @@ class ModelSource:
 
     @property
     def display_name(self) -> str:
-        if self.name:
-            return self.name
+        return self.name or self.where
+
+    @property
+    def where(self) -> str:
+        """The path as given (a module: its class name), for messages about loading it."""
         if isinstance(self.source, nn.Module):
             return type(self.source).__name__
         return str(self.source).rstrip("/")
@@ -258,7 +261,7 @@ def load_module(src: ModelSource, dispatch: Dispatch | None = None) -> tuple[nn.
     if dispatch is not None and not (isinstance(src.source, (str, os.PathLike)) and Path(src.source).is_dir()
                                      and has_weights(Path(src.source))):
         raise UnsupportedModelError(
-            f"device_map dispatches Hugging Face model folders; {src.display_name} is not one",
+            f"device_map dispatches Hugging Face model folders; {src.where} is not one",
             "save the model with save_pretrained(folder), or dispatch the module yourself with accelerate "
             "(dispatch_model) and pass it without device_map")
     if isinstance(src.source, nn.Module):
@@ -284,9 +287,27 @@ def load_module(src: ModelSource, dispatch: Dispatch | None = None) -> tuple[nn.
                          "pass a Hugging Face folder, a .safetensors/.pt state dict or a .gguf file")
 
 
+#: elements checked at once: ``isfinite`` of a whole embedding would hold several copies of it
+_FINITE_CHUNK = 1 << 20
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """A chunk's float64 sum is NaN or Inf exactly when the chunk holds one (float32 and narrower
+    entries cannot overflow it), so one pass screens a chunk; float64 weights, whose sum can overflow,
+    and a failed screen are checked entry by entry."""
+    flat = tensor.detach().reshape(-1)
+    for i in range(0, flat.numel(), _FINITE_CHUNK):
+        chunk = flat[i:i + _FINITE_CHUNK]
+        if chunk.dtype == torch.float64 or not bool(torch.isfinite(chunk.sum(dtype=torch.float64))):
+            if not bool(torch.isfinite(chunk).all()):
+                return False
+    return True
+
+
 def check_finite(model: nn.Module, skip_meta: bool = False) -> None:
-    bad = [name for name, p in model.named_parameters()
-           if not (skip_meta and p.is_meta) and not torch.isfinite(p).all()]
+    """NonFiniteWeightsError naming the parameters with NaN or Inf, checked a chunk at a time so the
+    check adds megabytes, not a multiple of the largest weight, to the run's peak."""
+    bad = [name for name, p in model.named_parameters() if not (skip_meta and p.is_meta) and not _all_finite(p)]
     if bad:
         raise NonFiniteWeightsError(f"{len(bad)} parameter tensor(s) hold NaN or Inf, first: {bad[:3]}",
                                     "check the checkpoint (a diverged run or a bad conversion); "
@@ -353,7 +374,7 @@ def load_model(src: ModelSource, adapters: Sequence[Adapter], *, dtype: str = "f
     except UnsupportedModelError as exc:
         if "adapters installed" in exc.problem:
             raise
-        raise UnsupportedModelError(f"{src.display_name}: {exc.problem} (adapters installed: "
+        raise UnsupportedModelError(f"{src.where}: {exc.problem} (adapters installed: "
                                     f"{', '.join(a.name for a in adapters)})", exc.fix) from exc
     _use_eager_attention(module)
     dispatched = is_dispatched(module)

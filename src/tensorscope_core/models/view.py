@@ -121,6 +121,16 @@ class ModelView:
         return resident + max(offloaded, default=0)
 
     @property
+    def tied_embedding_bytes(self) -> int:
+        """Bytes of the embedding when the output layer shares it (0 otherwise): a backward into the
+        weights then makes two gradients of it, one from each use, and holds both and their sum at once
+        (the autograd engine adds them before storing the weight's gradient)."""
+        weight = self.embed.weight
+        if self.unembed is None or getattr(self.unembed, "weight", None) is not weight:
+            return 0
+        return weight.numel() * weight.element_size()
+
+    @property
     def dtype_bytes(self) -> int:
         return next(self.model.parameters()).element_size()
 

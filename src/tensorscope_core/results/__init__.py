@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,10 @@ TENSORS_FILE = "tensors.safetensors"
 
 def _norm(name: str) -> str:
     return str(name).rstrip("/")
+
+
+def _same_path(a: str, b: str) -> bool:
+    return _norm(a) == _norm(b) or os.path.abspath(a) == os.path.abspath(b)
 
 
 def _tensors_beside(json_path: Path) -> dict[str, torch.Tensor]:
@@ -61,6 +66,9 @@ class Results:
             return self.record.models[0]
         for m in self.record.models:
             if _norm(m.name) == _norm(name):
+                return m
+        for m in self.record.models:  # the path it was read from, as given or absolute
+            if m.source is not None and _same_path(m.source, name):
                 return m
         raise KeyError(f"no model '{name}' in these results ({self.models}); {did_you_mean(name, self.models)}")
 

@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.3"  # 1.1: ScalarValue.samples; 1.2: LayerValue.axis, MetricResult provenance; 1.3: rung (additive)
+SCHEMA_VERSION = "1.4"  # 1.1: ScalarValue.samples; 1.2: LayerValue.axis, MetricResult provenance; 1.3: rung;
+# 1.4: ModelRecord.source (all additive)
 
 Float = float | None  # NaN and infinities are written as null
 
@@ -110,6 +111,9 @@ class Cost(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     state_bytes: int = 0
+    #: working memory the metric's update and finalize allocate on top of its state and free again
+    #: (e.g. a float64 copy of the largest weight); the plan adds the largest of a pass's to its peak
+    transient_bytes: int = 0
     flops: float = 0.0
 
 
@@ -184,7 +188,11 @@ class ArtifactBytes(BaseModel):
 class ModelRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    #: the short name results, tables and reports use (the fewest trailing path parts that tell the
+    #: run's models apart, or the name the user gave)
     name: str
+    #: the path the model was read from, as given (a module passed in: None)
+    source: str | None = None
     family: str
     fingerprint: str
     dims: dict[str, int]

@@ -11,6 +11,7 @@ from ..machine import Budget
 from ..metric import ASKED, Rung, RunShape
 from ..models.view import ModelView
 from ..plugins import Registry
+from ..results.schema import Cost
 from .graph import MetricNode
 from .ladder import Ladders, fit, make_ladders, rungs_of
 from .plan import ModelPlan, ModelSetPlan, make_plan, make_set_plan
@@ -52,20 +53,22 @@ def fit_model_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape
             ladders.left_out.setdefault(n.name, f"left out: its declared cost raised {type(exc).__name__}: {exc} "
                                                 f"(report it to {n.plugin})")
     by_name = {n.name: n for n in nodes}
-    memo: dict[tuple[str, str], tuple[int, dict[str, int]]] = {}
+    memo: dict[tuple[str, str], tuple[Cost, dict[str, int]]] = {}
 
     def make(ns: list[MetricNode]) -> ModelPlan:
         return make_plan(ns, view, shape, registry, budget.nbytes, config.min_micro_batch, memo)
 
     def heavy(plan: ModelPlan) -> list[str]:
         peak = max(plan.passes, key=lambda p: p.peak_bytes, default=None)
-        return [] if peak is None else sorted(peak.metrics, key=lambda m: -plan.declared_state.get(m, 0))
+        return [] if peak is None else sorted(
+            peak.metrics, key=lambda m: -plan.declared_state.get(m, 0) - plan.declared_transient.get(m, 0))
 
     def state(name: str, rung: Rung) -> int:
         key = (name, rung.params.model_dump_json())
         if key not in memo:
             make([replace(by_name[name], params=rung.params, over_budget=None)])
-        return memo[key][0]
+        cost = memo[key][0]
+        return cost.state_bytes + cost.transient_bytes
 
     final, model_plan = fit(nodes, ladders, make, heavy, state, budget.nbytes, config.strict_budget)
     model_plan.budget_source = budget.source

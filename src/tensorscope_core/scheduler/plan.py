@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from ..artifacts import ArtifactSpec, Request, act_bytes
+from ..artifacts import PARAM_GRAD, ArtifactSpec, Request, act_bytes, forward_act_bytes
 from ..config import format_bytes
 from ..errors import PluginError
 from ..metric import RunShape
 from ..models.view import ModelView
 from ..plugins import Registry
+from ..results.schema import Cost
 from .graph import MetricNode
 from .passes import check_declared
 
@@ -26,6 +27,8 @@ class PassPlan:
     artifact_bytes: int = 0
     activation_bytes: int = 0
     state_bytes: int = 0
+    #: the largest working memory one of the pass's metrics allocates in its update or finalize
+    transient_bytes: int = 0
     peak_bytes: int = 0
     #: whole-model passes the stage's metrics and artifacts make themselves over the run:
     #: who (a metric, or ``artifact:NAME``) -> kind -> count
@@ -43,6 +46,8 @@ class ModelPlan:
     batch_size: int
     budget_bytes: int
     declared_state: dict[str, int] = field(default_factory=dict)
+    #: metric -> declared working memory of its update / finalize (metrics with none: absent)
+    declared_transient: dict[str, int] = field(default_factory=dict)
     #: where the budget came from (``memory_budget``, or the device's free memory)
     budget_source: str = "memory_budget"
     #: metric -> the ladder rung it runs at and what that costs in accuracy (metrics as asked: absent)
@@ -73,17 +78,37 @@ class ModelPlan:
             lines.append(f"  stage {p.stage} {p.kind:<17} peak {format_bytes(p.peak_bytes):>10}  "
                          f"(artifacts {format_bytes(p.artifact_bytes)}, "
                          f"activations {format_bytes(p.activation_bytes)}, "
-                         f"metric state {format_bytes(p.state_bytes)})")
+                         f"metric state {format_bytes(p.state_bytes)}, "
+                         f"metric working memory {format_bytes(p.transient_bytes)})")
             lines.append(f"      artifacts: {', '.join(p.artifacts) or '-'}")
             lines.append(f"      metrics:   {', '.join(p.metrics)}")
             if p.own_passes:
                 lines.append(f"      own passes (activations {format_bytes(p.own_pass_bytes)}): " + "; ".join(
                     f"{who} " + ", ".join(f"{kind} x{n}" for kind, n in kinds.items())
                     for who, kinds in p.own_passes.items()))
+        lines.extend(self._by_metric())
         lines.extend(render_choices(self.rungs, self.left_out))
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"  declared peak {format_bytes(self.peak_bytes)}: {verdict} in {format_bytes(self.budget_bytes)}")
         return "\n".join(lines)
+
+
+    def _by_metric(self, shown: int = 8) -> list[str]:
+        """The metrics that declare the most memory, so a reader of a plan that does not fit sees what
+        to drop or step down (state is held to the end of the run; working memory only while it runs)."""
+        def total(name: str) -> int:
+            return self.declared_state.get(name, 0) + self.declared_transient.get(name, 0)
+
+        ranked = sorted((n for n in set(self.declared_state) | set(self.declared_transient) if total(n) > 0),
+                        key=lambda n: (-total(n), n))
+        if not ranked:
+            return []
+        lines = ["  largest declared memory by metric (state held / working memory while it runs):"]
+        lines += [f"      {n:<36} {format_bytes(self.declared_state.get(n, 0)):>10} / "
+                  f"{format_bytes(self.declared_transient.get(n, 0)):>10}" for n in ranked[:shown]]
+        if len(ranked) > shown:
+            lines.append(f"      ... {len(ranked) - shown} more, each under {format_bytes(total(ranked[shown]))}")
+        return lines
 
 
 def render_choices(rungs: dict[str, str], left_out: dict[str, str]) -> list[str]:
@@ -151,7 +176,7 @@ def _activations(view: ModelView, kind: str, rows: int, seq: int) -> int:
     if kind in ("forward+backward", "backward", "replay_backward", "sampled_backward", "per_example_backward"):
         return act_bytes(view, rows, seq)  # what autograd keeps for the backward
     if kind in ("forward", "replay_forward"):
-        return act_bytes(view, rows, seq) // max(view.n_layers, 1)  # one block's worth at a time
+        return forward_act_bytes(view, rows, seq)
     return 0
 
 
@@ -159,6 +184,10 @@ def _pass_peak(view: ModelView, p: PassPlan, micro: int, seq: int, specs: Sequen
                shape: RunShape, requests: dict[str, Request]) -> None:
     p.artifact_bytes = sum(s.bytes_for(view, shape.batch_size, seq, requests.get(s.name, {})) for s in specs)
     p.activation_bytes = _activations(view, p.kind, micro, seq)
+    if p.kind == "forward" and any(s.name == "logits" for s in specs):  # the kept logits are the forward's own
+        p.activation_bytes -= micro * seq * view.vocab_size * view.dtype_bytes
+    if any(s.name == PARAM_GRAD for s in specs):  # a tied embedding's two gradients beside their sum
+        p.activation_bytes += 2 * view.tied_embedding_bytes
     micro_batches = shape.n_batches * -(-shape.batch_size // max(micro, 1))
     for spec in specs:
         if spec.own_passes is not None and shape.n_batches:
@@ -171,7 +200,9 @@ def _pass_peak(view: ModelView, p: PassPlan, micro: int, seq: int, specs: Sequen
                             for kind in kinds), default=0)
     transient = max((s.transient_for(view, micro, seq, requests.get(s.name, {})) for s in specs), default=0)
     p.activation_bytes += transient  # a producer's own backward runs while the shared pass's activations are held
-    p.peak_bytes = view.param_bytes + p.artifact_bytes + max(p.activation_bytes, p.own_pass_bytes) + p.state_bytes
+    # a metric's update / finalize works after the pass's activations are freed, one metric at a time
+    working = max(p.activation_bytes, p.own_pass_bytes, p.transient_bytes)
+    p.peak_bytes = view.param_bytes + p.artifact_bytes + working + p.state_bytes
 
 
 def _declared_passes(node: MetricNode, view: ModelView, shape: RunShape) -> dict[str, int]:
@@ -185,7 +216,7 @@ def _declared_passes(node: MetricNode, view: ModelView, shape: RunShape) -> dict
 
 def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, registry: Registry,
               budget_bytes: int, min_micro_batch: int = 1,
-              memo: dict[tuple[str, str], tuple[int, dict[str, int]]] | None = None) -> ModelPlan:
+              memo: dict[tuple[str, str], tuple[Cost, dict[str, int]]] | None = None) -> ModelPlan:
     """Group runnable metrics into passes by stage and find the largest micro-batch that fits.
 
     ``memo``: declared state and own passes by (metric, parameters), kept between the calls of one
@@ -196,8 +227,10 @@ def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, reg
     for n in runnable:
         key = (n.name, n.params.model_dump_json())
         if key not in memo:
-            memo[key] = (n.cls.cost(n.params, view, shape).state_bytes, _declared_passes(n, view, shape))
-    declared = {n.name: memo[(n.name, n.params.model_dump_json())][0] for n in runnable}
+            memo[key] = (n.cls.cost(n.params, view, shape), _declared_passes(n, view, shape))
+    costs = {n.name: memo[(n.name, n.params.model_dump_json())][0] for n in runnable}
+    declared = {name: c.state_bytes for name, c in costs.items()}
+    working = {name: c.transient_bytes for name, c in costs.items() if c.transient_bytes}
     own = {n.name: memo[(n.name, n.params.model_dump_json())][1] for n in runnable}
     passes: list[tuple[PassPlan, list[ArtifactSpec], dict[str, Request]]] = []
     for stage in sorted({n.stage for n in runnable}):
@@ -207,6 +240,7 @@ def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, reg
         if weights_only:
             passes.append((PassPlan(stage, "weights", weights_only, ["weights"],
                                     state_bytes=sum(declared[m] for m in weights_only),
+                                    transient_bytes=max((working.get(m, 0) for m in weights_only), default=0),
                                     own_passes={m: own[m] for m in weights_only if own[m]}), [], {}))
         if data_metrics:
             wanted = sorted({a for n in data_metrics for a in n.cls.artifacts} - {"weights"})
@@ -214,6 +248,7 @@ def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, reg
             passes.append((PassPlan(stage, pass_kind(specs), [n.name for n in data_metrics],
                                     [s.name for s in specs],
                                     state_bytes=sum(declared[n.name] for n in data_metrics),
+                                    transient_bytes=max((working.get(n.name, 0) for n in data_metrics), default=0),
                                     own_passes={n.name: own[n.name] for n in data_metrics if own[n.name]}), specs,
                            merged_requests(specs, data_metrics, view)))
     micro = shape.batch_size
@@ -222,7 +257,7 @@ def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, reg
             p.own_passes = {k: v for k, v in p.own_passes.items() if not k.startswith("artifact:")}
             _pass_peak(view, p, micro, shape.seq_len, specs, shape, requests)
         plan = ModelPlan(view.name, [p for p, _, _ in passes], view.param_bytes, micro, shape.batch_size,
-                         budget_bytes, declared)
+                         budget_bytes, declared, working)
         if plan.fits or micro <= min_micro_batch:
             return plan
         micro = max(min_micro_batch, micro // 2)

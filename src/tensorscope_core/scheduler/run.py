@@ -14,8 +14,16 @@ from typing import Any
 
 import torch
 
-from ..artifacts import ArtifactSpec
-from ..capture import CaptureContext, capture_scope, combine_micro, detach_all, tensor_bytes
+from ..artifacts import PARAM_GRAD, ArtifactSpec
+from ..capture import (
+    CaptureContext,
+    backpropagate,
+    capture_scope,
+    combine_micro,
+    detach_all,
+    embedding_output,
+    tensor_bytes,
+)
 from ..config import RunConfig
 from ..core_artifacts import LossTargets, loss_targets
 from ..data import Batch, PreparedData
@@ -403,16 +411,21 @@ class ModelRunner(Executor):
                 self.passes[shared] = self.passes.get(shared, 0) + 1
                 if backward:
                     self.passes["backward"] = self.passes.get("backward", 0) + 1
-                for name, value in artifacts.items():
-                    self.artifact_bytes[name] = max(self.artifact_bytes.get(name, 0), tensor_bytes(value))
-                    self.artifact_declared[name] = max(self.artifact_declared.get(name, 0), self.registry.artifacts[
-                        name].bytes_for(self.view, batch.input_ids.shape[0], batch.input_ids.shape[1],
-                                        requests.get(name, {})))
+                self._count_bytes(artifacts, batch, requests)
                 self._feed(group, Step(batch, artifacts, targets))
                 del artifacts
                 model.zero_grad(set_to_none=True)  # param_grad handed metrics the .grad tensors themselves
                 self._tick(1)
         model.zero_grad(set_to_none=True)
+
+    def _count_bytes(self, artifacts: Mapping[str, Any], batch: Batch, requests: Mapping[str, Any]) -> None:
+        """Declared and held bytes of each artifact of one batch. A method of its own so no loop variable
+        keeps the last artifact (the weights' gradients, as large as the model) alive into the next batch."""
+        for name, value in artifacts.items():
+            self.artifact_bytes[name] = max(self.artifact_bytes.get(name, 0), tensor_bytes(value))
+            self.artifact_declared[name] = max(self.artifact_declared.get(name, 0), self.registry.artifacts[
+                name].bytes_for(self.view, batch.input_ids.shape[0], batch.input_ids.shape[1],
+                                requests.get(name, {})))
 
     def _drop_artifact(self, group: list[ActiveMetric], specs: list[ArtifactSpec],
                        failed: ArtifactFailed) -> list[ArtifactSpec]:
@@ -449,18 +462,19 @@ class ModelRunner(Executor):
         parts: dict[str, list[Any]] = {}
         ctx.batch_tokens = max(targets.n_targets, 1)
         ctx.grad_enabled = backward
+        into_weights = any(s.name == PARAM_GRAD for s in specs)
         for start in range(0, batch.input_ids.shape[0], micro):
             sub, sub_targets = batch.slice(start, start + micro), targets.slice(start, start + micro)
             ctx.store.clear()
             ctx.batch, ctx.targets = sub, sub_targets
-            with torch.set_grad_enabled(backward):
+            with torch.set_grad_enabled(backward), embedding_output(self.view) as embedded:
                 with self.counter.attributed("shared"):
                     ctx.outputs = model(input_ids=sub_targets.model_input, attention_mask=sub.attention_mask,
                                         use_cache=False, **kwargs)
                 for spec in forward_specs:
                     self._derive(spec, ctx, sub)
                 if backward:
-                    (ctx.store["token_loss"].sum() / ctx.batch_tokens).backward()
+                    backpropagate(ctx.store["token_loss"].sum() / ctx.batch_tokens, embedded, into_weights)
             for spec in per_micro_backward:
                 self._derive(spec, ctx, sub)
             ctx.outputs = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tensorscope_core.plugin_api import LayerValue, Metric, NoParams, ScalarValue
+from tensorscope_core.plugin_api import LayerValue, Metric, NoParams, ScalarValue, float64_sum_of_squares
 
 
 class WeightNorms(Metric):
@@ -25,7 +25,7 @@ class WeightNorms(Metric):
         for name, p in self.view.model.named_parameters():  # named_parameters() skips tied duplicates
             layer = layer_of[name]
             index = self.view.n_layers if layer is None else layer
-            squares[index] += torch.linalg.vector_norm(p.detach(), dtype=torch.float64).square().cpu()
+            squares[index] += float64_sum_of_squares(p).cpu()
         return {"layer_norm": LayerValue(values=squares[:-1].sqrt().tolist(), axis="block"),
                 "outside_norm": ScalarValue(value=float(squares[-1].sqrt())),
                 "total_norm": ScalarValue(value=float(squares.sum().sqrt()))}

@@ -18,6 +18,7 @@ from tensorscope_core.plugin_api import (
     RunShape,
     TableValue,
     TextValue,
+    forward_act_bytes,
 )
 
 from .headstats import mean_grid
@@ -184,7 +185,10 @@ class HeadScores(Metric):
         seq = 2 * length + (bos is not None)
         n = params.n_sequences
         flops = 2.0 * view.n_params * n * seq + 4.0 * view.n_layers * n * seq * seq * view.d_model
-        return Cost(state_bytes=8 * n * view.n_layers * view.n_heads * len(cls._kinds(view)), flops=flops)
+        rows = min(params.batch_size, n)
+        patterns = view.n_layers * rows * view.n_heads * seq * seq * view.dtype_bytes  # every layer's, returned
+        return Cost(state_bytes=8 * n * view.n_layers * view.n_heads * len(cls._kinds(view)), flops=flops,
+                    transient_bytes=forward_act_bytes(view, rows, seq, loss=False) + patterns)
 
     @classmethod
     def own_passes(cls, params: HeadScoresParams, view: ModelView, shape: RunShape) -> dict[str, int]:

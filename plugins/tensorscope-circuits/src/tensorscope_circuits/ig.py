@@ -10,6 +10,7 @@ trapezoid Riemann sums.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from tensorscope_core.plugin_api import ModelView
 from .interventions import token_ce
 
 Rule = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
-#: F per example: (logits [n, seq, vocab], rows [n] = the batch row each example is a copy of) -> [n]
+#: F per example: (logits [n, seq, vocab], rows [n] = the batch row each example is a copy of) -> [n];
+#: ``seq`` may be shorter than the batch's (see ``reads`` in ``integrated_gradients``)
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -45,11 +47,22 @@ def quadrature(rule: Rule, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def mean_token_loss(target_ids: torch.Tensor, target_mask: torch.Tensor) -> Objective:
-    """F = each example's mean token cross-entropy over its targets (0 for an example without any)."""
+    """F = each example's mean token cross-entropy over its targets (0 for an example without any).
+
+    The logits may stop after the last target (``scored_extent``): no target is cut off.
+    """
     def loss(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        mask = target_mask[rows].to(logits.dtype)
-        return token_ce(logits, target_ids[rows], mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        seq = logits.shape[1]
+        mask = target_mask[rows, :seq].to(logits.dtype)
+        return token_ce(logits, target_ids[rows, :seq], mask).sum(-1) / mask.sum(-1).clamp(min=1)
     return loss
+
+
+def scored_extent(target_mask: torch.Tensor) -> int | None:
+    """1 + the last position any sequence has a target at: the loss reads no logits after it
+    (None: no targets at all)."""
+    scored = target_mask.any(dim=0).nonzero()
+    return int(scored.max()) + 1 if len(scored) else None
 
 
 @contextmanager
@@ -86,14 +99,24 @@ def _forward(view: ModelView, points: torch.Tensor, input_ids: torch.Tensor, att
 
 def integrated_gradients(view: ModelView, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          baseline: torch.Tensor, objective: Objective, *, steps: int, rule: Rule,
-                         chunk: int, at_input: torch.Tensor | None = None) -> Attribution:
+                         chunk: int, at_input: torch.Tensor | None = None, reads: int | None = None) -> Attribution:
     """IG of ``objective`` w.r.t. the token embeddings of one batch, from ``baseline`` [batch, seq, d_model].
 
     The path runs over the real tokens only (padding keeps its own embedding, so it gets no
     attribution). ``chunk`` nodes are evaluated per forward and backward, on ``chunk * batch``
     examples at once: that bounds the memory, not the result. ``at_input``: F(x) when the
-    caller has it already (the shared pass's loss), which saves a forward.
+    caller has it already (the shared pass's loss), which saves a forward. ``reads``: F reads
+    the logits of the first ``reads`` positions only; in a causal model the later positions
+    cannot reach them, so every forward leaves them out (a causal LM's loss: its last
+    column, 1 / seq of the work) and their attributions are exactly 0, as their gradients are.
     """
+    full = input_ids.shape[1]
+    if view.causal and reads is not None and reads < full:
+        cut = slice(None, reads)
+        result = integrated_gradients(view, input_ids[:, cut], attention_mask[:, cut], baseline[:, cut], objective,
+                                      steps=steps, rule=rule, chunk=chunk, at_input=at_input)
+        attributions = torch.nn.functional.pad(result.attributions, (0, full - reads))
+        return dataclasses.replace(result, attributions=attributions)
     b = input_ids.shape[0]
     rows = torch.arange(b, device=input_ids.device)
     with torch.no_grad():

@@ -18,10 +18,11 @@ from tensorscope_core.plugin_api import (
     RunShape,
     ScalarValue,
     Step,
+    act_bytes,
     hook_free_view,
 )
 
-from .ig import Objective, Rule, integrated_gradients, mean_token_loss
+from .ig import Objective, Rule, integrated_gradients, mean_token_loss, scored_extent
 from .interventions import logits_of
 from .tokens import token_id
 
@@ -58,7 +59,9 @@ class IntegratedGradients(Metric):
     mask: next tokens, or the masked tokens of an encoder, on the input the shared pass sees);
     ``target='logit'``: the logit of ``token`` (None: the model's top prediction) at ``position``.
     Padding keeps its embedding (no attribution, NaN in ``attributions``). For the loss, F(x)
-    is the shared pass's ``token_loss`` (no forward of the metric's own).
+    is the shared pass's ``token_loss`` (no forward of the metric's own). In a causal model the
+    positions after the last one F reads (for the loss, the final column, which has no target)
+    are left out of every forward: they cannot reach F, so their attribution is exactly 0.
 
     Completeness: sum_t IG_t = F(x) - F(x') up to the quadrature error, which is reported:
     ``completeness_error`` = max over sequences of |sum_t IG_t - (F(x) - F(x'))|, and
@@ -92,7 +95,8 @@ class IntegratedGradients(Metric):
     def cost(cls, params: IGParams, view: ModelView, shape: RunShape) -> Cost:
         n, t = shape.n_sequences, shape.seq_len
         flops = 6.0 * view.n_params * n * t * (params.steps + 2)  # a forward and a backward per node
-        return Cost(state_bytes=8 * (n * t + 2 * n), flops=flops)
+        rows = min(params.chunk, params.steps) * shape.batch_size  # one forward+backward of the path
+        return Cost(state_bytes=8 * (n * t + 2 * n), flops=flops, transient_bytes=act_bytes(view, rows, t))
 
     @classmethod
     def own_passes(cls, params: IGParams, view: ModelView, shape: RunShape) -> dict[str, int]:
@@ -128,9 +132,10 @@ class IntegratedGradients(Metric):
         return embed.weight[row].detach().expand(shape)
 
     def _objective(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_ids: torch.Tensor,
-                   target_mask: torch.Tensor) -> Objective:
+                   target_mask: torch.Tensor) -> tuple[Objective, int | None]:
+        """F, and how many leading positions' logits it reads (None: all)."""
         if self.params.target == "loss":
-            return mean_token_loss(target_ids, target_mask)
+            return mean_token_loss(target_ids, target_mask), scored_extent(target_mask)
         lengths = attention_mask.sum(-1)
         p = self.params.position
         position = lengths + p if p < 0 else torch.full_like(lengths, p)
@@ -146,12 +151,12 @@ class IntegratedGradients(Metric):
 
         def logit(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             return logits[torch.arange(len(rows)), position[rows], tokens[rows]]
-        return logit
+        return logit, int(position.max()) + 1
 
     def update(self, step: Step) -> None:
         targets = step.targets
         ids, mask = targets.model_input, step.batch.attention_mask
-        objective = self._objective(ids, mask, targets.target_ids, targets.target_mask)
+        objective, reads = self._objective(ids, mask, targets.target_ids, targets.target_mask)
         at_input = None
         if self.params.target == "loss":  # F(x) is the shared pass's loss: no forward of our own for it
             weights = targets.target_mask.double()
@@ -159,7 +164,7 @@ class IntegratedGradients(Metric):
         # the run's capture hooks are installed during update: the path runs on the hook-free twin
         result = integrated_gradients(hook_free_view(self.view), ids, mask, self._baseline(ids), objective,
                                       steps=self.params.steps, rule=self.params.rule, chunk=self.params.chunk,
-                                      at_input=at_input)
+                                      at_input=at_input, reads=reads)
         rows = slice(self.filled, self.filled + ids.shape[0])
         attributions = result.attributions.cpu().masked_fill(~mask.bool().cpu(), math.nan)
         self.attributions[rows, :ids.shape[1]] = attributions

@@ -69,7 +69,12 @@ class LogitLens(Metric):
     def cost(cls, params: NoParams, view: ModelView, shape: RunShape) -> Cost:
         tokens = shape.n_sequences * shape.seq_len
         flops = 2.0 * (view.n_layers + 1) * tokens * view.d_model * view.vocab_size
-        return Cost(state_bytes=8 * (len(QUANTITIES) * (view.n_layers + 1) + 1), flops=flops)
+        # the logits at the batch's targets (a masked copy), and per chunk five float64 [tokens, vocab] blocks
+        # at once: the final and a layer's lens log-probabilities, and exp, difference and product of the KL
+        targets = shape.batch_size * shape.seq_len
+        block = 8 * min(TOKENS_PER_CHUNK, targets) * view.vocab_size
+        working = 5 * block + targets * view.vocab_size * view.dtype_bytes
+        return Cost(state_bytes=8 * (len(QUANTITIES) * (view.n_layers + 1) + 1), flops=flops, transient_bytes=working)
 
     def setup(self) -> None:
         self.sums = torch.zeros(self.view.n_layers + 1, len(QUANTITIES), dtype=torch.float64)

@@ -74,6 +74,10 @@ def compositions(view: ModelView, rotation: torch.Tensor | None, modes: str = "q
     return {m: composition_scores(left, right(m), view.n_layers) for m in modes}
 
 
+#: vocabulary rows per block of the Gram sums
+GRAM_ROWS = 4096
+
+
 @dataclass(frozen=True)
 class TokenGrams:
     """E^T E, U^T U and U^T E (d x d) of the embedding E and unembedding U [V, d]: the full
@@ -85,7 +89,20 @@ class TokenGrams:
 
     @classmethod
     def of(cls, embed: torch.Tensor, unembed: torch.Tensor) -> TokenGrams:
-        return cls(gram(embed), gram(unembed), unembed.T @ embed)
+        """Summed in float64 over blocks of ``GRAM_ROWS`` tokens: no float64 copy of a V x d matrix."""
+        d = embed.shape[1]
+        grams = [torch.zeros(d, d, dtype=torch.float64) for _ in range(3)]
+        for start in range(0, embed.shape[0], GRAM_ROWS):
+            e = embed[start:start + GRAM_ROWS].detach().double().cpu()
+            u = unembed[start:start + GRAM_ROWS].detach().double().cpu()
+            for total, block in zip(grams, (gram(e), gram(u), u.T @ e), strict=True):
+                total += block
+        return cls(*grams)
+
+    @staticmethod
+    def working_bytes(view: ModelView) -> int:
+        """Two float64 row blocks and the three d x d Gram matrices."""
+        return 8 * (2 * min(GRAM_ROWS, view.vocab_size) * view.d_model + 4 * view.d_model ** 2)
 
 
 def full_circuits(h: Heads, grams: TokenGrams) -> dict[str, torch.Tensor]:
@@ -168,14 +185,14 @@ class QKOV(Metric):
         flops = n * n / 2 * (2 * r * r * d + 4 * r ** 3) * sweeps + n * 8 * d * d * r
         if params.full_circuits:
             flops += 6.0 * view.vocab_size * d * d
-        return Cost(state_bytes=0, flops=flops)
+        return Cost(state_bytes=0, flops=flops,
+                    transient_bytes=TokenGrams.working_bytes(view) if params.full_circuits else 0)
 
     def finalize(self) -> dict[str, Any]:
         view, p = self.view, self.params
         unembed = getattr(view.unembed, "weight", None)
         full = p.full_circuits and isinstance(unembed, torch.Tensor) and unembed.shape[-1] == view.d_model
-        grams = TokenGrams.of(view.embed.weight.detach().double().cpu(), unembed.detach().double().cpu()) \
-            if full and isinstance(unembed, torch.Tensor) else None
+        grams = TokenGrams.of(view.embed.weight, unembed) if full and isinstance(unembed, torch.Tensor) else None
         per_layer: dict[str, list[torch.Tensor]] = {}
         for layer in range(view.n_layers):
             for name, value in self._head_values(layer_heads(view, layer), grams).items():

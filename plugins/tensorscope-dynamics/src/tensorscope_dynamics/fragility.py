@@ -22,6 +22,7 @@ from tensorscope_core.plugin_api import (
     TableValue,
     batch_logits,
     bootstrap_ci,
+    forward_act_bytes,
     hook_free_view,
     js_divergence_bits,
 )
@@ -122,7 +123,11 @@ class Fragility(Metric):
     @classmethod
     def cost(cls, params: FragilityParams, view: ModelView, shape: RunShape) -> Cost:
         rows = cls._batches(params, shape) * shape.batch_size
-        return Cost(state_bytes=8 * rows * (len(params.sigmas) + len(params.rhos)))
+        # per batch: a weight direction and the moved weights, float64 softmaxes p and q with the three
+        # temporaries of their JS divergence (the mixture and two xlogy terms), and the perturbed forward itself
+        probs = 8 * shape.batch_size * shape.seq_len * view.vocab_size
+        working = 2 * view.param_bytes + 5 * probs + forward_act_bytes(view, shape.batch_size, shape.seq_len)
+        return Cost(state_bytes=8 * rows * (len(params.sigmas) + len(params.rhos)), transient_bytes=working)
 
     def setup(self) -> None:
         rows = self._batches(self.params, self.shape) * self.shape.batch_size

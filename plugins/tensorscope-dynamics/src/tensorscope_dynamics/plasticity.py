@@ -18,6 +18,7 @@ from tensorscope_core.plugin_api import (
     ScalarValue,
     Step,
     TextValue,
+    act_bytes,
 )
 
 from .features import dormant_mask, srank
@@ -99,7 +100,15 @@ class Plasticity(Metric):
     def cost(cls, params: PlasticityParams, view: ModelView, shape: RunShape) -> Cost:
         tokens = min(params.srank_tokens, shape.batch_size * shape.seq_len * max(shape.n_batches, 1))
         features = (view.n_layers + 1) * tokens * view.d_model * 4
-        return Cost(state_bytes=view.n_layers * view.d_mlp * 8 + 8 + features + 8 * (view.n_layers + 5))
+        # the probe: a trained copy of the weights, its gradients (a tied embedding's two beside their sum),
+        # the step's ``lr * grad`` of the largest weight, and one batch's backward; with ``fresh``, the
+        # freshly built model beside them
+        largest = max((p.numel() * p.element_size() for p in view.model.parameters()), default=0)
+        probe = 2 * view.param_bytes + 2 * view.tied_embedding_bytes + largest + \
+            act_bytes(view, shape.batch_size, shape.seq_len)
+        fresh = view.param_bytes if params.fresh and fresh_buildable(view) else 0
+        return Cost(state_bytes=view.n_layers * view.d_mlp * 8 + 8 + features + 8 * (view.n_layers + 5),
+                    transient_bytes=probe + fresh)
 
     def setup(self) -> None:
         self.abs_sums = torch.zeros(self.view.n_layers, self.view.d_mlp, dtype=torch.float64)

@@ -19,6 +19,7 @@ from tensorscope_core.plugin_api import (
     ScalarValue,
     Step,
     TextValue,
+    forward_act_bytes,
 )
 
 from .collapse import collapse_stats
@@ -96,8 +97,12 @@ class SignalPropagation(Metric):
     @classmethod
     def cost(cls, params: SignalParams, view: ModelView, shape: RunShape) -> Cost:
         sv = view.n_layers * cls._sv_tokens(params, view) * view.d_model * 8
+        # a jvp carries a tangent beside the primal through one block; the dense Jacobian's vmap carries
+        # min(chunk, d) tangents at once
+        tangents = min(params.chunk, view.d_model) if cls._sv_tokens(params, view) else 1
         return Cost(
             state_bytes=2 * 8 * view.n_layers + 2 * 8 * (view.n_layers + 1) + sv,
+            transient_bytes=(1 + tangents) * _block_bytes(view, shape.batch_size, shape.seq_len),
             flops=2.0 * params.n_probes * min(params.max_batches, shape.n_batches) * view.param_bytes,
         )
 
@@ -175,3 +180,8 @@ class SignalPropagation(Metric):
         if notes:
             out["note"] = TextValue(text="; ".join(notes))
         return out
+
+
+def _block_bytes(view: ModelView, rows: int, seq: int) -> int:
+    """One block's working tensors on a batch: a no-grad forward's peak without its logits."""
+    return forward_act_bytes(view, rows, seq, loss=False) - rows * seq * view.vocab_size * view.dtype_bytes

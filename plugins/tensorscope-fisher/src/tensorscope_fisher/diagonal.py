@@ -127,6 +127,17 @@ def state_bytes(params: DiagonalParams, size: int, shape: RunShape) -> int:
     return len(segments(params, shape.tasks)) * len(params.kinds) * per_kind + squares
 
 
+def output_bytes(params: DiagonalParams, size: int, shape: RunShape) -> int:
+    """What finalize adds to the state: every kind's and segment's fields (mean, and in full mode the
+    variance, CI ends and EMA), each a P-vector of ``dtype`` that the run keeps as a result, plus (full
+    mode) the three flat vectors an accumulator's variance and CI ends are computed into before they are
+    cut into parameters (its mean and EMA are the state itself)."""
+    width = torch.finfo(DTYPES[params.dtype]).bits // 8
+    full = params.statistics == "full"
+    keys = len(segments(params, shape.tasks)) * len(params.kinds)
+    return (keys * (5 if full else 1) + (3 if full else 0)) * size * width
+
+
 class FisherDiagonal(Metric):
     """Diagonal of the parameter Fisher information per example (sequence), true and empirical.
 
@@ -166,9 +177,10 @@ class FisherDiagonal(Metric):
     @classmethod
     def cost(cls, params: DiagonalParams, view: ModelView, shape: RunShape) -> Cost:
         tokens = shape.n_sequences * shape.seq_len
+        size = layout_size(layout_of(view))
         # one forward and two pullbacks per example: about (2 + 2 x 4) P flops per token
-        return Cost(state_bytes=state_bytes(params, layout_size(layout_of(view)), shape),
-                    flops=10.0 * view.n_params * tokens)
+        return Cost(state_bytes=state_bytes(params, size, shape), flops=10.0 * view.n_params * tokens,
+                    transient_bytes=output_bytes(params, size, shape))
 
     @classmethod
     def ladder(cls, params: DiagonalParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:

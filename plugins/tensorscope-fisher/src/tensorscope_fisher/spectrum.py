@@ -28,7 +28,7 @@ from tensorscope_core.plugin_api import (
     row_squares,
 )
 
-from .fisher_grads import ARTIFACT, REQUEST, FisherGrads, layout_of
+from .fisher_grads import ARTIFACT, REQUEST, FisherGrads, layout_of, layout_size
 from .gram import gram_spectrum, nonzero_part
 from .head_blocks import LayerPieces, layer_piece_sizes, layer_pieces
 from .spectral import SUMMARY_KEYS, spectral_summary
@@ -193,7 +193,11 @@ class Spectrum(Metric):
         # a query head's block sums its own piece and its key/value head's; the MLP is the last piece
         sizes = [layer[h][0] + layer[heads + kv][0] for layer in layers for h, kv in enumerate(view.kv_head_of)]
         sizes += [layer[-1][0] for layer in layers]
-        return Cost(state_bytes=held, flops=float(sum(2 * n * n * p + 10 * n**3 for p in sizes)))
+        # update: the batch's chosen rows of the per-example gradients, copied out before the pieces are
+        # gathered into the stores
+        chosen = min(shape.batch_size, n) * layout_size(layout_of(view)) * view.dtype_bytes
+        return Cost(state_bytes=held, flops=float(sum(2 * n * n * p + 10 * n**3 for p in sizes)),
+                    transient_bytes=chosen)
 
     @classmethod
     def ladder(cls, params: SpectrumParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:

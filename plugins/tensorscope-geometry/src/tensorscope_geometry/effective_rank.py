@@ -58,7 +58,11 @@ class EffectiveRank(Metric):
         dims = _source_dims(params.sources, view)
         tokens = shape.n_sequences * shape.seq_len
         flops = sum(2.0 * tokens * d * d + 10.0 * d ** 3 for d in dims)
-        return Cost(state_bytes=sum(CovarianceAccumulator.declared_bytes(d) for d in dims), flops=flops)
+        # weights: each matrix's float64 copy and the copy LAPACK's SVD overwrites (the embedding's, 453 MiB
+        # on the 135M shape)
+        largest = max((p.numel() for p in view.model.parameters() if p.ndim == 2), default=0)
+        return Cost(state_bytes=sum(CovarianceAccumulator.declared_bytes(d) for d in dims), flops=flops,
+                    transient_bytes=2 * 8 * largest if params.weights else 0)
 
     def setup(self) -> None:
         self.accumulators = {

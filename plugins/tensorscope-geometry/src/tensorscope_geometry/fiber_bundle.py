@@ -8,11 +8,23 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from tensorscope_core.plugin_api import Cost, Metric, ModelView, Params, PreparedData, RunShape, fdr_bh
+from tensorscope_core.plugin_api import (
+    Cost,
+    Metric,
+    ModelView,
+    Params,
+    PreparedData,
+    RunShape,
+    fdr_bh,
+    forward_act_bytes,
+)
 
 from .neighbours import MARGIN, knn_radii
-from .strata import check_window, stratify, verdicts
+from .strata import ROW_CHUNK, check_window, stratify, verdicts
 from .token_points import Source, source_reason, token_points
+
+#: tokens fed at once by ``token_points`` for source='resid' (its default batch)
+TOKEN_BATCH = 1024
 
 
 class FiberBundleParams(Params):
@@ -40,6 +52,39 @@ class FiberBundleParams(Params):
 
 def _vocab(view: ModelView) -> int:
     return int(view.embed.weight.shape[0])
+
+
+def result_bytes(params: FiberBundleParams, v: int) -> int:
+    """Bytes of the arrays a run keeps from the result: float32 radii [V, vol_max], the int64 [V] stratum
+    counts, six float64 [V, nstrat] stratum arrays and six float64 [V] verdict arrays."""
+    return v * (4 * params.vol_max + 8 + 6 * 8 * params.nstrat + 6 * 8)
+
+
+def _points_bytes(params: FiberBundleParams, view: ModelView, v: int) -> int:
+    """The token rows held through finalize beyond the weights: with source='resid' the captured rows and
+    their concatenation ([V, d] each), and a float32 copy of them for the search unless already float32."""
+    rows = 2 * v * view.d_model * view.dtype_bytes if params.source == "resid" else 0
+    return rows + (4 * v * view.d_model if view.dtype_bytes != 4 else 0)
+
+
+def _forward_bytes(params: FiberBundleParams, view: ModelView, v: int) -> int:
+    """source='resid': the one-token forwards, TOKEN_BATCH tokens at a time, logits included."""
+    return forward_act_bytes(view, min(TOKEN_BATCH, v), 1, loss=False) if params.source == "resid" else 0
+
+
+def _candidate_bytes(params: FiberBundleParams, v: int) -> int:
+    """The neighbour search besides its distance block: per chunk the top candidates' float32 values,
+    int64 indices and float64 distances with their sorted copy [chunk, vol_max + MARGIN]."""
+    rows, take = min(params.chunk_size, v), min(params.vol_max + MARGIN, v)
+    return (4 + 8 + 2 * 8) * rows * take
+
+
+def _stratify_bytes(params: FiberBundleParams, v: int) -> int:
+    """The stratification, after the search: ``strata.ROW_CHUNK`` tokens' windowed statistics (about
+    30 x ws x (vol_max - vol_min) bytes a token), each chunk's stratum arrays and their concatenation
+    (2 x (6 float64 + 1 int64) [V, nstrat]), then the result arrays."""
+    scan = 30 * params.ws * (params.vol_max - params.vol_min) * min(ROW_CHUNK, v)
+    return scan + 2 * v * (6 * 8 * params.nstrat + 8) + result_bytes(params, v)
 
 
 class FiberBundle(Metric):
@@ -105,7 +150,8 @@ class FiberBundle(Metric):
         held = 4 * min(params.chunk_size, v) * v + 8 * v * k  # the distance block and the float64 radii
         take = min(k + MARGIN, v)
         forwards = 2 * view.n_params * v if params.source == "resid" else 0  # one one-token forward per token
-        return Cost(state_bytes=held,
+        working = max(_forward_bytes(params, view, v), _candidate_bytes(params, v), _stratify_bytes(params, v))
+        return Cost(state_bytes=held, transient_bytes=_points_bytes(params, view, v) + working,
                     flops=float(2 * v * v * view.d_model + 3 * v * take * view.d_model + forwards))
 
     def finalize(self) -> dict[str, Any]:

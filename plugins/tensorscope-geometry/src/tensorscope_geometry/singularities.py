@@ -21,9 +21,13 @@ from tensorscope_core.plugin_api import (
     bootstrap_ci,
 )
 
+from .fiber_bundle import FiberBundleParams, result_bytes
+
 FIBER = "geometry.fiber_bundle"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 HOTSPOTS = 3  # rejecting tokens named in reports
+BOOTSTRAP_RESAMPLES = 1000  # bootstrap_ci's default n_resamples
+BOOTSTRAP_VALUES = 10_000_000  # values bootstrap_ci resamples per vectorised call (whole resamples)
 
 
 class SingularitiesParams(Params):
@@ -36,6 +40,14 @@ def decode(tokenizer: Any, token_id: int) -> str:
     if tokenizer is None or token_id >= len(tokenizer):
         return ""
     return str(tokenizer.decode([token_id]))
+
+
+def _bootstrap_bytes(n: int) -> int:
+    """A bootstrap CI of n values: the core resamples in batches of about ``BOOTSTRAP_VALUES`` values
+    (whole resamples, at most ``BOOTSTRAP_RESAMPLES``), holding per value its int64 index, the float64
+    resampled value and the statistic's float64 copy."""
+    resamples = max(1, min(BOOTSTRAP_RESAMPLES, BOOTSTRAP_VALUES // max(n, 1)))
+    return 3 * 8 * resamples * n
 
 
 def _fraction(flags: np.ndarray, seed: int) -> ScalarValue:
@@ -74,7 +86,10 @@ class Singularities(Metric):
 
     @classmethod
     def cost(cls, params: SingularitiesParams, view: ModelView, shape: RunShape) -> Cost:
-        return Cost(state_bytes=0, flops=float(int(view.embed.weight.shape[0]) * 20))
+        v = int(view.embed.weight.shape[0])
+        # fiber_bundle's result arrays stay held by the run while the bootstrap resamples up to V tokens
+        working = result_bytes(FiberBundleParams(), v) + _bootstrap_bytes(v)
+        return Cost(state_bytes=0, transient_bytes=working, flops=float(v * 20))
 
     @classmethod
     def interpret(cls, result: MetricResult) -> list[Interpretation]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tensorscope_core.plugin_api import ModelView
+from tensorscope_core.plugin_api import ModelView, float64_sum_of_squares
 
 TEXT_CHARS = 120
 
@@ -15,7 +15,7 @@ def block_squares(view: ModelView, layer_of: dict[str, int | None], grads: dict[
     squares = torch.zeros(view.n_layers + 1, dtype=torch.float64)
     for name, g in grads.items():
         layer = layer_of.get(name)
-        squares[view.n_layers if layer is None else layer] += g.detach().double().pow(2).sum().cpu()
+        squares[view.n_layers if layer is None else layer] += float64_sum_of_squares(g).cpu()
     return squares
 
 

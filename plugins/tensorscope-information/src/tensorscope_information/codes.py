@@ -17,6 +17,8 @@ import torch
 BLOCK_ENDS = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.25, 12.5, 25.0, 50.0, 100.0)
 #: bits that describe one tensor's quantiser (its offset and step, two float32)
 QUANTISER_BITS = 64
+#: float64 values quantised at once by ``quantised_entropy_bits`` (8 MiB)
+LEVEL_CHUNK = 1 << 20
 
 #: fit(x, y) -> per-row -ln p(y | x) of the rows given to it afterwards
 Fit = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
@@ -46,19 +48,35 @@ def quantised_entropy_bits(weight: torch.Tensor, bits: int = 8, step: float | No
     tensor, ``bits`` per weight when every level is equally frequent, and about
     1/2 log2(2 pi e sigma^2) - log2 step for Gaussian weights with a fine step.
     """
-    w = weight.detach().flatten().double().cpu()
-    if w.numel() == 0:
+    w = weight.detach().flatten()
+    n = w.numel()
+    if n == 0:
         return 0.0
     if step is None:
         low, high = float(w.min()), float(w.max())
         if high == low:
             return 0.0
-        levels = torch.round((w - low) / ((high - low) / (2**bits - 1)))
+        scale = (high - low) / (2**bits - 1)
+        counts = level_counts(w, lambda c: c.sub_(low).div_(scale).round_())
     else:
-        levels = torch.round(w / step)
-    _, counts = torch.unique(levels, return_counts=True)
-    p = counts.double() / w.numel()
-    return float(-(p * torch.log2(p)).sum()) * w.numel()
+        counts = level_counts(w, lambda c: c.div_(step).round_())
+    p = counts.double() / n
+    return float(-(p * torch.log2(p)).sum()) * n
+
+
+def level_counts(w: torch.Tensor, to_level: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Counts of the distinct levels of flat ``w``, in ascending level order (as ``torch.unique``):
+    ``LEVEL_CHUNK`` float64 values at a time, never a float64 copy of the whole tensor. ``to_level``
+    works in place on a copy of each chunk."""
+    levels = torch.empty(0, dtype=torch.float64)
+    counts = torch.empty(0, dtype=torch.int64)
+    for start in range(0, w.numel(), LEVEL_CHUNK):
+        chunk_levels, chunk_counts = torch.unique(
+            to_level(w[start : start + LEVEL_CHUNK].to("cpu", torch.float64, copy=True)), return_counts=True
+        )
+        levels, where = torch.unique(torch.cat([levels, chunk_levels]), return_inverse=True)
+        counts = torch.zeros(len(levels), dtype=torch.int64).index_add_(0, where, torch.cat([counts, chunk_counts]))
+    return counts
 
 
 def elias_gamma_bits(n: int) -> int:

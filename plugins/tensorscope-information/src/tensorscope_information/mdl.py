@@ -23,13 +23,15 @@ from tensorscope_core.plugin_api import (
     TextValue,
 )
 
-from .codes import architecture_bits, online_code_bits, quantised_entropy_bits, uniform_code_bits
+from .codes import LEVEL_CHUNK, architecture_bits, online_code_bits, quantised_entropy_bits, uniform_code_bits
 from .labels import bucket, frequent_tokens
 from .probe import fit_probe, token_nll
 from .resampling import group_index
 from .tokens import TokenBank, bank_bytes, bank_capacity, per_sequence_quota
 
 MIN_TOKENS = 16
+#: steps of L-BFGS history kept by ``probe.fit_probe`` (its history_size)
+PROBE_HISTORY = 20
 
 
 class MDLParams(Params):
@@ -101,7 +103,10 @@ class MDL(Metric):
     @classmethod
     def cost(cls, params: MDLParams, view: ModelView, shape: RunShape) -> Cost:
         capacity = bank_capacity(params.max_tokens, params.tokens_per_sequence, shape.n_sequences, shape.seq_len)
-        return Cost(state_bytes=bank_bytes(capacity, [view.d_model] * (view.n_layers + 1)) + 16)
+        working = max(_probe_bytes(capacity, view.d_model, params.top_k + 1), _weight_code_bytes(params, view))
+        return Cost(
+            state_bytes=bank_bytes(capacity, [view.d_model] * (view.n_layers + 1)) + 16, transient_bytes=working
+        )
 
     def setup(self) -> None:
         p, s = self.params, self.shape
@@ -163,6 +168,22 @@ class MDL(Metric):
             "model_code_bits": ScalarValue(value=weight + arch + data, unit="bits"),
             "estimator": TextValue(text=text),
         }
+
+
+def _probe_bytes(n: int, d: int, classes: int) -> int:
+    """Finalize's probe working set: one source's n rows in sequence order, their standardised copy and
+    its centred temporary (n x d float32 each), and L-BFGS's history and search directions, each
+    (d + 1) x classes float32."""
+    return 3 * 4 * n * d + 4 * (2 * PROBE_HISTORY + 6) * (d + 1) * classes
+
+
+def _weight_code_bytes(params: MDLParams, view: ModelView) -> int:
+    """The weight code's working set: a float64 chunk of levels with torch.unique's sorted copy and index
+    buffers (4 x 8 bytes a value), and the merged (level, count) pairs with their merge copy (3 x 16 bytes
+    each): at most 2**weight_bits levels, or as many as the largest tensor's values with weight_step."""
+    largest = max((w.numel() for w in view.model.parameters()), default=0)
+    levels = largest if params.weight_step is not None else min(2**params.weight_bits, largest)
+    return 4 * 8 * LEVEL_CHUNK + 3 * 16 * levels
 
 
 def _sequence_order(sequence: torch.Tensor, seed: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ from tensorscope_core.plugin_api import (
     ScalarValue,
     SeriesValue,
     Step,
+    act_bytes,
     batch_loss,
 )
 
@@ -148,11 +149,18 @@ class IterativeMagnitudePruning(Metric):
         """The trained copy of the trainable weights, its gradients, SGD's momentum (momentum > 0)
         and the rewind point (r > 0; at r = 0 the model's own weights are the rewind point); three
         boolean masks of the prunable entries (this round's, the previous, the one-shot one); the
-        batches cycled (int64 ids, attention mask and targets)."""
+        batches cycled (int64 ids, attention mask and targets). Transient, the larger of: a training
+        step's backward (its activations and, tied, the embedding's second gradient until summed) and a
+        pruning (the survivors' values, and for the largest tensor its magnitudes, two int64 running
+        counts of ties and two boolean masks: ``lottery.Cut.masks``)."""
         trainable = [p for p in view.model.parameters() if p.requires_grad]
         weights = sum(p.numel() * p.element_size() for p in trainable)
         copies = 2 + int(params.momentum > 0) + int(params.rewind_step > 0)
-        masks = 3 * sum(w.numel() for w in prunable(view, params.include_embeddings).values())
+        pruned = prunable(view, params.include_embeddings).values()
+        masks = 3 * sum(w.numel() for w in pruned)
+        backward = act_bytes(view, shape.batch_size, shape.seq_len) + view.tied_embedding_bytes
+        largest = max((w.numel() for w in pruned), default=0)
+        pruning = sum(w.numel() * w.element_size() for w in pruned) + largest * (view.dtype_bytes + 2 * 8 + 2)
         batches = train_batch_shapes(view, shape, params.steps)
         tokens = sum(rows * length for rows, length in batches)
         n_params = sum(p.numel() for p in trainable)
@@ -160,7 +168,8 @@ class IterativeMagnitudePruning(Metric):
         steps = params.steps + params.rounds * (params.steps - params.rewind_step)
         mean_tokens = tokens / len(batches) if batches else 0.0
         flops = 3 * per_token * mean_tokens * steps + per_token * tokens * (params.rounds + 1)
-        return Cost(state_bytes=copies * weights + masks + BATCH_BYTES_PER_TOKEN * tokens, flops=float(flops))
+        return Cost(state_bytes=copies * weights + masks + BATCH_BYTES_PER_TOKEN * tokens,
+                    transient_bytes=max(backward, pruning), flops=float(flops))
 
     @classmethod
     def own_passes(cls, params: ImpParams, view: ModelView, shape: RunShape) -> dict[str, int]:
@@ -247,7 +256,7 @@ class IterativeMagnitudePruning(Metric):
             if start == 0 and k == p.rewind_step and k > 0:
                 held["rewind"] = {n: w.detach().clone() for n, w in weights.items()}
             batch, targets = self.batches[k % len(self.batches)]
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad()  # freed, not zeroed: the backward then never holds old and new gradients at once
             batch_loss(self.view, batch, targets, weights).backward()
             with torch.no_grad():
                 for name, mask in masks.items():

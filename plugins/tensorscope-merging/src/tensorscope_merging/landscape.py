@@ -29,6 +29,7 @@ from tensorscope_core.plugin_api import (
     SeriesValue,
     Step,
     batch_loss,
+    float64_sum_of_squares,
 )
 
 from .passes import loss_batches
@@ -117,16 +118,30 @@ def _filter_normalized(d: torch.Tensor, t: torch.Tensor, row: int) -> torch.Tens
 def _scale(theta: Sequence[torch.Tensor], direction: Sequence[torch.Tensor]) -> float:
     """``||theta|| / (||direction|| + 1e-10)`` over all the tensors given, in float64."""
     def norm(tensors: Sequence[torch.Tensor]) -> float:
-        return math.sqrt(sum(float(t.detach().double().square().sum()) for t in tensors))
+        return math.sqrt(sum(float(float64_sum_of_squares(t)) for t in tensors))
 
     return norm(theta) / (norm(direction) + 1e-10)
 
 
+#: entries multiplied in float64 at once by ``float64_dot`` (8 MiB of float64 per operand)
+_DOT_CHUNK = 1 << 20
+
+
+def float64_dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sum(a * b) with every product taken and summed in float64, a chunk at a time: the float64
+    copies of a whole pair and their product would be six times a float32 tensor's bytes."""
+    fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=fa.device)
+    for start in range(0, fa.numel(), _DOT_CHUNK):
+        total += (fa[start:start + _DOT_CHUNK].double() * fb[start:start + _DOT_CHUNK].double()).sum()
+    return float(total)
+
+
 def direction_cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """Cosine between two directions as flat vectors (near 0: the plot's axes are orthogonal)."""
-    dot = sum(float((a[n].double() * b[n].double()).sum()) for n in a)
-    na = math.sqrt(sum(float(a[n].double().square().sum()) for n in a))
-    nb = math.sqrt(sum(float(b[n].double().square().sum()) for n in b))
+    dot = sum(float64_dot(a[n], b[n]) for n in a)
+    na = math.sqrt(sum(float(float64_sum_of_squares(a[n])) for n in a))
+    nb = math.sqrt(sum(float(float64_sum_of_squares(b[n])) for n in b))
     return dot / (na * nb) if na > 0 and nb > 0 else math.nan
 
 
@@ -136,15 +151,16 @@ def surface(loss_at: Callable[[Tensors], torch.Tensor], theta: Mapping[str, torc
     """``f[i, j] = loss_at(theta + coords[i] * delta + coords[j] * eta)``, float64 [grid, grid].
 
     Every grid point is written into ``point`` (tensors like theta's; made here when not given), so
-    one perturbed copy of the weights is held whatever the grid; directions kept in another dtype
-    are cast to the parameters' one parameter at a time."""
+    one perturbed copy of the weights is held whatever the grid; ``alpha * delta + theta`` is formed
+    in place there (the same roundings as ``theta + alpha * delta``), ``beta * eta`` in one temporary
+    the size of one parameter (two when the directions are kept in another dtype: the cast too)."""
     point = {n: torch.empty_like(t) for n, t in theta.items()} if point is None else point
     out = torch.empty(len(coords), len(coords), dtype=torch.float64)
     with torch.no_grad():
         for i, alpha in enumerate(coords.tolist()):
             for j, beta in enumerate(coords.tolist()):
                 for n, t in theta.items():
-                    point[n].copy_(t + alpha * delta[n].to(t.dtype) + beta * eta[n].to(t.dtype))
+                    point[n].copy_(delta[n]).mul_(alpha).add_(t).add_(beta * eta[n].to(t.dtype))
                 out[i, j] = float(loss_at(point))
     return out
 
@@ -193,14 +209,17 @@ class LossSurface2D(Metric):
     def cost(cls, params: SurfaceParams, view: ModelView, shape: RunShape) -> Cost:
         """The two directions (``delta``, ``eta``: the parameters' bytes each, or 2 bytes an entry in
         bfloat16), the perturbed weights of the grid point being evaluated (``point``: the parameters'
-        bytes) and the float64 grid of loss sums."""
+        bytes) and the float64 grid of loss sums. Transient: ``beta * eta`` of the largest parameter while
+        the grid point is written (and eta's cast to the parameters' dtype when kept in bfloat16)."""
         batches = shape.n_batches if params.max_batches is None else min(shape.n_batches, params.max_batches)
         trainable = [p for p in view.model.parameters() if p.requires_grad]
         n_params = sum(p.numel() for p in trainable)
         point = sum(p.numel() * p.element_size() for p in trainable)
         direction = 2 * n_params if params.direction_dtype == "bfloat16" else point
+        largest = max((p.numel() * p.element_size() for p in trainable), default=0)
+        temporaries = 2 if params.direction_dtype == "bfloat16" else 1
         forward = 2.0 * n_params * shape.batch_size * shape.seq_len
-        return Cost(state_bytes=2 * direction + point + 8 * params.grid**2,
+        return Cost(state_bytes=2 * direction + point + 8 * params.grid**2, transient_bytes=temporaries * largest,
                     flops=float(params.grid**2 * batches * forward))
 
     @classmethod
@@ -223,18 +242,20 @@ class LossSurface2D(Metric):
         theta = self._theta()
         gen = torch.Generator().manual_seed(self.params.direction_seed)
         rows = output_row_dims(self.view.model)
-        self.delta = normalize_direction(gaussian_direction(theta, gen), theta, rows, self.params.normalization,
-                                         self.params.one_dim)
-        self.eta = normalize_direction(gaussian_direction(theta, gen), theta, rows, self.params.normalization,
-                                       self.params.one_dim)
-        if self.params.direction_dtype == "bfloat16":
-            self.delta = {n: d.to(torch.bfloat16) for n, d in self.delta.items()}
-            self.eta = {n: d.to(torch.bfloat16) for n, d in self.eta.items()}
+        self.delta = self._direction(theta, gen, rows)
+        self.eta = self._direction(theta, gen, rows)
         #: the perturbed weights of the grid point being evaluated (one copy, reused)
         self.point = {n: torch.empty_like(t) for n, t in theta.items()}
         self.sums = torch.zeros(self.params.grid, self.params.grid, dtype=torch.float64)
         self.tokens = 0
         self.batches = 0
+
+    def _direction(self, theta: Tensors, gen: torch.Generator, rows: Mapping[str, int]) -> Tensors:
+        """The next normalised direction from ``gen`` in ``direction_dtype``, cast at once (before the
+        next is drawn, so at most two directions in the parameters' dtype are ever held)."""
+        d = normalize_direction(gaussian_direction(theta, gen), theta, rows, self.params.normalization,
+                                self.params.one_dim)
+        return {n: t.to(torch.bfloat16) for n, t in d.items()} if self.params.direction_dtype == "bfloat16" else d
 
     def _theta(self) -> Tensors:
         return {n: p.detach() for n, p in self.view.model.named_parameters() if p.requires_grad}

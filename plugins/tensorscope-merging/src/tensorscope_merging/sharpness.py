@@ -22,10 +22,13 @@ from tensorscope_core.plugin_api import (
     RunShape,
     ScalarValue,
     Step,
+    act_bytes,
     batch_loss,
     bootstrap_ci,
+    float64_sum_of_squares,
 )
 
+from .landscape import float64_dot
 from .passes import loss_batches
 
 Tensors = dict[str, torch.Tensor]
@@ -52,7 +55,10 @@ class SamEstimate:
 
 
 def _norm(v: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return torch.sqrt(sum((t.double().square().sum() for t in v.values()), torch.zeros((), dtype=torch.float64)))
+    """The L2 norm of all tensors together, squared and summed in float64 a chunk at a time (no float64
+    copy of a weight-sized tensor)."""
+    return torch.sqrt(sum((float64_sum_of_squares(t).cpu() for t in v.values()),
+                          torch.zeros((), dtype=torch.float64)))
 
 
 def _grad(loss_fn: LossFn, point: Tensors) -> tuple[torch.Tensor, Tensors]:
@@ -83,15 +89,26 @@ def sam_sharpness(loss_fn: LossFn, theta: Mapping[str, torch.Tensor], rho: float
     held["eps"] = {n: torch.zeros_like(t) for n, t in theta.items()}
     increases = []
     for _ in range(steps):
-        eps = {n: e + lr * held["grad"][n] for n, e in held["eps"].items()}
-        held["grad"] = held["eps"] = held["point"] = {}
+        held["point"] = {}
+        # eps + lr * grad, written into the gradient's storage (the gradient is not needed after it)
+        eps = {n: held["grad"][n].mul_(lr).add_(e) for n, e in held["eps"].items()}
+        held["grad"] = held["eps"] = {}
         size = float(_norm(eps))
-        held["eps"] = eps if size <= rho else {n: e * (rho / size) for n, e in eps.items()}
+        if size > rho:
+            for e in eps.values():
+                e.mul_(rho / size)
+        held["eps"] = eps
         del eps
         held["point"] = {n: theta[n] + held["eps"][n] for n in theta}
         loss, held["grad"] = _grad(loss_fn, held["point"])
         increases.append(float(loss) - float(loss0))
     return SamEstimate(float(loss0), increases[0], max(increases))
+
+
+def _rademacher(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Entries +-1 shaped like ``like``, drawn in its dtype (the same values as drawing int64 0/1 and
+    casting, without the two int64 copies of the tensor)."""
+    return torch.randint(0, 2, like.shape, generator=gen, dtype=like.dtype).mul_(2).sub_(1).to(like.device)
 
 
 def hutchinson_trace(loss_fn: LossFn, theta: Mapping[str, torch.Tensor], probes: int,
@@ -110,10 +127,10 @@ def hutchinson_trace(loss_fn: LossFn, theta: Mapping[str, torch.Tensor], probes:
     out = torch.empty(probes, dtype=torch.float64)
     for k in range(probes):
         held["eps"] = held["point"] = []
-        held["eps"] = zs = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(t.dtype) for t, _ in used]
-        held["point"] = hz = torch.autograd.grad(held["grad"], [t for t, _ in used], grad_outputs=zs,
-                                                 retain_graph=True)
-        out[k] = sum(float((z.double() * h.double()).sum()) for z, h in zip(zs, hz, strict=True))
+        held["eps"] = [_rademacher(t, gen) for t, _ in used]
+        held["point"] = torch.autograd.grad(held["grad"], [t for t, _ in used], grad_outputs=held["eps"],
+                                            retain_graph=True)
+        out[k] = sum(float64_dot(z, h) for z, h in zip(held["eps"], held["point"], strict=True))
     return out
 
 
@@ -149,16 +166,23 @@ class Sharpness(Metric):
 
     @classmethod
     def cost(cls, params: SharpnessParams, view: ModelView, shape: RunShape) -> Cost:
-        """Three copies of the trainable weights (``held``: the perturbation, the perturbed weights and
-        the gradient there; the Hutchinson step's gradient, probe and Hessian-vector product) and the
-        per-batch values."""
+        """State: three copies of the trainable weights (``held``: the perturbation, the perturbed weights
+        and the gradient there; the Hutchinson step's gradient, probe and Hessian-vector product) and the
+        per-batch values. Transient: each backward's activations and, with tied embeddings, the second
+        gradient of the embedding until the two are summed; with probes, the Hessian-vector product's
+        terms for the [vocab, d] matrix (two of them at once, made while the first backward's graph is
+        held)."""
         batches = shape.n_batches if params.max_batches is None else min(shape.n_batches, params.max_batches)
         n_params = sum(p.numel() for p in view.model.parameters() if p.requires_grad)
         backward = 6.0 * n_params * shape.batch_size * shape.seq_len
         per_batch = backward * (1 + params.ascent_steps + 2 * params.hutchinson_probes)
         n_probes = batches * params.hutchinson_probes
         copies = 3 * sum(p.numel() * p.element_size() for p in view.model.parameters() if p.requires_grad)
-        return Cost(state_bytes=copies + 8 * (3 * batches + n_probes), flops=float(per_batch * batches))
+        transient = act_bytes(view, shape.batch_size, shape.seq_len) + view.tied_embedding_bytes
+        if params.hutchinson_probes:
+            transient += 2 * view.vocab_size * view.d_model * view.dtype_bytes
+        return Cost(state_bytes=copies + 8 * (3 * batches + n_probes), transient_bytes=transient,
+                    flops=float(per_batch * batches))
 
     @classmethod
     def own_passes(cls, params: SharpnessParams, view: ModelView, shape: RunShape) -> dict[str, int]:

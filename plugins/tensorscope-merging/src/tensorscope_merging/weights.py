@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tensorscope_core.plugin_api import LayerValue, ModelView
+from tensorscope_core.plugin_api import LayerValue, ModelView, float64_sum_of_squares
 
 OUTSIDE = "outside"  # label of the parameters outside every block (embeddings, final norm, head)
 
@@ -71,5 +71,5 @@ class Groups:
         so no model-sized dict of them is ever held."""
         out = torch.zeros(self.n_layers + 1, dtype=torch.float64)
         for name, t in tensors.items() if isinstance(tensors, Mapping) else tensors:
-            out[self.of[name]] += t.double().pow(2).sum().cpu()
+            out[self.of[name]] += float64_sum_of_squares(t).cpu()
         return out

@@ -1,0 +1,126 @@
+"""What a run held against what its plan declared, metric by metric.
+
+A plan is only as good as the costs it adds up: a metric that declares 1 GiB and holds 3 kills a run
+the plan said would fit. The audit runs each metric alone on an already loaded model and compares two
+pairs: the plan's declared peak above the weights against the process's peak resident memory above
+what it held before the run (Linux: ``VmHWM``, reset through ``/proc/self/clear_refs``), and the
+metric's declared state against the bytes its state held at the end (the runner's measurement).
+
+Resident memory is what ends a run (the kernel kills on it), so it is the measure, not the tensors the
+allocator knows of. Three steps keep it honest: freed tensors go back to the system at once (a fixed
+``mmap`` threshold and ``malloc_trim`` before each run), each metric first runs on a tiny model of the
+same family so the modules it imports are resident before the measured run, and quantities under
+``FLOOR_BYTES`` compare by that absolute margin (the interpreter's own growth is that size).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .config import RunConfig, format_bytes
+from .data import DataSpec
+from .errors import UsageError
+
+#: relative agreement asked of every declared cost
+TOLERANCE = 0.15
+#: below this, declared and held compare by absolute difference: the interpreter's own growth in a run
+FLOOR_BYTES = 48 * 2**20
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_M_MMAP_THRESHOLD = -3
+
+
+@dataclass(frozen=True)
+class MemoryAudit:
+    """One metric run alone: declared against held, above the weights."""
+
+    metric: str
+    status: str
+    declared_peak: int
+    held_peak: int
+    declared_state: int
+    held_state: int
+
+    @staticmethod
+    def agrees(declared: int, held: int) -> bool:
+        return abs(held - declared) <= max(TOLERANCE * declared, FLOOR_BYTES)
+
+    @property
+    def ran(self) -> bool:
+        """False for a metric that ended skipped: it held nothing to compare."""
+        return self.status != "skipped"
+
+    @property
+    def ok(self) -> bool:
+        """Ran, without error, and held what it declared (a skipped metric is not ok: it was not checked)."""
+        return self.status == "ok" and self.agrees(self.declared_peak, self.held_peak) \
+            and self.agrees(self.declared_state, self.held_state)
+
+    def line(self) -> str:
+        mark = "ok " if self.ok else ("OFF" if self.ran else "n/a")
+        return (f"{mark} {self.metric:<40} peak declared {format_bytes(self.declared_peak):>10} held "
+                f"{format_bytes(self.held_peak):>10}   state declared {format_bytes(self.declared_state):>10} held "
+                f"{format_bytes(self.held_state):>10}   ({self.status})")
+
+
+def _read_status(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise UsageError(f"{_STATUS} has no {field}", "run the memory audit on Linux")
+
+
+def _libc() -> Any:
+    if not sys.platform.startswith("linux") or not _CLEAR_REFS.exists():
+        raise UsageError("the memory audit reads the process's peak resident memory through /proc (Linux only)",
+                         "run it on a Linux machine")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)  # fixed: a freed large block goes back to the system now
+    return libc
+
+
+def _settle(libc: Any) -> int:
+    """Free what can be freed, restart the peak from now; the resident bytes now."""
+    gc.collect()
+    libc.malloc_trim(0)
+    _CLEAR_REFS.write_text("5")
+    return _read_status("VmRSS")
+
+
+def audit(model: nn.Module, data: DataSpec, metrics: Sequence[str], *, config: RunConfig,
+          warm_up: nn.Module, warm_up_data: DataSpec,
+          params: Mapping[str, Mapping[str, Any]] | None = None,
+          progress: Callable[[MemoryAudit], None] | None = None) -> list[MemoryAudit]:
+    """Each of ``metrics`` alone on ``model`` (loaded, in ``config``'s dtype and device): its plan's
+    declared peak and state against what the run held. ``params``: settings of any metric, each given
+    to the runs that compute it (a metric needed by the audited one too). ``warm_up``: a tiny model of the same family
+    each metric runs on first (with ``warm_up_data``), so imports and one-time set-up are not counted."""
+    from .api import analyze, plan
+    from .plugins import get_registry
+    from .scheduler.graph import resolve
+
+    libc = _libc()
+    out: list[MemoryAudit] = []
+    for name in metrics:
+        computed = {node.name for node in resolve([name], {}, get_registry())}
+        asked = {m: dict(p) for m, p in (params or {}).items() if m in computed}
+        analyze(warm_up, data=warm_up_data, metrics=[name], config=config, params=asked)
+        model_plan = plan(model, data=data, metrics=[name], config=config, params=asked)[0]
+        before = _settle(libc)
+        results = analyze(model, data=data, metrics=[name], config=config, params=asked)
+        held = _read_status("VmHWM") - before
+        result = results.record.models[0].metrics[name]
+        row = MemoryAudit(name, result.status, model_plan.peak_bytes - model_plan.weights_bytes, held,
+                          result.declared_bytes or 0, result.measured_bytes or 0)
+        out.append(row)
+        if progress is not None:
+            progress(row)
+    return out

@@ -1,0 +1,118 @@
+"""Declared memory against what a run holds: the audit instrument on known allocations, the plan's
+working-memory term, and (marker ``realshape``) every metric on the 135M-shaped LLaMA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from pydantic import Field
+
+from tensorscope_core import RunConfig, plan
+from tensorscope_core.demo import demo_params
+from tensorscope_core.memory_audit import FLOOR_BYTES, MemoryAudit, audit
+from tensorscope_core.plugin_api import Cost, Metric, ModelView, Params, RunShape, ScalarValue
+from tensorscope_core.plugins import get_registry
+from tensorscope_core.testing import REAL_135M, real_shaped_llama, temporary_plugin
+
+MIB = 2**20
+
+
+class AllocParams(Params):
+    allocate_mib: int = Field(256, ge=0)
+    declare_mib: int = Field(256, ge=0)
+
+
+class Allocates(Metric):
+    """Holds ``allocate_mib`` of working memory in finalize and declares ``declare_mib``."""
+
+    name = "probe.allocates"
+    version = "1"
+    summary = "allocates a known block"
+    Params = AllocParams
+    artifacts = ("weights",)
+    fields = {"total": "sum of the block (every entry 1)"}
+
+    @classmethod
+    def cost(cls, params: AllocParams, view: ModelView, shape: RunShape) -> Cost:
+        return Cost(transient_bytes=params.declare_mib * MIB)
+
+    def finalize(self) -> dict[str, Any]:
+        block = torch.ones(self.params.allocate_mib * MIB // 4)
+        return {"total": ScalarValue(value=float(block.sum()))}
+
+
+def _tiny() -> torch.nn.Module:
+    return real_shaped_llama(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=128, vocab_size=512)
+
+
+def _tokens(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+CONFIG = RunConfig(batch_size=2, max_length=32, memory_budget="8GiB")
+
+
+def _audit_probe(allocate: int, declare: int) -> MemoryAudit:
+    model, tiny = _tiny(), _tiny()
+    with temporary_plugin("probe", metrics=[Allocates]):
+        [row] = audit(model, _tokens(512), ["probe.allocates"], config=CONFIG, warm_up=tiny,
+                      warm_up_data=_tokens(512), params={"probe.allocates": {"allocate_mib": allocate,
+                                                                             "declare_mib": declare}})
+    return row
+
+
+def test_the_audit_sees_a_known_block_of_working_memory() -> None:
+    row = _audit_probe(allocate=256, declare=256)
+    assert abs(row.held_peak - 256 * MIB) <= 0.05 * 256 * MIB, row.line()
+    assert row.ok
+
+
+def test_an_under_declared_block_is_flagged() -> None:
+    row = _audit_probe(allocate=256, declare=64)
+    assert row.held_peak > 200 * MIB and not row.ok, row.line()
+
+
+def test_small_quantities_compare_by_the_floor() -> None:
+    assert MemoryAudit.agrees(0, FLOOR_BYTES) and not MemoryAudit.agrees(0, FLOOR_BYTES + 1)
+    assert MemoryAudit.agrees(1000 * MIB, 1150 * MIB) and not MemoryAudit.agrees(1000 * MIB, 1151 * MIB)
+
+
+def test_the_plan_adds_working_memory_and_names_the_heaviest_metrics() -> None:
+    model = _tiny()
+    with temporary_plugin("probe", metrics=[Allocates]):
+        small = plan(model, _tokens(512), ["probe.allocates"], config=CONFIG,
+                     params={"probe.allocates": {"declare_mib": 1}})[0]
+        large = plan(model, _tokens(512), ["probe.allocates"], config=CONFIG,
+                     params={"probe.allocates": {"declare_mib": 300}})[0]
+    assert large.peak_bytes - small.peak_bytes == 299 * MIB
+    assert large.declared_transient == {"probe.allocates": 300 * MIB}
+    assert "probe.allocates" in large.render().split("largest declared memory by metric")[1]
+
+
+# -- every metric on the 135M-shaped model --------------------------------------------------
+
+#: metrics whose declared memory is known to be off on the 135M shape (issue 20), with what the audit
+#: measured on the real width and vocabulary with 4 layers (held / declared above the weights)
+KNOWN_OFF: dict[str, str] = {}
+
+
+def _tasks(vocab: int) -> dict[str, torch.Tensor]:
+    """Two tasks, so the metrics that compare tasks or hold out a test split run too."""
+    gen = torch.Generator().manual_seed(0)
+    return {task: torch.randint(0, vocab, (2, 32), generator=gen) for task in ("train", "test")}
+
+
+@pytest.mark.realshape
+def test_every_metric_declares_what_it_holds_on_the_135m_shape() -> None:
+    """Each metric alone, at the demo's settings (the research defaults of the replaying metrics take
+    hours here), on two tasks of 2 x 32 tokens of the 135M-shaped LLaMA. A metric that ends skipped is
+    listed, not checked; one that errors or holds other than it declares fails unless it is known."""
+    names = sorted(n for n, cls in get_registry().metrics.items() if cls.scope == "model")
+    rows = audit(real_shaped_llama(), _tasks(REAL_135M["vocab_size"]), names, params=demo_params(names),
+                 config=RunConfig(batch_size=2, max_length=32, memory_budget="20GiB"), warm_up=_tiny(),
+                 warm_up_data=_tasks(512), progress=lambda r: print(r.line(), flush=True))
+    off = sorted(r.metric for r in rows if r.ran and not r.ok and r.metric not in KNOWN_OFF)
+    assert not off, "\n".join(r.line() for r in rows if r.metric in off)
