@@ -94,9 +94,17 @@ def test_the_plan_adds_working_memory_and_names_the_heaviest_metrics() -> None:
 
 # -- every metric on the 135M-shaped model --------------------------------------------------
 
-#: metrics whose declared memory is known to be off on the 135M shape (issue 20), with what the audit
-#: measured on the real width and vocabulary with 4 layers (held / declared above the weights)
-KNOWN_OFF: dict[str, str] = {}
+#: metrics whose declared memory is known to be off (issue 20): declared / held above the weights, on the
+#: 135M shape (30 layers) where that run reached them, else on its width and vocabulary with 4 layers
+KNOWN_OFF: dict[str, str] = {
+    # act_bytes' per-layer term undercounts what a gated MLP and grouped-query attention keep for the backward
+    "circuits.integrated_gradients": "1.5 GiB / 1.9 GiB (30 layers, 32 path rows)",
+    "dynamics.fragility": "1.2 GiB / 1.6 GiB (30 layers)",
+    "dynamics.plasticity": "1.9 GiB / 2.3 GiB (30 layers; within 10% with 4)",
+    "dynamics.signal_propagation": "282 MiB / 343 MiB (4 layers): a block under jvp keeps more than a forward",
+    "lottery.imp": "724 MiB / 1.09 GiB (4 layers): 367 MiB not yet placed",
+    "gradients.pathology": "359 MiB / 418 MiB (4 layers, before the core's gradient fixes)",
+}
 
 
 def _tasks(vocab: int) -> dict[str, torch.Tensor]:

@@ -177,9 +177,9 @@ def _bytes(view: ModelView, batch: int, seq: int, request: Request) -> int:
 
 def _transient(view: ModelView, rows: int, seq: int, request: Request) -> int:
     """What the per-example backward keeps while it runs: a backward of the micro-batch's activations,
-    and with a tied embedding the second per-example gradient of it [rows, V, d] until the two are summed."""
+    and with a tied embedding its two per-example gradients [rows, V, d] beside their sum."""
     every_parameter = (request or {}).get("parameters") is None
-    return act_bytes(view, rows, seq) + (rows * view.tied_embedding_bytes if every_parameter else 0)
+    return act_bytes(view, rows, seq) + (2 * rows * view.tied_embedding_bytes if every_parameter else 0)
 
 
 def _own_passes(view: ModelView, rows: int, seq: int, request: Request) -> dict[str, int]:
