@@ -14,7 +14,7 @@ from tensorscope_core import ModelSource, RunConfig, analyze
 from tensorscope_core.models.load import load_model  # core internal: no public loader of a ModelView
 from tensorscope_core.plugin_api import hook_free_view
 from tensorscope_core.plugins import get_registry  # core internal: the installed adapters, for load_model
-from tensorscope_core.testing import check_declared_cost, run_metric
+from tensorscope_core.testing import check_declared_cost, run_at_rung, run_metric
 
 METRIC = "circuits.integrated_gradients"
 TEXTS = ["the cat sat on the mat", "a dog ran", "the bird flew over the old house today", "one two three four"]
@@ -144,3 +144,14 @@ def test_the_path_runs_on_a_hook_free_twin_with_the_same_weights(models):
     assert not fired
     on_model = integrated_gradients(view, ids, torch.ones_like(ids), baseline, mean_token_loss(targets, mask), **kw)
     assert fired and torch.equal(on_twin.attributions, on_model.attributions)
+
+
+def test_the_memory_ladder_runs_fewer_path_nodes_per_call_with_the_same_attributions(models):
+    """The rungs lower the declared working memory (one forward+backward of fewer nodes) and change nothing
+    else: pinned to chunk-1, the attributions equal the asked chunk's."""
+    params = {"steps": 8, "chunk": 8}
+    asked, _ = run(models["gpt2"], TEXTS, params)
+    at_rung, pinned = run_at_rung(models["gpt2"], TEXTS, METRIC, "chunk-1", config=F64, **params)
+    assert pinned.params["chunk"] == 1 and pinned.passes_declared["replay_backward"] > 0
+    torch.testing.assert_close(at_rung.tensor(METRIC, "attributions"), asked.tensor(METRIC, "attributions"),
+                               rtol=1e-12, atol=1e-14, equal_nan=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -15,6 +16,7 @@ from tensorscope_core.plugin_api import (
     ModelView,
     Params,
     PreparedData,
+    Rung,
     RunShape,
     ScalarValue,
     Step,
@@ -97,6 +99,15 @@ class IntegratedGradients(Metric):
         flops = 6.0 * view.n_params * n * t * (params.steps + 2)  # a forward and a backward per node
         rows = min(params.chunk, params.steps) * shape.batch_size  # one forward+backward of the path
         return Cost(state_bytes=8 * (n * t + 2 * n), flops=flops, transient_bytes=act_bytes(view, rows, t))
+
+    @classmethod
+    def ladder(cls, params: IGParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
+        """Fewer path nodes per forward and backward: the same attributions from more, smaller calls."""
+        candidates = [Rung(f"chunk-{c}", params.model_copy(update={"chunk": c}),
+                           f"exact (the same attributions): {c} path node(s) per forward and backward, "
+                           f"{-(-params.steps // c)} calls per batch instead of {-(-params.steps // params.chunk)}")
+                      for c in (4, 1) if c < params.chunk]
+        return cls.cheaper_rungs(params, view, shape, candidates)
 
     @classmethod
     def own_passes(cls, params: IGParams, view: ModelView, shape: RunShape) -> dict[str, int]:
