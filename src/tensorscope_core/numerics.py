@@ -28,15 +28,22 @@ def sum_of_squares(tensor: torch.Tensor) -> torch.Tensor:
 _FLOAT64_CHUNK = 1 << 20
 
 
-def float64_sum_of_squares(tensor: torch.Tensor) -> torch.Tensor:
-    """sum(x**2) with every entry squared and summed in float64 (a float64 scalar), a chunk at a time:
-    exact where ``sum_of_squares``' float32 rows lose up to ~1e-6 relative to one large entry, without
-    the float64 copy of the whole tensor that ``vector_norm(x, dtype=float64)`` makes."""
-    flat = tensor.detach().reshape(-1)
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
-    for start in range(0, flat.numel(), _FLOAT64_CHUNK):
-        total += flat[start:start + _FLOAT64_CHUNK].double().square().sum()
+def float64_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) with every product taken and summed in float64 (a float64 scalar), a chunk at a time:
+    float64 copies of a whole pair and their product would be six times a float32 tensor's bytes."""
+    fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=fa.device)
+    for start in range(0, fa.numel(), _FLOAT64_CHUNK):
+        chunk = slice(start, start + _FLOAT64_CHUNK)
+        total += (fa[chunk].double() * fb[chunk].double()).sum()
     return total
+
+
+def float64_sum_of_squares(tensor: torch.Tensor) -> torch.Tensor:
+    """sum(x**2) with every entry squared and summed in float64, a chunk at a time: exact where
+    ``sum_of_squares``' float32 rows lose up to ~1e-6 relative to one large entry, without the float64
+    copy of the whole tensor that ``vector_norm(x, dtype=float64)`` makes."""
+    return float64_dot(tensor, tensor)
 
 
 def js_divergence_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ What is here, by job:
   ``StoreBacking`` in memory or on disk), ``CountSketch``, ``row_squares``;
 - memory ladders: ``Rung``, ``ASKED`` (see ``Metric.ladder``);
 - functional helpers: ``batch_loss``, ``batch_logits``, ``hook_free_copy``, ``hook_free_view``,
-  ``per_example_grads``, ``per_example_calls``, ``sum_of_squares``, ``float64_sum_of_squares``,
+  ``per_example_grads``, ``per_example_calls``, ``sum_of_squares``, ``float64_sum_of_squares``, ``float64_dot``,
   ``atomic_write``;
 - statistics: ``bootstrap_ci``, ``bootstrap_ratio_ci``, ``correlation``, ``fdr_bh``;
 - errors: ``TensorScopeError``, ``BadParameterError``, ``DataError``, ``EmptyDataError``,
@@ -59,7 +59,7 @@ from .metric import ASKED, Metric, ModelSetMetric, NoParams, Params, Rung, RunSh
 from .models.adapters.base import linear_out_in
 from .models.load import model_view
 from .models.view import HeadWeights, ModelView
-from .numerics import float64_sum_of_squares, js_divergence_bits, sum_of_squares
+from .numerics import float64_dot, float64_sum_of_squares, js_divergence_bits, sum_of_squares
 from .per_example import per_example_calls, per_example_grads
 from .results.analysis import Interpretation, ModelOrder
 from .results.schema import (
@@ -135,6 +135,7 @@ __all__ = [
     "correlation",
     "draw_labels",
     "example_grads_layout",
+    "float64_dot",
     "float64_sum_of_squares",
     "forward_act_bytes",
     "fdr_bh",

@@ -29,6 +29,7 @@ from tensorscope_core.plugin_api import (
     SeriesValue,
     Step,
     batch_loss,
+    float64_dot,
     float64_sum_of_squares,
 )
 
@@ -123,23 +124,9 @@ def _scale(theta: Sequence[torch.Tensor], direction: Sequence[torch.Tensor]) -> 
     return norm(theta) / (norm(direction) + 1e-10)
 
 
-#: entries multiplied in float64 at once by ``float64_dot`` (8 MiB of float64 per operand)
-_DOT_CHUNK = 1 << 20
-
-
-def float64_dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """sum(a * b) with every product taken and summed in float64, a chunk at a time: the float64
-    copies of a whole pair and their product would be six times a float32 tensor's bytes."""
-    fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
-    total = torch.zeros((), dtype=torch.float64, device=fa.device)
-    for start in range(0, fa.numel(), _DOT_CHUNK):
-        total += (fa[start:start + _DOT_CHUNK].double() * fb[start:start + _DOT_CHUNK].double()).sum()
-    return float(total)
-
-
 def direction_cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """Cosine between two directions as flat vectors (near 0: the plot's axes are orthogonal)."""
-    dot = sum(float64_dot(a[n], b[n]) for n in a)
+    dot = sum(float(float64_dot(a[n], b[n])) for n in a)
     na = math.sqrt(sum(float(float64_sum_of_squares(a[n])) for n in a))
     nb = math.sqrt(sum(float(float64_sum_of_squares(b[n])) for n in b))
     return dot / (na * nb) if na > 0 and nb > 0 else math.nan

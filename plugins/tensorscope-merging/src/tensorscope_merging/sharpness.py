@@ -25,10 +25,10 @@ from tensorscope_core.plugin_api import (
     act_bytes,
     batch_loss,
     bootstrap_ci,
+    float64_dot,
     float64_sum_of_squares,
 )
 
-from .landscape import float64_dot
 from .passes import loss_batches
 
 Tensors = dict[str, torch.Tensor]
@@ -130,7 +130,7 @@ def hutchinson_trace(loss_fn: LossFn, theta: Mapping[str, torch.Tensor], probes:
         held["eps"] = [_rademacher(t, gen) for t, _ in used]
         held["point"] = torch.autograd.grad(held["grad"], [t for t, _ in used], grad_outputs=held["eps"],
                                             retain_graph=True)
-        out[k] = sum(float64_dot(z, h) for z, h in zip(held["eps"], held["point"], strict=True))
+        out[k] = sum(float(float64_dot(z, h)) for z, h in zip(held["eps"], held["point"], strict=True))
     return out
 
 
