@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from .models.activations import block_saved_bytes
 from .models.view import ModelView
 
 if TYPE_CHECKING:
@@ -65,17 +66,17 @@ class ArtifactSpec:
 
 
 def act_bytes(view: ModelView, batch: int, seq: int) -> int:
-    """Rough bytes autograd keeps per forward for the backward (per token: a few d_model,
-    the MLP hidden, and the attention matrix per head), used for the memory plan."""
-    return (view.n_layers * _block_elements(view, batch, seq) + 3 * batch * seq * view.vocab_size) * view.dtype_bytes
-
-
-def _block_elements(view: ModelView, batch: int, seq: int) -> int:
-    return batch * seq * (8 * view.d_model + 2 * view.d_mlp + 2 * view.n_heads * seq)
+    """Bytes autograd keeps per forward for the backward, used for the memory plan: what each block
+    saves (measured per architecture, ``models.activations``) and, per token, the final norm and the
+    output head's input (at most 6 d_model: BERT's prediction head) and the logits, their log-softmax and
+    their gradient."""
+    per_token = 6 * view.d_model + 3 * view.vocab_size
+    return view.n_layers * block_saved_bytes(view, batch, seq) + batch * seq * per_token * view.dtype_bytes
 
 
 def forward_act_bytes(view: ModelView, batch: int, seq: int, *, loss: bool = True) -> int:
-    """Bytes a forward without autograd holds at its peak: one block's working tensors at a time, then
-    the logits and (``loss``) their log-softmax; with a 49,152-word vocabulary, mostly the logits."""
-    logits = (2 if loss else 1) * batch * seq * view.vocab_size
-    return (_block_elements(view, batch, seq) + logits) * view.dtype_bytes
+    """Bytes a forward without autograd holds at its peak: one block's working tensors at a time (at most
+    what the block would save for a backward), then the logits and (``loss``) their log-softmax; with a
+    49,152-word vocabulary, mostly the logits."""
+    logits = (2 if loss else 1) * batch * seq * view.vocab_size * view.dtype_bytes
+    return block_saved_bytes(view, batch, seq) + logits

@@ -124,3 +124,22 @@ def audit(model: nn.Module, data: DataSpec, metrics: Sequence[str], *, config: R
         if progress is not None:
             progress(row)
     return out
+
+
+def saved_tensor_bytes(model: nn.Module, ids: Any, **forward: Any) -> int:
+    """Bytes autograd saves for the backward in one forward of ``model`` on ``ids``: unique storages, the
+    model's own weights left out (they are counted as weights). The measure behind
+    ``models.activations``' table of what each architecture's blocks keep."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(ids, **forward)
+    return sum(n for ptr, n in saved.items() if ptr not in weights)
