@@ -11,8 +11,8 @@ from pydantic import Field
 
 from tensorscope_core import RunConfig, plan
 from tensorscope_core.demo import demo_params
-from tensorscope_core.memory_audit import FLOOR_BYTES, MemoryAudit, audit
-from tensorscope_core.plugin_api import Cost, Metric, ModelView, Params, RunShape, ScalarValue
+from tensorscope_core.memory_audit import FLOOR_BYTES, MemoryAudit, audit, audit_set
+from tensorscope_core.plugin_api import Cost, Metric, ModelSetMetric, ModelView, Params, RunShape, ScalarValue
 from tensorscope_core.plugins import get_registry
 from tensorscope_core.testing import REAL_135M, real_shaped_llama, temporary_plugin
 
@@ -22,6 +22,8 @@ MIB = 2**20
 class AllocParams(Params):
     allocate_mib: int = Field(256, ge=0)
     declare_mib: int = Field(256, ge=0)
+    #: MiB of a tensor finalize returns (kept with the results to the end of the run)
+    return_mib: int = Field(0, ge=0)
 
 
 class Allocates(Metric):
@@ -32,13 +34,32 @@ class Allocates(Metric):
     summary = "allocates a known block"
     Params = AllocParams
     artifacts = ("weights",)
-    fields = {"total": "sum of the block (every entry 1)"}
+    fields = {"total": "sum of the block (every entry 1)", "kept": "a block of ones kept with the results"}
 
     @classmethod
     def cost(cls, params: AllocParams, view: ModelView, shape: RunShape) -> Cost:
         return Cost(transient_bytes=params.declare_mib * MIB)
 
     def finalize(self) -> dict[str, Any]:
+        block = torch.ones(self.params.allocate_mib * MIB // 4)
+        kept = {"kept": torch.ones(self.params.return_mib * MIB // 4)} if self.params.return_mib else {}
+        return {"total": ScalarValue(value=float(block.sum())), **kept}
+
+
+class SetAllocates(ModelSetMetric):
+    """The model-set stage's probe: holds ``allocate_mib`` in compute_set and declares ``declare_mib``."""
+
+    name = "probe.set_allocates"
+    version = "1"
+    summary = "allocates a known block over the model set"
+    Params = AllocParams
+    fields = {"total": "sum of the block (every entry 1)"}
+
+    @classmethod
+    def cost(cls, params: AllocParams, view: ModelView, shape: RunShape) -> Cost:
+        return Cost(transient_bytes=params.declare_mib * MIB)
+
+    def compute_set(self, views: Any, results: Any) -> dict[str, Any]:
         block = torch.ones(self.params.allocate_mib * MIB // 4)
         return {"total": ScalarValue(value=float(block.sum()))}
 
@@ -55,12 +76,12 @@ def _tokens(vocab: int) -> torch.Tensor:
 CONFIG = RunConfig(batch_size=2, max_length=32, memory_budget="8GiB")
 
 
-def _audit_probe(allocate: int, declare: int) -> MemoryAudit:
+def _audit_probe(allocate: int, declare: int, returned: int = 0) -> MemoryAudit:
     model, tiny = _tiny(), _tiny()
+    asked = {"allocate_mib": allocate, "declare_mib": declare, "return_mib": returned}
     with temporary_plugin("probe", metrics=[Allocates]):
         [row] = audit(model, _tokens(512), ["probe.allocates"], config=CONFIG, warm_up=tiny,
-                      warm_up_data=_tokens(512), params={"probe.allocates": {"allocate_mib": allocate,
-                                                                             "declare_mib": declare}})
+                      warm_up_data=_tokens(512), params={"probe.allocates": asked})
     return row
 
 
@@ -73,6 +94,13 @@ def test_the_audit_sees_a_known_block_of_working_memory() -> None:
 def test_an_under_declared_block_is_flagged() -> None:
     row = _audit_probe(allocate=256, declare=64)
     assert row.held_peak > 200 * MIB and not row.ok, row.line()
+
+
+def test_results_the_run_keeps_are_declared_and_checked() -> None:
+    """128 MiB of results declared as working memory: the peak agrees, the results held do not."""
+    row = _audit_probe(allocate=0, declare=128, returned=128)
+    assert row.held_results == 128 * MIB and row.agrees(row.declared_peak, row.held_peak), row.line()
+    assert not row.ok
 
 
 def test_small_quantities_compare_by_the_floor() -> None:
@@ -90,6 +118,21 @@ def test_the_plan_adds_working_memory_and_names_the_heaviest_metrics() -> None:
     assert large.peak_bytes - small.peak_bytes == 299 * MIB
     assert large.declared_transient == {"probe.allocates": 300 * MIB}
     assert "probe.allocates" in large.render().split("largest declared memory by metric")[1]
+
+
+def test_the_set_audit_measures_the_model_set_stage_alone() -> None:
+    """The members' own runs come before the stage and are not counted: 256 MiB held in compute_set."""
+    members = {"a": _tiny(), "b": _tiny()}
+    warm = {"a": _tiny(), "b": _tiny()}
+    with temporary_plugin("probe", metrics=[SetAllocates]):
+        [row] = audit_set(members, _tokens(512), ["probe.set_allocates"], config=CONFIG, warm_up=warm,
+                          warm_up_data=_tokens(512), params={"probe.set_allocates": {"declare_mib": 256}})
+        [under] = audit_set(members, _tokens(512), ["probe.set_allocates"], config=CONFIG, warm_up=warm,
+                            warm_up_data=_tokens(512), params={"probe.set_allocates": {"declare_mib": 64}})
+        stage = plan(members, _tokens(512), ["probe.set_allocates"], config=CONFIG)[-1]
+    assert row.declared_peak == 256 * MIB and abs(row.held_peak - 256 * MIB) <= 0.05 * 256 * MIB, row.line()
+    assert row.ok and not under.ok, under.line()
+    assert stage.transient_bytes == 256 * MIB and "working memory 256.0 MiB" in stage.render()
 
 
 # -- every metric on the 135M-shaped model --------------------------------------------------
@@ -122,5 +165,19 @@ def test_every_metric_declares_what_it_holds_on_the_135m_shape() -> None:
     rows = audit(real_shaped_llama(), _tasks(REAL_135M["vocab_size"]), names, params=demo_params(names),
                  config=RunConfig(batch_size=2, max_length=32, memory_budget="20GiB"), warm_up=_tiny(),
                  warm_up_data=_tasks(512), progress=lambda r: print(r.line(), flush=True))
+    off = sorted(r.metric for r in rows if r.ran and not r.ok and r.metric not in KNOWN_OFF)
+    assert not off, "\n".join(r.line() for r in rows if r.metric in off)
+
+
+@pytest.mark.realshape
+def test_every_model_set_metric_declares_what_it_holds_on_the_135m_shape() -> None:
+    """Each model-set metric alone over a base and two fine-tunes of the 135M shape (random weights, three
+    seeds), on the same two tasks: the set stage's declared state and working memory against its peak."""
+    names = sorted(n for n, cls in get_registry().metrics.items() if cls.scope == "model_set")
+    members = {"a": real_shaped_llama(seed=1), "b": real_shaped_llama(seed=2)}
+    rows = audit_set(members, _tasks(REAL_135M["vocab_size"]), names, base=real_shaped_llama(),
+                     params=demo_params(names), config=RunConfig(batch_size=2, max_length=32, memory_budget="20GiB"),
+                     warm_up={"a": _tiny(), "b": _tiny()}, warm_up_base=_tiny(), warm_up_data=_tasks(512),
+                     progress=lambda r: print(r.line(), flush=True))
     off = sorted(r.metric for r in rows if r.ran and not r.ok and r.metric not in KNOWN_OFF)
     assert not off, "\n".join(r.line() for r in rows if r.metric in off)

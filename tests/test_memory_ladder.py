@@ -264,3 +264,79 @@ def test_a_malformed_ladder_runs_as_asked_and_the_plan_says_why(gpt2: str, use_r
     assert any("t.twice_named: its memory ladder failed" in n and "named once each" in n for n in p.notes)
     res = analyze(gpt2, None, ["t.twice_named"], config=RunConfig(memory_budget="1GiB"))
     assert res.get("t.twice_named").ok and res.get("t.twice_named").rung is None
+
+
+class CostParams(Params):
+    state_mib: int = Field(0, ge=0)
+    working_mib: int = Field(0, ge=0)
+
+
+class Declares(Metric):
+    """Declares ``state_mib`` held and ``working_mib`` of working memory (planned only)."""
+
+    name = "t.declares_x"
+    artifacts = ("weights",)
+    Params = CostParams
+
+    @classmethod
+    def cost(cls, params: CostParams, view: Any, shape: Any) -> Any:
+        from tensorscope_core.results.schema import Cost
+
+        return Cost(state_bytes=params.state_mib * 2**20, transient_bytes=params.working_mib * 2**20)
+
+    def finalize(self) -> dict[str, float]:
+        return {"x": 1.0}
+
+
+class DeclaresY(Declares):
+    name = "t.declares_y"
+
+
+class DeclaresW(Declares):
+    name = "t.declares_w"
+
+
+def test_what_was_left_out_early_comes_back_when_a_later_choice_made_room(
+        model_dirs: dict[str, Path], use_registry: Callable[..., Any]) -> None:
+    """x holds 5 MiB, y and w need 10 and 9 MiB of working memory (only the largest counts), 8 MiB free.
+    Nothing alone fits at first, so x (the most bytes per metric) goes, then y, then w; with both gone
+    x fits again and comes back: one metric runs, not none."""
+    use_registry(Declares, DeclaresY, DeclaresW)
+    folder = str(model_dirs["gpt2"])
+    base = _model_plan(folder, ["t.declares_x"], memory_budget="64GiB").peak_bytes
+    params = {"t.declares_x": {"state_mib": 5}, "t.declares_y": {"working_mib": 10},
+              "t.declares_w": {"working_mib": 9}}
+    (p,) = plan(folder, None, ["t.declares_x", "t.declares_y", "t.declares_w"], params=params,
+                config=RunConfig(memory_budget=base + 8 * 2**20))
+    assert isinstance(p, ModelPlan) and p.fits
+    assert sorted(p.left_out) == ["t.declares_w", "t.declares_y"]
+
+
+class ReadsLogits(Declares):
+    name = "t.reads_logits_x"
+    artifacts = ("logits",)
+
+
+class ReadsLoss(Declares):
+    name = "t.reads_loss_y"
+    artifacts = ("token_loss",)
+
+
+class ReadsLossW(ReadsLoss):
+    name = "t.reads_loss_w"
+
+
+def test_the_fewest_metrics_that_make_room_are_left_out(
+        model_dirs: dict[str, Path], use_registry: Callable[..., Any]) -> None:
+    """In one forward pass x needs 64 MiB of working memory, y and w read one artifact and hold 40 MiB each.
+    Leaving out y and w (and their artifact) lowers the peak most, but leaving out x alone is enough: two
+    metrics run, not one."""
+    use_registry(ReadsLogits, ReadsLoss, ReadsLossW)
+    folder = str(model_dirs["gpt2"])
+    base = _model_plan(folder, ["t.reads_loss_y", "t.reads_loss_w"], memory_budget="64GiB").peak_bytes
+    params = {"t.reads_logits_x": {"working_mib": 64}, "t.reads_loss_y": {"state_mib": 40},
+              "t.reads_loss_w": {"state_mib": 40}}
+    (p,) = plan(folder, None, ["t.reads_logits_x", "t.reads_loss_y", "t.reads_loss_w"], params=params,
+                config=RunConfig(memory_budget=base + 81 * 2**20))
+    assert isinstance(p, ModelPlan) and p.fits
+    assert list(p.left_out) == ["t.reads_logits_x"]

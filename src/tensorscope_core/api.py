@@ -19,7 +19,7 @@ from .data import DataSpec, PreparedData, builtin_corpus, materialize, prepare_d
 from .errors import ModelChangedError, PlanDoesNotFitError, UsageError
 from .example_store import scratch_under
 from .machine import Budget, check_device
-from .metric import Rung, RunShape
+from .metric import RunShape
 from .models.adapters import Adapter
 from .models.load import Dispatch, ModelSource, files_signature, is_meta, load_model, modules_restored, release
 from .models.names import short_names
@@ -29,7 +29,7 @@ from .results import Results
 from .results.schema import ArtifactBytes, MetricResult, ModelRecord, RunRecord
 from .results.store import ResultCache, check_writable_folder
 from .run_settings import deterministic_mode, resolve_auto
-from .scheduler.fitting import check_pins, fit_model_plan, fit_set_plan, set_rung_costs
+from .scheduler.fitting import SetRungCost, check_pins, fit_model_plan, fit_set_plan, set_rung_costs
 from .scheduler.graph import MetricNode, resolve
 from .scheduler.ladder import Ladders, apply
 from .scheduler.model_set import ModelSetRunner
@@ -96,7 +96,7 @@ class Prepared:
     shape: RunShape
     plan: ModelPlan
     weights_bytes: int
-    set_costs: dict[str, list[tuple[Rung, int]]]
+    set_costs: dict[str, list[SetRungCost]]
     set_passes: dict[str, dict[str, int]]
     #: the levels of the metrics' ladders this model's plan ended at
     ladders: Ladders
@@ -184,12 +184,13 @@ def _set_plan(nodes: Sequence[MetricNode], prepared: Sequence[Prepared], config:
               budget: Budget) -> tuple[list[MetricNode], ModelSetPlan | None]:
     """The model-set stage's plan (every member sized, the largest state per rung), fitted into
     ``budget``; ``nodes`` come back with the set metrics' rungs."""
-    costs: dict[str, list[tuple[Rung, int]]] = {}
+    costs: dict[str, list[SetRungCost]] = {}
     for p in prepared:
         for name, rungs in p.set_costs.items():
             old = costs.get(name)
-            costs[name] = rungs if old is None else [(r, max(b, b_old))
-                                                     for (r, b), (_, b_old) in zip(rungs, old, strict=True)]
+            costs[name] = rungs if old is None else [
+                SetRungCost(c.rung, max(c.state, o.state), max(c.transient, o.transient), max(c.results, o.results))
+                for c, o in zip(rungs, old, strict=True)]
     keep = _reads_weights(nodes)
     kept = [p.weights_bytes if keep or not _releasable(p.source) else 0 for p in prepared]
     return fit_set_plan(nodes, costs, [p.plan for p in prepared], kept, budget, config,

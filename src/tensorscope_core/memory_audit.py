@@ -18,7 +18,8 @@ from __future__ import annotations
 import ctypes
 import gc
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,11 @@ class MemoryAudit:
     held_peak: int
     declared_state: int
     held_state: int
+    #: bytes of the tensors among its results, which the run keeps to its end: declared and held
+    declared_results: int = 0
+    held_results: int = 0
+    #: why it was skipped or failed (None when it ran)
+    reason: str | None = None
 
     @staticmethod
     def agrees(declared: int, held: int) -> bool:
@@ -62,13 +68,17 @@ class MemoryAudit:
     def ok(self) -> bool:
         """Ran, without error, and held what it declared (a skipped metric is not ok: it was not checked)."""
         return self.status == "ok" and self.agrees(self.declared_peak, self.held_peak) \
-            and self.agrees(self.declared_state, self.held_state)
+            and self.agrees(self.declared_state, self.held_state) \
+            and self.agrees(self.declared_results, self.held_results)
 
     def line(self) -> str:
         mark = "ok " if self.ok else ("OFF" if self.ran else "n/a")
-        return (f"{mark} {self.metric:<40} peak declared {format_bytes(self.declared_peak):>10} held "
-                f"{format_bytes(self.held_peak):>10}   state declared {format_bytes(self.declared_state):>10} held "
-                f"{format_bytes(self.held_state):>10}   ({self.status})")
+        pairs = {"peak": (self.declared_peak, self.held_peak), "state": (self.declared_state, self.held_state),
+                 "results": (self.declared_results, self.held_results)}
+        shown = "   ".join(f"{what} declared {format_bytes(d):>10} held {format_bytes(h):>10}"
+                           for what, (d, h) in pairs.items())
+        why = f": {self.reason}" if self.reason else ""
+        return f"{mark} {self.metric:<40} {shown}   ({self.status}{why})"
 
 
 def _read_status(field: str) -> int:
@@ -103,6 +113,32 @@ def audit(model: nn.Module, data: DataSpec, metrics: Sequence[str], *, config: R
     declared peak and state against what the run held. ``params``: settings of any metric, each given
     to the runs that compute it (a metric needed by the audited one too). ``warm_up``: a tiny model of the same family
     each metric runs on first (with ``warm_up_data``), so imports and one-time set-up are not counted."""
+    def declared(plans: list[Any]) -> tuple[int, dict[str, int]]:
+        return int(plans[0].peak_bytes - plans[0].weights_bytes), plans[0].declared_results
+
+    return _audit_each(metrics, {"models": model}, {"models": warm_up}, data, warm_up_data, config, params,
+                       declared, progress, set_stage=False)
+
+
+def audit_set(models: Mapping[str, nn.Module], data: DataSpec, metrics: Sequence[str], *, config: RunConfig,
+              warm_up: Mapping[str, nn.Module], warm_up_data: DataSpec, base: nn.Module | None = None,
+              warm_up_base: nn.Module | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
+              progress: Callable[[MemoryAudit], None] | None = None) -> list[MemoryAudit]:
+    """Each model-set metric of ``metrics`` alone over ``models`` (and ``base``): the set stage's declared
+    peak above the members' weights (its state and working memory) against the process's peak during that
+    stage above what it held when the stage began (the members' per-model runs, which ``audit`` checks,
+    are before it). ``warm_up`` / ``warm_up_base``: tiny models of the same shape of set, run first."""
+    def declared(plans: list[Any]) -> tuple[int, dict[str, int]]:
+        return int(plans[-1].stage_bytes), plans[-1].declared_results
+
+    return _audit_each(metrics, {"models": models, "base": base}, {"models": warm_up, "base": warm_up_base}, data,
+                       warm_up_data, config, params, declared, progress, set_stage=True)
+
+
+def _audit_each(metrics: Sequence[str], models: Mapping[str, Any], warm_up: Mapping[str, Any], data: DataSpec,
+                warm_up_data: DataSpec, config: RunConfig, params: Mapping[str, Mapping[str, Any]] | None,
+                declared: Callable[[list[Any]], tuple[int, dict[str, int]]],
+                progress: Callable[[MemoryAudit], None] | None, *, set_stage: bool) -> list[MemoryAudit]:
     from .api import analyze, plan
     from .plugins import get_registry
     from .scheduler.graph import resolve
@@ -112,18 +148,44 @@ def audit(model: nn.Module, data: DataSpec, metrics: Sequence[str], *, config: R
     for name in metrics:
         computed = {node.name for node in resolve([name], {}, get_registry())}
         asked = {m: dict(p) for m, p in (params or {}).items() if m in computed}
-        analyze(warm_up, data=warm_up_data, metrics=[name], config=config, params=asked)
-        model_plan = plan(model, data=data, metrics=[name], config=config, params=asked)[0]
-        before = _settle(libc)
-        results = analyze(model, data=data, metrics=[name], config=config, params=asked)
-        held = _read_status("VmHWM") - before
-        result = results.record.models[0].metrics[name]
-        row = MemoryAudit(name, result.status, model_plan.peak_bytes - model_plan.weights_bytes, held,
-                          result.declared_bytes or 0, result.measured_bytes or 0)
+        analyze(data=warm_up_data, metrics=[name], config=config, params=asked, **warm_up)
+        plans = plan(data=data, metrics=[name], config=config, params=asked, **models)
+        with _stage_start(libc, set_stage) as start:
+            results = analyze(data=data, metrics=[name], config=config, params=asked, **models)
+        held = _read_status("VmHWM") - start[0]
+        runs = results.record.model_set if set_stage else results.record.models[0].metrics
+        result = runs[name]
+        outputs = sum(t.numel() * t.element_size() for key, t in results.tensors.items() if f"::{name}::" in key)
+        peak, kept = declared(plans)
+        row = MemoryAudit(name, result.status, peak, held, result.declared_bytes or 0, result.measured_bytes or 0,
+                          kept.get(name, 0), outputs, result.reason)
         out.append(row)
         if progress is not None:
             progress(row)
     return out
+
+
+@contextmanager
+def _stage_start(libc: Any, set_stage: bool) -> Iterator[list[int]]:
+    """The resident bytes when the measured part begins (the peak restarts there): now, or (``set_stage``)
+    when the run's model-set stage starts, after its members' own runs."""
+    from .scheduler.model_set import ModelSetRunner
+
+    start = [_settle(libc)]
+    if not set_stage:
+        yield start
+        return
+    run = ModelSetRunner.run
+
+    def settled_run(self: ModelSetRunner) -> Any:
+        start[0] = _settle(libc)
+        return run(self)
+
+    ModelSetRunner.run = settled_run  # type: ignore[method-assign]
+    try:
+        yield start
+    finally:
+        ModelSetRunner.run = run  # type: ignore[method-assign]
 
 
 def saved_tensor_bytes(model: nn.Module, ids: Any, **forward: Any) -> int:

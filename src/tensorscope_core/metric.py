@@ -163,12 +163,12 @@ class MetricBase:
 
     @classmethod
     def cheaper_rungs(cls, params: Any, view: ModelView, shape: RunShape, candidates: Sequence[Rung]) -> list[Rung]:
-        """The ``candidates`` (in order) whose declared memory (state plus working memory) is smaller than
+        """The ``candidates`` (in order) whose declared memory (state, working memory, results) is smaller than
         the rung before them (the asked ``params`` first): a ladder's rungs must each save memory, and which
         do can depend on the model (a disk rung leaves nothing for a sketch to save)."""
         def held_by(p: Any) -> int:
             cost = cls.cost(p, view, shape)
-            return cost.state_bytes + cost.transient_bytes
+            return cost.state_bytes + max(cost.transient_bytes, cost.finalize_bytes) + cost.result_bytes
 
         out: list[Rung] = []
         last = held_by(params)

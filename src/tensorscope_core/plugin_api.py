@@ -14,6 +14,7 @@ What is here, by job:
 - the values a metric returns: ``ScalarValue``, ``LayerValue``, ``HeadValue``, ``SeriesValue``,
   ``TableValue``, ``TensorValue``, ``TextValue``, ``MetricResult`` (read from needed metrics);
 - artifacts: ``ArtifactSpec``, ``CaptureContext``, ``act_bytes`` (what a backward keeps),
+  ``block_saved_bytes`` (what one block keeps, measured per architecture),
   ``forward_act_bytes`` (a forward's peak without autograd), ``first_tensor``; the value of the
   core's ``per_example_grads`` artifact, ``ExampleGrads``, its ``example_grads_layout`` and the
   seeded ``draw_labels`` it samples labels with;
@@ -56,6 +57,7 @@ from .example_store import Compression, CountSketch, GradientStore, StoreBacking
 from .functional import batch_logits, batch_loss, hook_free_copy, hook_free_view
 from .hookspecs import PLUGIN_API_VERSION, hookimpl
 from .metric import ASKED, Metric, ModelSetMetric, NoParams, Params, Rung, RunShape, Step
+from .models.activations import block_saved_bytes
 from .models.adapters.base import linear_out_in
 from .models.load import model_view
 from .models.view import HeadWeights, ModelView
@@ -127,6 +129,7 @@ __all__ = [
     "TextValue",
     "UnsupportedModelError",
     "act_bytes",
+    "block_saved_bytes",
     "atomic_write",
     "batch_logits",
     "batch_loss",

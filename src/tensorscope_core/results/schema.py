@@ -114,6 +114,13 @@ class Cost(BaseModel):
     #: working memory the metric's update and finalize allocate on top of its state and free again
     #: (e.g. a float64 copy of the largest weight); the plan adds the largest of a pass's to its peak
     transient_bytes: int = 0
+    #: working memory only its finalize allocates (e.g. the result fields it builds), after the pass's
+    #: artifacts are freed: the plan counts it beside the state and the results kept, not the artifacts
+    finalize_bytes: int = 0
+    #: bytes of the tensors among its results (masks, per-parameter fields, views of its state included),
+    #: which the run keeps to its end: the plan holds them through every later pass (what finalize newly
+    #: allocates for them, beside the state, belongs in ``finalize_bytes``)
+    result_bytes: int = 0
     flops: float = 0.0
 
 

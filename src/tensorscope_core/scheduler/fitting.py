@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import NamedTuple
 
 from ..config import RunConfig
 from ..errors import BadParameterError
@@ -61,14 +62,15 @@ def fit_model_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape
     def heavy(plan: ModelPlan) -> list[str]:
         peak = max(plan.passes, key=lambda p: p.peak_bytes, default=None)
         return [] if peak is None else sorted(
-            peak.metrics, key=lambda m: -plan.declared_state.get(m, 0) - plan.declared_transient.get(m, 0))
+            peak.metrics, key=lambda m: -plan.declared_state.get(m, 0) - plan.declared_results.get(m, 0)
+            - max(plan.declared_transient.get(m, 0), plan.declared_finalize.get(m, 0)))
 
     def state(name: str, rung: Rung) -> int:
         key = (name, rung.params.model_dump_json())
         if key not in memo:
             make([replace(by_name[name], params=rung.params, over_budget=None)])
         cost = memo[key][0]
-        return cost.state_bytes + cost.transient_bytes
+        return cost.state_bytes + max(cost.transient_bytes, cost.finalize_bytes) + cost.result_bytes
 
     final, model_plan = fit(nodes, ladders, make, heavy, state, budget.nbytes, config.strict_budget)
     model_plan.budget_source = budget.source
@@ -78,37 +80,56 @@ def fit_model_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape
     return final, model_plan, ladders
 
 
-def set_rung_costs(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape) -> dict[str, list[tuple[Rung, int]]]:
-    """Each runnable model-set metric's rungs with their declared state, sized on one member."""
-    out: dict[str, list[tuple[Rung, int]]] = {}
+class SetRungCost(NamedTuple):
+    """One rung of a model-set metric with its declared state and working memory, sized on one member."""
+
+    rung: Rung
+    state: int
+    transient: int
+    results: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.state + self.transient + self.results
+
+
+def set_rung_costs(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape) -> dict[str, list[SetRungCost]]:
+    """Each runnable model-set metric's rungs with their declared state and working memory."""
+    out: dict[str, list[SetRungCost]] = {}
     for n in nodes:
         if n.planned and n.cls.scope == "model_set":
             try:
                 rungs = rungs_of(n, lambda m: m.set_cls.ladder(m.params, view, shape))
             except Exception:  # a broken ladder: as asked only, as for per-model metrics
                 rungs = [Rung(ASKED, n.params, "as asked")]
-            out[n.name] = [(r, n.cls.cost(r.params, view, shape).state_bytes) for r in rungs]
+            costs = [(r, n.cls.cost(r.params, view, shape)) for r in rungs]
+            out[n.name] = [SetRungCost(r, c.state_bytes, max(c.transient_bytes, c.finalize_bytes), c.result_bytes)
+                           for r, c in costs]
     return out
 
 
-def fit_set_plan(nodes: Sequence[MetricNode], costs: Mapping[str, list[tuple[Rung, int]]],
+def fit_set_plan(nodes: Sequence[MetricNode], costs: Mapping[str, list[SetRungCost]],
                  members: Sequence[ModelPlan], member_weights: Sequence[int], budget: Budget, config: RunConfig,
                  own_passes: dict[str, dict[str, int]]) -> tuple[list[MetricNode], ModelSetPlan | None]:
     """The model-set stage's plan within ``budget``, its metrics stepped down or left out as needed."""
     if not any(n.cls.scope == "model_set" for n in nodes):
         return list(nodes), None
-    ladders = make_ladders([n for n in nodes if n.name in costs], lambda n: [r for r, _ in costs[n.name][1:]],
+    ladders = make_ladders([n for n in nodes if n.name in costs], lambda n: [c.rung for c in costs[n.name][1:]],
                            _pins(nodes, config, "model_set"))
 
-    def nbytes(name: str, rung_name: str) -> int:
-        return next(b for r, b in costs[name] if r.name == rung_name)
+    def cost(name: str, rung_name: str) -> SetRungCost:
+        return next(c for c in costs[name] if c.rung.name == rung_name)
 
     def make(ns: list[MetricNode]) -> ModelSetPlan:
-        declared = {n.name: nbytes(n.name, n.rung.name if n.rung else ASKED) for n in ns
-                    if n.planned and n.name in costs}
-        plan = make_set_plan(ns, members, member_weights, declared, budget.nbytes, own_passes)
+        chosen = {n.name: cost(n.name, n.rung.name if n.rung else ASKED) for n in ns if n.planned and n.name in costs}
+        plan = make_set_plan(ns, members, member_weights, {m: c.state for m, c in chosen.items()}, budget.nbytes,
+                             own_passes, {m: c.transient for m, c in chosen.items()},
+                             {m: c.results for m, c in chosen.items()})
         assert plan is not None
         return plan
+
+    def nbytes(name: str, rung_name: str) -> int:
+        return cost(name, rung_name).nbytes
 
     final, set_plan = fit(nodes, ladders, make,
                           lambda p: sorted(ladders.rungs, key=lambda m: -nbytes(m, ladders.rung(m).name)),

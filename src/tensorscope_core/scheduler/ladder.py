@@ -147,6 +147,7 @@ def fit(nodes: Sequence[MetricNode], ladders: Ladders, make: Callable[[list[Metr
         elif not _leave_out_heaviest(nodes, ladders, make, heavy(plan), budget):
             break
         plan = make(apply(nodes, ladders))
+    _readmit(nodes, ladders, make)
     for name in sorted(set(stepped), key=lambda m: -state(m, ladders.rung(m))):
         while ladders.levels.get(name, 0) > 0 and name not in ladders.left_out:
             ladders.levels[name] -= 1
@@ -159,9 +160,9 @@ def fit(nodes: Sequence[MetricNode], ladders: Ladders, make: Callable[[list[Metr
 
 def _leave_out_heaviest(nodes: Sequence[MetricNode], ladders: Ladders, make: Callable[[list[MetricNode]], PlanT],
                         heavy: Sequence[str], budget: int) -> bool:
-    """Leave out what lowers the peak most: one metric, or every metric reading one artifact (a shared
-    artifact, e.g. per-example gradients, goes only when all its readers go); on a tie the fewest metrics.
-    False when nothing is left to remove."""
+    """Leave out the fewest metrics whose leaving makes the plan fit; while none does, what lowers the peak
+    most per metric left out: one metric, or every metric reading one artifact (a shared artifact, e.g.
+    per-example gradients, goes only when all its readers go). False when nothing is left to remove."""
     candidates = [m for m in heavy if m in ladders.rungs and m not in ladders.left_out]
     if not candidates:
         return False
@@ -179,11 +180,31 @@ def _leave_out_heaviest(nodes: Sequence[MetricNode], ladders: Ladders, make: Cal
         return make(apply(nodes, trial)).peak_bytes
 
     saving = {group: now - peak_without(group) for group in options}
-    best = max(saving.values())
-    group = min((g for g in options if saving[g] == best), key=len) if best > 0 else max(options, key=len)
+    enough = [g for g in options if now - saving[g] <= budget]
+    if enough:  # the fewest metrics whose leaving makes the plan fit
+        group = min(enough, key=lambda g: (len(g), -saving[g]))
+    elif max(saving.values()) > 0:  # the most bytes per metric left out
+        group = max(options, key=lambda g: (saving[g] / len(g), -len(g)))
+    else:
+        group = max(options, key=len)
     for victim in group:
         _leave_out(nodes, ladders, make, victim, options[group], budget)
     return True
+
+
+def _readmit(nodes: Sequence[MetricNode], ladders: Ladders, make: Callable[[list[MetricNode]], PlanT]) -> None:
+    """Put back each left-out metric (with the metrics left out for needing it) that fits beside the others
+    after all: a group left out while the plan was far over may have made room a later choice did not need.
+    The metrics that need least alone go first."""
+    by_name = {n.name: n for n in nodes}
+    own = [m for m, why in ladders.left_out.items() if m in by_name and not why.startswith(f"{LEFT_OUT} it needs")]
+    for victim in sorted(own, key=lambda m: (make(apply([by_name[m]], ladders)).peak_bytes, m)):
+        back = {victim: ladders.left_out.pop(victim)}
+        for m in _dependents(nodes, victim):  # those that need nothing else left out come back with it
+            if m in ladders.left_out and not any(d in ladders.left_out for d in by_name[m].needs):
+                back[m] = ladders.left_out.pop(m)
+        if not make(apply(nodes, ladders)).fits:
+            ladders.left_out.update(back)
 
 
 def _leave_out(nodes: Sequence[MetricNode], ladders: Ladders, make: Callable[[list[MetricNode]], PlanT],

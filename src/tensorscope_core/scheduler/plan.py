@@ -29,6 +29,10 @@ class PassPlan:
     state_bytes: int = 0
     #: the largest working memory one of the pass's metrics allocates in its update or finalize
     transient_bytes: int = 0
+    #: the largest working memory one of the pass's metrics allocates in its finalize only (artifacts freed)
+    finalize_bytes: int = 0
+    #: the tensors among the results of the metrics of every pass before this one, kept to the end
+    results_bytes: int = 0
     peak_bytes: int = 0
     #: whole-model passes the stage's metrics and artifacts make themselves over the run:
     #: who (a metric, or ``artifact:NAME``) -> kind -> count
@@ -48,6 +52,10 @@ class ModelPlan:
     declared_state: dict[str, int] = field(default_factory=dict)
     #: metric -> declared working memory of its update / finalize (metrics with none: absent)
     declared_transient: dict[str, int] = field(default_factory=dict)
+    #: metric -> declared bytes of the tensors among its results (metrics with none: absent)
+    declared_results: dict[str, int] = field(default_factory=dict)
+    #: metric -> declared working memory of its finalize alone (metrics with none: absent)
+    declared_finalize: dict[str, int] = field(default_factory=dict)
     #: where the budget came from (``memory_budget``, or the device's free memory)
     budget_source: str = "memory_budget"
     #: metric -> the ladder rung it runs at and what that costs in accuracy (metrics as asked: absent)
@@ -79,7 +87,8 @@ class ModelPlan:
                          f"(artifacts {format_bytes(p.artifact_bytes)}, "
                          f"activations {format_bytes(p.activation_bytes)}, "
                          f"metric state {format_bytes(p.state_bytes)}, "
-                         f"metric working memory {format_bytes(p.transient_bytes)})")
+                         f"metric working memory {format_bytes(max(p.transient_bytes, p.finalize_bytes))}"
+                         + (f", results kept {format_bytes(p.results_bytes)}" if p.results_bytes else "") + ")")
             lines.append(f"      artifacts: {', '.join(p.artifacts) or '-'}")
             lines.append(f"      metrics:   {', '.join(p.metrics)}")
             if p.own_passes:
@@ -96,16 +105,20 @@ class ModelPlan:
     def _by_metric(self, shown: int = 8) -> list[str]:
         """The metrics that declare the most memory, so a reader of a plan that does not fit sees what
         to drop or step down (state is held to the end of the run; working memory only while it runs)."""
-        def total(name: str) -> int:
-            return self.declared_state.get(name, 0) + self.declared_transient.get(name, 0)
+        def working(name: str) -> int:
+            return max(self.declared_transient.get(name, 0), self.declared_finalize.get(name, 0))
 
-        ranked = sorted((n for n in set(self.declared_state) | set(self.declared_transient) if total(n) > 0),
-                        key=lambda n: (-total(n), n))
+        def total(name: str) -> int:
+            return self.declared_state.get(name, 0) + working(name) + self.declared_results.get(name, 0)
+
+        named = set(self.declared_state) | set(self.declared_transient) | set(self.declared_finalize)
+        ranked = sorted((n for n in named if total(n) > 0), key=lambda n: (-total(n), n))
         if not ranked:
             return []
-        lines = ["  largest declared memory by metric (state held / working memory while it runs):"]
+        lines = ["  largest declared memory by metric (state held / working memory while it runs / results kept):"]
         lines += [f"      {n:<36} {format_bytes(self.declared_state.get(n, 0)):>10} / "
-                  f"{format_bytes(self.declared_transient.get(n, 0)):>10}" for n in ranked[:shown]]
+                  f"{format_bytes(working(n)):>10} / "
+                  f"{format_bytes(self.declared_results.get(n, 0)):>10}" for n in ranked[:shown]]
         if len(ranked) > shown:
             lines.append(f"      ... {len(ranked) - shown} more, each under {format_bytes(total(ranked[shown]))}")
         return lines
@@ -202,7 +215,8 @@ def _pass_peak(view: ModelView, p: PassPlan, micro: int, seq: int, specs: Sequen
     p.activation_bytes += transient  # a producer's own backward runs while the shared pass's activations are held
     # a metric's update / finalize works after the pass's activations are freed, one metric at a time
     working = max(p.activation_bytes, p.own_pass_bytes, p.transient_bytes)
-    p.peak_bytes = view.param_bytes + p.artifact_bytes + working + p.state_bytes
+    during = max(p.artifact_bytes + working, p.finalize_bytes)  # a finalize works once the artifacts are freed
+    p.peak_bytes = view.param_bytes + during + p.state_bytes + p.results_bytes
 
 
 def _declared_passes(node: MetricNode, view: ModelView, shape: RunShape) -> dict[str, int]:
@@ -231,6 +245,8 @@ def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, reg
     costs = {n.name: memo[(n.name, n.params.model_dump_json())][0] for n in runnable}
     declared = {name: c.state_bytes for name, c in costs.items()}
     working = {name: c.transient_bytes for name, c in costs.items() if c.transient_bytes}
+    results = {name: c.result_bytes for name, c in costs.items() if c.result_bytes}
+    finalizing = {name: c.finalize_bytes for name, c in costs.items() if c.finalize_bytes}
     own = {n.name: memo[(n.name, n.params.model_dump_json())][1] for n in runnable}
     passes: list[tuple[PassPlan, list[ArtifactSpec], dict[str, Request]]] = []
     for stage in sorted({n.stage for n in runnable}):
@@ -241,6 +257,7 @@ def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, reg
             passes.append((PassPlan(stage, "weights", weights_only, ["weights"],
                                     state_bytes=sum(declared[m] for m in weights_only),
                                     transient_bytes=max((working.get(m, 0) for m in weights_only), default=0),
+                                    finalize_bytes=max((finalizing.get(m, 0) for m in weights_only), default=0),
                                     own_passes={m: own[m] for m in weights_only if own[m]}), [], {}))
         if data_metrics:
             wanted = sorted({a for n in data_metrics for a in n.cls.artifacts} - {"weights"})
@@ -249,15 +266,20 @@ def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, reg
                                     [s.name for s in specs],
                                     state_bytes=sum(declared[n.name] for n in data_metrics),
                                     transient_bytes=max((working.get(n.name, 0) for n in data_metrics), default=0),
+                                    finalize_bytes=max((finalizing.get(n.name, 0) for n in data_metrics), default=0),
                                     own_passes={n.name: own[n.name] for n in data_metrics if own[n.name]}), specs,
                            merged_requests(specs, data_metrics, view)))
+    kept = 0  # a pass's metrics finalize at its end (what finalize makes is working memory there); their
+    for p, _, _ in passes:  # results stay through every later pass
+        p.results_bytes = kept
+        kept += sum(results.get(m, 0) for m in p.metrics)
     micro = shape.batch_size
     while True:
         for p, specs, requests in passes:
             p.own_passes = {k: v for k, v in p.own_passes.items() if not k.startswith("artifact:")}
             _pass_peak(view, p, micro, shape.seq_len, specs, shape, requests)
         plan = ModelPlan(view.name, [p for p, _, _ in passes], view.param_bytes, micro, shape.batch_size,
-                         budget_bytes, declared, working)
+                         budget_bytes, declared, working, results, finalizing)
         if plan.fits or micro <= min_micro_batch:
             return plan
         micro = max(min_micro_batch, micro // 2)
@@ -279,6 +301,10 @@ class ModelSetPlan:
     member_peaks: list[int]
     budget_bytes: int
     declared_state: dict[str, int] = field(default_factory=dict)
+    #: working memory each model-set metric's compute_set allocates and frees (one runs at a time)
+    declared_transient: dict[str, int] = field(default_factory=dict)
+    #: bytes of the tensors among each model-set metric's results, kept to the end of the run
+    declared_results: dict[str, int] = field(default_factory=dict)
     #: whole-model passes each model-set metric makes itself over all members: metric -> kind -> count
     own_passes: dict[str, dict[str, int]] = field(default_factory=dict)
     model: str = "model set"
@@ -295,9 +321,19 @@ class ModelSetPlan:
         return sum(self.declared_state.values())
 
     @property
+    def transient_bytes(self) -> int:
+        return max(self.declared_transient.values(), default=0)
+
+    @property
+    def stage_bytes(self) -> int:
+        """The model-set stage's own peak above the members' weights: every set metric's state and results
+        and the largest one's working memory."""
+        return self.state_bytes + self.transient_bytes + sum(self.declared_results.values())
+
+    @property
     def peak_bytes(self) -> int:
         during_members = [peak + sum(self.member_weights[:i]) for i, peak in enumerate(self.member_peaks)]
-        return max([self.weights_bytes + self.state_bytes, *during_members])
+        return max([self.weights_bytes + self.stage_bytes, *during_members])
 
     @property
     def fits(self) -> bool:
@@ -315,19 +351,13 @@ class ModelSetPlan:
             f"plan for the model set ({', '.join(self.members)}): budget {format_bytes(self.budget_bytes)} "
             f"({self.budget_source})",
             f"  model-set stage: members' weights kept {format_bytes(self.weights_bytes)}, "
-            f"metric state {format_bytes(self.state_bytes)}",
+            f"metric state {format_bytes(self.state_bytes)}, working memory {format_bytes(self.transient_bytes)}",
             f"      metrics:   {', '.join(self.metrics)}",
             *(["      own passes: " + "; ".join(f"{who} " + ", ".join(f"{k} x{n}" for k, n in kinds.items())
                                                for who, kinds in self.own_passes.items())] if self.own_passes else []),
             *render_choices(self.rungs, self.left_out),
             f"  declared peak {format_bytes(self.peak_bytes)} (with the weights of the members run before each): "
             f"{verdict} in {format_bytes(self.budget_bytes)}"])
-
-
-def set_costs(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape) -> dict[str, int]:
-    """Declared state bytes of the runnable model-set metrics, sized on one member."""
-    return {n.name: n.cls.cost(n.params, view, shape).state_bytes for n in nodes
-            if n.planned and n.cls.scope == "model_set"}
 
 
 def set_passes(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, members: Sequence[str],
@@ -347,10 +377,12 @@ def set_passes(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, me
 
 def make_set_plan(nodes: Sequence[MetricNode], members: Sequence[ModelPlan], member_weights: Sequence[int],
                   declared: dict[str, int], budget_bytes: int,
-                  own_passes: dict[str, dict[str, int]] | None = None) -> ModelSetPlan | None:
+                  own_passes: dict[str, dict[str, int]] | None = None,
+                  transient: dict[str, int] | None = None,
+                  results: dict[str, int] | None = None) -> ModelSetPlan | None:
     """The model-set stage's plan, or None when the run has no model-set metric."""
     names = [n.name for n in nodes if n.cls.scope == "model_set"]
     if not names:
         return None
     return ModelSetPlan(names, [p.model for p in members], list(member_weights), [p.peak_bytes for p in members],
-                        budget_bytes, declared, own_passes or {})
+                        budget_bytes, declared, transient or {}, results or {}, own_passes or {})

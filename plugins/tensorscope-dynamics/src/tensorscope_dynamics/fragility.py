@@ -123,10 +123,14 @@ class Fragility(Metric):
     @classmethod
     def cost(cls, params: FragilityParams, view: ModelView, shape: RunShape) -> Cost:
         rows = cls._batches(params, shape) * shape.batch_size
-        # per batch: a weight direction and the moved weights, float64 softmaxes p and q with the three
-        # temporaries of their JS divergence (the mixture and two xlogy terms), and the perturbed forward itself
+        # per batch: a weight direction and the moved weights, beside them while either is built the random
+        # draw and its scaled rows (or rho x direction) of the largest weight; float64 softmaxes p and q with
+        # the three temporaries of their JS divergence (the mixture and two xlogy terms), and the perturbed
+        # forward itself
         probs = 8 * shape.batch_size * shape.seq_len * view.vocab_size
-        working = 2 * view.param_bytes + 5 * probs + forward_act_bytes(view, shape.batch_size, shape.seq_len)
+        largest = max(p.numel() * p.element_size() for p in view.model.parameters())
+        working = 2 * view.param_bytes + 2 * largest + 5 * probs + forward_act_bytes(view, shape.batch_size,
+                                                                                   shape.seq_len)
         return Cost(state_bytes=8 * rows * (len(params.sigmas) + len(params.rhos)), transient_bytes=working)
 
     def setup(self) -> None:
@@ -151,17 +155,25 @@ class Fragility(Metric):
                     )
                 q = torch.softmax(out.logits.double(), dim=-1)
                 self.input_jsd[i, rows] = _per_sequence(js_divergence_bits(p, q), targets)
-            theta = {n: t.detach() for n, t in self.view.model.named_parameters()}
             sums = torch.zeros(len(self.params.rhos), p.shape[0], dtype=torch.float64)
             for k in range(self.params.n_directions):
-                direction = _direction(self.view, k, self.shape.seed)
-                for i, rho in enumerate(self.params.rhos):
-                    moved = {n: theta[n] + rho * d for n, d in direction.items()}
-                    q = torch.softmax(batch_logits(self.view, step.batch, targets, moved).double(), dim=-1)
-                    sums[i] += _per_sequence(js_divergence_bits(p, q), targets)
+                sums += self._along_direction(k, step, p)
             self.weight_jsd[:, rows] = sums / self.params.n_directions
         self.filled += p.shape[0]
         self.batches += 1
+
+    def _along_direction(self, k: int, step: Step, p: torch.Tensor) -> torch.Tensor:
+        """JSD per sequence [rhos, batch] of the weights moved by rho along direction ``k``. One direction
+        and one moved copy of the weights live at a time: each is built in a call whose return frees it
+        (a loop variable would keep the previous copy alive while the next one is built)."""
+        direction = _direction(self.view, k, self.shape.seed)
+        return torch.stack([self._moved_jsd(direction, rho, step, p) for rho in self.params.rhos])
+
+    def _moved_jsd(self, direction: dict[str, torch.Tensor], rho: float, step: Step, p: torch.Tensor) -> torch.Tensor:
+        theta = dict(self.view.model.named_parameters())
+        moved = {n: theta[n].detach() + rho * d for n, d in direction.items()}
+        q = torch.softmax(batch_logits(self.view, step.batch, step.targets, moved).double(), dim=-1)
+        return _per_sequence(js_divergence_bits(p, q), step.targets)
 
     def _curve(self, levels: list[float], jsd: torch.Tensor) -> tuple[TableValue, ScalarValue]:
         rows, last = [], None

@@ -27,6 +27,20 @@ def _loss(
     return (ce * weights).sum() / weights.sum().clamp(min=1)
 
 
+def _sgd_step(view: ModelView, batch: Batch, targets: LossTargets, labels: torch.Tensor,
+              params: dict[str, torch.Tensor], trained: list[str], lr: float) -> float:
+    """One SGD step on ``params`` in place; the loss before it. The gradients are freed on return, so a
+    step's backward never holds the previous step's gradients beside its own."""
+    with torch.enable_grad():
+        loss = _loss(view, batch, targets, labels, params)
+        grads = torch.autograd.grad(loss, [params[n] for n in trained], allow_unused=True)
+    with torch.no_grad():
+        for name, grad in zip(trained, grads, strict=True):
+            if grad is not None:
+                params[name] -= lr * grad
+    return float(loss.detach())
+
+
 def trainability(
     view: ModelView,
     batch: Batch,
@@ -44,15 +58,9 @@ def trainability(
     for name in trained:
         params[name].requires_grad_(True)
     first = None
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = _loss(view, batch, targets, labels, params)
-            first = float(loss.detach()) if first is None else first
-            grads = torch.autograd.grad(loss, [params[n] for n in trained], allow_unused=True)
-            with torch.no_grad():
-                for name, grad in zip(trained, grads, strict=True):
-                    if grad is not None:
-                        params[name] -= lr * grad
+    for _ in range(steps):
+        loss = _sgd_step(view, batch, targets, labels, params, trained, lr)
+        first = loss if first is None else first
     with torch.no_grad():
         last = float(_loss(view, batch, targets, labels, params))
     assert first is not None

@@ -138,6 +138,14 @@ def output_bytes(params: DiagonalParams, size: int, shape: RunShape) -> int:
     return (keys * (5 if full else 1) + (3 if full else 0)) * size * width
 
 
+def result_bytes(params: DiagonalParams, size: int, shape: RunShape) -> int:
+    """The fields the run keeps: per kind and segment the mean, and in full mode the variance, CI ends and
+    EMA, each a P-vector of ``dtype`` (copies: finalize clones every field)."""
+    width = torch.finfo(DTYPES[params.dtype]).bits // 8
+    keys = len(segments(params, shape.tasks)) * len(params.kinds)
+    return keys * (5 if params.statistics == "full" else 1) * size * width
+
+
 class FisherDiagonal(Metric):
     """Diagonal of the parameter Fisher information per example (sequence), true and empirical.
 
@@ -180,7 +188,7 @@ class FisherDiagonal(Metric):
         size = layout_size(layout_of(view))
         # one forward and two pullbacks per example: about (2 + 2 x 4) P flops per token
         return Cost(state_bytes=state_bytes(params, size, shape), flops=10.0 * view.n_params * tokens,
-                    transient_bytes=output_bytes(params, size, shape))
+                    finalize_bytes=output_bytes(params, size, shape), result_bytes=result_bytes(params, size, shape))
 
     @classmethod
     def ladder(cls, params: DiagonalParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:

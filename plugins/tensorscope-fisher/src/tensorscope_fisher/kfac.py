@@ -140,7 +140,8 @@ class Kfac(Metric):
         tokens = shape.n_batches * shape.batch_size * shape.seq_len
         entries = held // 8  # float64 entries of the factors: one multiply-add each per token
         flops = tokens * (6 * view.n_params + 2 * entries) + sum(10 * (d_a**3 + d_g**3) for d_a, d_g in dims)
-        return Cost(state_bytes=held + 8, flops=float(flops))
+        # with keep_factors the factors are among the results (the run keeps them to its end)
+        return Cost(state_bytes=held + 8, flops=float(flops), result_bytes=held if params.keep_factors else 0)
 
     @classmethod
     def ladder(cls, params: KfacParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:

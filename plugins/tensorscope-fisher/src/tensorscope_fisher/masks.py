@@ -70,7 +70,10 @@ class FisherMasks(Metric):
 
     @classmethod
     def cost(cls, params: MaskParams, view: ModelView, shape: RunShape) -> Cost:
-        return Cost(state_bytes=0)  # computed from fisher.diagonal's result, nothing held across batches
+        # computed from fisher.diagonal's result, nothing held across batches; one boolean per trainable entry
+        # per mask kept (pooled, and per task)
+        entries = sum(p.numel() for p in view.model.parameters() if p.requires_grad)
+        return Cost(state_bytes=0, result_bytes=(1 + len(shape.tasks)) * entries)
 
     def finalize(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

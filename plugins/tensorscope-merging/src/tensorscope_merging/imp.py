@@ -152,7 +152,7 @@ class IterativeMagnitudePruning(Metric):
         batches cycled (int64 ids, attention mask and targets). Transient, the larger of: a training
         step's backward (its activations and, tied, the embedding's second gradient until summed) and a
         pruning (the survivors' values, and for the largest tensor its magnitudes, two int64 running
-        counts of ties and two boolean masks: ``lottery.Cut.masks``)."""
+        counts of ties and two boolean masks: ``lottery.Cut.masks``). Results: the ticket (this round's mask)."""
         trainable = [p for p in view.model.parameters() if p.requires_grad]
         weights = sum(p.numel() * p.element_size() for p in trainable)
         copies = 2 + int(params.momentum > 0) + int(params.rewind_step > 0)
@@ -169,7 +169,7 @@ class IterativeMagnitudePruning(Metric):
         mean_tokens = tokens / len(batches) if batches else 0.0
         flops = 3 * per_token * mean_tokens * steps + per_token * tokens * (params.rounds + 1)
         return Cost(state_bytes=copies * weights + masks + BATCH_BYTES_PER_TOKEN * tokens,
-                    transient_bytes=max(backward, pruning), flops=float(flops))
+                    transient_bytes=max(backward, pruning), result_bytes=masks // 3, flops=float(flops))
 
     @classmethod
     def own_passes(cls, params: ImpParams, view: ModelView, shape: RunShape) -> dict[str, int]:
@@ -225,6 +225,7 @@ class IterativeMagnitudePruning(Metric):
                                                             "jaccard_one_shot", "dice_one_shot")}
         for _ in range(p.rounds):
             held["previous"] = held["mask"]
+            held.pop("one_shot", None)  # three masks at a time: this round's, the previous, the one-shot one
             trained = {n: held["weights"][n].detach() for n in names}
             held["mask"] = prune_survivors(trained, held["previous"], p.prune_fraction, p.scope)
             held["one_shot"] = one_shot_masks({n: theta[n] for n in names}, held["mask"], p.scope)
@@ -251,6 +252,9 @@ class IterativeMagnitudePruning(Metric):
         first training (start 0) keeps the weights after r steps as the rewind point."""
         p, held = self.params, self.held
         weights, masks = held["weights"], held["mask"]
+        # the previous training's gradients and momentum go before this one makes its own
+        held.pop("grads", None)
+        held.pop("momentum", None)
         opt = torch.optim.SGD(list(weights.values()), lr=p.lr, momentum=p.momentum)
         for k in range(start, p.steps):
             if start == 0 and k == p.rewind_step and k > 0:

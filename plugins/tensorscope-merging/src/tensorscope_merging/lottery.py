@@ -197,11 +197,15 @@ class MagnitudeMasks(Metric):
     def cost(cls, params: MasksParams, view: ModelView, shape: RunShape) -> Cost:
         """The pruned copy of the prunable weights a loss is evaluated with (``pruned``, their dtype)
         and the loss sums; the masks are kept as cuts (a magnitude and a tie count per mask), made
-        again one tensor at a time when used."""
-        pruned = sum(w.numel() * w.element_size() for w in prunable(view, params.include_embeddings).values())
+        again one tensor at a time when used. Results, which finalize makes beside the state: every
+        sparsity's global masks (one byte per prunable entry each)."""
+        weights = prunable(view, params.include_embeddings).values()
+        pruned = sum(w.numel() * w.element_size() for w in weights)
+        masks = len(params.sparsities) * sum(w.numel() for w in weights)
         batches = shape.n_batches if params.max_batches is None else min(shape.n_batches, params.max_batches)
         forward = 2.0 * view.n_params * shape.batch_size * shape.seq_len
-        return Cost(state_bytes=pruned + 8 * (2 * len(params.sparsities) + 2),
+        return Cost(state_bytes=pruned + 8 * (2 * len(params.sparsities) + 2), finalize_bytes=masks,
+                    result_bytes=masks,
                     flops=float((2 * len(params.sparsities) + 1) * batches * forward))
 
     @classmethod
