@@ -10,9 +10,16 @@ from pydantic import Field
 
 from tensorscope_core.plugin_api import Cost, Metric, ModelView, Params, RunShape, ScalarValue, bootstrap_ci
 
-from .volume_curvature import curvature_fit, pooled_curvature
+from .fiber_bundle import FiberBundleParams, result_bytes
+from .singularities import _bootstrap_bytes
+from .volume_curvature import curvature_fit, mean_log_curvature
 
 FIBER = "geometry.fiber_bundle"
+#: tokens fitted at once: the fit's float64 [rows, vol_max] arrays stay a few MiB each, whatever the vocabulary
+ROW_CHUNK = 4096
+#: bytes per entry of a chunk's fit at its peak: nine float64 [rows, vol_max] arrays (the radii, their masked
+#: copy, log r, r^2, the three centred columns and one centring's two temporaries) and four boolean masks
+FIT_ENTRY_BYTES = 9 * 8 + 4
 
 
 class CurvatureParams(Params):
@@ -55,36 +62,55 @@ class Curvature(Metric):
 
     @classmethod
     def cost(cls, params: CurvatureParams, view: ModelView, shape: RunShape) -> Cost:
-        return Cost(state_bytes=0, flops=float(40 * int(view.embed.weight.shape[0]) * 100))
+        v = int(view.embed.weight.shape[0])
+        fiber = FiberBundleParams()
+        fit = FIT_ENTRY_BYTES * min(ROW_CHUNK, v) * fiber.vol_max
+        # beside fiber_bundle's result arrays (held by the run) and the two [V] float64 results: one chunk's
+        # fit, or the bootstrap of the median over up to V finite kappas (with their float64 copy)
+        working = result_bytes(fiber, v) + 16 * v + max(fit, 8 * v + _bootstrap_bytes(v))
+        return Cost(state_bytes=0, finalize_bytes=working, result_bytes=16 * v,
+                    flops=float(40 * v * fiber.vol_max))
 
     def finalize(self) -> dict[str, Any]:
         fiber = self.deps[FIBER]
-        radii = self.tensor_of(fiber, "radii").double().numpy()
+        radii = self.tensor_of(fiber, "radii")  # float32 [V, vol_max]: read in float64 a chunk of rows at a time
         n_strata = self.tensor_of(fiber, "n_strata").numpy()
         first_start = self.tensor_of(fiber, "start_volume").numpy()[:, 0]
         first_end = self.tensor_of(fiber, "end_volume").numpy()[:, 0]
         vol_min = int(fiber.params["vol_min"])
         k = np.arange(radii.shape[1], dtype=np.float64)
-        columns = np.arange(radii.shape[1])[None, :]
-        tested = n_strata > 0
-        mask = tested[:, None] & (columns >= np.nan_to_num(first_start)[:, None]) & \
-            (columns < np.nan_to_num(first_end)[:, None])
-        mask &= mask.sum(axis=-1, keepdims=True) >= self.params.min_points
-        safe = np.where(mask, radii, 1.0)  # keep log() finite outside the fitted entries
-        dimension, kappa = curvature_fit(safe, k, mask)
+        chunks = [slice(lo, lo + ROW_CHUNK) for lo in range(0, radii.shape[0], ROW_CHUNK)]
+        fits = [self._fit_first_strata(radii[c].double().numpy(), n_strata[c], first_start[c], first_end[c], k)
+                for c in chunks]
+        dimension, kappa = np.concatenate([n for n, _ in fits]), np.concatenate([b for _, b in fits])
+        del fits
         finite = kappa[np.isfinite(kappa)]
         ci = bootstrap_ci(finite, np.median, seed=self.shape.seed) if finite.size else (np.nan, np.nan)
-        single = radii[(n_strata == 1) & (first_start == vol_min), vol_min:]  # one stratum over the whole range
-        if single.shape[0] >= 2:
-            pooled_n, pooled_kappa = pooled_curvature(single, k[vol_min:])
-            scale = float(np.exp(np.log(single[:, -1]).mean())) ** 2
+        single = (n_strata == 1) & (first_start == vol_min)  # one stratum over the whole range
+        n_single = int(single.sum())
+        if n_single >= 2:
+            mean_log = sum(np.log(radii[c][single[c], vol_min:].double().numpy()).sum(axis=0) for c in chunks)
+            mean_log = mean_log / n_single
+            pooled_n, pooled_kappa = mean_log_curvature(mean_log, k[vol_min:])
+            scale = float(np.exp(mean_log[-1])) ** 2
         else:
             pooled_n, pooled_kappa, scale = np.nan, np.nan, np.nan
         return {
             "curvature": torch.from_numpy(kappa), "fit_dimension": torch.from_numpy(dimension),
             "median_curvature": ScalarValue(value=float(np.median(finite)) if finite.size else np.nan,
                                             ci_low=ci[0], ci_high=ci[1], n=int(finite.size)),
-            "pooled_curvature": ScalarValue(value=pooled_kappa, n=int(single.shape[0])),
-            "pooled_dimension": ScalarValue(value=pooled_n, n=int(single.shape[0])),
-            "pooled_curvature_scaled": ScalarValue(value=pooled_kappa * scale, n=int(single.shape[0])),
+            "pooled_curvature": ScalarValue(value=pooled_kappa, n=n_single),
+            "pooled_dimension": ScalarValue(value=pooled_n, n=n_single),
+            "pooled_curvature_scaled": ScalarValue(value=pooled_kappa * scale, n=n_single),
         }
+
+    def _fit_first_strata(self, radii: np.ndarray, n_strata: np.ndarray, first_start: np.ndarray,
+                          first_end: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, kappa) of the first stratum of each row of one chunk (float64 radii [rows, vol_max]); every row
+        is fitted on its own, so chunking gives the same values as one fit over all rows."""
+        columns = np.arange(radii.shape[1])[None, :]
+        mask = (n_strata > 0)[:, None] & (columns >= np.nan_to_num(first_start)[:, None]) & \
+            (columns < np.nan_to_num(first_end)[:, None])
+        mask &= mask.sum(axis=-1, keepdims=True) >= self.params.min_points
+        safe = np.where(mask, radii, 1.0)  # keep log() finite outside the fitted entries
+        return curvature_fit(safe, k, mask)

@@ -66,6 +66,12 @@ def pooled_curvature(radii: np.ndarray, k: np.ndarray) -> tuple[float, float]:
     For a homogeneous cloud this averages the neighbour-count noise away before the fit, so the
     estimate is far less noisy than the median of per-row fits.
     """
-    curve = np.exp(np.log(np.asarray(radii, dtype=np.float64)).mean(axis=0))[None, :]
+    return mean_log_curvature(np.log(np.asarray(radii, dtype=np.float64)).mean(axis=0), k)
+
+
+def mean_log_curvature(mean_log: np.ndarray, k: np.ndarray) -> tuple[float, float]:
+    """(n, kappa) of the pooled fit from the mean log-radius at each k, which a caller can sum over
+    chunks of rows instead of holding them all."""
+    curve = np.exp(mean_log)[None, :]
     n, kappa = curvature_fit(curve, k, np.ones_like(curve, dtype=bool))
     return float(n[0]), float(kappa[0])

@@ -109,15 +109,19 @@ class LayerAlignment(SubsetMetric):
 
     @classmethod
     def cost(cls, params: AlignmentParams, view: ModelView, shape: RunShape) -> Cost:
-        """One row per example and block (``GradientStore.declared_bytes``) and the masks' entry indices."""
+        """One row per example and block (``GradientStore.declared_bytes``) and the masks' entry indices;
+        working memory, a batch's mean-loss gradients (``mean_loss_rows``) held while each block's columns
+        go to its store."""
         n = upper_bound_examples(shape.n_sequences, shape.n_batches, shape.batch_size)
         try:
             layout = layout_of(view, select_parameters(view, params.parameters, params.layers))
         except ValueError:
             layout = layout_of(view, [])
+        size, indices = planned_size(view, params)
         return Cost(state_bytes=sum(GradientStore.declared_bytes(n, block.size, "none", view.dtype_bytes,
                                                                  params.backing)
-                                    for block, _ in layout.by_block(view.n_layers)) + planned_size(view, params)[1])
+                                    for block, _ in layout.by_block(view.n_layers)) + indices,
+                    transient_bytes=shape.batch_size * size * view.dtype_bytes)
 
     @classmethod
     def ladder(cls, params: AlignmentParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:

@@ -25,7 +25,7 @@ from tensorscope_core.plugin_api import (
 )
 
 from .groups import group_spans, layer_value, number
-from .projection import ProjectionStats, RowSpace, projection_stats, span_size
+from .projection import CHUNK, ProjectionStats, RowSpace, add_column_sums, projection_stats, span_size
 from .tasks import data_tasks, pick_tasks, task_rows
 
 ARTIFACT = "per_example_grads"
@@ -60,6 +60,16 @@ class NullSpaceParams(Params):
         description="which projected direction 'projected' holds: the whole-model projection or the "
         "concatenated per-layer (GPM-style) ones",
     )
+
+
+def _planned_rows(params: NullSpaceParams, shape: RunShape) -> int:
+    """Protected rows the run's batches can give: task A's rows up to ``max_protected`` (0 with the
+    Lanczos basis)."""
+    if params.basis == LANCZOS:
+        return 0
+    chosen = _resolve(params, list(shape.tasks))
+    n = task_rows(shape, chosen[0] if isinstance(chosen, tuple) else None)
+    return n if params.max_protected is None else min(n, params.max_protected)
 
 
 def _resolve(params: NullSpaceParams, tasks: list[str]) -> tuple[str | None, str | None] | str:
@@ -131,17 +141,27 @@ class NullSpace(Metric):
 
     @classmethod
     def cost(cls, params: NullSpaceParams, view: ModelView, shape: RunShape) -> Cost:
-        """The protected rows in the model's dtype (the first ``max_protected`` rows of task A; none with
-        the Lanczos basis, whose vectors are the dependency's), g_B's float64 sum and the protected rows'
-        target counts. FLOPs: the Gram (2 n^2 P) and the two passes of each projection, whole and per layer."""
+        """State: the protected rows in the model's dtype (the first ``max_protected`` rows of task A; none
+        with the Lanczos basis, whose vectors are the dependency's), g_B's float64 sum and the protected
+        rows' target counts. Update: one column chunk of a batch's gradients in float64 (g_B's sum).
+        Finalize: the float64 projection P g beside its float32 copy (the result), or later the result
+        beside one layer's gradient and projection, plus one column chunk of the rows in float64.
+        FLOPs: the Gram (2 n^2 P) and the two passes of each projection, whole and per layer."""
         size = sum(p.numel() for p in view.model.parameters() if p.requires_grad)
-        chosen = _resolve(params, list(shape.tasks))
-        protected = chosen[0] if isinstance(chosen, tuple) else None
-        n = 0 if params.basis == LANCZOS else task_rows(shape, protected)
-        if params.max_protected is not None:
-            n = min(n, params.max_protected)
+        n = _planned_rows(params, shape)
+        chunk = min(CHUNK, size)
+        result = 4 * size
+        whole = 8 * size + (result if params.saved == "global" else 0)
+        # a layer's g (copied when its columns are not adjacent) and its projection, in float64
+        layer = max(
+            (8 * span_size(group) * (1 + (len(group) > 1)) for group in group_spans(view, example_grads_layout(view))),
+            default=0,
+        )
         return Cost(
             state_bytes=n * size * view.dtype_bytes + 8 * size + 8 * n,
+            transient_bytes=8 * (shape.batch_size + 1) * chunk,
+            finalize_bytes=max(whole, result + layer) + 8 * (n + 1) * chunk,
+            result_bytes=result,
             flops=float(2 * (2 * n * n * size + 8 * n * size)),
         )
 
@@ -149,7 +169,10 @@ class NullSpace(Metric):
         chosen = _resolve(self.params, list(self.shape.tasks))
         assert not isinstance(chosen, str)
         self.protected, self.target = chosen
-        self.rows: list[torch.Tensor] = []  # task A's per-example gradients, in the model's dtype
+        # task A's per-example gradients in the model's dtype: the first ``n_rows`` rows of a buffer
+        # sized once from the run's shape, so rows are copied in one at a time and never joined
+        self.rows: torch.Tensor | None = None
+        self.n_rows = 0
         self.protected_targets = torch.zeros(0, dtype=torch.float64)
         self.target_sum: torch.Tensor | None = None  # sum of B's summed-NLL gradients, float64 [P]
         self.target_tokens = 0.0
@@ -159,29 +182,52 @@ class NullSpace(Metric):
         grads: ExampleGrads = step[ARTIFACT]
         with_targets = grads.n_targets > 0
         if self.params.basis != LANCZOS and step.task == self.protected:
-            room = (
-                len(with_targets)
-                if self.params.max_protected is None
-                else self.params.max_protected - sum(len(r) for r in self.rows)
-            )
-            rows = grads.mean_observed()[with_targets.to(grads.grads["observed"].device)][: max(room, 0)]
-            if len(rows):
-                self.rows.append(rows.detach().cpu())
-                self.protected_targets = torch.cat([self.protected_targets, grads.n_targets[with_targets][: len(rows)]])
+            self._keep_protected(grads)
         if self.target is None or step.task == self.target:
-            summed = grads.of("observed").double().sum(dim=0).cpu()
-            self.target_sum = summed if self.target_sum is None else self.target_sum + summed
+            flat = grads.of("observed")
+            if self.target_sum is None:
+                self.target_sum = torch.zeros(flat.shape[1], dtype=torch.float64)
+            add_column_sums(self.target_sum, flat.detach())
             self.target_tokens += float(grads.n_targets.sum())
             self.target_examples += int(with_targets.sum())
 
+    def _keep_protected(self, grads: ExampleGrads) -> None:
+        """Copy the batch's examples with a target (up to ``max_protected`` in all) into the row buffer,
+        each divided by its target count: ``grads.mean_observed()`` without its [batch, P] copies."""
+        picked = (grads.n_targets > 0).nonzero().flatten().cpu()
+        if self.params.max_protected is not None:
+            picked = picked[: max(self.params.max_protected - self.n_rows, 0)]
+        if not len(picked):
+            return
+        flat = grads.of("observed").detach()
+        rows = self._room_for(len(picked), flat)
+        for k, i in enumerate(picked.tolist()):
+            rows[self.n_rows + k].copy_(flat[i])
+        counts = grads.n_targets[picked]
+        new = rows[self.n_rows : self.n_rows + len(picked)]
+        new.div_(counts.clamp(min=1).to(dtype=new.dtype)[:, None])
+        self.n_rows += len(picked)
+        self.protected_targets = torch.cat([self.protected_targets, counts.to(torch.float64)])
+
+    def _room_for(self, count: int, like: torch.Tensor) -> torch.Tensor:
+        """The row buffer with room for ``count`` more rows: sized once from the run's shape (the declared
+        state), grown only where the batches hold more rows than the shape said."""
+        need = self.n_rows + count
+        if self.rows is None or self.rows.shape[0] < need:
+            grown = torch.empty(max(need, _planned_rows(self.params, self.shape)), like.shape[1], dtype=like.dtype)
+            if self.rows is not None:
+                grown[: self.n_rows] = self.rows[: self.n_rows]
+            self.rows = grown
+        return self.rows
+
     def _protected_rows(self) -> tuple[torch.Tensor, str]:
         if self.params.basis != LANCZOS:
-            if not self.rows:
+            if self.rows is None or not self.n_rows:
                 raise NotApplicable(
                     f"task {self.protected!r} has no example with a loss target",
                     "give it sequences of at least two tokens (causal) or a tokenizer with a mask token (encoders)",
                 )
-            return torch.cat(self.rows), f"per-example gradients of task {self.protected!r}"
+            return self.rows[: self.n_rows], f"per-example gradients of task {self.protected!r}"
         lanczos = self.deps[LANCZOS]
         if "eigenvectors" not in lanczos.values:
             raise NotApplicable(
@@ -201,9 +247,9 @@ class NullSpace(Metric):
                 f"task {self.target!r} has no loss target, so it has no gradient",
                 "give it sequences of at least two tokens (causal) or a tokenizer with a mask token",
             )
-        g = self.target_sum / self.target_tokens
+        g = self.target_sum.div_(self.target_tokens)  # in place: no second float64 [P]
+        self.target_tokens = 1.0  # what target_sum now holds is the mean
         rows, basis = self._protected_rows()
-        self.rows = []  # joined in ``rows``: hold them once
         if rows.shape[1] != g.shape[0]:
             raise NotApplicable(
                 f"the protected vectors have {rows.shape[1]} entries and the gradient {g.shape[0]}",
@@ -213,22 +259,14 @@ class NullSpace(Metric):
         whole = RowSpace.of(rows, [slice(0, size)], self.params.rank_rtol)
         projected = whole.project(g)
         total = projection_stats(whole, g, projected)
-        spans = group_spans(self.view, example_grads_layout(self.view))
-        per_layer: list[ProjectionStats | None] = []
-        layered = torch.zeros(size, dtype=torch.float32) if self.params.saved == "layer" else None
-        for group in spans:
-            if span_size(group) == 0:
-                per_layer.append(None)
-                continue
-            part = torch.cat([g[s] for s in group])
-            space = RowSpace.of(rows, group, self.params.rank_rtol)
-            moved = space.project(part)
-            per_layer.append(projection_stats(space, part, moved))
-            if layered is not None:
-                offset = 0
-                for s in group:
-                    layered[s] = moved[offset : offset + s.stop - s.start].float()
-                    offset += s.stop - s.start
+        layered = self.params.saved == "layer"
+        # the float64 projection is dropped before the per-layer work: only the float32 result stays
+        saved = torch.zeros(size, dtype=torch.float32) if layered else projected.float()
+        del projected
+        per_layer = [
+            self._layer_stats(rows, g, group, saved if layered else None)
+            for group in group_spans(self.view, example_grads_layout(self.view))
+        ]
 
         def by_layer(attr: str) -> Any:
             return layer_value(self.view, [float("nan") if s is None else getattr(s, attr) for s in per_layer])
@@ -248,5 +286,22 @@ class NullSpace(Metric):
             "target_grad_norm": ScalarValue(value=float(g.norm()), n=self.target_examples),
             "n_protected": ScalarValue(value=int(rows.shape[0])),
             "basis": TextValue(text=basis),
-            "projected": projected.float() if layered is None else layered,
+            "projected": saved,
         }
+
+    def _layer_stats(
+        self, rows: torch.Tensor, g: torch.Tensor, group: list[slice], layered: torch.Tensor | None
+    ) -> ProjectionStats | None:
+        """One block's projection with its own basis (None for an empty group); its projected columns
+        are written into ``layered`` when given."""
+        if span_size(group) == 0:
+            return None
+        part = g[group[0]] if len(group) == 1 else torch.cat([g[s] for s in group])
+        space = RowSpace.of(rows, group, self.params.rank_rtol)
+        moved = space.project(part)
+        if layered is not None:
+            offset = 0
+            for s in group:
+                layered[s].copy_(moved[offset : offset + s.stop - s.start])
+                offset += s.stop - s.start
+        return projection_stats(space, part, moved)

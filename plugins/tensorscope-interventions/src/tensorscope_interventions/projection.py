@@ -7,13 +7,14 @@ keeping the r eigenvalues above ``rtol * lambda_max``. Then Q^T Q = C^T K C = I_
     P g = g - Q Q^T g = g - G^T (C C^T (G g)),
 
 so neither Q nor the P x P projector is ever formed: the work is two passes over G, and what is
-held besides G is n x n. Rows are read in column chunks, so a float32 G is never copied to float64
-whole. ``spans`` restrict everything to some columns (one layer's parameters) without copying G.
+held besides G is n x n and the projected vector. Rows (and vectors, in reductions) are read in column
+chunks, so a float32 G is never copied to float64 whole and no P-long temporary is made beside the
+result. ``spans`` restrict everything to some columns (one layer's parameters) without copying G.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,12 +58,27 @@ def rows_times(rows: torch.Tensor, spans: Spans, g: torch.Tensor) -> torch.Tenso
     return out
 
 
-def rows_transpose_times(rows: torch.Tensor, spans: Spans, c: torch.Tensor) -> torch.Tensor:
-    """G_S^T c in float64 [size of spans]."""
-    parts = [
-        (c.to(device=rows.device, dtype=torch.float64) @ rows[:, piece].double()).cpu() for piece in _chunks(spans)
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+def subtract_rows_transpose_times(out: torch.Tensor, rows: torch.Tensor, spans: Spans, c: torch.Tensor) -> None:
+    """out -= G_S^T c in place (``out``: float64 [size of spans]), a column chunk at a time."""
+    c = c.to(device=rows.device, dtype=torch.float64)
+    offset = 0
+    for piece in _chunks(spans):
+        width = piece.stop - piece.start
+        out[offset : offset + width] -= (c @ rows[:, piece].double()).cpu()
+        offset += width
+
+
+def add_column_sums(total: torch.Tensor, rows: torch.Tensor) -> None:
+    """total += rows.sum(dim=0) in float64 (``total``: float64 [P] on the CPU), a column chunk at a time:
+    a float64 copy of all of ``rows`` [batch, P] would be twice their float32 bytes."""
+    for piece in _chunks([slice(0, rows.shape[1])]):
+        total[piece] += rows[:, piece].double().sum(dim=0).cpu()
+
+
+def _chunked_sum(size: int, term: Callable[[slice], torch.Tensor]) -> float:
+    """The sum of ``term(piece)`` over the column chunks of [0, size): a reduction of P-long vectors
+    without a P-long temporary."""
+    return float(sum((term(piece) for piece in _chunks([slice(0, size)])), torch.zeros((), dtype=torch.float64)))
 
 
 @dataclass(frozen=True)
@@ -94,13 +110,12 @@ class RowSpace:
         """Q^T g [r] (float64)."""
         return self.coef.T @ rows_times(self.rows, self.spans, g)
 
-    def component(self, g: torch.Tensor) -> torch.Tensor:
-        """Q Q^T g: the part of g in the row space (float64)."""
-        return rows_transpose_times(self.rows, self.spans, self.coef @ self.coordinates(g))
-
     def project(self, g: torch.Tensor) -> torch.Tensor:
-        """P g = g - Q Q^T g: g with its row-space part removed (float64)."""
-        return g.double().cpu() - self.component(g)
+        """P g = g - Q Q^T g: g with its row-space part removed (a new float64 vector; Q Q^T g is
+        subtracted from a copy of g chunk by chunk, never held whole)."""
+        out = g.to(device="cpu", dtype=torch.float64, copy=True)
+        subtract_rows_transpose_times(out, self.rows, self.spans, self.coef @ self.coordinates(g))
+        return out
 
 
 @dataclass(frozen=True)
@@ -118,8 +133,8 @@ class ProjectionStats:
 def projection_stats(space: RowSpace, g: torch.Tensor, projected: torch.Tensor) -> ProjectionStats:
     """The statistics of ``projected`` = ``space.project(g)``, each computed from the vectors themselves."""
     g = g.double().cpu()
-    g_sq = float(g.square().sum())
-    removed = g - projected
+    g_sq = _chunked_sum(len(g), lambda s: g[s].square().sum())
+    removed_sq = _chunked_sum(len(g), lambda s: (g[s] - projected[s]).square().sum())
     p_norm = float(projected.norm())
     dots = rows_times(space.rows, space.spans, projected).abs()
     row_norms = gram_diagonal(space.rows, space.spans).sqrt()
@@ -127,7 +142,7 @@ def projection_stats(space: RowSpace, g: torch.Tensor, projected: torch.Tensor) 
     relative = torch.where(scale > 0, dots / torch.where(scale > 0, scale, torch.ones_like(scale)), 0.0)
     nan = float("nan")
     return ProjectionStats(
-        removed_fraction=float(removed.square().sum()) / g_sq if g_sq > 0 else nan,
+        removed_fraction=removed_sq / g_sq if g_sq > 0 else nan,
         cosine=float(g @ projected) / (g_sq**0.5 * p_norm) if g_sq > 0 and p_norm > 0 else nan,
         max_abs_dot=float(dots.max()) if len(dots) else 0.0,
         max_abs_dot_relative=float(relative.max()) if len(relative) else 0.0,

@@ -23,6 +23,7 @@ from tensorscope_core.plugin_api import (
     Step,
     TextValue,
     batch_logits,
+    forward_act_bytes,
     hook_free_view,
 )
 
@@ -112,7 +113,9 @@ class Steering(Metric):
     @classmethod
     def cost(cls, params: SteeringParams, view: ModelView, shape: RunShape) -> Cost:
         """Two float64 sums [n_layers + 1, d_model] and their token counts, and the x- batches kept for
-        the replays (model input, targets, target mask, attention mask: 32 bytes a token)."""
+        the replays (model input, targets, target mask, attention mask: 32 bytes a token). Finalize replays
+        a kept batch at a time: the forward, then its logits in float64, the target rows picked from them
+        and cross-entropy's log-softmax of those (three [tokens, V] float64 blocks at most)."""
         chosen = pick_tasks(params.positive, params.negative, list(shape.tasks))
         tokens = (
             0
@@ -123,7 +126,10 @@ class Steering(Metric):
                 if task == chosen[1] and has_loss_target(view, length)
             )
         )
-        return Cost(state_bytes=2 * 8 * (view.n_layers + 1) * (view.d_model + 1) + KEPT_BYTES_PER_TOKEN * tokens)
+        rows, seq = shape.batch_size, shape.seq_len
+        replay = forward_act_bytes(view, rows, seq, loss=False) + 3 * 8 * rows * seq * view.vocab_size
+        return Cost(state_bytes=2 * 8 * (view.n_layers + 1) * (view.d_model + 1) + KEPT_BYTES_PER_TOKEN * tokens,
+                    finalize_bytes=replay if tokens else 0)
 
     def setup(self) -> None:
         chosen = pick_tasks(self.params.positive, self.params.negative, list(self.shape.tasks))
