@@ -10,16 +10,16 @@ from pydantic import Field
 
 from tensorscope_core.plugin_api import Cost, Metric, ModelView, Params, RunShape, ScalarValue, bootstrap_ci
 
-from .fiber_bundle import FiberBundleParams, result_bytes
-from .singularities import _bootstrap_bytes
+from .fiber_bundle import FiberBundleParams
+from .singularities import bootstrap_bytes
 from .volume_curvature import curvature_fit, mean_log_curvature
 
 FIBER = "geometry.fiber_bundle"
 #: tokens fitted at once: the fit's float64 [rows, vol_max] arrays stay a few MiB each, whatever the vocabulary
 ROW_CHUNK = 4096
-#: bytes per entry of a chunk's fit at its peak: nine float64 [rows, vol_max] arrays (the radii, their masked
-#: copy, log r, r^2, the three centred columns and one centring's two temporaries) and four boolean masks
-FIT_ENTRY_BYTES = 9 * 8 + 4
+#: bytes per entry of a chunk's fit at its peak: eight float64 [rows, vol_max] arrays (the radii, their masked
+#: copy, log r, r^2, three centred columns or products, one centring's temporary) and four boolean masks
+FIT_ENTRY_BYTES = 8 * 8 + 4
 
 
 class CurvatureParams(Params):
@@ -65,9 +65,9 @@ class Curvature(Metric):
         v = int(view.embed.weight.shape[0])
         fiber = FiberBundleParams()
         fit = FIT_ENTRY_BYTES * min(ROW_CHUNK, v) * fiber.vol_max
-        # beside fiber_bundle's result arrays (held by the run) and the two [V] float64 results: one chunk's
-        # fit, or the bootstrap of the median over up to V finite kappas (with their float64 copy)
-        working = result_bytes(fiber, v) + 16 * v + max(fit, 8 * v + _bootstrap_bytes(v))
+        # beside the two [V] float64 results (fiber_bundle's result arrays, which the run keeps, are its): one
+        # chunk's fit, or the bootstrap of the median over up to V finite kappas (with their float64 copy)
+        working = 16 * v + max(fit, 8 * v + bootstrap_bytes(v))
         return Cost(state_bytes=0, finalize_bytes=working, result_bytes=16 * v,
                     flops=float(40 * v * fiber.vol_max))
 

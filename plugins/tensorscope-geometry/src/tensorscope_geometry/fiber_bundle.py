@@ -152,6 +152,7 @@ class FiberBundle(Metric):
         forwards = 2 * view.n_params * v if params.source == "resid" else 0  # one one-token forward per token
         working = max(_forward_bytes(params, view, v), _candidate_bytes(params, v), _stratify_bytes(params, v))
         return Cost(state_bytes=held, transient_bytes=_points_bytes(params, view, v) + working,
+                    result_bytes=result_bytes(params, v),
                     flops=float(2 * v * v * view.d_model + 3 * v * take * view.d_model + forwards))
 
     def finalize(self) -> dict[str, Any]:

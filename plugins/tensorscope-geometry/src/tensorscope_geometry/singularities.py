@@ -21,8 +21,6 @@ from tensorscope_core.plugin_api import (
     bootstrap_ci,
 )
 
-from .fiber_bundle import FiberBundleParams, result_bytes
-
 FIBER = "geometry.fiber_bundle"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 HOTSPOTS = 3  # rejecting tokens named in reports
@@ -42,7 +40,7 @@ def decode(tokenizer: Any, token_id: int) -> str:
     return str(tokenizer.decode([token_id]))
 
 
-def _bootstrap_bytes(n: int) -> int:
+def bootstrap_bytes(n: int) -> int:
     """A bootstrap CI of n values: the core resamples in batches of about ``BOOTSTRAP_VALUES`` values
     (whole resamples, at most ``BOOTSTRAP_RESAMPLES``), holding per value its int64 index, the float64
     resampled value and the statistic's float64 copy."""
@@ -87,9 +85,8 @@ class Singularities(Metric):
     @classmethod
     def cost(cls, params: SingularitiesParams, view: ModelView, shape: RunShape) -> Cost:
         v = int(view.embed.weight.shape[0])
-        # fiber_bundle's result arrays stay held by the run while the bootstrap resamples up to V tokens
-        working = result_bytes(FiberBundleParams(), v) + _bootstrap_bytes(v)
-        return Cost(state_bytes=0, transient_bytes=working, flops=float(v * 20))
+        # the bootstrap resamples up to V tokens (fiber_bundle's result arrays, which the run keeps, are its)
+        return Cost(state_bytes=0, transient_bytes=bootstrap_bytes(v), flops=float(v * 20))
 
     @classmethod
     def interpret(cls, result: MetricResult) -> list[Interpretation]:
