@@ -110,6 +110,28 @@ def test_overlap_needs_two_tasks(models, two_tasks):
     assert res.get("fisher.masks").ok  # pooled masks only
 
 
+def test_a_pooled_diagonal_gives_pooled_masks_and_the_overlap_says_why_it_has_none(models, two_tasks):
+    """fisher.diagonal at its 'pooled' rung (the planner's choice under a tight budget) has no per-task
+    fields: the masks and the grouped sums are the pooled ones alone, as in a run with per-task fields (to
+    the rung's float32), and fisher.overlap ends skipped naming the rung and the fix (all three ended in a
+    KeyError)."""
+    metrics = ["fisher.overlap", "fisher.grouped"]
+    pooled = analyze(models["gpt2"], data=two_tasks, metrics=metrics, config=CONFIG.model_copy(
+        update={"rungs": {"fisher.diagonal": "pooled"}}))
+    full = analyze(models["gpt2"], data=two_tasks, metrics=metrics, config=CONFIG)
+    masks, grouped = pooled.get("fisher.masks"), pooled.get("fisher.grouped")
+    assert masks.ok and grouped.ok, (masks.reason, grouped.reason)
+    assert not any(k.startswith(("mask/math/", "mask/code/")) for k in masks.values)
+    name = "transformer.h.0.mlp.c_fc.weight"
+    assert torch.equal(pooled.tensor("fisher.masks", f"mask/{name}"), full.tensor("fisher.masks", f"mask/{name}"))
+    assert not any("/math/" in k or "/code/" in k for k in grouped.values)
+    # the pooled rung keeps the diagonal in float32: the same sums to float32 round-off
+    assert grouped.value("true/block") == pytest.approx(full.get("fisher.grouped").value("true/block"), rel=1e-5)
+    overlap = pooled.get("fisher.overlap")
+    assert overlap.status == "skipped" and "'pooled' memory rung" in overlap.reason
+    assert "--rung fisher.diagonal=asked" in overlap.reason
+
+
 def test_gradients_read_the_masks_by_name(models, two_tasks):
     """gradients.task_conflict on the entries of task 'math''s Fisher mask: masks of 100% give the
     unmasked cosine exactly; 5% masks give another, finite cosine."""

@@ -300,6 +300,12 @@ def _trace(norms: Welford, confidence: float) -> ScalarValue:
 TensorOf = Callable[[MetricResult, str], torch.Tensor]
 
 
+def diagonal_tasks(result: MetricResult, tasks: Sequence[str]) -> tuple[str, ...]:
+    """The run's ``tasks`` a fisher.diagonal result has fields for: none when it ran pooled only (its
+    ``pooled`` memory rung, or ``per_task=False``)."""
+    return tuple(tasks) if result.params.get("per_task", True) else ()
+
+
 def read_diagonal(view: ModelView, result: MetricResult, tensor_of: TensorOf, kind: Kind = "true",
                   task: str | None = None) -> dict[str, torch.Tensor]:
     """``{parameter name: diagonal}`` (float64, shaped like the parameter) from a fisher.diagonal result."""

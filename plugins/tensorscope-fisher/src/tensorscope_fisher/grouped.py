@@ -21,7 +21,7 @@ from tensorscope_core.plugin_api import (
     linear_out_in,
 )
 
-from .diagonal import KINDS, read_diagonal
+from .diagonal import KINDS, diagonal_tasks, read_diagonal
 
 Index = tuple[str, torch.Tensor]  # a parameter and flat indices into it
 
@@ -144,7 +144,7 @@ class FisherGrouped(Metric):
         units = [mlp_unit_parts(view, layer) for layer in range(view.n_layers)]
         out: dict[str, Any] = {}
         n_entries = 0
-        for task in (None, *self.shape.tasks):
+        for task in (None, *diagonal_tasks(result, self.shape.tasks)):
             for kind in KINDS:
                 diag = read_diagonal(view, result, self.tensor_of, kind, task)
                 n_entries = sum(d.numel() for d in diag.values())

@@ -15,6 +15,7 @@ from tensorscope_core.plugin_api import (
     LayerValue,
     Metric,
     ModelView,
+    NotApplicable,
     Params,
     PreparedData,
     RunShape,
@@ -23,7 +24,7 @@ from tensorscope_core.plugin_api import (
     tasks_skip_reason,
 )
 
-from .diagonal import read_diagonal
+from .diagonal import diagonal_tasks, read_diagonal
 from .fisher_grads import layout_of
 
 
@@ -77,8 +78,9 @@ class FisherMasks(Metric):
 
     def finalize(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for task in (None, *self.shape.tasks):
-            diag = read_diagonal(self.view, self.deps["fisher.diagonal"], self.tensor_of, self.params.kind, task)
+        result = self.deps["fisher.diagonal"]
+        for task in (None, *diagonal_tasks(result, self.shape.tasks)):
+            diag = read_diagonal(self.view, result, self.tensor_of, self.params.kind, task)
             seg, suffix = ("", "") if task is None else (f"{task}/", f"/{task}")
             if self.params.scope == "global":
                 flat = torch.cat([d.reshape(-1) for d in diag.values()])
@@ -124,6 +126,11 @@ class FisherOverlap(Metric):
     def finalize(self) -> dict[str, Any]:
         view = self.view
         result = self.deps["fisher.masks"]
+        missing = [t for t in self.shape.tasks if f"n_selected/{t}" not in result.values]
+        if missing:
+            raise NotApplicable(f"fisher.masks has no mask of task {missing[0]!r}: fisher.diagonal ran pooled over the "
+                                "tasks (its 'pooled' memory rung)", "raise --memory-budget, or pin fisher.diagonal's "
+                                "rung: --rung fisher.diagonal=asked")
         layer_of = view.layer_of_parameter()
         layout = layout_of(view)
         block = {n: view.n_layers if layer is None else layer for n, layer in layer_of.items()}
