@@ -5,8 +5,9 @@ table in docs/memory-audit.md.
     python bench/memory_audit.py [--layers 30] [--metrics PREFIX,...] [--rows bench/results-memory-audit.jsonl]
                                  [--out docs/memory-audit.md]
 
-Each metric runs alone at the demo's settings on two tasks of 2 x 32 tokens (``memory_audit.audit``;
-model-set metrics over a base and two other models of the shape, ``memory_audit.audit_set``), after a
+Each metric runs alone at the demo's settings (``testing.SMALL_DATA_PARAMS`` for the few that need more
+data) on two tasks of 2 x 32 tokens (``memory_audit.audit``;
+model-set metrics over a base and three other models of the shape, ``memory_audit.audit_set``), after a
 warm-up on a tiny model. Rows append to ``--rows`` as they finish, tagged with the commit, so a run can
 be split (``--metrics``) and resumed; the table is written from the rows of the newest commit of each
 metric. The whole audit takes about an hour and up to 12 GiB on 2 cores. ``tests/test_memory_audit.py``'s
@@ -31,7 +32,7 @@ from tensorscope_core.config import format_bytes  # noqa: E402
 from tensorscope_core.demo import demo_params  # noqa: E402
 from tensorscope_core.memory_audit import MemoryAudit, audit, audit_set  # noqa: E402
 from tensorscope_core.plugins import get_registry  # noqa: E402
-from tensorscope_core.testing import REAL_135M, real_shaped_llama  # noqa: E402
+from tensorscope_core.testing import REAL_135M, SMALL_DATA_PARAMS, real_shaped_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = RunConfig(batch_size=2, max_length=32, memory_budget="20GiB")
@@ -47,6 +48,10 @@ def tiny(seed: int = 0) -> torch.nn.Module:
                              num_key_value_heads=2, intermediate_size=128, vocab_size=512)
 
 
+def settings(names: list[str]) -> dict[str, dict]:
+    return {**demo_params(names), **{m: p for m, p in SMALL_DATA_PARAMS.items() if m in names}}
+
+
 def commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                           check=False).stdout.strip() or "unknown"
@@ -58,13 +63,12 @@ def run(names: list[str], layers: int, record: callable) -> None:  # type: ignor
     per_set = [n for n in names if registry[n].scope == "model_set"]
     data, warm = tasks(REAL_135M["vocab_size"]), tasks(512)
     if per_model:
-        audit(real_shaped_llama(num_hidden_layers=layers), data, per_model, params=demo_params(per_model),
+        audit(real_shaped_llama(num_hidden_layers=layers), data, per_model, params=settings(per_model),
               config=CONFIG, warm_up=tiny(), warm_up_data=warm, progress=record)
     if per_set:
-        members = {"a": real_shaped_llama(seed=1, num_hidden_layers=layers),
-                   "b": real_shaped_llama(seed=2, num_hidden_layers=layers)}
+        members = {name: real_shaped_llama(seed=seed, num_hidden_layers=layers) for seed, name in enumerate("abc", 1)}
         audit_set(members, data, per_set, base=real_shaped_llama(num_hidden_layers=layers),
-                  params=demo_params(per_set), config=CONFIG, warm_up={"a": tiny(1), "b": tiny(2)},
+                  params=settings(per_set), config=CONFIG, warm_up={m: tiny(seed) for seed, m in enumerate("abc", 1)},
                   warm_up_base=tiny(), warm_up_data=warm, progress=record)
 
 

@@ -14,7 +14,7 @@ from tensorscope_core.demo import demo_params
 from tensorscope_core.memory_audit import FLOOR_BYTES, MemoryAudit, audit, audit_set
 from tensorscope_core.plugin_api import Cost, Metric, ModelSetMetric, ModelView, Params, RunShape, ScalarValue
 from tensorscope_core.plugins import get_registry
-from tensorscope_core.testing import REAL_135M, real_shaped_llama, temporary_plugin
+from tensorscope_core.testing import REAL_135M, SMALL_DATA_PARAMS, real_shaped_llama, temporary_plugin
 
 MIB = 2**20
 
@@ -150,6 +150,11 @@ KNOWN_OFF: dict[str, str] = {
 }
 
 
+def _settings(names: list[str]) -> dict[str, dict[str, Any]]:
+    """The demo's settings, and for the few metrics that need more data than 2 x 32 tokens a task, smaller ones."""
+    return {**demo_params(names), **{m: p for m, p in SMALL_DATA_PARAMS.items() if m in names}}
+
+
 def _tasks(vocab: int) -> dict[str, torch.Tensor]:
     """Two tasks, so the metrics that compare tasks or hold out a test split run too."""
     gen = torch.Generator().manual_seed(0)
@@ -162,7 +167,7 @@ def test_every_metric_declares_what_it_holds_on_the_135m_shape() -> None:
     hours here), on two tasks of 2 x 32 tokens of the 135M-shaped LLaMA. A metric that ends skipped is
     listed, not checked; one that errors or holds other than it declares fails unless it is known."""
     names = sorted(n for n, cls in get_registry().metrics.items() if cls.scope == "model")
-    rows = audit(real_shaped_llama(), _tasks(REAL_135M["vocab_size"]), names, params=demo_params(names),
+    rows = audit(real_shaped_llama(), _tasks(REAL_135M["vocab_size"]), names, params=_settings(names),
                  config=RunConfig(batch_size=2, max_length=32, memory_budget="20GiB"), warm_up=_tiny(),
                  warm_up_data=_tasks(512), progress=lambda r: print(r.line(), flush=True))
     off = sorted(r.metric for r in rows if r.ran and not r.ok and r.metric not in KNOWN_OFF)
@@ -171,13 +176,14 @@ def test_every_metric_declares_what_it_holds_on_the_135m_shape() -> None:
 
 @pytest.mark.realshape
 def test_every_model_set_metric_declares_what_it_holds_on_the_135m_shape() -> None:
-    """Each model-set metric alone over a base and two fine-tunes of the 135M shape (random weights, three
-    seeds), on the same two tasks: the set stage's declared state and working memory against its peak."""
+    """Each model-set metric alone over a base and three other models of the 135M shape (random weights, four
+    seeds: four checkpoints, as a change-point search needs), on the same two tasks: the set stage's declared
+    state, working memory and results against what it held."""
     names = sorted(n for n, cls in get_registry().metrics.items() if cls.scope == "model_set")
-    members = {"a": real_shaped_llama(seed=1), "b": real_shaped_llama(seed=2)}
+    members = {name: real_shaped_llama(seed=seed) for seed, name in enumerate("abc", 1)}
     rows = audit_set(members, _tasks(REAL_135M["vocab_size"]), names, base=real_shaped_llama(),
-                     params=demo_params(names), config=RunConfig(batch_size=2, max_length=32, memory_budget="20GiB"),
-                     warm_up={"a": _tiny(), "b": _tiny()}, warm_up_base=_tiny(), warm_up_data=_tasks(512),
+                     params=_settings(names), config=RunConfig(batch_size=2, max_length=32, memory_budget="20GiB"),
+                     warm_up={name: _tiny() for name in "abc"}, warm_up_base=_tiny(), warm_up_data=_tasks(512),
                      progress=lambda r: print(r.line(), flush=True))
     off = sorted(r.metric for r in rows if r.ran and not r.ok and r.metric not in KNOWN_OFF)
     assert not off, "\n".join(r.line() for r in rows if r.metric in off)

@@ -116,6 +116,19 @@ REAL_135M = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads":
              "intermediate_size": 1536, "vocab_size": 49152}
 
 
+#: settings that let the metrics that need more data run on two tasks of 2 x 32 tokens (the memory audit's
+#: data), and the model-set metrics on random models named base, a, b and c without training logs, with the
+#: demo's settings for the rest; circuits.patching needs prompts, so a tokenizer, and is left
+SMALL_DATA_PARAMS: dict[str, dict[str, Any]] = {
+    "information.pid": {"k": 2, "target_classes": 2},
+    "geometry.sample_outliers": {"k": 2},
+    "structure.separability": {"folds": 2},
+    "gradients.tracin": {"default_learning_rate": 1e-3},
+    "gradients.critical_samples": {"default_learning_rate": 1e-3},
+    "interventions.vectors": {"broken": "a", "healthy": "b"},
+}
+
+
 def real_shaped_llama(seed: int = 0, **shape: int) -> Any:
     """A random LLaMA with ``REAL_135M``'s shape (entries of ``shape`` override it), in eval mode: real
     models' memory and time without a download."""
