@@ -97,6 +97,22 @@ def test_chunked_pairs_equal_the_dense_computation(monkeypatch):
     assert dense.dimensions_per_feature == pytest.approx(ref["dstar"], rel=1e-12)
 
 
+
+def test_zero_rows_dropped_in_place_by_chunks_leave_the_input_alone(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    f = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    f[[0, 9, 10, 39]] = 0.0
+    given = f.clone()
+    dense = frame_stats(f[f.norm(dim=1) > 0])
+    monkeypatch.setattr(frames, "CHUNK_ENTRIES", 12)  # two rows per chunk of the in-place compaction
+    chunked = frame_stats(f)
+    assert torch.equal(f, given)  # float64 features are copied, never normalised in place
+    assert chunked.n == 36 and chunked.n_zero == 4
+    kept = ~torch.isnan(chunked.feature_dimensionality)
+    assert torch.allclose(chunked.feature_dimensionality[kept], dense.feature_dimensionality, rtol=1e-14)
+    assert chunked.frame_potential == pytest.approx(dense.frame_potential, rel=1e-14)
+    assert chunked.max_abs_cos == pytest.approx(dense.max_abs_cos, rel=1e-14)
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
 def test_mlp_out_directions_match_brute_force(family, models):
     result = run_metric("superposition.features", models[family], ["the cat sat"])

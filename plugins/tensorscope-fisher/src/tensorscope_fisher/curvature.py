@@ -34,6 +34,7 @@ from tensorscope_core.plugin_api import (
     ScalarValue,
     SeriesValue,
     Step,
+    act_bytes,
     hook_free_copy,
 )
 
@@ -132,15 +133,21 @@ class _Lanczos(Metric):
     def cost(cls, params: CurvatureParams, view: ModelView, shape: RunShape) -> Cost:
         """The kept examples (per token: input ids, targets, target mask, attention mask, int64) and,
         in finalize, the solver's buffers (``Lanczos.held_bytes``: selective ``2 (max_iter + 1) + 2k + 1``
-        vectors of the operator's parameters, local 3). Not held, so not declared: what one product
-        allocates while it runs (its output, the autograd buffers of one kept batch)."""
+        vectors of the operator's parameters, local 3). Working memory of finalize, one product at a time:
+        on a kept batch, two passes' autograd buffers (the GGN's jvp and vjp, the Hessian's forward-over-
+        reverse), a tied embedding's two gradients beside their sum, the batch's product and the running
+        sum over batches in the model's dtype, and the product in the solver's dtype."""
         examples = min(shape.n_sequences, params.max_examples or shape.n_sequences)
         tokens = examples * shape.seq_len
         size = layout_size(operator_layout(params, view))
+        solver_bytes = torch.finfo(solver_dtype(view)).bits // 8
         solver = Lanczos.held_bytes(size, params.k, max(params.max_iter, params.k), params.reorthogonalise,
-                                    torch.finfo(solver_dtype(view)).bits // 8) if params.k <= size else 0
+                                    solver_bytes) if params.k <= size else 0
+        product = 2 * act_bytes(view, shape.batch_size, shape.seq_len) + 2 * view.tied_embedding_bytes \
+            + size * (2 * view.dtype_bytes + solver_bytes)
         # per product about two forwards and two backwards of the kept tokens
-        return Cost(state_bytes=4 * 8 * tokens + solver, flops=float(params.max_iter * 8 * view.n_params * tokens))
+        return Cost(state_bytes=4 * 8 * tokens + solver, finalize_bytes=product,
+                    flops=float(params.max_iter * 8 * view.n_params * tokens))
 
     @classmethod
     def ladder(cls, params: CurvatureParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:

@@ -20,7 +20,7 @@ from tensorscope_core.plugin_api import (
     linear_out_in,
 )
 
-from .frames import FrameStats, frame_stats, regime
+from .frames import FrameStats, frame_stats, frame_working_bytes, regime
 
 Source = Literal["mlp_out", "embed", "unembed", "parameter", "sae"]
 
@@ -116,8 +116,16 @@ class SuperpositionFeatures(Metric):
 
     @classmethod
     def cost(cls, params: FeaturesParams, view: ModelView, shape: RunShape) -> Cost:
-        flops = sum(2.0 * n * n * d + 4.0 * n * d * d for n, d in _shapes(view, params))
-        return Cost(state_bytes=0, flops=flops)
+        shapes = _shapes(view, params)
+        flops = sum(2.0 * n * n * d + 4.0 * n * d * d for n, d in shapes)
+        features = sum(n for n, _ in shapes)
+        # the stacked [n_matrices, n] float64 D_i and interference, when every matrix has the same n
+        results = 16 * features if len({n for n, _ in shapes}) == 1 else 0
+        # finalize reads one matrix at a time (frame_working_bytes), beside every matrix's two [n] float64
+        # statistics, their stacked copy and, for source 'sae', the tensor loaded from the file
+        working = (max((frame_working_bytes(n, d) for n, d in shapes), default=0) + 16 * features + results
+                   + _loaded_bytes(params))
+        return Cost(state_bytes=0, finalize_bytes=working, result_bytes=results, flops=flops)
 
     def finalize(self) -> dict[str, Any]:
         matrices = feature_matrices(self.view, self.params)
@@ -140,6 +148,21 @@ def _shapes(view: ModelView, p: FeaturesParams) -> list[tuple[int, int]]:
     params = dict(view.model.named_parameters())
     shapes = [tuple(params[n].shape) for n, _ in _parameter_names(view, p) if n in params and params[n].ndim == 2]
     return [(a, b) if p.features_along == "rows" else (b, a) for a, b in shapes]
+
+
+def _loaded_bytes(p: FeaturesParams) -> int:
+    """Bytes of the tensor source 'sae' reads into memory (the other sources are views of the model's weights)."""
+    if p.source != "sae":
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(str(p.path), framework="pt") as f:
+        tensor = f.get_slice(str(p.tensor))
+        rows, cols = tensor.get_shape()
+        return rows * cols * _SAFETENSORS_ITEM_BYTES.get(tensor.get_dtype(), 8)
+
+
+_SAFETENSORS_ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
 
 
 def _parameter_names(view: ModelView, p: FeaturesParams) -> list[tuple[str, int | None]]:
