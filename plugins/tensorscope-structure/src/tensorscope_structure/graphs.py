@@ -19,6 +19,10 @@ from tensorscope_core.plugin_api import ModelView, linear_out_in
 
 #: entries of |W| read at once while finding the strongest edges (float32: 16 MiB)
 CHUNK_ENTRIES = 1 << 22
+#: bytes per entry of a chunk while its strongest entries are found: the float32 chunk and torch's CPU
+#: top-k buffer of (value, int64 index) pairs, 16 bytes each (the in-place sum of a gated MLP's inputs
+#: holds two float32 chunks, three for 16-bit weights: less)
+READ_BYTES_PER_ENTRY = 4 + 16
 
 
 @dataclass(frozen=True)
@@ -70,12 +74,34 @@ class EdgeBlock:
         )
 
 
+class UnitGraph(nx.Graph):
+    """An ``nx.Graph`` whose edge and degree views are made at each use instead of cached on it.
+
+    A cached view refers back to its graph: a reference cycle that only the cyclic garbage collector
+    frees, which may take many Louvain runs. Louvain makes every level's graph with ``G.__class__()``,
+    so with this class each graph is freed as soon as its run drops it.
+    """
+
+    @property  # type: ignore[override]
+    def edges(self) -> nx.classes.reportviews.EdgeView:
+        return nx.classes.reportviews.EdgeView(self)
+
+    @property  # type: ignore[override]
+    def degree(self) -> nx.classes.reportviews.DegreeView:
+        return nx.classes.reportviews.DegreeView(self)
+
+
 def graph_of(blocks: Sequence[EdgeBlock]) -> nx.Graph:
     """The undirected weighted graph of the blocks' edges (nodes without an edge are left out)."""
-    graph = nx.Graph()
+    graph = UnitGraph()
     for block in blocks:
         graph.add_weighted_edges_from(block.edges())
     return graph
+
+
+def read_bytes(n_rows: int, n_cols: int) -> int:
+    """Peak working memory of ``strongest`` on an n_rows x n_cols matrix: one chunk of rows and its top-k buffer."""
+    return min(n_rows, max(1, CHUNK_ENTRIES // max(1, n_cols))) * n_cols * READ_BYTES_PER_ENTRY
 
 
 def strongest(
@@ -138,7 +164,10 @@ def mlp_blocks(view: ModelView, layer: int, max_edges: int | None) -> list[EdgeB
     w_out = linear_out_in(view.mlp_out[layer]).detach()  # [d, h]
 
     def in_rows(start: int, stop: int) -> torch.Tensor:
-        return sum((w[start:stop].float().abs().cpu() for w in ins), torch.zeros(stop - start, d))
+        total = torch.zeros(stop - start, d)
+        for w in ins:
+            total += w[start:stop].float().abs().cpu()  # in place: two chunks held, not four
+        return total
 
     def out_rows(start: int, stop: int) -> torch.Tensor:
         return w_out[start:stop].float().abs().cpu()

@@ -25,13 +25,25 @@ from tensorscope_core.plugin_api import (
 )
 
 from .availability import plugin_loaded
-from .communities import Modularity, against_null
-from .graphs import head_block, mlp_blocks, mlp_inputs
+from .communities import Modularity, against_null, null_bytes
+from .graphs import head_block, mlp_blocks, mlp_inputs, read_bytes
 
 QKOV = "circuits.qkov"
 CIRCUITS_FIX = "pip install tensorscope-circuits"
 #: rough operations per edge and Louvain run (local moves over a few levels), for the declared flops
 LOUVAIN_OPS_PER_EDGE = 200
+
+
+#: the per-block fields, in the order of ``_mlp_row``
+MLP_FIELDS = ("q", "null_mean", "null_std", "z", "p_value", "communities", "edges")
+
+
+def _mlp_row(m: Modularity | None) -> tuple[float, ...]:
+    """One block's values in ``MLP_FIELDS`` order (NaN and 0 edges without a graph): only these numbers
+    are kept across the layers, not each block's partition."""
+    if m is None:
+        return (float("nan"),) * (len(MLP_FIELDS) - 1) + (0.0,)
+    return (m.q, m.null_mean, m.null_std, m.z, m.p_value, float(len(m.communities)), float(m.n_edges))
 
 
 class ModularityParams(Params):
@@ -113,38 +125,45 @@ class StructureModularity(Metric):
 
     @classmethod
     def cost(cls, params: ModularityParams, view: ModelView, shape: RunShape) -> Cost:
-        """No state: each layer's graph lives in ``finalize`` only (a chunk of |W|, 16 MiB, and the
-        kept edges). FLOPs: reading up to three d_model x d_mlp matrices per block, and Louvain on
-        the observed and every null graph."""
-        entries = view.d_model * view.d_mlp
-        edges = 2 * (entries if params.max_edges is None else min(entries, params.max_edges))
+        """No state: each layer's graph lives in ``finalize`` only, one at a time; its working memory is
+        the larger of a block's (a chunk of |W| with its top-k buffer, then one graph and its Louvain
+        run) and the head graph's. FLOPs: reading up to three d_model x d_mlp matrices per block, and
+        Louvain on the observed and every null graph."""
+        d, h = view.d_model, view.d_mlp
+        entries = d * h
+        kept = entries if params.max_edges is None else min(entries, params.max_edges)
+        edges = 2 * kept
         runs = params.n_permutations + 1
         flops = view.n_layers * (3.0 * entries + runs * LOUVAIN_OPS_PER_EDGE * edges)
-        return Cost(state_bytes=0, flops=flops)
+        block = max(read_bytes(h, d), read_bytes(d, h), null_bytes(edges, min(2 * d + h, 2 * edges), entries))
+        heads = cls._head_bytes(view) if cls.metric_needs(params) else 0
+        return Cost(state_bytes=0, finalize_bytes=max(block, heads), flops=flops)
+
+    @staticmethod
+    def _head_bytes(view: ModelView) -> int:
+        """The head graph's working memory: its float64 [L, H, L, H] score sums (three at once), the
+        candidate pairs' positions, and the graph of every cross-layer pair (the most it can keep)."""
+        n = view.n_layers * view.n_heads
+        pairs = view.n_heads**2 * view.n_layers * (view.n_layers - 1) // 2
+        return 8 * (3 * n * n + pairs) + null_bytes(pairs, n, pairs)
 
     def finalize(self) -> dict[str, Any]:
         p, seed = self.params, self.shape.seed
-        layers: list[Modularity | None] = []
+        rows = []
         notes = []
         for layer in range(self.view.n_layers):
             blocks = mlp_blocks(self.view, layer, p.max_edges)
             try:
-                layers.append(
-                    against_null(blocks, p.resolution, p.n_permutations, seed, np.random.default_rng([seed, 1, layer]))
-                )
+                m = against_null(blocks, p.resolution, p.n_permutations, seed, np.random.default_rng([seed, 1, layer]))
             except ValueError as exc:
-                layers.append(None)
+                rows.append(_mlp_row(None))
                 notes.append(f"block {layer}: {exc}")
+            else:
+                rows.append(_mlp_row(m))
         out: dict[str, Any] = {
-            f"mlp_{field}": LayerValue(
-                values=[float("nan") if m is None else float(getattr(m, field)) for m in layers], axis="block"
-            )
-            for field in ("q", "null_mean", "null_std", "z", "p_value")
+            f"mlp_{field}": LayerValue(values=list(values), axis="block")
+            for field, values in zip(MLP_FIELDS, zip(*rows, strict=True), strict=True)
         }
-        out["mlp_communities"] = LayerValue(
-            values=[float("nan") if m is None else float(len(m.communities)) for m in layers], axis="block"
-        )
-        out["mlp_edges"] = LayerValue(values=[0.0 if m is None else float(m.n_edges) for m in layers], axis="block")
         d, h = self.view.d_model, self.view.d_mlp
         kept = "every entry" if p.max_edges is None else f"the strongest {min(p.max_edges, d * h)} of {d * h} entries"
         out["mlp_graph"] = TextValue(
