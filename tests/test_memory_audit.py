@@ -137,16 +137,16 @@ def test_the_set_audit_measures_the_model_set_stage_alone() -> None:
 
 # -- every metric on the 135M-shaped model --------------------------------------------------
 
-#: metrics whose declared memory is known to be off (issue 20): declared / held above the weights, on the
-#: 135M shape (30 layers) where that run reached them, else on its width and vocabulary with 4 layers
+#: metrics whose declared memory is known to be off on the 135M shape (30 layers; docs/memory-audit.md), and why
 KNOWN_OFF: dict[str, str] = {
-    # act_bytes' per-layer term undercounts what a gated MLP and grouped-query attention keep for the backward
-    "circuits.integrated_gradients": "1.5 GiB / 1.9 GiB (30 layers, 32 path rows)",
-    "dynamics.fragility": "1.2 GiB / 1.6 GiB (30 layers)",
-    "dynamics.plasticity": "1.9 GiB / 2.3 GiB (30 layers; within 10% with 4)",
-    "dynamics.signal_propagation": "282 MiB / 343 MiB (4 layers): a block under jvp keeps more than a forward",
-    "lottery.imp": "724 MiB / 1.09 GiB (4 layers): 367 MiB not yet placed",
-    "gradients.pathology": "359 MiB / 418 MiB (4 layers, before the core's gradient fixes)",
+    # at 20 GiB the planner steps fisher.diagonal to its pooled rung; a metric's cost cannot see its
+    # dependency's rung, so fisher.masks still declares the per-task masks it then does not make (safe side)
+    "fisher.masks": "results 385 MiB declared / 128 MiB held (fisher.diagonal at its pooled rung)",
+}
+#: metrics that end skipped there, so are not checked, and why; any other skip fails the test
+SKIPPED: dict[str, str] = {
+    "circuits.patching": "needs prompt pairs, so a tokenizer: the random model has none",
+    "fisher.overlap": "compares per-task masks, which fisher.diagonal at its pooled rung (20 GiB) does not make",
 }
 
 
@@ -164,14 +164,15 @@ def _tasks(vocab: int) -> dict[str, torch.Tensor]:
 @pytest.mark.realshape
 def test_every_metric_declares_what_it_holds_on_the_135m_shape() -> None:
     """Each metric alone, at the demo's settings (the research defaults of the replaying metrics take
-    hours here), on two tasks of 2 x 32 tokens of the 135M-shaped LLaMA. A metric that ends skipped is
-    listed, not checked; one that errors or holds other than it declares fails unless it is known."""
+    hours here; smaller ones where 2 x 32 tokens a task are too few), on two tasks of 2 x 32 tokens of the
+    135M-shaped LLaMA. One that errors, holds other than it declares or is skipped fails unless it is known."""
     names = sorted(n for n, cls in get_registry().metrics.items() if cls.scope == "model")
     rows = audit(real_shaped_llama(), _tasks(REAL_135M["vocab_size"]), names, params=_settings(names),
                  config=RunConfig(batch_size=2, max_length=32, memory_budget="20GiB"), warm_up=_tiny(),
                  warm_up_data=_tasks(512), progress=lambda r: print(r.line(), flush=True))
     off = sorted(r.metric for r in rows if r.ran and not r.ok and r.metric not in KNOWN_OFF)
     assert not off, "\n".join(r.line() for r in rows if r.metric in off)
+    assert {r.metric for r in rows if not r.ran} <= set(SKIPPED), "\n".join(r.line() for r in rows if not r.ran)
 
 
 @pytest.mark.realshape
@@ -187,3 +188,4 @@ def test_every_model_set_metric_declares_what_it_holds_on_the_135m_shape() -> No
                      progress=lambda r: print(r.line(), flush=True))
     off = sorted(r.metric for r in rows if r.ran and not r.ok and r.metric not in KNOWN_OFF)
     assert not off, "\n".join(r.line() for r in rows if r.metric in off)
+    assert {r.metric for r in rows if not r.ran} <= set(SKIPPED), "\n".join(r.line() for r in rows if not r.ran)
