@@ -145,7 +145,6 @@ KNOWN_OFF: dict[str, str] = {
 }
 #: metrics that end skipped there, so are not checked, and why; any other skip fails the test
 SKIPPED: dict[str, str] = {
-    "circuits.patching": "needs prompt pairs, so a tokenizer: the random model has none",
     "fisher.overlap": "compares per-task masks, which fisher.diagonal at its pooled rung (20 GiB) does not make",
 }
 

@@ -118,8 +118,10 @@ REAL_135M = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads":
 
 #: settings that let the metrics that need more data run on two tasks of 2 x 32 tokens (the memory audit's
 #: data), and the model-set metrics on random models named base, a, b and c without training logs, with the
-#: demo's settings for the rest; circuits.patching needs prompts, so a tokenizer, and is left
+#: demo's settings for the rest (circuits.patching: a prompt pair of token ids, any vocabulary of 64 or more)
 SMALL_DATA_PARAMS: dict[str, dict[str, Any]] = {
+    "circuits.patching": {"clean": [[5, 9, 17, 33, 12, 40]], "corrupted": [[5, 9, 18, 33, 12, 40]], "answer": [21],
+                          "wrong": [22]},
     "information.pid": {"k": 2, "target_classes": 2},
     "geometry.sample_outliers": {"k": 2},
     "structure.separability": {"folds": 2},
