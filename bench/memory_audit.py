@@ -95,6 +95,12 @@ def render(rows: dict[str, dict], layers: int) -> str:
     ok = sum(MemoryAudit(**{k: r[k] for k in MemoryAudit.__dataclass_fields__}).ok for r in rows.values())
     ran = sum(r["status"] != "skipped" for r in rows.values())
     lines += ["", f"{ok} of the {ran} metrics that ran agree; {len(rows) - ran} skipped."]
+    missing = sorted(set(get_registry().metrics) - set(rows))
+    if missing:
+        lines += ["", "Not in this table yet (no row at this shape): " + ", ".join(f"`{m}`" for m in missing) + "."]
+    if any(r["commit"].endswith("*") for r in rows.values()):
+        lines += ["", "A commit ending in * marks a row measured on a working tree ahead of that commit, for a metric "
+                      "whose declaration did not change after."]
     return "\n".join(lines) + "\n"
 
 

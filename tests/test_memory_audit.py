@@ -142,6 +142,9 @@ KNOWN_OFF: dict[str, str] = {
     # at 20 GiB the planner steps fisher.diagonal to its pooled rung; a metric's cost cannot see its
     # dependency's rung, so fisher.masks still declares the per-task masks it then does not make (safe side)
     "fisher.masks": "results 385 MiB declared / 128 MiB held (fisher.diagonal at its pooled rung)",
+    # not yet placed (issue 20 stays open for them)
+    "fisher.triangulation": "peak 13.5 GiB declared / 10.6 GiB held (over: its dependencies' peaks do not coexist)",
+    "interventions.vectors": "set stage 817 MiB declared / 957 MiB held (about 140 MiB of working memory undeclared)",
 }
 #: metrics that end skipped there, so are not checked, and why; any other skip fails the test
 SKIPPED: dict[str, str] = {
