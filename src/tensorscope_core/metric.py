@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -45,6 +45,11 @@ class RunShape:
 
     ``batches``: (rows, padded length, task) of each batch in data order (the last batch of a
     task may hold fewer rows than ``batch_size``); empty where the run has no data.
+
+    ``dependency_params``: the parameters of the metrics this one reads (``metric_needs``) at the rungs
+    the plan runs them, so a cost can follow a dependency stepped down its ladder (a mask per task
+    only where the Fisher kept tasks). Empty where a cost is asked outside a plan: assume the
+    dependencies' defaults.
     """
 
     batch_size: int
@@ -54,6 +59,11 @@ class RunShape:
     tasks: tuple[str, ...]
     seed: int
     batches: tuple[tuple[int, int, str | None], ...] = ()
+    dependency_params: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_dependencies(self, params: Mapping[str, Any]) -> RunShape:
+        """This shape as the metric reading ``params`` (metric -> its parameters) sees it."""
+        return replace(self, dependency_params=dict(params)) if params else self
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from tensorscope_circuits.factored import composition_scores, copying_scores, ro
 from tensorscope_circuits.qkov import rotary_frequencies
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from tensorscope_core import GenericAdapter, ModelSource, analyze
+from tensorscope_core import GenericAdapter, ModelSource, analyze, plan
 from tensorscope_core.models.load import load_model  # core internal: no public loader of a ModelView
 from tensorscope_core.plugins import get_registry  # core internal: the installed adapters, for load_model
 from tensorscope_core.testing import check_roundtrip, run_metric, tiny_config
@@ -259,3 +259,12 @@ def test_encoder_has_circuits_and_unmapped_heads_skip(models):
     generic = GenericAdapter(blocks="transformer.h", attn="attn", mlp_out="mlp.c_proj", n_heads=4)
     result = analyze(models["gpt2"], metrics=[METRIC], adapter=generic).get(METRIC)
     assert result.status == "skipped" and "per-head" in result.reason
+
+
+@pytest.mark.parametrize(("family", "params"), [("llama", {}), ("llama", {"matrices": True}), ("gpt2", {})])
+def test_declared_results_are_the_tensors_the_run_keeps(models, family, params):
+    """Rotary offsets (LLaMA) and the matrices add tensors; the plan declares exactly their bytes."""
+    (planned,) = plan(models[family], None, [METRIC], params={METRIC: params})
+    res = analyze(models[family], None, [METRIC], params={METRIC: params})
+    tensors = [k for k, v in res.get(METRIC).values.items() if getattr(v, "kind", "") == "tensor"]
+    assert planned.declared_results[METRIC] == sum(res.tensor(METRIC, k).nbytes for k in tensors)

@@ -11,7 +11,7 @@ import torch
 from fisher_diagonal_reference import load_causal
 from tensorscope_fisher.masks import overlaps, pair_counts, top_mask
 
-from tensorscope_core import RunConfig, analyze
+from tensorscope_core import RunConfig, analyze, plan
 from tensorscope_core.testing import check_roundtrip, random_token_data
 
 CONFIG = RunConfig(batch_size=4, max_length=32, dtype="float64")
@@ -111,10 +111,10 @@ def test_overlap_needs_two_tasks(models, two_tasks):
 
 
 def test_a_pooled_diagonal_gives_pooled_masks_and_the_overlap_says_why_it_has_none(models, two_tasks):
-    """fisher.diagonal at its 'pooled' rung (the planner's choice under a tight budget) has no per-task
-    fields: the masks and the grouped sums are the pooled ones alone, as in a run with per-task fields (to
-    the rung's float32), and fisher.overlap ends skipped naming the rung and the fix (all three ended in a
-    KeyError)."""
+    """fisher.diagonal at its 'pooled' rung (the planner's last step under a tight budget) has no per-task
+    fields and the true Fisher only: the masks and the grouped sums are the pooled true ones alone, as in a
+    run with per-task fields (to the rung's float32), fisher.overlap ends skipped naming the rung and the
+    fix (all three ended in a KeyError), and masks of the empirical Fisher end skipped saying why."""
     metrics = ["fisher.overlap", "fisher.grouped"]
     pooled = analyze(models["gpt2"], data=two_tasks, metrics=metrics, config=CONFIG.model_copy(
         update={"rungs": {"fisher.diagonal": "pooled"}}))
@@ -130,6 +130,23 @@ def test_a_pooled_diagonal_gives_pooled_masks_and_the_overlap_says_why_it_has_no
     overlap = pooled.get("fisher.overlap")
     assert overlap.status == "skipped" and "'pooled' memory rung" in overlap.reason
     assert "--rung fisher.diagonal=asked" in overlap.reason
+    assert not any(k.startswith("empirical/") for k in grouped.values)  # the rung keeps the true Fisher only
+    empirical = analyze(models["gpt2"], data=two_tasks, metrics=["fisher.masks"], params={
+        "fisher.masks": {"kind": "empirical"}}, config=CONFIG.model_copy(update={"rungs": {"fisher.diagonal": "pooled"}}))
+    assert empirical.get("fisher.masks").status == "skipped" and "'true-only'" in empirical.get("fisher.masks").reason
+
+
+def test_the_masks_declared_are_the_masks_the_diagonals_rung_gives(models, two_tasks):
+    """The plan declares one boolean per trainable entry per mask: pooled and per task as asked, pooled
+    only when fisher.diagonal runs at its 'pooled' rung (the masks' cost sees the rung); equal to the
+    bytes of the mask tensors each run keeps."""
+    for rungs, masks in (({}, 3), ({"fisher.diagonal": "pooled"}, 1)):
+        config = CONFIG.model_copy(update={"rungs": rungs})
+        (planned,) = plan(models["gpt2"], two_tasks, ["fisher.masks"], config=config)
+        res = analyze(models["gpt2"], data=two_tasks, metrics=["fisher.masks"], config=config)
+        held = [res.tensor("fisher.masks", k) for k in res.get("fisher.masks").values if k.startswith("mask/")]
+        entries = sum(p.numel() for p in load_causal(models["gpt2"]).parameters())
+        assert planned.declared_results["fisher.masks"] == masks * entries == sum(t.numel() for t in held)
 
 
 def test_gradients_read_the_masks_by_name(models, two_tasks):

@@ -15,7 +15,7 @@ from ..plugins import Registry
 from ..results.schema import Cost
 from .graph import MetricNode
 from .ladder import Ladders, fit, make_ladders, rungs_of
-from .plan import ModelPlan, ModelSetPlan, make_plan, make_set_plan
+from .plan import CostKey, ModelPlan, ModelSetPlan, cost_key, make_plan, make_set_plan
 
 
 def check_pins(nodes: Sequence[MetricNode], config: RunConfig) -> None:
@@ -54,7 +54,7 @@ def fit_model_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape
             ladders.left_out.setdefault(n.name, f"left out: its declared cost raised {type(exc).__name__}: {exc} "
                                                 f"(report it to {n.plugin})")
     by_name = {n.name: n for n in nodes}
-    memo: dict[tuple[str, str], tuple[Cost, dict[str, int]]] = {}
+    memo: dict[CostKey, tuple[Cost, dict[str, int]]] = {}
 
     def make(ns: list[MetricNode]) -> ModelPlan:
         return make_plan(ns, view, shape, registry, budget.nbytes, config.min_micro_batch, memo)
@@ -65,10 +65,11 @@ def fit_model_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape
             peak.metrics, key=lambda m: -plan.declared_state.get(m, 0) - plan.declared_results.get(m, 0)
             - max(plan.declared_transient.get(m, 0), plan.declared_finalize.get(m, 0)))
 
-    def state(name: str, rung: Rung) -> int:
-        key = (name, rung.params.model_dump_json())
+    def state(name: str, rung: Rung) -> int:  # the rung alone: its dependencies as asked
+        node = replace(by_name[name], params=rung.params, over_budget=None)
+        key = cost_key(node, {})
         if key not in memo:
-            make([replace(by_name[name], params=rung.params, over_budget=None)])
+            make([node])
         cost = memo[key][0]
         return cost.state_bytes + max(cost.transient_bytes, cost.finalize_bytes) + cost.result_bytes
 

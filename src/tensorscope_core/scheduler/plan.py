@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from pydantic import BaseModel
+
 from ..artifacts import PARAM_GRAD, ArtifactSpec, Request, act_bytes, forward_act_bytes
 from ..config import format_bytes
 from ..errors import PluginError
@@ -31,6 +33,9 @@ class PassPlan:
     transient_bytes: int = 0
     #: the largest working memory one of the pass's metrics allocates in its finalize only (artifacts freed)
     finalize_bytes: int = 0
+    #: the most the pass's metrics hold while they finalize, one at a time in ``metrics`` order: the
+    #: states not yet freed, the results made so far and one finalize's working memory (``finalize_order``)
+    finalizing_bytes: int = 0
     #: the tensors among the results of the metrics of every pass before this one, kept to the end
     results_bytes: int = 0
     peak_bytes: int = 0
@@ -215,8 +220,11 @@ def _pass_peak(view: ModelView, p: PassPlan, micro: int, seq: int, specs: Sequen
     p.activation_bytes += transient  # a producer's own backward runs while the shared pass's activations are held
     # a metric's update / finalize works after the pass's activations are freed, one metric at a time
     working = max(p.activation_bytes, p.own_pass_bytes, p.transient_bytes)
-    during = max(p.artifact_bytes + working, p.finalize_bytes)  # a finalize works once the artifacts are freed
-    p.peak_bytes = view.param_bytes + during + p.state_bytes + p.results_bytes
+    # the pass's metrics finalize one at a time once its artifacts are freed (``finalize_order``); a
+    # pass over the weights has no update, only finalize
+    updating = 0 if p.kind == "weights" else p.artifact_bytes + working + p.state_bytes
+    during = max(updating, p.finalizing_bytes)
+    p.peak_bytes = view.param_bytes + during + p.results_bytes
 
 
 def _declared_passes(node: MetricNode, view: ModelView, shape: RunShape) -> dict[str, int]:
@@ -228,49 +236,97 @@ def _declared_passes(node: MetricNode, view: ModelView, shape: RunShape) -> dict
         return {}
 
 
+#: a declared cost's memo key: the metric, its parameters and those of the metrics it reads
+CostKey = tuple[str, str, tuple[tuple[str, str], ...]]
+
+
+def dependency_params(node: MetricNode, nodes: Sequence[MetricNode]) -> dict[str, BaseModel]:
+    """The parameters (at their rungs) of the metrics among ``nodes`` that ``node`` reads."""
+    by_name = {n.name: n.params for n in nodes}
+    return {d: by_name[d] for d in node.needs if d in by_name}
+
+
+def cost_key(node: MetricNode, deps: dict[str, BaseModel]) -> CostKey:
+    return node.name, node.params.model_dump_json(), tuple((d, p.model_dump_json()) for d, p in deps.items())
+
+
+@dataclass(frozen=True)
+class Finalizing:
+    """What one metric holds around its finalize: its state before, the tensors of its results after,
+    and the most it holds while finalize runs (at least its results)."""
+
+    name: str
+    state: int
+    results: int
+    during: int
+
+
+def finalize_order(metrics: Sequence[Finalizing]) -> tuple[list[str], int]:
+    """The order a pass's metrics finalize in, and the most they hold meanwhile.
+
+    Finalize runs one metric at a time; each frees its state and keeps its results. Before metric j
+    the pass holds every state not yet freed and the results made so far, then j's finalize adds
+    ``during``. The peak is smallest (the classic rule for jobs that each need a peak and leave a net
+    change) when the metrics that free more than they keep go first, smallest ``during`` first, and
+    the rest after, largest ``during - net change`` first."""
+    freeing = sorted((m for m in metrics if m.results <= m.state), key=lambda m: m.during)
+    keeping = sorted((m for m in metrics if m.results > m.state), key=lambda m: m.results - m.state - m.during)
+    held, peak = sum(m.state for m in metrics), 0
+    for m in (*freeing, *keeping):
+        peak = max(peak, held + m.during)
+        held += m.results - m.state
+    return [m.name for m in (*freeing, *keeping)], peak
+
+
 def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, registry: Registry,
               budget_bytes: int, min_micro_batch: int = 1,
-              memo: dict[tuple[str, str], tuple[Cost, dict[str, int]]] | None = None) -> ModelPlan:
+              memo: dict[CostKey, tuple[Cost, dict[str, int]]] | None = None) -> ModelPlan:
     """Group runnable metrics into passes by stage and find the largest micro-batch that fits.
 
-    ``memo``: declared state and own passes by (metric, parameters), kept between the calls of one
-    fitting (each tries many combinations of rungs on the same model)."""
+    ``memo``: declared costs and own passes by (metric, parameters, its dependencies' parameters), kept
+    between the calls of one fitting (each tries many combinations of rungs on the same model)."""
     runnable = [n for n in nodes if n.planned and n.cls.scope == "model"
                 and (view.device_map is None or n.cls.supports_dispatch)]
     memo = {} if memo is None else memo
+    keys: dict[str, CostKey] = {}
     for n in runnable:
-        key = (n.name, n.params.model_dump_json())
+        deps = dependency_params(n, nodes)
+        keys[n.name] = key = cost_key(n, deps)
         if key not in memo:
-            memo[key] = (n.cls.cost(n.params, view, shape), _declared_passes(n, view, shape))
-    costs = {n.name: memo[(n.name, n.params.model_dump_json())][0] for n in runnable}
+            seen = shape.with_dependencies(deps)
+            memo[key] = (n.model_cls.cost(n.params, view, seen), _declared_passes(n, view, seen))
+    costs = {name: memo[key][0] for name, key in keys.items()}
     declared = {name: c.state_bytes for name, c in costs.items()}
     working = {name: c.transient_bytes for name, c in costs.items() if c.transient_bytes}
     results = {name: c.result_bytes for name, c in costs.items() if c.result_bytes}
     finalizing = {name: c.finalize_bytes for name, c in costs.items() if c.finalize_bytes}
-    own = {n.name: memo[(n.name, n.params.model_dump_json())][1] for n in runnable}
+    own = {name: memo[key][1] for name, key in keys.items()}
+
+    def replays(name: str) -> int:  # the activations of a metric's own passes, made from its finalize
+        return max((_activations(view, kind, shape.batch_size, shape.seq_len) for kind in own[name]), default=0)
+
+    def pass_of(stage: int, kind: str, names: list[str], artifacts: list[str]) -> PassPlan:
+        order, during = finalize_order([Finalizing(m, declared[m], results.get(m, 0), max(
+            finalizing.get(m, 0), working.get(m, 0), results.get(m, 0), replays(m))) for m in names])
+        return PassPlan(stage, kind, order, artifacts, state_bytes=sum(declared[m] for m in names),
+                        transient_bytes=max((working.get(m, 0) for m in names), default=0),
+                        finalize_bytes=max((finalizing.get(m, 0) for m in names), default=0),
+                        finalizing_bytes=during, own_passes={m: own[m] for m in names if own[m]})
+
     passes: list[tuple[PassPlan, list[ArtifactSpec], dict[str, Request]]] = []
     for stage in sorted({n.stage for n in runnable}):
         members = [n for n in runnable if n.stage == stage]
         weights_only = [n.name for n in members if not (set(n.cls.artifacts) - {"weights"})]
         data_metrics = [n for n in members if n.name not in weights_only]
         if weights_only:
-            passes.append((PassPlan(stage, "weights", weights_only, ["weights"],
-                                    state_bytes=sum(declared[m] for m in weights_only),
-                                    transient_bytes=max((working.get(m, 0) for m in weights_only), default=0),
-                                    finalize_bytes=max((finalizing.get(m, 0) for m in weights_only), default=0),
-                                    own_passes={m: own[m] for m in weights_only if own[m]}), [], {}))
+            passes.append((pass_of(stage, "weights", weights_only, ["weights"]), [], {}))
         if data_metrics:
             wanted = sorted({a for n in data_metrics for a in n.cls.artifacts} - {"weights"})
             specs = closure(wanted, registry)
-            passes.append((PassPlan(stage, pass_kind(specs), [n.name for n in data_metrics],
-                                    [s.name for s in specs],
-                                    state_bytes=sum(declared[n.name] for n in data_metrics),
-                                    transient_bytes=max((working.get(n.name, 0) for n in data_metrics), default=0),
-                                    finalize_bytes=max((finalizing.get(n.name, 0) for n in data_metrics), default=0),
-                                    own_passes={n.name: own[n.name] for n in data_metrics if own[n.name]}), specs,
-                           merged_requests(specs, data_metrics, view)))
-    kept = 0  # a pass's metrics finalize at its end (what finalize makes is working memory there); their
-    for p, _, _ in passes:  # results stay through every later pass
+            passes.append((pass_of(stage, pass_kind(specs), [n.name for n in data_metrics], [s.name for s in specs]),
+                           specs, merged_requests(specs, data_metrics, view)))
+    kept = 0  # a pass's metrics finalize at its end; their results stay through every later pass
+    for p, _, _ in passes:
         p.results_bytes = kept
         kept += sum(results.get(m, 0) for m in p.metrics)
     micro = shape.batch_size

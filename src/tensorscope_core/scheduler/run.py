@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from ..artifacts import PARAM_GRAD, ArtifactSpec
 from ..capture import (
@@ -27,7 +28,7 @@ from ..capture import (
 from ..config import RunConfig
 from ..core_artifacts import LossTargets, loss_targets
 from ..data import Batch, PreparedData
-from ..errors import MetricTimeoutError, NotApplicable, TensorScopeError
+from ..errors import MetricTimeoutError, NotApplicable, PluginError, TensorScopeError
 from ..metric import RunShape, Step
 from ..models.view import ModelView
 from ..plugins import Registry
@@ -35,7 +36,7 @@ from ..results.schema import MetricResult, ScalarValue, SeriesValue, TensorValue
 from ..results.store import ResultCache, cache_key
 from .graph import MetricNode
 from .passes import PassCounter, check_declared
-from .plan import ModelPlan, closure, merged_requests, pass_kind
+from .plan import ModelPlan, closure, dependency_params, merged_requests, pass_kind
 
 #: the skip reason of a metric that cannot run on a dispatched (device_map) model
 DISPATCH_SKIP = ("does not run on a model spread over devices or offloaded (device_map): it reads parameters or "
@@ -95,7 +96,7 @@ def to_values(metric: str, model: str, output: Mapping[str, Any],
     """Turn what finalize returned into typed values; tensors go to the tensor store."""
     values: dict[str, Any] = {}
     for name, value in output.items():
-        if isinstance(value, torch.Tensor) and value.numel() > 1:
+        if isinstance(value, torch.Tensor) and value.numel() != 1:  # empty ones too: a selection may be empty
             key = f"{model}::{metric}::{name}"
             tensors[key] = value.detach().cpu()
             values[name] = TensorValue(key=key, shape=list(value.shape), dtype=str(value.dtype).removeprefix("torch."))
@@ -257,9 +258,15 @@ class Executor:
             active.instance = None
             self.reported += 1
             self._tick(1)
-        result = self._result(active.node, "ok", values=values, declared_bytes=active.declared,
-                              measured_bytes=active.measured, seconds=round(active.seconds, 4),
-                              **self._passes_of(active))
+        try:
+            result = self._result(active.node, "ok", values=values, declared_bytes=active.declared,
+                                  measured_bytes=active.measured, seconds=round(active.seconds, 4),
+                                  **self._passes_of(active))
+        except ValidationError as exc:  # a value no result field takes ends this metric only
+            self._fail(active, PluginError(f"{active.node.name} returned values the result schema does not take: "
+                                           f"{exc}", f"return numbers, tensors or result values (report it to "
+                                           f"{active.node.plugin})"))
+            return
         self.results[active.node.name] = result
         self.tensors.update(tensors)
         if self.cache is not None:
@@ -357,16 +364,19 @@ class ModelRunner(Executor):
         declared = self.plan.declared_state.get(node.name, 0)
         active = ActiveMetric(node, None, declared)
         try:
-            active.own_passes = check_declared(cls.own_passes(node.params, self.view, self.shape), node.name)
+            shape = self.shape.with_dependencies(dependency_params(node, self.nodes))  # as the plan saw it
+            active.own_passes = check_declared(cls.own_passes(node.params, self.view, shape), node.name)
             tensors = needed_tensors(deps.values(), self.tensors)
-            active.instance = self._call(active, lambda: cls(node.params, self.shape, self.view, deps, tensors))
+            active.instance = self._call(active, lambda: cls(node.params, shape, self.view, deps, tensors))
         except METRIC_FAULTS as exc:
             self._fail(active, exc)
             return None
         return active
 
     def _finish(self, group: list[ActiveMetric]) -> None:
-        for active in group:
+        """Finalize one metric at a time in the plan's order (``finalize_order``), each instance freed after."""
+        order = {m: i for p in self.plan.passes for i, m in enumerate(p.metrics)}
+        for active in sorted(group, key=lambda a: order.get(a.node.name, len(order))):
             if active.node.name in self.results:
                 continue  # failed during the pass
             self._finish_one(active, active.instance.finalize)

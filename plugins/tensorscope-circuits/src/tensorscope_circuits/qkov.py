@@ -185,8 +185,21 @@ class QKOV(Metric):
         flops = n * n / 2 * (2 * r * r * d + 4 * r ** 3) * sweeps + n * 8 * d * d * r
         if params.full_circuits:
             flops += 6.0 * view.vocab_size * d * d
-        return Cost(state_bytes=0, flops=flops,
+        return Cost(state_bytes=0, flops=flops, result_bytes=cls.result_tensor_bytes(params, view),
                     transient_bytes=TokenGrams.working_bytes(view) if params.full_circuits else 0)
+
+    @staticmethod
+    def result_tensor_bytes(params: QKOVParams, view: ModelView) -> int:
+        """The float32 tensors among the results: per head the two spectra (and the full OV eigenvalues as
+        real pairs), the three [L, H, L, H] compositions, their QK sweeps over the rotary offsets, and with
+        ``matrices`` W_QK and W_OV."""
+        heads, r = view.n_layers * view.n_heads, view.d_head
+        floats = heads * r * (2 + (2 if params.full_circuits else 0)) + 3 * heads * heads
+        offsets = len(params.rotary_offsets) if view.rotary else 0
+        floats += offsets * (heads + 2 * heads * heads)
+        if params.matrices:
+            floats += 2 * heads * view.d_model ** 2
+        return 4 * floats
 
     def finalize(self) -> dict[str, Any]:
         view, p = self.view, self.params

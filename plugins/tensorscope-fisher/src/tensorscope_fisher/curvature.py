@@ -131,12 +131,13 @@ class _Lanczos(Metric):
 
     @classmethod
     def cost(cls, params: CurvatureParams, view: ModelView, shape: RunShape) -> Cost:
-        """The kept examples (per token: input ids, targets, target mask, attention mask, int64) and,
-        in finalize, the solver's buffers (``Lanczos.held_bytes``: selective ``2 (max_iter + 1) + 2k + 1``
-        vectors of the operator's parameters, local 3). Working memory of finalize, one product at a time:
+        """State: the kept examples (per token: input ids, targets, target mask, attention mask, int64).
+        Finalize: the solver's buffers (``Lanczos.held_bytes``: selective ``2 (max_iter + 1) + 2k + 1``
+        vectors of the operator's parameters, local 3) and, one product at a time,
         on a kept batch, two passes' autograd buffers (the GGN's jvp and vjp, the Hessian's forward-over-
         reverse), a tied embedding's two gradients beside their sum, the batch's product and the running
-        sum over batches in the model's dtype, and the product in the solver's dtype."""
+        sum over batches in the model's dtype, and the product in the solver's dtype; with ``keep_vectors``
+        the eigenvectors, which the run keeps."""
         examples = min(shape.n_sequences, params.max_examples or shape.n_sequences)
         tokens = examples * shape.seq_len
         size = layout_size(operator_layout(params, view))
@@ -146,7 +147,8 @@ class _Lanczos(Metric):
         product = 2 * act_bytes(view, shape.batch_size, shape.seq_len) + 2 * view.tied_embedding_bytes \
             + size * (2 * view.dtype_bytes + solver_bytes)
         # per product about two forwards and two backwards of the kept tokens
-        return Cost(state_bytes=4 * 8 * tokens + solver, finalize_bytes=product,
+        vectors = size * params.k * solver_bytes if params.keep_vectors else 0  # the eigenvectors, kept
+        return Cost(state_bytes=4 * 8 * tokens, finalize_bytes=solver + product + vectors, result_bytes=vectors,
                     flops=float(params.max_iter * 8 * view.n_params * tokens))
 
     @classmethod
@@ -230,11 +232,10 @@ class _Lanczos(Metric):
         # transformers computes norms (LLaMA's RMSNorm), softmaxes and rotary tables in float32 even
         # in float64 models: the products are no more accurate than float32
         precision = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
-        # on the instance, so the run measures the solver's buffers (released with the instance)
-        self.solver = Lanczos(size, self.params.k, max_iter=max(self.params.max_iter, self.params.k),
-                              tol=self.params.tol, seed=self.params.seed, dtype=solver_dtype(view), device=device,
-                              precision=precision, reorthogonalise=self.params.reorthogonalise)
-        result = self.solver.run(matvec)
+        solver = Lanczos(size, self.params.k, max_iter=max(self.params.max_iter, self.params.k),
+                         tol=self.params.tol, seed=self.params.seed, dtype=solver_dtype(view), device=device,
+                         precision=precision, reorthogonalise=self.params.reorthogonalise)
+        result = solver.run(matvec)
         values = result.eigenvalues.tolist()
         errors = "residual_norms" if self.params.reorthogonalise == "selective" else "residual_bounds"
         out: dict[str, Any] = {

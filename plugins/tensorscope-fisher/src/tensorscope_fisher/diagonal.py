@@ -192,16 +192,17 @@ class FisherDiagonal(Metric):
 
     @classmethod
     def ladder(cls, params: DiagonalParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
-        """float32 accumulators, no per-task fields, the mean only, the true Fisher only; each rung
-        keeps the ones before it and is offered only where it holds less."""
+        """float32 accumulators, the mean only, the true Fisher only, then no per-task fields; each rung
+        keeps the ones before it and is offered only where it holds less. The per-task means go last: the
+        per-task masks, their overlap and the grouped sums read them, nothing reads the variances."""
         steps: list[tuple[str, dict[str, Any], str]] = [
             ("float32", {"dtype": "float32"}, "float32 accumulators: entries off by float32 rounding (~1e-6 of "
              "the parameter's largest; CI ends, differences, may lose more where they nearly cancel)"),
-            ("pooled", {"per_task": False}, "float32; no per-task fields (pooled over tasks only)"),
-            ("mean-only", {"statistics": "mean"}, "float32, pooled; the mean only: no per-entry variance, "
-             "confidence interval or EMA (the trace keeps its interval)"),
-            ("true-only", {"kinds": ("true",)}, "float32, pooled, mean only; the true Fisher only (no empirical "
-             "fields)"),
+            ("mean-only", {"statistics": "mean"}, "float32; the mean only: no per-entry variance, confidence "
+             "interval or EMA (the trace keeps its interval)"),
+            ("true-only", {"kinds": ("true",)}, "float32, mean only; the true Fisher only (no empirical fields)"),
+            ("pooled", {"per_task": False}, "float32, mean only, true Fisher only; no per-task fields (pooled "
+             "over tasks only)"),
         ]
         out: list[Rung] = []
         size = layout_size(layout_of(view))
@@ -304,6 +305,11 @@ def diagonal_tasks(result: MetricResult, tasks: Sequence[str]) -> tuple[str, ...
     """The run's ``tasks`` a fisher.diagonal result has fields for: none when it ran pooled only (its
     ``pooled`` memory rung, or ``per_task=False``)."""
     return tuple(tasks) if result.params.get("per_task", True) else ()
+
+
+def diagonal_kinds(result: MetricResult) -> tuple[Kind, ...]:
+    """The Fishers a fisher.diagonal result has fields for: the true one only at its ``true-only`` rung."""
+    return tuple(result.params.get("kinds", KINDS))
 
 
 def read_diagonal(view: ModelView, result: MetricResult, tensor_of: TensorOf, kind: Kind = "true",

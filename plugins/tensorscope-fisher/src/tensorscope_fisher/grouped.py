@@ -21,7 +21,7 @@ from tensorscope_core.plugin_api import (
     linear_out_in,
 )
 
-from .diagonal import KINDS, diagonal_tasks, read_diagonal
+from .diagonal import diagonal_kinds, diagonal_tasks, read_diagonal
 
 Index = tuple[str, torch.Tensor]  # a parameter and flat indices into it
 
@@ -145,7 +145,7 @@ class FisherGrouped(Metric):
         out: dict[str, Any] = {}
         n_entries = 0
         for task in (None, *diagonal_tasks(result, self.shape.tasks)):
-            for kind in KINDS:
+            for kind in diagonal_kinds(result):
                 diag = read_diagonal(view, result, self.tensor_of, kind, task)
                 n_entries = sum(d.numel() for d in diag.values())
                 seg = f"{kind}/" if task is None else f"{kind}/{task}/"

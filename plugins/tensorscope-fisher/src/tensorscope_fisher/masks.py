@@ -24,7 +24,7 @@ from tensorscope_core.plugin_api import (
     tasks_skip_reason,
 )
 
-from .diagonal import diagonal_tasks, read_diagonal
+from .diagonal import diagonal_kinds, diagonal_tasks, read_diagonal
 from .fisher_grads import layout_of
 
 
@@ -71,14 +71,27 @@ class FisherMasks(Metric):
 
     @classmethod
     def cost(cls, params: MaskParams, view: ModelView, shape: RunShape) -> Cost:
-        # computed from fisher.diagonal's result, nothing held across batches; one boolean per trainable entry
-        # per mask kept (pooled, and per task)
-        entries = sum(p.numel() for p in view.model.parameters() if p.requires_grad)
-        return Cost(state_bytes=0, result_bytes=(1 + len(shape.tasks)) * entries)
+        """Nothing held across batches. Results: one boolean per trainable entry per mask, pooled and per
+        task the diagonal kept (none at its ``pooled`` rung). Finalize, one mask at a time: the float64
+        diagonal and its flattened copy, and the sort's values and int64 indices (one parameter's, with
+        ``scope='per_parameter'``)."""
+        sizes = [p.numel() for p in view.model.parameters() if p.requires_grad]
+        diagonal = shape.dependency_params.get("fisher.diagonal")
+        if diagonal is not None and params.kind not in diagonal.kinds:
+            return Cost(state_bytes=0)  # ends skipped: the diagonal has no such Fisher
+        tasks = shape.tasks if diagonal is None or diagonal.per_task else ()
+        masks = (1 + len(tasks)) * sum(sizes)
+        ranked = sum(sizes) if params.scope == "global" else max(sizes, default=0)
+        working = 8 * sum(sizes) + (8 if params.scope == "global" else 0) * sum(sizes) + 16 * ranked
+        return Cost(state_bytes=0, result_bytes=masks, finalize_bytes=masks + working)
 
     def finalize(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         result = self.deps["fisher.diagonal"]
+        if self.params.kind not in diagonal_kinds(result):
+            raise NotApplicable(f"fisher.diagonal has no {self.params.kind} Fisher: it ran at its 'true-only' memory "
+                                "rung", "use kind='true', raise --memory-budget, or pin fisher.diagonal's rung: "
+                                "--rung fisher.diagonal=mean-only")
         for task in (None, *diagonal_tasks(result, self.shape.tasks)):
             diag = read_diagonal(self.view, result, self.tensor_of, self.params.kind, task)
             seg, suffix = ("", "") if task is None else (f"{task}/", f"/{task}")

@@ -22,6 +22,7 @@ from tensorscope_core.plugin_api import (
     TextValue,
     align,
     aligned_bytes,
+    forward_act_bytes,
     mlp_unit_axes,
 )
 
@@ -32,6 +33,8 @@ from .tasks import has_loss_target
 Weights = dict[str, torch.Tensor]
 
 DEFAULT_ALPHAS = [i / 10 for i in range(11)] + [1.25, 1.5]
+#: entries of a parameter the norms copy to float64 at a time
+NORM_CHUNK = 1 << 20
 
 
 class VectorParams(Params):
@@ -159,14 +162,15 @@ class InterventionVectors(ModelSetMetric):
     def cost(cls, params: VectorParams, view: ModelView, shape: RunShape) -> Cost:
         """One path point (a model copy in the parameters' dtype, the last one held to the end), v in
         float32 (``keep_vector``) and with ``align`` the permuted copies of the healthy model's MLP
-        weights. The members' own weights are read, not copied; a transplant only points at them."""
+        weights. The members' own weights are read, not copied; a transplant only points at them.
+        Working memory: a loss evaluation's forward of one batch, or the norms' float64 chunks."""
         point = view.param_bytes if any(a not in (0.0, 1.0) for a in params.alphas) else 0
         vector = 4 * view.n_params if params.keep_vector else 0
         aligned = aligned_bytes(view) if params.align else 0
         tokens = shape.n_batches * shape.batch_size * shape.seq_len
-        return Cost(
-            state_bytes=point + vector + aligned, flops=2.0 * view.n_params * tokens * cls.evaluations(params, view)
-        )
+        working = max(forward_act_bytes(view, shape.batch_size, shape.seq_len), 4 * 8 * NORM_CHUNK)
+        return Cost(state_bytes=point + vector + aligned, transient_bytes=working,
+                    flops=2.0 * view.n_params * tokens * cls.evaluations(params, view))
 
     def setup(self) -> None:
         self.point: Weights = {}
@@ -232,13 +236,16 @@ class InterventionVectors(ModelSetMetric):
 
     @staticmethod
     def _norms(view: ModelView, a: Weights, b: Weights) -> dict[str, Any]:
-        """|v| and |theta_b| per group, streamed one parameter at a time (v is never held whole)."""
+        """|v| and |theta_b| per group, streamed ``NORM_CHUNK`` entries at a time (v is never held whole)."""
         owner = group_of(view)
         diff = torch.zeros(view.n_layers + 1, dtype=torch.float64)
         base = torch.zeros(view.n_layers + 1, dtype=torch.float64)
         for n in a:
-            diff[owner[n]] += (b[n].double() - a[n].double()).square().sum().cpu()
-            base[owner[n]] += a[n].double().square().sum().cpu()
+            flat_a, flat_b = a[n].reshape(-1), b[n].reshape(-1)
+            for start in range(0, flat_a.numel(), NORM_CHUNK):  # float64 copies of a chunk, not of the embedding
+                chunk_a = flat_a[start:start + NORM_CHUNK].double()
+                diff[owner[n]] += (flat_b[start:start + NORM_CHUNK].double() - chunk_a).square().sum().cpu()
+                base[owner[n]] += chunk_a.square().sum().cpu()
         relative = torch.where(base > 0, diff / torch.where(base > 0, base, torch.ones_like(base)), float("nan"))
         return {
             "vector_norm": ScalarValue(value=float(diff.sum().sqrt())),
