@@ -131,8 +131,9 @@ def test_a_pooled_diagonal_gives_pooled_masks_and_the_overlap_says_why_it_has_no
     assert overlap.status == "skipped" and "'pooled' memory rung" in overlap.reason
     assert "--rung fisher.diagonal=asked" in overlap.reason
     assert not any(k.startswith("empirical/") for k in grouped.values)  # the rung keeps the true Fisher only
-    empirical = analyze(models["gpt2"], data=two_tasks, metrics=["fisher.masks"], params={
-        "fisher.masks": {"kind": "empirical"}}, config=CONFIG.model_copy(update={"rungs": {"fisher.diagonal": "pooled"}}))
+    empirical = analyze(models["gpt2"], data=two_tasks, metrics=["fisher.masks"],
+                        params={"fisher.masks": {"kind": "empirical"}},
+                        config=CONFIG.model_copy(update={"rungs": {"fisher.diagonal": "pooled"}}))
     assert empirical.get("fisher.masks").status == "skipped" and "'true-only'" in empirical.get("fisher.masks").reason
 
 
