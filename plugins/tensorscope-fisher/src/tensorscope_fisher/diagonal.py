@@ -24,6 +24,7 @@ from tensorscope_core.plugin_api import (
     ScalarValue,
     Step,
     TensorValue,
+    float64_sum_of_squares,
 )
 
 from .fisher_grads import ARTIFACT, REQUEST, FisherGrads, layout_of, layout_size
@@ -129,13 +130,13 @@ def state_bytes(params: DiagonalParams, size: int, shape: RunShape) -> int:
 
 def output_bytes(params: DiagonalParams, size: int, shape: RunShape) -> int:
     """What finalize adds to the state: every kind's and segment's fields (mean, and in full mode the
-    variance, CI ends and EMA), each a P-vector of ``dtype`` that the run keeps as a result, plus (full
-    mode) the three flat vectors an accumulator's variance and CI ends are computed into before they are
-    cut into parameters (its mean and EMA are the state itself)."""
+    variance, CI ends and EMA), each a P-vector of ``dtype`` that the run keeps as a result, plus the flat
+    vectors computed before they are cut into parameters: in full mode an accumulator's variance and CI
+    ends (its mean and EMA are the state itself), in mean mode its mean (the sum over the count)."""
     width = torch.finfo(DTYPES[params.dtype]).bits // 8
     full = params.statistics == "full"
     keys = len(segments(params, shape.tasks)) * len(params.kinds)
-    return (keys * (5 if full else 1) + (3 if full else 0)) * size * width
+    return (keys * (5 if full else 1) + (3 if full else 1)) * size * width
 
 
 def result_bytes(params: DiagonalParams, size: int, shape: RunShape) -> int:
@@ -186,9 +187,12 @@ class FisherDiagonal(Metric):
     def cost(cls, params: DiagonalParams, view: ModelView, shape: RunShape) -> Cost:
         tokens = shape.n_sequences * shape.seq_len
         size = layout_size(layout_of(view))
+        # a masked LM's batch may hold rows without a masked token: update copies the rows that have one
+        copy = 0 if view.causal else shape.batch_size * size * view.dtype_bytes
         # one forward and two pullbacks per example: about (2 + 2 x 4) P flops per token
         return Cost(state_bytes=state_bytes(params, size, shape), flops=10.0 * view.n_params * tokens,
-                    finalize_bytes=output_bytes(params, size, shape), result_bytes=result_bytes(params, size, shape))
+                    transient_bytes=copy, finalize_bytes=output_bytes(params, size, shape),
+                    result_bytes=result_bytes(params, size, shape))
 
     @classmethod
     def ladder(cls, params: DiagonalParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
@@ -244,7 +248,9 @@ class FisherDiagonal(Metric):
         n = int(real.sum())
         tasks = {None, step.task} if self.params.per_task else {None}
         for kind in self.params.kinds:
-            rows = getattr(grads, kind)[real.to(getattr(grads, kind).device)].detach()
+            rows = getattr(grads, kind).detach()
+            if n < len(rows):  # a copy of the rows with a target only where some have none
+                rows = rows[real.to(rows.device)]
             norms = row_norms(rows)
             for task in tasks:
                 self.norms[(task, kind)].add(norms, self.params.ema_decay)
@@ -273,10 +279,11 @@ class FisherDiagonal(Metric):
 
 
 def row_norms(rows: torch.Tensor) -> torch.Tensor:
-    """||g_i||^2 of each row [n, 1] in float64 (the trace's per-example values), a row at a time."""
+    """||g_i||^2 of each row [n, 1] in float64 (the trace's per-example values), a row at a time and each
+    in float64 chunks (a float64 copy of a row would be twice the row)."""
     out = torch.zeros(len(rows), 1, dtype=torch.float64)
     for i, row in enumerate(rows):
-        out[i] = row.double().pow(2).sum()
+        out[i] = float64_sum_of_squares(row).cpu()
     return out
 
 
