@@ -1,6 +1,6 @@
 """Models spread over devices by accelerate (``device_map``): a tiny model with one block and the final
-norm offloaded to disk gives the plain run's values for every metric that supports dispatch, and every
-other metric ends skipped with the reason."""
+norm offloaded to disk, and one with the (tied) embedding and the other block offloaded, give the plain
+run's values for every metric that supports dispatch, and every other metric ends skipped with the reason."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ from tensorscope_core.testing import tiny_model
 #: GPT-2 (two blocks): block 1 and the final norm on disk, the rest on the CPU
 OFFLOADED = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu", "transformer.h.0": "cpu",
              "transformer.h.1": "disk", "transformer.ln_f": "disk", "lm_head": "cpu"}
+#: the token embedding (tied to the output layer) and block 0 on disk: what reads the embedding must load it
+EMBEDDING_OFFLOADED = {"transformer.wte": "disk", "transformer.wpe": "cpu", "transformer.drop": "cpu",
+                       "transformer.h.0": "disk", "transformer.h.1": "cpu", "transformer.ln_f": "cpu",
+                       "lm_head": "disk"}
 CONFIG = {"batch_size": 4, "max_batches": 2, "memory_budget": "8GiB"}
 
 
@@ -38,25 +42,33 @@ def _numbers(res: Any, name: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, list[str]]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, list[str], Any]:
+    """The plain run, the run with block 1 offloaded (every metric), and the run with the embedding offloaded
+    (the metrics that support dispatch)."""
     root = tmp_path_factory.mktemp("dispatch")
     folder = tiny_model("gpt2", root / "gpt2")
     metrics = sorted(name for name, cls in get_registry().metrics.items() if cls.scope == "model")
     plain = analyze(str(folder), None, metrics, config=RunConfig(**CONFIG))
     dispatched = analyze(str(folder), None, metrics,
                          config=RunConfig(**CONFIG, device_map=OFFLOADED, offload_dir=root / "offload"))
-    return plain, dispatched, metrics
-
-
-def test_the_model_really_is_offloaded(runs: tuple[Any, Any, list[str]]) -> None:
-    _, dispatched, _ = runs
-    assert "dispatched over cpu, disk" in " ".join(dispatched.model().notes)
-
-
-def test_metrics_that_support_dispatch_give_the_plain_values(runs: tuple[Any, Any, list[str]]) -> None:
-    plain, dispatched, metrics = runs
     supported = [m for m in metrics if get_registry().metrics[m].supports_dispatch]
-    assert sum(plain.get(m).ok for m in supported) >= 9
+    embedding_offloaded = analyze(str(folder), None, supported, config=RunConfig(
+        **CONFIG, device_map=EMBEDDING_OFFLOADED, offload_dir=root / "offload-embedding"))
+    return plain, dispatched, metrics, embedding_offloaded
+
+
+def test_the_model_really_is_offloaded(runs: tuple[Any, Any, list[str], Any]) -> None:
+    _, dispatched, _, embedding_offloaded = runs
+    assert "dispatched over cpu, disk" in " ".join(dispatched.model().notes)
+    assert "dispatched over cpu, disk" in " ".join(embedding_offloaded.model().notes)
+
+
+@pytest.mark.parametrize("where", ["block", "embedding"])
+def test_metrics_that_support_dispatch_give_the_plain_values(runs: tuple[Any, Any, list[str], Any], where: str) -> None:
+    plain, block_offloaded, metrics, embedding_offloaded = runs
+    dispatched = block_offloaded if where == "block" else embedding_offloaded
+    supported = [m for m in metrics if get_registry().metrics[m].supports_dispatch]
+    assert sum(plain.get(m).ok for m in supported) >= 20
     for name in supported:
         a, b = plain.get(name), dispatched.get(name)
         if a.status == "skipped":  # too little data for it here (e.g. a plug-in estimate's sample floor)
@@ -70,8 +82,8 @@ def test_metrics_that_support_dispatch_give_the_plain_values(runs: tuple[Any, An
                                        msg=lambda m, n=name, f=field: f"{n}.{f}: {m}")
 
 
-def test_the_others_say_why_they_are_skipped(runs: tuple[Any, Any, list[str]]) -> None:
-    _, dispatched, metrics = runs
+def test_the_others_say_why_they_are_skipped(runs: tuple[Any, Any, list[str], Any]) -> None:
+    _, dispatched, metrics, _ = runs
     for name in metrics:
         result = dispatched.get(name)
         if get_registry().metrics[name].supports_dispatch:

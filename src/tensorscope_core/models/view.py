@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,35 @@ class ModelView:
         tensor of the same forward (its ids, or the residual stream): a no-op except where the architecture
         flattened the tokens (OPT)."""
         return tensor.reshape(*like.shape[:2], *tensor.shape[1:]) if self.mlp_tokens_flat else tensor
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where the model's inputs go: the embedding's execution device (on a dispatched model the
+        embedding's own weight may be offloaded, a meta tensor)."""
+        device = getattr(getattr(self.embed, "_hf_hook", None), "execution_device", None)
+        return torch.device(device) if device is not None else self.embed.weight.device
+
+    @contextmanager
+    def onloaded(self, module: nn.Module) -> Iterator[nn.Module]:
+        """``module`` with its weights readable for the block's duration. A dispatched model's offloaded
+        modules hold meta tensors outside their forward; accelerate loads them here (``align_module_device``)
+        and offloads them again after. A plain model's modules are as they are."""
+        if self.device_map is None:
+            yield module
+            return
+        from accelerate.utils import align_module_device
+
+        with align_module_device(module):
+            yield module
+
+    def weight_of(self, module: nn.Module) -> torch.Tensor:
+        """``module.weight``, detached and readable: a plain model's own tensor (no copy), a copy of a
+        dispatched model's (loaded from its offload folder when offloaded)."""
+        with self.onloaded(module):
+            weight = module.weight
+            if not isinstance(weight, torch.Tensor):
+                raise TypeError(f"{type(module).__name__} has no weight tensor")
+            return weight.detach() if self.device_map is None else weight.detach().clone()
 
     def head_weights(self, layer: int) -> HeadWeights:
         if self.head_weights_fn is None:

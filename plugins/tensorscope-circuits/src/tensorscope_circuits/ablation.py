@@ -56,6 +56,7 @@ class Ablation(Metric):
     """
 
     name = "circuits.ablation"
+    supports_dispatch = True  # replays whole forwards through the model's own (dispatching) hooks
     version = "1"
     summary = "change in loss when each head or MLP is zero- or mean-ablated, with CIs over sequences"
     Params = AblationParams
@@ -108,7 +109,7 @@ class Ablation(Metric):
 
     # -- the ablations -------------------------------------------------------------------
     def _data(self) -> Batches:
-        device = self.view.embed.weight.device
+        device = self.view.input_device
         for stacked in self.batches:
             ids, mask, target_ids, target_mask = stacked.to(device)
             yield ids, mask, target_ids, target_mask

@@ -53,6 +53,7 @@ class AttentionAttribution(Metric):
     """
 
     name = "circuits.attention_attribution"
+    supports_dispatch = True  # reads the shared pass's attention and its gradient only
     version = "1"
     summary = "attention x gradient of the loss per head: signed, absolute, rank and share"
     Params = NoParams

@@ -97,7 +97,7 @@ def repeated_random_tokens(view: ModelView, n: int, length: int, bos: int | None
 @torch.no_grad()
 def attention_of(view: ModelView, ids: torch.Tensor) -> list[torch.Tensor]:
     """Attention probabilities per layer [batch, heads, seq, seq] of the model on ``ids`` (eager kernel)."""
-    device = next(view.model.parameters()).device
+    device = view.input_device
     out = view.model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                      output_attentions=True, use_cache=False)
     attentions = getattr(out, "attentions", None)
@@ -150,6 +150,7 @@ class HeadScores(Metric):
     """
 
     name = "circuits.head_scores"
+    supports_dispatch = True  # replays whole forwards on probe sequences; reads the patterns only
     version = "2"
     summary = "previous-token, duplicate-token and induction score per head on repeated random tokens, with CIs"
     Params = HeadScoresParams

@@ -78,6 +78,7 @@ class IntegratedGradients(Metric):
     """
 
     name = "circuits.integrated_gradients"
+    supports_dispatch = True  # replays forwards and backwards to the input embeddings; reads the baseline onloaded
     version = "1"
     summary = "integrated-gradients attribution of the loss or a logit to the input tokens, with completeness"
     Params = IGParams
@@ -140,7 +141,8 @@ class IntegratedGradients(Metric):
             return torch.zeros(shape, dtype=embed.weight.dtype, device=input_ids.device)
         row = self.view.pad_token_id if self.params.baseline == "pad" else self.view.mask_token_id
         assert row is not None
-        return embed.weight[row].detach().expand(shape)
+        with self.view.onloaded(embed):  # a dispatched model's embedding may be offloaded
+            return embed.weight[row].detach().clone().expand(shape)
 
     def _objective(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_ids: torch.Tensor,
                    target_mask: torch.Tensor) -> tuple[Objective, int | None]:

@@ -25,6 +25,7 @@ class TaskAccuracy(Metric):
     """
 
     name = "dynamics.task_accuracy"
+    supports_dispatch = True  # reads the shared pass's logits only
     version = "1"
     summary = "top-1 accuracy on the loss targets, overall and per named task"
     artifacts = ("logits",)

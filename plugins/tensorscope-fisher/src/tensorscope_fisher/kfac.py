@@ -107,6 +107,7 @@ class Kfac(Metric):
     """
 
     name = "fisher.kfac"
+    supports_dispatch = True  # reads the shared pass's module inputs and output gradients only
     version = "1"
     summary = "K-FAC factors A, G per Linear layer and the trace / log-det / condition of A ⊗ G"
     Params = KfacParams

@@ -234,10 +234,12 @@ def jacobian_g(view: ModelView, layer: int, site: Site) -> torch.Tensor:
 
 
 def unembedding(view: ModelView) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """W_U [V, d] and the head's bias (or None)."""
-    weight: torch.Tensor = getattr(view.unembed, "weight")  # noqa: B009 (checked by check_layer)
-    bias: torch.Tensor | None = getattr(view.unembed, "bias", None)
-    return weight.detach(), None if bias is None else bias.detach()
+    """W_U [V, d] and the head's bias (or None), loaded where a dispatched model offloaded the head."""
+    assert view.unembed is not None  # checked by check_layer
+    with view.onloaded(view.unembed) as head:
+        bias: torch.Tensor | None = getattr(head, "bias", None)
+        bias = None if bias is None else bias.detach().clone()
+    return view.weight_of(view.unembed), bias
 
 
 def head_probs(view: ModelView, layer: int, site: Site) -> torch.Tensor:

@@ -114,6 +114,7 @@ class FisherStein(Metric):
     """
 
     name = "fisher.stein"
+    supports_dispatch = True  # calls the blocks as modules (their dispatching hooks load offloaded weights)
     version = "2"
     summary = "activation Fisher of the next-token distribution at intermediate residuals (exact/sampled/topk/eig)"
     Params = SteinParams
@@ -247,7 +248,7 @@ class FisherStein(Metric):
             raise EmptyDataError("fisher.stein saw no sequence", "pass data with at least one non-empty sequence")
         view, params = self.view, self.params
         ext = Extension(params.num_samples, params.temperature, params.top_p)
-        device = view.embed.weight.device
+        device = view.input_device
         sites_gen = torch.Generator().manual_seed(self.shape.seed)
         per_row = [sites_of_row(view, row.to(device), params.positions, ext, sites_gen) for row in self.rows] \
             if params.method == "eig" else None
@@ -299,7 +300,7 @@ class FisherStein(Metric):
         """
         view, params = self.view, self.params
         d = view.d_model
-        total = torch.zeros(d, d, dtype=torch.float64, device=view.embed.weight.device)
+        total = torch.zeros(d, d, dtype=torch.float64, device=view.input_device)
         bounds: dict[str, list[float]] = {"mass": [], "bound": []}
         count = 0
         sites_gen = torch.Generator().manual_seed(self.shape.seed)

@@ -46,6 +46,7 @@ class Curvature(Metric):
     """
 
     name = "geometry.curvature"
+    supports_dispatch = True  # reads geometry.fiber_bundle's result only
     version = "1"
     summary = "per-token volume-growth (scalar-curvature) coefficient of the token embedding"
     Params = CurvatureParams

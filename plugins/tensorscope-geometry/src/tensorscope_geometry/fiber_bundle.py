@@ -112,6 +112,7 @@ class FiberBundle(Metric):
     """
 
     name = "geometry.fiber_bundle"
+    supports_dispatch = True  # reads the token rows onloaded (view.weight_of) or through whole forwards
     version = "1"
     summary = "per-token manifold / fiber-bundle hypothesis test of the token embedding (Robinson et al. 2025)"
     Params = FiberBundleParams

@@ -59,6 +59,7 @@ class SampleOutliers(Metric):
     """
 
     name = "geometry.sample_outliers"
+    supports_dispatch = True  # reads the shared pass's residual stream only
     version = "1"
     summary = "per example: distance to its k-th neighbour in the final representation and a robust z-score"
     Params = OutlierParams

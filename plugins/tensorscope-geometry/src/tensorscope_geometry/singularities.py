@@ -67,6 +67,7 @@ class Singularities(Metric):
     """
 
     name = "geometry.singularities"
+    supports_dispatch = True  # reads geometry.fiber_bundle's result only
     version = "1"
     summary = "tokens whose embedding neighbourhoods reject the manifold / fiber-bundle hypotheses"
     Params = SingularitiesParams

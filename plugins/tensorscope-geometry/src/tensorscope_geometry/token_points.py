@@ -37,14 +37,13 @@ def token_points(view: ModelView, source: Source, layer: int | None = None, batc
     """
     vocab = int(view.embed.weight.shape[0])
     if source == "embed":
-        return view.embed.weight.detach()
+        return view.weight_of(view.embed)
     reason = source_reason(view, source, layer)
     if reason is not None:
         raise ValueError(reason)
     if source == "unembed":
-        weight = getattr(view.unembed, "weight", None)
-        assert isinstance(weight, torch.Tensor)
-        return _vocab_rows(weight.detach(), vocab, "unembedding")
+        assert view.unembed is not None
+        return _vocab_rows(view.weight_of(view.unembed), vocab, "unembedding")
     assert layer is not None
     return _resid_of_single_tokens(view, layer, vocab, batch)
 
@@ -62,7 +61,7 @@ def _resid_of_single_tokens(view: ModelView, layer: int, vocab: int, batch: int)
         handle = view.blocks[layer].register_forward_pre_hook(before, with_kwargs=True)
     else:
         handle = view.blocks[-1].register_forward_hook(after)
-    device = view.embed.weight.device
+    device = view.input_device
     try:
         with torch.no_grad():
             for lo in range(0, vocab, batch):
