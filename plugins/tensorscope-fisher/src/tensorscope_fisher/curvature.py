@@ -116,6 +116,8 @@ class _Lanczos(Metric):
     Params = CurvatureParams
     #: calls of the model per Lanczos product and kept batch
     calls_per_product: ClassVar[int] = 1
+    #: gradients of every parameter a product makes beside its output (a tied embedding's two parts each)
+    gradients_per_product: ClassVar[int] = 0
     artifacts = ("batches",)  # the batches only: it makes its own passes over them
     fields = {
         "eigenvalues": "the k largest eigenvalues, descending",
@@ -136,8 +138,8 @@ class _Lanczos(Metric):
         vectors of the operator's parameters, local 3) and, one product at a time,
         on a kept batch, two passes' autograd buffers (the GGN's jvp and vjp, the Hessian's forward-over-
         reverse), a tied embedding's two gradients beside their sum, the batch's product and the running
-        sum over batches in the model's dtype, and the product in the solver's dtype; with ``keep_vectors``
-        the eigenvectors, which the run keeps."""
+        sum over batches in the model's dtype, the product in the solver's dtype and the gradients the
+        product makes (``gradients_per_product``); with ``keep_vectors`` the eigenvectors, which the run keeps."""
         examples = min(shape.n_sequences, params.max_examples or shape.n_sequences)
         tokens = examples * shape.seq_len
         size = layout_size(operator_layout(params, view))
@@ -145,7 +147,8 @@ class _Lanczos(Metric):
         solver = Lanczos.held_bytes(size, params.k, max(params.max_iter, params.k), params.reorthogonalise,
                                     solver_bytes) if params.k <= size else 0
         product = 2 * act_bytes(view, shape.batch_size, shape.seq_len) + 2 * view.tied_embedding_bytes \
-            + size * (2 * view.dtype_bytes + solver_bytes)
+            + size * (2 * view.dtype_bytes + solver_bytes) \
+            + cls.gradients_per_product * (size * view.dtype_bytes + 2 * view.tied_embedding_bytes)
         # per product about two forwards and two backwards of the kept tokens
         vectors = size * params.k * solver_bytes if params.keep_vectors else 0  # the eigenvectors, kept
         return Cost(state_bytes=4 * 8 * tokens, finalize_bytes=solver + product + vectors, result_bytes=vectors,
@@ -328,6 +331,9 @@ class HessianLanczos(_Lanczos):
     version = "1"
     summary = "top-k eigenvalues of the loss Hessian (Hessian-vector products), Lanczos"
     calls_per_product = 1  # torch.func.jvp of grad: one forward
+    #: forward-over-reverse makes the gradient and its tangent; measured on the 135M shape, a product holds
+    #: 2.7 parameter-sized float32 vectors more than the GGN's (2 and a tied embedding's two parts each)
+    gradients_per_product = 2
 
     def matvec_factory(self, model: torch.nn.Module, weights: Weights, examples: Examples,
                        scale: float) -> Callable[[Weights], Weights]:
