@@ -177,3 +177,33 @@ def test_an_empty_tensor_is_a_tensor_value(model_dirs: dict[str, Path], use_regi
     use_registry(Holds)
     res = analyze(str(model_dirs["gpt2"]), None, ["t.holds_a"])
     assert res.get("t.holds_a").values["kept"].shape == [0]
+
+
+class KeepsLater(Holds):
+    """Runs a stage after t.holds_b, so b's results are kept through its pass on the CPU."""
+
+    name = "t.keeps_later"
+    requires_metrics = ("t.holds_b",)
+
+
+def test_on_an_accelerator_results_go_to_the_host_as_each_metric_finishes(
+        tmp_path: Path, use_registry: Callable[..., Any]) -> None:
+    """to_values copies every result tensor to the host: on the CPU b's 32 MiB stay in the budget's memory
+    through the later stage; planned for a GPU (a config alone, on the meta device) they leave the device
+    as b finishes, and the plan says how much the host receives."""
+    from transformers import LlamaConfig
+
+    use_registry(HoldsB, KeepsLater)
+    folder = tmp_path / "llama"
+    LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                vocab_size=512).save_pretrained(folder)
+    params = {"t.holds_b": {"results_mib": 32}, "t.keeps_later": {"state_mib": 16}}
+    peaks = {}
+    for device in ("cpu", "cuda"):
+        (p,) = plan(str(folder), None, ["t.keeps_later"], params=params,
+                    config=RunConfig(device=device, memory_budget="64GiB"))
+        assert isinstance(p, ModelPlan)
+        peaks[device] = [s.peak_bytes - p.weights_bytes for s in p.passes]
+        assert p.host_results_bytes == (32 * MiB if device == "cuda" else 0)
+    assert peaks["cpu"] == [32 * MiB, 16 * MiB + 32 * MiB]  # b's finalize makes its results; kept after
+    assert peaks["cuda"] == [32 * MiB, 16 * MiB]  # made on the device, then copied to the host

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import NamedTuple
 
+import torch
+
 from ..config import RunConfig
 from ..errors import BadParameterError
 from ..machine import Budget
@@ -57,7 +59,8 @@ def fit_model_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape
     memo: dict[CostKey, tuple[Cost, dict[str, int]]] = {}
 
     def make(ns: list[MetricNode]) -> ModelPlan:
-        return make_plan(ns, view, shape, registry, budget.nbytes, config.min_micro_batch, memo)
+        return make_plan(ns, view, shape, registry, budget.nbytes, config.min_micro_batch, memo,
+                         results_on_host=torch.device(config.device).type != "cpu")
 
     def heavy(plan: ModelPlan) -> list[str]:
         peak = max(plan.passes, key=lambda p: p.peak_bytes, default=None)

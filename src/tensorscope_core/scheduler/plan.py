@@ -69,6 +69,9 @@ class ModelPlan:
     left_out: dict[str, str] = field(default_factory=dict)
     #: what the reader of the plan should know (e.g. planned from a config alone)
     notes: list[str] = field(default_factory=list)
+    #: the result tensors the run copies to the host as each metric finishes (a run on an accelerator);
+    #: 0 where they stay in the budget's memory (a run on the CPU)
+    host_results_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -102,6 +105,9 @@ class ModelPlan:
                     for who, kinds in p.own_passes.items()))
         lines.extend(self._by_metric())
         lines.extend(render_choices(self.rungs, self.left_out))
+        if self.host_results_bytes:
+            lines.append(f"  results copied to the host's memory as each metric finishes: "
+                         f"{format_bytes(self.host_results_bytes)} (not in the device's budget)")
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"  declared peak {format_bytes(self.peak_bytes)}: {verdict} in {format_bytes(self.budget_bytes)}")
         return "\n".join(lines)
@@ -280,11 +286,14 @@ def finalize_order(metrics: Sequence[Finalizing]) -> tuple[list[str], int]:
 
 def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, registry: Registry,
               budget_bytes: int, min_micro_batch: int = 1,
-              memo: dict[CostKey, tuple[Cost, dict[str, int]]] | None = None) -> ModelPlan:
+              memo: dict[CostKey, tuple[Cost, dict[str, int]]] | None = None,
+              results_on_host: bool = False) -> ModelPlan:
     """Group runnable metrics into passes by stage and find the largest micro-batch that fits.
 
     ``memo``: declared costs and own passes by (metric, parameters, its dependencies' parameters), kept
-    between the calls of one fitting (each tries many combinations of rungs on the same model)."""
+    between the calls of one fitting (each tries many combinations of rungs on the same model).
+    ``results_on_host``: the run's device is not the CPU, so each result tensor is copied to the host as
+    its metric finishes (``to_values``): the device holds it only during that finalize."""
     runnable = [n for n in nodes if n.planned and n.cls.scope == "model"
                 and (view.device_map is None or n.cls.supports_dispatch)]
     memo = {} if memo is None else memo
@@ -306,7 +315,8 @@ def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, reg
         return max((_activations(view, kind, shape.batch_size, shape.seq_len) for kind in own[name]), default=0)
 
     def pass_of(stage: int, kind: str, names: list[str], artifacts: list[str]) -> PassPlan:
-        order, during = finalize_order([Finalizing(m, declared[m], results.get(m, 0), max(
+        kept = {m: 0 if results_on_host else results.get(m, 0) for m in names}
+        order, during = finalize_order([Finalizing(m, declared[m], kept[m], max(
             finalizing.get(m, 0), working.get(m, 0), results.get(m, 0), replays(m))) for m in names])
         return PassPlan(stage, kind, order, artifacts, state_bytes=sum(declared[m] for m in names),
                         transient_bytes=max((working.get(m, 0) for m in names), default=0),
@@ -328,14 +338,15 @@ def make_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, reg
     kept = 0  # a pass's metrics finalize at its end; their results stay through every later pass
     for p, _, _ in passes:
         p.results_bytes = kept
-        kept += sum(results.get(m, 0) for m in p.metrics)
+        kept += 0 if results_on_host else sum(results.get(m, 0) for m in p.metrics)
     micro = shape.batch_size
     while True:
         for p, specs, requests in passes:
             p.own_passes = {k: v for k, v in p.own_passes.items() if not k.startswith("artifact:")}
             _pass_peak(view, p, micro, shape.seq_len, specs, shape, requests)
         plan = ModelPlan(view.name, [p for p, _, _ in passes], view.param_bytes, micro, shape.batch_size,
-                         budget_bytes, declared, working, results, finalizing)
+                         budget_bytes, declared, working, results, finalizing,
+                         host_results_bytes=sum(results.values()) if results_on_host else 0)
         if plan.fits or micro <= min_micro_batch:
             return plan
         micro = max(min_micro_batch, micro // 2)
