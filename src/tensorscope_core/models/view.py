@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -97,16 +97,32 @@ class ModelView:
 
     @contextmanager
     def onloaded(self, module: nn.Module) -> Iterator[nn.Module]:
-        """``module`` with its weights readable for the block's duration. A dispatched model's offloaded
-        modules hold meta tensors outside their forward; accelerate loads them here (``align_module_device``)
-        and offloads them again after. A plain model's modules are as they are."""
+        """``module`` (and its submodules) with its weights readable for the block's duration. A dispatched
+        model's offloaded modules hold meta tensors outside their forward; accelerate loads them here
+        (``align_module_device``, module by module: its hooks sit on the modules that own parameters) and
+        offloads them again after. A plain model's modules are as they are."""
         if self.device_map is None:
             yield module
             return
         from accelerate.utils import align_module_device
 
-        with align_module_device(module):
+        with ExitStack() as stack:
+            for part in module.modules():
+                stack.enter_context(align_module_device(part))
             yield module
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``model.named_parameters()`` detached and readable, tied duplicates once: a dispatched model's
+        offloaded ones loaded one module at a time, each valid until the next is read."""
+        seen: set[int] = set()
+        for prefix, module in self.model.named_modules():
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+            if not own:
+                continue
+            seen.update(id(p) for _, p in own)
+            with self.onloaded(module) if any(p.is_meta for _, p in own) else nullcontext(module):
+                for name, _ in own:
+                    yield f"{prefix}.{name}" if prefix else name, getattr(module, name).detach()
 
     def weight_of(self, module: nn.Module) -> torch.Tensor:
         """``module.weight``, detached and readable: a plain model's own tensor (no copy), a copy of a
@@ -118,9 +134,15 @@ class ModelView:
             return weight.detach() if self.device_map is None else weight.detach().clone()
 
     def head_weights(self, layer: int) -> HeadWeights:
+        """Layer ``layer``'s per-head weight factors (a dispatched model's loaded, and copied)."""
         if self.head_weights_fn is None:
             raise NotImplementedError(f"the {self.family} adapter does not map per-head weights")
-        return self.head_weights_fn(layer)
+        if self.device_map is None:
+            return self.head_weights_fn(layer)
+        with self.onloaded(self.attn[layer]):
+            weights = self.head_weights_fn(layer)
+            return replace(weights, **{f.name: getattr(weights, f.name).detach().clone() for f in fields(weights)
+                                       if isinstance(getattr(weights, f.name), torch.Tensor)})
 
     @property
     def kv_head_of(self) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ class WeightNorms(Metric):
     outside the blocks, and of all parameters. Tied parameters count once."""
 
     name = "basic.weight_norms"
+    supports_dispatch = True  # reads the weights through view.named_weights (loaded when offloaded)
     version = "1"
     summary = "per-layer Frobenius norm of the weights (no data)"
     Params = NoParams
@@ -22,7 +23,7 @@ class WeightNorms(Metric):
     def finalize(self) -> dict[str, object]:
         layer_of = self.view.layer_of_parameter()
         squares = torch.zeros(self.view.n_layers + 1, dtype=torch.float64)
-        for name, p in self.view.model.named_parameters():  # named_parameters() skips tied duplicates
+        for name, p in self.view.named_weights():  # tied duplicates once; offloaded ones loaded
             layer = layer_of[name]
             index = self.view.n_layers if layer is None else layer
             squares[index] += float64_sum_of_squares(p).cpu()

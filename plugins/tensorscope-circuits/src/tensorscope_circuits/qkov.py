@@ -148,6 +148,7 @@ class QKOV(Metric):
     """
 
     name = "circuits.qkov"
+    supports_dispatch = True  # reads the weights through view.head_weights / weight_of (loaded when offloaded)
     version = "1"
     summary = "per-head QK/OV circuits, full-circuit copying scores, Q/K/V composition (rotary offsets swept)"
     Params = QKOVParams
@@ -205,7 +206,9 @@ class QKOV(Metric):
         view, p = self.view, self.params
         unembed = getattr(view.unembed, "weight", None)
         full = p.full_circuits and isinstance(unembed, torch.Tensor) and unembed.shape[-1] == view.d_model
-        grams = TokenGrams.of(view.embed.weight, unembed) if full and isinstance(unembed, torch.Tensor) else None
+        # weight_of: a dispatched model's embedding and unembedding may be offloaded
+        grams = TokenGrams.of(view.weight_of(view.embed), view.weight_of(view.unembed)) \
+            if full and view.unembed is not None else None
         per_layer: dict[str, list[torch.Tensor]] = {}
         for layer in range(view.n_layers):
             for name, value in self._head_values(layer_heads(view, layer), grams).items():

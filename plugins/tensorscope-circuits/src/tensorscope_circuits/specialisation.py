@@ -57,6 +57,7 @@ class HeadSpecialisation(Metric):
     """
 
     name = "circuits.head_specialisation"
+    supports_dispatch = True  # reads its three metrics' results only
     version = "1"
     summary = "per-head profiles (scores, entropy, copying) grouped by hierarchical clustering"
     Params = SpecialisationParams
