@@ -128,6 +128,7 @@ SMALL_DATA_PARAMS: dict[str, dict[str, Any]] = {
     "gradients.tracin": {"default_learning_rate": 1e-3},
     "gradients.critical_samples": {"default_learning_rate": 1e-3},
     "interventions.vectors": {"broken": "a", "healthy": "b"},
+    "merging.mode_connectivity": {"endpoints": ["a", "b"]},
 }
 
 
