@@ -25,7 +25,8 @@ What is here, by job:
 - memory ladders: ``Rung``, ``ASKED`` (see ``Metric.ladder``);
 - functional helpers: ``batch_loss``, ``batch_logits``, ``hook_free_copy``, ``hook_free_view``,
   ``per_example_grads``, ``per_example_calls``, ``sum_of_squares``, ``float64_sum_of_squares``, ``float64_dot``,
-  ``atomic_write``;
+  ``atomic_write``; ``recorded_blocks`` and ``resumed_at`` (forwards that start at a block, for sweeps of
+  interventions);
 - statistics: ``bootstrap_ci``, ``bootstrap_ratio_ci``, ``correlation``, ``fdr_bh``;
 - errors: ``TensorScopeError``, ``BadParameterError``, ``DataError``, ``EmptyDataError``,
   ``UnsupportedModelError``;
@@ -60,6 +61,7 @@ from .metric import ASKED, Metric, ModelSetMetric, NoParams, Params, Rung, RunSh
 from .models.activations import block_saved_bytes
 from .models.adapters.base import linear_out_in
 from .models.load import model_view
+from .models.resume import recorded_blocks, resumed_at
 from .models.view import HeadWeights, ModelView
 from .numerics import float64_dot, float64_sum_of_squares, js_divergence_bits, sum_of_squares
 from .per_example import per_example_calls, per_example_grads
@@ -102,6 +104,8 @@ __all__ = [
     "Rung",
     "StoreBacking",
     "row_squares",
+    "recorded_blocks",
+    "resumed_at",
     "DataError",
     "EmptyDataError",
     "ExampleGrads",

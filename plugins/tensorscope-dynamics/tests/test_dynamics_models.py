@@ -24,8 +24,8 @@ PARAMS = {
 }
 EXPECTED = {  # own passes over the run, from the parameters (2 blocks, 2 batches)
     "dynamics.fragility": {"replay_forward": (1 + 2) * 2},
-    "dynamics.plasticity": {"replay_backward": (1 + 1 + 2) * 2, "replay_forward": 1 + 1 + 2},
-    "dynamics.signal_propagation": {"replay_forward": 1},
+    "dynamics.plasticity": {"replay_backward": (1 + 1 + 2) * 2, "replay_forward": 1 + 1 + 2 + 1},  # + recording
+    "dynamics.signal_propagation": {"replay_forward": 1 + 1},  # the probed batch, the sv token's sequence
     "dynamics.task_accuracy": {},
 }
 

@@ -109,6 +109,39 @@ def test_plasticity_matches_an_independent_sgd_loop(models):
     assert result.value("relative_plasticity") == pytest.approx(1.0, abs=1e-5)
 
 
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_unit_plasticity_matches_an_independent_sgd_loop_per_block(models, family):
+    """Each block's probe (resumed at the block) against torch.optim.SGD on a deep copy whose only
+    trainable tensor is that block's MLP output weight, every forward through the whole model."""
+    result = _run(models[family], fresh=False)
+    model = AutoModelForCausalLM.from_pretrained(models[family], attn_implementation="eager").eval()
+    labels = torch.randint(0, model.config.vocab_size, IDS.shape, generator=torch.Generator().manual_seed(17))
+    blocks = model.transformer.h if family == "gpt2" else model.model.layers
+    want = []
+    for layer in range(len(blocks)):
+        trained = copy.deepcopy(model).requires_grad_(False)
+        block = (trained.transformer.h if family == "gpt2" else trained.model.layers)[layer]
+        weight = block.mlp.c_proj.weight if family == "gpt2" else block.mlp.down_proj.weight
+        weight.requires_grad_(True)
+        optimiser = torch.optim.SGD([weight], lr=PARAMS["lr"])
+
+        def loss(m: torch.nn.Module) -> torch.Tensor:
+            logits = m(IDS).logits[:, :-1]
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     labels[:, :-1].reshape(-1))
+
+        first = float(loss(trained).detach())
+        for _ in range(PARAMS["k_steps"]):
+            optimiser.zero_grad()
+            loss(trained).backward()
+            optimiser.step()
+        with torch.no_grad():
+            want.append(1 - float(loss(trained)) / first)
+    # P = 1 - L_K / L_0 of float32 losses near 4: about 1e-7 of rounding in each loss ratio
+    assert result.value("unit_plasticity") == pytest.approx(want, rel=1e-3, abs=1e-6)
+    assert all(w != 0 for w in want)
+
 def test_srank_and_dormancy_against_hooked_references(models):
     """srank of the first tokens' resid features and the dormant fraction from hooks placed by hand."""
     result = _run(models["llama"], per_block=False, fresh=False, tau=0.5)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -21,6 +21,8 @@ from tensorscope_core.plugin_api import (
     Step,
     TableValue,
     bootstrap_ratio_ci,
+    recorded_blocks,
+    resumed_at,
 )
 
 from .interventions import Edit, edit_heads, edit_mlp, head_attn_out_reason, hooked, logits_of, token_ce
@@ -52,7 +54,8 @@ class Ablation(Metric):
 
     The token ids of the run are kept (small) and the ablations run in ``finalize``: the mean
     needs one pass over all the data before any mean-ablated forward. One forward per batch
-    per component and mode.
+    per component and mode, resumed at the component's block from a recorded clean forward of
+    the batch (``recorded_blocks`` / ``resumed_at``): the blocks before it are not recomputed.
     """
 
     name = "circuits.ablation"
@@ -79,16 +82,21 @@ class Ablation(Metric):
     def cost(cls, params: AblationParams, view: ModelView, shape: RunShape) -> Cost:
         n, t = shape.n_sequences, shape.seq_len
         components = view.n_layers * (view.n_heads * params.heads + params.mlps)
-        forwards = components * len(params.modes) + ("mean" in params.modes)
-        return Cost(state_bytes=8 * (4 * n * t + 2 * n), flops=2.0 * view.n_params * n * t * forwards)
+        ablated = components * len(params.modes)
+        forwards = ablated + ("mean" in params.modes) + 1
+        recorded = view.n_layers * shape.batch_size * t * view.d_model * view.dtype_bytes  # one batch's blocks
+        # the ablated forwards resume at their component's block: about half the blocks each
+        return Cost(state_bytes=8 * (4 * n * t + 2 * n), finalize_bytes=recorded,
+                    flops=2.0 * view.n_params * n * t * (forwards - ablated / 2))
 
     @classmethod
     def own_passes(cls, params: AblationParams, view: ModelView, shape: RunShape) -> dict[str, int]:
-        """In ``finalize``, per batch of the run: one forward per component and mode (modes
-        counted as listed), plus one that collects the means when a mode is ``mean``. Planned
-        count: a run whose data hold no loss target at all fails before any of them."""
+        """In ``finalize``, per batch of the run: one clean forward that records the blocks' outputs,
+        one forward per component and mode (modes counted as listed; each resumes at the component's
+        block), plus one that collects the means when a mode is ``mean``. Planned count: a run whose
+        data hold no loss target at all fails before any of them."""
         components = view.n_layers * (view.n_heads * params.heads + params.mlps)
-        forwards = components * len(params.modes) + ("mean" in params.modes)
+        forwards = components * len(params.modes) + ("mean" in params.modes) + 1
         return {"replay_forward": len(shape.batches) * forwards}
 
     def setup(self) -> None:
@@ -158,14 +166,23 @@ class Ablation(Metric):
             return x
         return replace
 
-    def _ablated_sums(self, edit: Callable[[torch.Tensor], torch.Tensor], component: Component) -> torch.Tensor:
-        """Per-sequence token-loss sums with ``component`` edited, in data order."""
-        sums = []
+    def _ablated_sums(self, means: dict[tuple[str, int], torch.Tensor]) -> dict[tuple[Mode, Component], torch.Tensor]:
+        """Per-sequence token-loss sums, in data order, with each component ablated in each mode.
+
+        Batch by batch: one clean forward records every block's output, then each ablated forward
+        resumes at its component's block (the blocks before it compute what they computed clean)."""
+        sums: dict[tuple[Mode, Component], list[torch.Tensor]] = {
+            (mode, component): [] for mode in self.params.modes for component in self._components()}
         for ids, mask, target_ids, target_mask in self._data():
-            with hooked([self._hook(component, edit)]), torch.no_grad():
-                logits = logits_of(self.view, ids, mask)
-            sums.append(token_ce(logits, target_ids, target_mask).double().sum(1).cpu())
-        return torch.cat(sums)
+            with recorded_blocks(self.view) as outputs, torch.no_grad():
+                logits_of(self.view, ids, mask)
+            for (mode, component), parts in sums.items():
+                edit = self._hook(component, self._ablate(component, mode, means))
+                with resumed_at(self.view, component[1], outputs), hooked([edit]), torch.no_grad():
+                    logits = logits_of(self.view, ids, mask)
+                parts.append(token_ce(logits, target_ids, target_mask).double().sum(1).cpu())
+            del outputs
+        return {key: torch.cat(parts) for key, parts in sums.items()}
 
     def finalize(self) -> dict[str, Any]:
         used = self.tokens[:self.filled] > 0
@@ -177,17 +194,16 @@ class Ablation(Metric):
         grids = {mode: torch.full((L, H), float("nan"), dtype=torch.float64) for mode in self.params.modes}
         layers = {mode: torch.full((L,), float("nan"), dtype=torch.float64) for mode in self.params.modes}
         rows = []
-        for mode in self.params.modes:
-            for component in self._components():
-                delta = self._ablated_sums(self._ablate(component, mode, means), component) - clean
-                value = float(delta[used].sum() / tokens[used].sum())
-                low, high = bootstrap_ratio_ci(delta[used].numpy(), tokens[used].numpy(), seed=self.shape.seed)
-                kind, layer, head = component
-                if head is None:
-                    layers[mode][layer] = value
-                else:
-                    grids[mode][layer, head] = value
-                rows.append([kind, layer, head, mode, value, low, high])
+        for (mode, component), ablated in self._ablated_sums(means).items():
+            delta = ablated - clean
+            value = float(delta[used].sum() / tokens[used].sum())
+            low, high = bootstrap_ratio_ci(delta[used].numpy(), tokens[used].numpy(), seed=self.shape.seed)
+            kind, layer, head = component
+            if head is None:
+                layers[mode][layer] = value
+            else:
+                grids[mode][layer, head] = value
+            rows.append([kind, layer, head, mode, value, low, high])
         out: dict[str, Any] = {"clean_loss": ScalarValue(value=float(clean[used].sum() / tokens[used].sum()),
                                                          n=int(tokens[used].sum()), unit="nats/token"),
                                "table": TableValue(columns=["component", "layer", "head", "mode", "delta_loss",

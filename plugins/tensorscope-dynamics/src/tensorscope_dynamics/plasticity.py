@@ -19,6 +19,10 @@ from tensorscope_core.plugin_api import (
     Step,
     TextValue,
     act_bytes,
+    batch_logits,
+    hook_free_view,
+    recorded_blocks,
+    resumed_at,
 )
 
 from .features import dormant_mask, srank
@@ -68,7 +72,8 @@ class Plasticity(Metric):
     - ``srank`` per resid entry: srank_delta (Kumar et al. 2021) of the [tokens, d_model]
       features of the first ``srank_tokens`` real tokens (not the Roy-Vetterli effective rank).
 
-    Each probe is K forward+backward passes and one forward (``replay_backward`` / ``replay_forward``).
+    Each probe is K forward+backward passes and one forward (``replay_backward`` / ``replay_forward``);
+    the per-block probes' passes resume at their block from one recorded forward of the batch.
     """
 
     name = "dynamics.plasticity"
@@ -94,7 +99,8 @@ class Plasticity(Metric):
         if shape.n_batches == 0:
             return {}
         probes = _probes(params, view)
-        return {"replay_backward": probes * params.k_steps, "replay_forward": probes}
+        # with per_block, one more forward records the blocks' outputs the per-block probes resume from
+        return {"replay_backward": probes * params.k_steps, "replay_forward": probes + params.per_block}
 
     @classmethod
     def cost(cls, params: PlasticityParams, view: ModelView, shape: RunShape) -> Cost:
@@ -107,8 +113,11 @@ class Plasticity(Metric):
         probe = 2 * view.param_bytes + 2 * view.tied_embedding_bytes + largest + \
             act_bytes(view, shape.batch_size, shape.seq_len)
         fresh = view.param_bytes if params.fresh and fresh_buildable(view) else 0
+        # with per_block, the blocks' recorded outputs the per-block probes resume from
+        recorded = view.n_layers * shape.batch_size * shape.seq_len * view.d_model * view.dtype_bytes \
+            if params.per_block else 0
         return Cost(state_bytes=view.n_layers * view.d_mlp * 8 + 8 + features + 8 * (view.n_layers + 5),
-                    transient_bytes=probe + fresh)
+                    transient_bytes=probe + max(fresh, recorded))
 
     def setup(self) -> None:
         self.abs_sums = torch.zeros(self.view.n_layers, self.view.d_mlp, dtype=torch.float64)
@@ -149,9 +158,15 @@ class Plasticity(Metric):
         if p.fresh and fresh_buildable(view):
             self.probe[3] = plasticity(self._fresh_weights(), trainable)[0]
         if p.per_block:
+            # training block l's MLP output weights changes nothing before block l: its probe's forwards
+            # resume there from one recorded forward of the batch at the model's own weights
+            twin = hook_free_view(view)
+            with recorded_blocks(twin) as outputs, torch.no_grad():
+                batch_logits(view, step.batch, step.targets)
             name_of = {id(module): name for name, module in view.model.named_modules()}
             for layer, module in enumerate(view.mlp_out):
-                self.probe[4 + layer] = plasticity(own, [f"{name_of[id(module)]}.weight"])[0]
+                with resumed_at(twin, layer, outputs):
+                    self.probe[4 + layer] = plasticity(own, [f"{name_of[id(module)]}.weight"])[0]
 
     def _fresh_weights(self) -> dict[str, torch.Tensor]:
         """The architecture's own initialisation, seeded with the run's seed (global RNG restored)."""

@@ -23,7 +23,7 @@ from tensorscope_core.plugin_api import (
 )
 
 from .collapse import collapse_stats
-from .jacobians import block_functions, hutchinson_sums, local_jacobian
+from .jacobians import BlockFn, block_functions, hutchinson_sums, local_jacobian
 
 
 class SignalParams(Params):
@@ -88,7 +88,10 @@ class SignalPropagation(Metric):
 
     @classmethod
     def own_passes(cls, params: SignalParams, view: ModelView, shape: RunShape) -> dict[str, int]:
-        return {"replay_forward": min(params.max_batches, shape.n_batches)}
+        """One replay forward per probed batch, and one per token of the singular values (on that token's
+        sequence alone; the planned count assumes the probed batches hold ``sv_tokens`` kept tokens)."""
+        probed = min(params.max_batches, shape.n_batches)
+        return {"replay_forward": probed + (cls._sv_tokens(params, view) if probed else 0)}
 
     @classmethod
     def _sv_tokens(cls, params: SignalParams, view: ModelView) -> int:
@@ -97,12 +100,17 @@ class SignalPropagation(Metric):
     @classmethod
     def cost(cls, params: SignalParams, view: ModelView, shape: RunShape) -> Cost:
         sv = view.n_layers * cls._sv_tokens(params, view) * view.d_model * 8
-        # a jvp carries a tangent beside the primal through one block; the dense Jacobian's vmap carries
-        # min(chunk, d) tangents at once
-        tangents = min(params.chunk, view.d_model) if cls._sv_tokens(params, view) else 1
+        # a jvp carries a tangent beside the primal through one block (Hutchinson: the whole batch); the
+        # dense Jacobian's vmap carries min(chunk, d) tangents at once through one sequence: in a causal
+        # model only up to its token, and with right padding the first kept tokens sit at positions
+        # < sv_tokens + exclude_first
+        hutchinson = 2 * _block_bytes(view, shape.batch_size, shape.seq_len)
+        sv_tokens = cls._sv_tokens(params, view)
+        length = min(shape.seq_len, sv_tokens + params.exclude_first) if view.causal else shape.seq_len
+        dense = (1 + min(params.chunk, view.d_model)) * _block_bytes(view, 1, length) if sv_tokens else 0
         return Cost(
             state_bytes=2 * 8 * view.n_layers + 2 * 8 * (view.n_layers + 1) + sv,
-            transient_bytes=(1 + tangents) * _block_bytes(view, shape.batch_size, shape.seq_len),
+            transient_bytes=max(hutchinson, dense),
             flops=2.0 * params.n_probes * min(params.max_batches, shape.n_batches) * view.param_bytes,
         )
 
@@ -147,10 +155,19 @@ class SignalPropagation(Metric):
         if self.sv_filled < wanted:
             tokens = keep.nonzero().tolist()[: wanted - self.sv_filled]
             for row, position in tokens:
-                for layer, (fn, x) in enumerate(fns):
-                    jac = local_jacobian(fn, x, row, position, self.params.chunk)
+                for layer, (fn, x) in enumerate(self._token_blocks(step, row, position)):
+                    jac = local_jacobian(fn, x, 0, position, self.params.chunk)
                     self.svs[layer, self.sv_filled] = torch.linalg.svdvals(jac)
                 self.sv_filled += 1
+
+    def _token_blocks(self, step: Step, row: int, position: int) -> list[tuple[BlockFn, torch.Tensor]]:
+        """The blocks on the least input that gives token ``position`` of ``row`` its outputs: that
+        sequence alone (rows do not interact), and in a causal model only its first ``position + 1``
+        tokens (later ones do not reach it). One replay forward; each of the d forward-mode products
+        of the dense Jacobian then runs on a few tokens, not on the whole batch."""
+        end = position + 1 if self.view.causal else step.batch.attention_mask.shape[1]
+        return block_functions(self.view, step.targets.model_input[row : row + 1, :end],
+                               step.batch.attention_mask[row : row + 1, :end])
 
     def finalize(self) -> dict[str, Any]:
         if self.probes == 0 or float(self.chi_sums[:, 1].min()) == 0.0:
