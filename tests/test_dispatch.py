@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tensorscope_core import RunConfig, analyze
+from tensorscope_core.data import builtin_corpus
 from tensorscope_core.errors import UnsupportedModelError
 from tensorscope_core.plugins import get_registry
 from tensorscope_core.results.schema import MetricResult
@@ -25,6 +26,9 @@ EMBEDDING_OFFLOADED = {"transformer.wte": "disk", "transformer.wpe": "cpu", "tra
                        "transformer.h.0": "disk", "transformer.h.1": "cpu", "transformer.ln_f": "cpu",
                        "lm_head": "disk"}
 CONFIG = {"batch_size": 4, "max_batches": 2, "memory_budget": "8GiB"}
+#: two tasks of the built-in corpus, named as the train / test metrics (TracIn terms) want them, so the
+#: per-task metrics (sample and task conflicts, null space) run too
+DATA = {"train": builtin_corpus()[:8], "test": builtin_corpus()[8:16]}
 
 
 def _numbers(res: Any, name: str) -> dict[str, torch.Tensor]:
@@ -48,11 +52,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, list[str],
     root = tmp_path_factory.mktemp("dispatch")
     folder = tiny_model("gpt2", root / "gpt2")
     metrics = sorted(name for name, cls in get_registry().metrics.items() if cls.scope == "model")
-    plain = analyze(str(folder), None, metrics, config=RunConfig(**CONFIG))
-    dispatched = analyze(str(folder), None, metrics,
+    plain = analyze(str(folder), DATA, metrics, config=RunConfig(**CONFIG))
+    dispatched = analyze(str(folder), DATA, metrics,
                          config=RunConfig(**CONFIG, device_map=OFFLOADED, offload_dir=root / "offload"))
     supported = [m for m in metrics if get_registry().metrics[m].supports_dispatch]
-    embedding_offloaded = analyze(str(folder), None, supported, config=RunConfig(
+    embedding_offloaded = analyze(str(folder), DATA, supported, config=RunConfig(
         **CONFIG, device_map=EMBEDDING_OFFLOADED, offload_dir=root / "offload-embedding"))
     return plain, dispatched, metrics, embedding_offloaded
 
@@ -69,6 +73,9 @@ def test_metrics_that_support_dispatch_give_the_plain_values(runs: tuple[Any, An
     dispatched = block_offloaded if where == "block" else embedding_offloaded
     supported = [m for m in metrics if get_registry().metrics[m].supports_dispatch]
     assert sum(plain.get(m).ok for m in supported) >= 20
+    per_example = ["fisher.diagonal", "fisher.masks", "gradients.layer_alignment", "gradients.sample_conflicts",
+                   "gradients.tracin_terms", "interventions.null_space"]  # the core's per-example pass, dispatched
+    assert all(plain.get(m).ok and m in supported for m in per_example)
     for name in supported:
         a, b = plain.get(name), dispatched.get(name)
         if a.status == "skipped":  # too little data for it here (e.g. a plug-in estimate's sample floor)

@@ -39,7 +39,7 @@ from .artifacts import ArtifactSpec, Request, act_bytes
 from .capture import CaptureContext
 from .data import Batch
 from .models.view import ModelView
-from .per_example import per_example_calls, per_example_grads
+from .per_example import offloaded_bytes, per_example_calls, per_example_grads
 
 ARTIFACT = "per_example_grads"
 #: label sets in the order the gradients are computed (one vjp each from one forward)
@@ -55,7 +55,7 @@ def example_grads_layout(view: ModelView, names: Sequence[str] | None = None) ->
     keep = None if names is None else set(names)
     layout: Layout = {}
     offset = 0
-    for name, p in view.model.named_parameters():
+    for name, p in view.named_parameters():
         if p.requires_grad and (keep is None or name in keep):
             layout[name] = (slice(offset, offset + p.numel()), tuple(p.shape))
             offset += p.numel()
@@ -170,16 +170,18 @@ def _derive(ctx: CaptureContext) -> None:
 def _bytes(view: ModelView, batch: int, seq: int, request: Request) -> int:
     """The batch's gradients per label set, and its target counts and losses (float64)."""
     request = request or merge_requests([])
-    size = sum(p.numel() for n, p in view.model.named_parameters() if p.requires_grad
+    size = sum(p.numel() for n, p in view.named_parameters() if p.requires_grad
                and (request["parameters"] is None or n in request["parameters"]))
     return len(request["labels"]) * batch * size * view.dtype_bytes + 16 * batch
 
 
 def _transient(view: ModelView, rows: int, seq: int, request: Request) -> int:
     """What the per-example backward keeps while it runs: a backward of the micro-batch's activations,
-    and with a tied embedding its two per-example gradients [rows, V, d] beside their sum."""
+    with a tied embedding its two per-example gradients [rows, V, d] beside their sum, and on a
+    dispatched model the weights it loads onto the input device (``offloaded_bytes``)."""
     every_parameter = (request or {}).get("parameters") is None
-    return act_bytes(view, rows, seq) + (2 * rows * view.tied_embedding_bytes if every_parameter else 0)
+    return act_bytes(view, rows, seq) + (2 * rows * view.tied_embedding_bytes if every_parameter else 0) \
+        + offloaded_bytes(view)
 
 
 def _own_passes(view: ModelView, rows: int, seq: int, request: Request) -> dict[str, int]:

@@ -28,6 +28,7 @@ from .models.view import ModelView
 
 _COPY_KEY = "tensorscope_core.functional.hook_free_copy"
 _VIEW_KEY = "tensorscope_core.functional.hook_free_view"
+_BARE_KEY = "tensorscope_core.functional.undispatched_copy"
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
                "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
                "_backward_pre_hooks")
@@ -50,6 +51,25 @@ def hook_free_copy(view: ModelView) -> nn.Module:
                     setattr(module, attr, type(hooks)())
         view.extras[_COPY_KEY] = shadow
     return shadow
+
+
+def undispatched_copy(view: ModelView) -> nn.Module:
+    """``hook_free_copy(view)``, and for a dispatched model a further copy without accelerate's forward
+    wrappers (which load offloaded weights and move activations between devices), for callers that
+    pass every parameter and buffer themselves (``functional_call``) on one device. Built once per view."""
+    if view.device_map is None:
+        return hook_free_copy(view)
+    bare = view.extras.get(_BARE_KEY)
+    if bare is None:
+        shadow = hook_free_copy(view)
+        memo: dict[int, Any] = {id(t): t for t in itertools.chain(shadow.parameters(), shadow.buffers())}
+        bare = copy.deepcopy(shadow, memo)
+        for module in bare.modules():
+            if hasattr(module, "_hf_hook"):
+                for attr in ("_hf_hook", "_old_forward", "forward"):
+                    module.__dict__.pop(attr, None)
+        view.extras[_BARE_KEY] = bare
+    return bare
 
 
 def hook_free_view(view: ModelView) -> ModelView:

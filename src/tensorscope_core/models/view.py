@@ -81,6 +81,28 @@ class ModelView:
     mlp_tokens_flat: bool = False
     #: where accelerate placed each module (module name -> GPU index, "cpu" or "disk"); None: one device
     device_map: dict[str, Any] | None = None
+    #: tied weights as built: the name of each parameter that is another, earlier one -> that one's name.
+    #: Accelerate's forward on an offloaded module replaces its parameter objects, which unties an
+    #: offloaded tied embedding, so identity no longer says which names are one tensor (``named_parameters``)
+    tied_duplicates: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.tied_duplicates is None:
+            first: dict[int, str] = {}
+            duplicates = {}
+            for name, p in self.model.named_parameters(remove_duplicate=False):
+                if id(p) in first:
+                    duplicates[name] = first[id(p)]
+                first.setdefault(id(p), name)
+            self.tied_duplicates = duplicates
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``model.named_parameters()`` with tied weights once, as the model was built, also after a
+        dispatched model's forward has untied an offloaded tied embedding (see ``tied_duplicates``)."""
+        tied = self.tied_duplicates or {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if name not in tied:
+                yield name, p
 
     def mlp_tokens(self, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``tensor`` seen by a hook on ``mlp_out`` as [batch, seq, ...], ``like`` being any [batch, seq, ...]
@@ -114,12 +136,12 @@ class ModelView:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``model.named_parameters()`` detached and readable, tied duplicates once: a dispatched model's
         offloaded ones loaded one module at a time, each valid until the next is read."""
-        seen: set[int] = set()
+        tied = self.tied_duplicates or {}
         for prefix, module in self.model.named_modules():
-            own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+            own = [(n, p) for n, p in module.named_parameters(recurse=False)
+                   if (f"{prefix}.{n}" if prefix else n) not in tied]
             if not own:
                 continue
-            seen.update(id(p) for _, p in own)
             with self.onloaded(module) if any(p.is_meta for _, p in own) else nullcontext(module):
                 for name, _ in own:
                     yield f"{prefix}.{name}" if prefix else name, getattr(module, name).detach()
@@ -155,19 +177,19 @@ class ModelView:
         for layer, block in enumerate(self.blocks):
             for p in block.parameters():
                 owner[id(p)] = layer
-        return {name: owner.get(id(p)) for name, p in self.model.named_parameters()}
+        return {name: owner.get(id(p)) for name, p in self.named_parameters()}
 
     @property
     def n_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return sum(p.numel() for _, p in self.named_parameters())
 
     @property
     def param_bytes(self) -> int:
         """Bytes the weights hold while the model runs. Dispatched: the parameters that have storage,
         plus the largest block's offloaded ones (accelerate loads one offloaded module at a time)."""
         if self.device_map is None:
-            return sum(p.numel() * p.element_size() for p in self.model.parameters())
-        resident = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
+            return sum(p.numel() * p.element_size() for _, p in self.named_parameters())
+        resident = sum(p.numel() * p.element_size() for _, p in self.named_parameters() if not p.is_meta)
         offloaded = [sum(p.numel() * p.element_size() for p in block.parameters() if p.is_meta)
                      for block in self.blocks]
         return resident + max(offloaded, default=0)

@@ -163,6 +163,7 @@ class FisherDiagonal(Metric):
     """
 
     name = "fisher.diagonal"
+    supports_dispatch = True  # reads the core's per-example gradients only, which load a dispatched model's weights
     version = "1"
     summary = "diagonal parameter Fisher, true (sampled labels) and empirical, Welford mean/variance/CI and EMA"
     Params = DiagonalParams

@@ -57,6 +57,7 @@ class FisherMasks(Metric):
     """
 
     name = "fisher.masks"
+    supports_dispatch = True  # reads fisher.diagonal's results and the parameters' names and shapes
     version = "1"
     summary = "top-p% Fisher importance masks per parameter, pooled and per task"
     Params = MaskParams
@@ -117,6 +118,7 @@ class FisherOverlap(Metric):
     """
 
     name = "fisher.overlap"
+    supports_dispatch = True  # reads fisher.masks' results
     version = "1"
     summary = "Jaccard and overlap coefficient of the tasks' Fisher masks, per block and overall"
     requires_metrics = ("fisher.masks",)

@@ -83,6 +83,7 @@ class LayerAlignment(SubsetMetric):
     """
 
     name = "gradients.layer_alignment"
+    supports_dispatch = True  # reads the core's per-example gradients only
     version = "1"
     #: where every example has as many targets, the mean of the examples' mean-loss gradients is the mean of the
     #: batch gradients, so layer_cosine is task_conflict's layer_cosine computed again: equal by definition there

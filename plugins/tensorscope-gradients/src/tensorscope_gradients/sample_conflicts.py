@@ -79,6 +79,7 @@ class SampleConflicts(SubsetMetric):
     """
 
     name = "gradients.sample_conflicts"
+    supports_dispatch = True  # reads the core's per-example gradients only
     version = "1"
     summary = "cross-task example pairs with conflicting per-example gradients: p-values, effect sizes, BH FDR"
     Params = SampleConflictParams

@@ -68,6 +68,7 @@ class TracInTerms(SubsetMetric):
     """
 
     name = TERMS
+    supports_dispatch = True  # reads the core's per-example gradients only
     version = "1"
     summary = "per-checkpoint train x test per-example gradient dot products (the terms of TracIn)"
     Params = TermsParams

@@ -105,6 +105,7 @@ class NullSpace(Metric):
     """
 
     name = "interventions.null_space"
+    supports_dispatch = True  # reads the core's per-example gradients only
     version = "1"
     summary = "task B's gradient projected off task A's per-example gradient span (Gram-based, per layer)"
     Params = NullSpaceParams
