@@ -82,6 +82,24 @@ def test_dead_units_have_zero_plasticity_and_are_dormant():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model untouched
 
 
+def _sgd_losses(model: torch.nn.Module, weights: list[torch.Tensor], labels: torch.Tensor) -> tuple[float, float]:
+    """The probe loss before and after ``k_steps`` of torch.optim.SGD on ``weights``, each forward through
+    the whole model (the reference the metric's probes are checked against)."""
+    optimiser = torch.optim.SGD(weights, lr=PARAMS["lr"])
+
+    def loss() -> torch.Tensor:
+        logits = model(IDS).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, :-1].reshape(-1))
+
+    first = float(loss().detach())
+    for _ in range(PARAMS["k_steps"]):
+        optimiser.zero_grad()
+        loss().backward()
+        optimiser.step()
+    with torch.no_grad():
+        return first, float(loss())
+
+
 def test_plasticity_matches_an_independent_sgd_loop(models):
     """Independent reference: torch.optim.SGD on a deep copy, on the probe's labels (uniform tokens
     seeded with seed * 1_000_003 + 17 at the run's next-token targets)."""
@@ -89,25 +107,12 @@ def test_plasticity_matches_an_independent_sgd_loop(models):
     model = AutoModelForCausalLM.from_pretrained(models["gpt2"], attn_implementation="eager").eval()
     labels = torch.randint(0, model.config.vocab_size, IDS.shape, generator=torch.Generator().manual_seed(17))
     trained = copy.deepcopy(model)
-    optimiser = torch.optim.SGD(trained.parameters(), lr=PARAMS["lr"])
-
-    def loss(m: torch.nn.Module) -> torch.Tensor:
-        logits = m(IDS).logits[:, :-1]
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, :-1].reshape(-1))
-
-    first = float(loss(trained).detach())
-    for _ in range(PARAMS["k_steps"]):
-        optimiser.zero_grad()
-        loss(trained).backward()
-        optimiser.step()
-    with torch.no_grad():
-        last = float(loss(trained))
+    first, last = _sgd_losses(trained, list(trained.parameters()), labels)
     assert result.value("probe_loss_start") == pytest.approx(first, rel=1e-5)
     assert result.value("probe_loss_end") == pytest.approx(last, rel=1e-4)
     assert result.value("plasticity") == pytest.approx(1 - last / first, rel=1e-3)
     # tiny_model builds its model with torch.manual_seed(0): the fresh initialisation at seed 0 is the model
     assert result.value("relative_plasticity") == pytest.approx(1.0, abs=1e-5)
-
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -124,23 +129,12 @@ def test_unit_plasticity_matches_an_independent_sgd_loop_per_block(models, famil
         block = (trained.transformer.h if family == "gpt2" else trained.model.layers)[layer]
         weight = block.mlp.c_proj.weight if family == "gpt2" else block.mlp.down_proj.weight
         weight.requires_grad_(True)
-        optimiser = torch.optim.SGD([weight], lr=PARAMS["lr"])
-
-        def loss(m: torch.nn.Module) -> torch.Tensor:
-            logits = m(IDS).logits[:, :-1]
-            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                     labels[:, :-1].reshape(-1))
-
-        first = float(loss(trained).detach())
-        for _ in range(PARAMS["k_steps"]):
-            optimiser.zero_grad()
-            loss(trained).backward()
-            optimiser.step()
-        with torch.no_grad():
-            want.append(1 - float(loss(trained)) / first)
+        first, last = _sgd_losses(trained, [weight], labels)
+        want.append(1 - last / first)
     # P = 1 - L_K / L_0 of float32 losses near 4: about 1e-7 of rounding in each loss ratio
     assert result.value("unit_plasticity") == pytest.approx(want, rel=1e-3, abs=1e-6)
     assert all(w != 0 for w in want)
+
 
 def test_srank_and_dormancy_against_hooked_references(models):
     """srank of the first tokens' resid features and the dormant fraction from hooks placed by hand."""
