@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,11 @@ class CaptureContext:
     grad_enabled: bool = False
     #: the merged request of each parameterised artifact of the pass (``ArtifactSpec.merge``)
     requests: dict[str, Any] = field(default_factory=dict)
+    #: gradients of the weights a dispatched model loads only while their module runs (offloaded ones),
+    #: by parameter name, summed over the batch's micro-batches (``param_grad`` on dispatched models)
+    loaded_grads: dict[str, torch.Tensor] = field(default_factory=dict)
     _handles: list[RemovableHandle] = field(default_factory=list)
+    _undo: list[Callable[[], None]] = field(default_factory=list)
 
     def request(self, name: str) -> Any:
         """What the pass's consumers asked of artifact ``name``, merged (empty when none asked)."""
@@ -60,10 +64,17 @@ class CaptureContext:
         slot = self.store.setdefault(name, [None] * n)
         slot[index] = tensor.detach()
 
+    def on_exit(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` when the run's capture scope exits (for changes that are not torch hooks)."""
+        self._undo.append(undo)
+
     def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        while self._undo:
+            self._undo.pop()()
+        self.loaded_grads.clear()
 
 
 @contextmanager

@@ -8,6 +8,8 @@ final block (before the final norm).
 
 from __future__ import annotations
 
+import functools
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -130,10 +132,65 @@ def _derive_attn(ctx: CaptureContext) -> None:
     ctx.store["attn_pattern"] = [a.detach() for a in attentions]
 
 
+_HOOKED = "_tensorscope_grad_hooked"
+
+
+def _install_param_grad(ctx: CaptureContext) -> None:
+    """On a dispatched model an offloaded weight is a meta tensor: accelerate's hook loads a fresh tensor
+    for each call of its module, and the backward's gradient goes to that one. So each loaded weight of the
+    shared forward gets a gradient hook adding into ``ctx.loaded_grads`` under the parameter's name (a tied
+    duplicate's under its twin's), once per tensor however many modules use it. Nothing on a plain model."""
+    view = ctx.view
+    if view.device_map is None:
+        return
+    tied = view.tied_duplicates or {}
+    own = weakref.ref(ctx)
+    for prefix, module in view.model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        names = [n for n, p in module.named_parameters(recurse=False) if p.is_meta]
+        if hook is None or not names:
+            continue
+
+        def pre_forward(target: Any, *args: Any, _module: Any = module, _prefix: str = prefix,
+                        _names: list[str] = names, _load: Any = hook.pre_forward, **kwargs: Any) -> Any:
+            loaded = _load(target, *args, **kwargs)
+            run = own()
+            if run is not None and target is _module and run.grad_enabled and torch.is_grad_enabled():
+                for name in _names:
+                    weight = getattr(target, name)
+                    if weight.requires_grad and not getattr(weight, _HOOKED, False):
+                        setattr(weight, _HOOKED, True)  # a tied weight loaded once serves two modules
+                        full = f"{_prefix}.{name}" if _prefix else name
+                        weight.register_hook(functools.partial(_add_loaded_grad, own, tied.get(full, full)))
+            return loaded
+
+        hook.pre_forward = pre_forward  # an instance attribute over the class's method, removed on exit
+        ctx.on_exit(functools.partial(hook.__dict__.pop, "pre_forward", None))
+
+
+def _add_loaded_grad(own: weakref.ref[CaptureContext], name: str, grad: torch.Tensor) -> None:
+    run = own()
+    if run is not None:
+        held = run.loaded_grads.get(name)
+        run.loaded_grads[name] = grad.detach().clone() if held is None else held + grad.detach()
+
+
 def _derive_param_grad(ctx: CaptureContext) -> None:
     # The .grad tensors themselves (no copy): the runner clears them after every metric has read them.
-    ctx.store["param_grad"] = {name: p.grad.detach() for name, p in ctx.view.model.named_parameters()
-                               if p.grad is not None}
+    # A dispatched model's offloaded weights have theirs in ``loaded_grads`` (``_install_param_grad``).
+    loaded, ctx.loaded_grads = ctx.loaded_grads, {}
+    grads = {}
+    for name, p in ctx.view.named_parameters():
+        grad = p.grad if p.grad is not None else loaded.get(name)
+        if grad is not None:
+            grads[name] = grad.detach()
+    ctx.store["param_grad"] = grads
+
+
+def _param_grad_bytes(view: ModelView) -> int:
+    """Every parameter's gradient (on a dispatched model also the offloaded ones', which ``param_bytes``
+    counts one block of)."""
+    return sum(p.numel() * p.element_size() for _, p in view.named_parameters())
 
 
 def _resid_bytes(view: ModelView, batch: int, seq: int) -> int:
@@ -157,7 +214,8 @@ CORE_ARTIFACTS: tuple[ArtifactSpec, ...] = (
                  lambda v, b, s: v.n_layers * b * v.n_heads * s * s * v.dtype_bytes, derive=_derive_attn,
                  forward_kwargs=(("output_attentions", True),)),
     ArtifactSpec("param_grad", "backward", "gradient of the batch-mean token loss per parameter",
-                 lambda v, b, s: v.param_bytes, derive=_derive_param_grad, requires=("token_loss",),
+                 lambda v, b, s: _param_grad_bytes(v), install=_install_param_grad, derive=_derive_param_grad,
+                 requires=("token_loss",),
                  combine="sum"),
     ArtifactSpec("resid_grad", "backward", "gradient of the batch-mean loss w.r.t. each resid entry",
                  _resid_bytes, requires=("token_loss", "resid")),

@@ -27,6 +27,7 @@ class GradNorms(Metric):
     """
 
     name = "basic.grad_norms"
+    supports_dispatch = True  # the shared param_grad, which holds a dispatched model's offloaded weights' too
     version = "2"
     summary = "per-layer parameter gradient norms (mean over batches)"
     Params = NoParams

@@ -141,6 +141,7 @@ class NaturalGradient(Metric):
     """
 
     name = "fisher.natural_gradient"
+    supports_dispatch = True  # the shared param_grad, which holds a dispatched model's offloaded weights' too
     version = "1"
     summary = "K-FAC natural-gradient direction per Linear layer (eigenbasis, never the inverse) and its cosine to ∇L"
     Params = NaturalGradientParams

@@ -41,6 +41,7 @@ class EffectiveRank(Metric):
     """
 
     name = "geometry.effective_rank"
+    supports_dispatch = True  # the shared capture, and the weights through view.named_weights
     version = "1"
     summary = "Roy-Vetterli effective rank and participation ratio of activations per layer and of weights"
     Params = EffectiveRankParams
@@ -100,13 +101,15 @@ def _source_dims(sources: tuple[str, ...], view: ModelView) -> list[int]:
 
 def _weight_ranks(view: ModelView) -> dict[str, Any]:
     layer_of = view.layer_of_parameter()
-    matrices = [(name, p) for name, p in view.model.named_parameters() if p.ndim == 2 and (
+    matrices = {name for name, p in view.named_parameters() if p.ndim == 2 and (
         layer_of.get(name) is not None or p is view.embed.weight
-        or (view.unembed is not None and p is getattr(view.unembed, "weight", None)))]
+        or (view.unembed is not None and p is getattr(view.unembed, "weight", None)))}
     rows: list[list[Any]] = []
     per_layer: list[list[float]] = [[] for _ in range(view.n_layers)]
-    for name, p in matrices:
-        s = torch.linalg.svdvals(p.detach().double().cpu())
+    for name, p in view.named_weights():  # one at a time: a dispatched model's offloaded ones load in turn
+        if name not in matrices:
+            continue
+        s = torch.linalg.svdvals(p.double().cpu())
         erank = effective_rank(s)
         fraction = erank / min(p.shape)
         layer = layer_of.get(name)

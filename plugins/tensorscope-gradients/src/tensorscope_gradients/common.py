@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import torch
 
 from tensorscope_core.plugin_api import ModelView, float64_sum_of_squares
@@ -9,11 +11,13 @@ from tensorscope_core.plugin_api import ModelView, float64_sum_of_squares
 TEXT_CHARS = 120
 
 
-def block_squares(view: ModelView, layer_of: dict[str, int | None], grads: dict[str, torch.Tensor]) -> torch.Tensor:
+def block_squares(view: ModelView, layer_of: dict[str, int | None],
+                  grads: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> torch.Tensor:
     """Sum of squared gradient entries per block; entry n_layers holds everything outside
-    the blocks (embeddings, final norm, head). float64 [n_layers + 1]."""
+    the blocks (embeddings, final norm, head). float64 [n_layers + 1]. ``grads`` by name, or (name, tensor)
+    pairs read one at a time (``view.named_weights()``)."""
     squares = torch.zeros(view.n_layers + 1, dtype=torch.float64)
-    for name, g in grads.items():
+    for name, g in grads.items() if isinstance(grads, Mapping) else grads:
         layer = layer_of.get(name)
         squares[view.n_layers if layer is None else layer] += float64_sum_of_squares(g).cpu()
     return squares

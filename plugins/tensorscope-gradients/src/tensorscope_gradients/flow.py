@@ -66,6 +66,7 @@ class GradientFlow(Metric):
     """
 
     name = "gradients.flow"
+    supports_dispatch = True  # the shared param_grad, which holds a dispatched model's offloaded weights' too
     version = "2"
     #: grad_norm_mean per block is basic.grad_norms' layer_norm (the same mean over batches of the block's
     #: gradient norm), and update_ratio is that norm scaled: equal by definition, never a finding
@@ -88,7 +89,7 @@ class GradientFlow(Metric):
     def setup(self) -> None:
         p = self.params
         self.layer_of = self.view.layer_of_parameter()
-        trainable = [(n, t) for n, t in self.view.model.named_parameters() if t.requires_grad]
+        trainable = [(n, t) for n, t in self.view.named_parameters() if t.requires_grad]
         dtype = torch.float64 if p.accumulate == "float64" else torch.float32
         # the running sum in one buffer, each group's entries contiguous (blocks in order, then outside), so the
         # Gini coefficients can sort each group's part, then the whole buffer, in place (``_gini``)
@@ -119,7 +120,7 @@ class GradientFlow(Metric):
     def cost(cls, params: FlowParams, view: ModelView, shape: RunShape) -> Cost:
         """The running sum (one entry per parameter entry, or k per group sketched) and the per-batch
         squared norms, float64 [B, L + 2]."""
-        n_params = sum(p.numel() for p in view.model.parameters() if p.requires_grad)
+        n_params = sum(p.numel() for _, p in view.named_parameters() if p.requires_grad)
         if params.projection_dim:
             sums = 8 * (view.n_layers + 1) * params.projection_dim
         else:
@@ -189,8 +190,9 @@ class GradientFlow(Metric):
         else:
             snr = torch.full((L + 2,), math.nan, dtype=torch.float64)
             var = torch.full((L + 2,), math.nan, dtype=torch.float64)
+        trainable = {n for n, p in self.view.named_parameters() if p.requires_grad}
         weights = block_squares(self.view, self.layer_of,
-                                {n: p.detach() for n, p in self.view.model.named_parameters() if p.requires_grad})
+                                ((n, w) for n, w in self.view.named_weights() if n in trainable))
         weight_norm = torch.cat([weights, weights.sum()[None]]).sqrt()
         lr = self.params.learning_rate
         mean = norms.mean(dim=0)

@@ -47,7 +47,7 @@ def _n_units(module: torch.nn.Module) -> int:
 
 
 def _mlp_weights(view: ModelView) -> list[tuple[str, int] | None]:
-    names = {id(p): n for n, p in view.model.named_parameters()}
+    names = {id(p): n for n, p in view.named_parameters()}
     out: list[tuple[str, int] | None] = []
     for module in view.mlp_out:
         axis = unit_axis(module)
@@ -75,6 +75,7 @@ class GradientPathology(Metric):
     """
 
     name = "gradients.pathology"
+    supports_dispatch = True  # the shared param_grad, which holds a dispatched model's offloaded weights' too
     version = "1"
     summary = "vanishing/exploding layers relative to the median layer, dead units, diagnosis"
     Params = PathologyParams
@@ -91,7 +92,7 @@ class GradientPathology(Metric):
         self.layer_of = self.view.layer_of_parameter()
         self.mlp = _mlp_weights(self.view)
         self.per_batch = torch.zeros(self.shape.n_batches, self.view.n_layers, dtype=torch.float64)
-        params = dict(self.view.model.named_parameters())
+        params = dict(self.view.named_parameters())
         self.unit_max = [None if m is None else torch.zeros(params[m[0]].shape[m[1]], dtype=torch.float32)
                          for m in self.mlp]
         self.seen = 0

@@ -86,6 +86,7 @@ class TaskConflict(SubsetMetric):
     """
 
     name = "gradients.task_conflict"
+    supports_dispatch = True  # the shared param_grad, which holds a dispatched model's offloaded weights' too
     version = "1"
     summary = "cosines between named tasks' gradients per layer, PCGrad projection, batch-pair conflict with CI"
     Params = TaskConflictParams

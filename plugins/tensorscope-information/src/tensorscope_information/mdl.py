@@ -76,6 +76,7 @@ class MDL(Metric):
     """
 
     name = "information.mdl"
+    supports_dispatch = True  # reads the shared capture, and the weights through view.named_weights
     version = "1"
     summary = "online code length and compression of a probe per layer; weight, architecture and data code lengths"
     Params = MDLParams
@@ -149,10 +150,12 @@ class MDL(Metric):
 
     def _model_code(self) -> dict[str, Any]:
         p = self.params
-        params = [w for _, w in self.view.model.named_parameters()]
-        weight = sum(quantised_entropy_bits(w, p.weight_bits, p.weight_step) for w in params)
-        count = sum(w.numel() for w in params)
-        arch = architecture_bits([tuple(w.shape) for w in params])
+        weight, shapes = 0.0, []
+        for _, w in self.view.named_weights():  # one at a time: a dispatched model's offloaded ones load in turn
+            weight += quantised_entropy_bits(w, p.weight_bits, p.weight_step)
+            shapes.append(tuple(w.shape))
+        count = sum(math.prod(s) for s in shapes)
+        arch = architecture_bits(shapes)
         data, targets = float(self.loss[0]) / math.log(2.0), int(self.loss[1])
         precision = f"step {p.weight_step}" if p.weight_step is not None else f"{p.weight_bits}-bit per tensor"
         text = (

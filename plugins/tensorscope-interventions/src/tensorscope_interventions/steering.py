@@ -62,6 +62,7 @@ class Steering(Metric):
     """
 
     name = "interventions.steering"
+    supports_dispatch = True  # its replays go through the model's own forward, accelerate's hooks included
     version = "1"
     summary = "CAA steering vectors per layer from two tasks, and the loss / logit-difference change they cause"
     Params = SteeringParams
@@ -189,7 +190,7 @@ class Steering(Metric):
         means = self.sums / self.counts
         vectors = (means[0] - means[1])[self.layers]
         twin = hook_free_view(self.view)
-        device = next(self.view.model.parameters()).device
+        device = self.view.input_device
         base_loss, base_diff = self._scores(device)
         loss_change, diff_change = [], []
         for layer, v in zip(self.layers, vectors, strict=True):

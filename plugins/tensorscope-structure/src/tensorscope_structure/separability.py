@@ -80,6 +80,7 @@ class StructureSeparability(Metric):
     """
 
     name = "structure.separability"
+    supports_dispatch = True  # reads the shared capture's residual stream only
     version = "1"
     summary = "per-layer task separability: cross-validated logistic-probe accuracy and unbiased MMD^2 (BH-tested)"
     Params = SeparabilityParams
