@@ -9,8 +9,8 @@ import pytest
 import torch
 from tensorscope_circuits.interference import InterferenceParams, QKOVInterference, interference
 
-from tensorscope_core import HeadValue, MetricResult, RunShape, analyze
-from tensorscope_core.plugin_api import PreparedData
+from tensorscope_core import HeadValue, MetricResult, RunConfig, RunShape, analyze
+from tensorscope_core.plugin_api import NotApplicable, PreparedData
 from tensorscope_core.testing import temporary_plugin
 
 METRIC = "circuits.qkov_interference"
@@ -72,8 +72,25 @@ def test_missing_field_names_what_is_there():
     shape = RunShape(4, 8, 2, 8, ("math", "code"), 0)
     grouped = fake_grouped({"math": [[1.0]]}, {"math": [[1.0]]})
     metric = QKOVInterference(InterferenceParams(), shape, None, {"fisher.grouped": grouped})
-    with pytest.raises(KeyError, match="true/code/head_qk"):
+    with pytest.raises(NotApplicable, match="true/code/head_qk") as caught:
         metric.finalize()
+    assert "--rung fisher.diagonal=asked" in caught.value.fix
+
+
+def test_a_pooled_fisher_diagonal_skips_it_naming_the_rung(models):
+    """fisher.diagonal at its 'pooled' rung (what the planner picks under a tight budget, as on the 135M
+    shape at 16 GiB) keeps no per-task fields: the metric ends skipped saying why and how to fix it (it
+    ended in a KeyError)."""
+    with temporary_plugin() as registry:
+        if "fisher.grouped" not in registry.metrics:
+            pytest.skip("fisher.grouped is not registered (the tensorscope-fisher plugin provides it)")
+        gen = torch.Generator().manual_seed(0)
+        data = {task: torch.randint(5, 300, (4, 12), generator=gen) for task in ("math", "code")}
+        pooled = RunConfig(rungs={"fisher.diagonal": "pooled"})
+        res = analyze(models["gpt2"], data=data, metrics=[METRIC], config=pooled)
+    result = res.get(METRIC)
+    assert result.status == "skipped", (result.status, result.reason)
+    assert "'pooled' memory rung" in result.reason and "true/math/head_qk" in result.reason
 
 
 def test_skipped_without_two_tasks():

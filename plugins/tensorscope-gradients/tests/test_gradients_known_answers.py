@@ -13,6 +13,7 @@ from tensorscope_gradients.tracin import CriticalParams, CriticalSamples, TracIn
 
 from tensorscope_core import MetricResult, RunShape, ScalarValue, SeriesValue, TableValue
 from tensorscope_core.example_store import CountSketch, GradientStore
+from tensorscope_core.plugin_api import NotApplicable
 
 SHAPE = RunShape(0, 0, 0, 0, (), 0)
 
@@ -69,12 +70,13 @@ def test_tracin_metric_on_the_spec_example():
     assert out["top_proponents"].rows[0][:4] == [0, 0, 0, pytest.approx(0.8)]
     assert out["top_opponents"].rows == []
     assert out["checkpoints"].rows == [["ckpt", None, 0.1, "parameter"]]
-    # default_learning_rate is used when nothing else gives one; without any, an error names the fix
+    # default_learning_rate is used when nothing else gives one; without any, it does not apply and names the fix
     out = TracIn(TracInParams(default_learning_rate=0.1), SHAPE).compute_set(
         views, {"ckpt": {"gradients.tracin_terms": terms}})  # type: ignore[arg-type]
     assert out["influence"].value == pytest.approx(0.8, rel=1e-12)
-    with pytest.raises(ValueError, match="learning_rates"):
+    with pytest.raises(NotApplicable, match="no learning rate for checkpoint ckpt") as caught:
         TracIn(TracInParams(), SHAPE).compute_set(views, {"ckpt": {"gradients.tracin_terms": terms}})  # type: ignore[arg-type]
+    assert "learning_rates=[...]" in caught.value.fix
 
 
 def test_pcgrad_spec_example():

@@ -16,6 +16,7 @@ from tensorscope_core.plugin_api import (
     Metric,
     MetricResult,
     ModelView,
+    NotApplicable,
     Params,
     PreparedData,
     RunShape,
@@ -117,7 +118,10 @@ class QKOVInterference(Metric):
             elif value is not None:
                 out[task] = self.tensor_of(result, field).double().numpy()
             else:
-                raise KeyError(f"fisher.grouped has no field '{field}' (fields: {sorted(result.values)[:8]} ...)")
+                raise NotApplicable(
+                    f"fisher.grouped has no field '{field}' (fields: {sorted(result.values)[:8]} ...): per-task head "
+                    "importances come from fisher.diagonal's per-task fields, which its 'pooled' memory rung drops",
+                    "raise --memory-budget, or pin fisher.diagonal's rung: --rung fisher.diagonal=asked")
         return out
 
     def finalize(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tensorscope_core.plugin_api import ModelView
+from tensorscope_core.plugin_api import ModelView, NotApplicable
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -50,7 +50,8 @@ def learning_rates(views: dict[str, ModelView], given: list[float] | dict[str, f
     """One learning rate per model, in the order of ``views``.
 
     Precedence: ``given`` (a list in model order, or {model name: rate}) over the
-    checkpoint folder's trainer_state.json over ``default``; a model with none of them is an error.
+    checkpoint folder's trainer_state.json over ``default``; a model with none of them makes the metric
+    not apply (``NotApplicable``: it ends skipped naming the fix, as when a run has too few checkpoints).
     """
     names = list(views)
     if isinstance(given, list) and len(given) != len(names):
@@ -72,6 +73,7 @@ def learning_rates(views: dict[str, ModelView], given: list[float] | dict[str, f
         elif default is not None:
             out.append(CheckpointRate(name, float(default), None, "default"))
         else:
-            raise ValueError(f"no learning rate for checkpoint {name}: it has no {TRAINER_STATE} with a logged "
-                             "learning_rate; pass learning_rates=[...] (one per checkpoint) or default_learning_rate")
+            raise NotApplicable(f"no learning rate for checkpoint {name}: it has no {TRAINER_STATE} with a logged "
+                                "learning_rate", "pass learning_rates=[...] (one per checkpoint) or "
+                                "default_learning_rate")
     return out
