@@ -53,7 +53,7 @@ BENCH_BASELINES_NO_DEPS = ["curvlinops-for-pytorch==3.0.1", "backpack-for-pytorc
 #: the plugins' benchmarks, each its own script (bench/README.md says what each measures)
 PLUGIN_BENCHES = ["bench_fisher_stein", "bench_fisher_gram", "bench_hessian_lanczos", "bench_attention_capture",
                   "bench_integrated_gradients", "bench_fiber_bundle", "bench_geometry_streaming", "bench_merging",
-                  "bench_core_v2", "bench_ray", "bench_resume"]
+                  "bench_core_v2", "bench_ray", "bench_resume", "bench_hessian_product"]
 #: plugin benchmarks with one size only (each a few minutes at most), run as they are
 SINGLE_SIZE_BENCHES = ["bench_information", "bench_modularity", "bench_signal_propagation", "bench_tracin_path",
                        "bench_null_space", "bench_imp"]
