@@ -160,8 +160,9 @@ def mlp_blocks(view: ModelView, layer: int, max_edges: int | None) -> list[EdgeB
     A = |W_in| (summed over the input projections of a gated MLP) and |W_out|, each matrix's
     ``max_edges`` strongest entries kept."""
     d, h = view.d_model, view.d_mlp
-    ins = [linear_out_in(m).detach() for m in mlp_inputs(view, layer)]  # [h, d] each
-    w_out = linear_out_in(view.mlp_out[layer]).detach()  # [d, h]
+    # read through weight_of: a dispatched model's offloaded weights are loaded (one block's at a time)
+    ins = [linear_out_in(m, view.weight_of(m)) for m in mlp_inputs(view, layer)]  # [h, d] each
+    w_out = linear_out_in(view.mlp_out[layer], view.weight_of(view.mlp_out[layer]))  # [d, h]
 
     def in_rows(start: int, stop: int) -> torch.Tensor:
         total = torch.zeros(stop - start, d)

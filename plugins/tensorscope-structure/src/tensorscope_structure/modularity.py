@@ -91,6 +91,7 @@ class StructureModularity(Metric):
     summary = "Louvain modularity Q of each MLP's unit graph and of the head composition graph vs a shuffled null"
     Params = ModularityParams
     artifacts = ("weights",)
+    supports_dispatch = True  # reads the MLP weights through view.weight_of, the heads' graph from circuits.qkov
     derived_from = tuple(f"{QKOV}.composition_{kind}" for kind in "qkv")  # the head graph's edge weights
     fields = {
         "mlp_q": "per block: Q of the MLP unit graph's Louvain partition",

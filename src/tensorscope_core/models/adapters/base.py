@@ -44,9 +44,12 @@ def get_path(model: nn.Module, path: str, family: str) -> Any:
     return obj
 
 
-def linear_out_in(module: nn.Module) -> torch.Tensor:
-    """Weight as [out, in] for nn.Linear and HF's Conv1D (which stores [in, out])."""
-    weight: torch.Tensor = module.weight  # type: ignore[assignment]
+def linear_out_in(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight as [out, in] for nn.Linear and HF's Conv1D (which stores [in, out]). ``weight``: the module's
+    weight as read elsewhere (``ModelView.weight_of``, which loads a dispatched model's offloaded one)."""
+    if weight is None:
+        weight = module.weight  # type: ignore[assignment]
+    assert weight is not None
     return weight.T if type(module).__name__ == "Conv1D" else weight
 
 
