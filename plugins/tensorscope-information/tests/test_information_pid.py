@@ -52,12 +52,14 @@ def test_known_distributions_through_discretisation(case, measure, method):
 
 
 def test_decompose_equals_dit_on_the_ideal_distribution():
-    """Independent reference: dit on the hand-written AND distribution, outcome strings and all."""
+    """Independent reference: dit on the hand-written AND distribution, outcome strings and all. dit's BROJA
+    is a numerical optimisation from a random start: one CI run had its synergy 1.35e-6 from the exact 0.5
+    (ours 2.4e-9 from it), so the comparison allows 1e-5; the closed forms above hold ours to 1e-6."""
     ideal = dit.Distribution(["000", "010", "100", "111"], [0.25] * 4)
     counts = joint_counts(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]), np.array([0, 0, 0, 1]), 2, 2, 2)
     for ours, ref in ((decompose(counts, "wb"), PID_WB(ideal)), (decompose(counts, "broja"), PID_BROJA(ideal))):
-        assert ours.redundancy == pytest.approx(ref.get_pi(((0,), (1,))), abs=1e-6)
-        assert ours.synergy == pytest.approx(ref.get_pi(((0, 1),)), abs=1e-6)
+        assert ours.redundancy == pytest.approx(ref.get_pi(((0,), (1,))), abs=1e-5)
+        assert ours.synergy == pytest.approx(ref.get_pi(((0, 1),)), abs=1e-5)
 
 
 def _bit_data(case: str) -> dict[str, torch.Tensor]:
