@@ -19,42 +19,22 @@ itself.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from bench_measure import Clock, bench_main, ratio_str, spread, table, timed  # noqa: E402
+from bench_measure import LLAMA_135M, LLAMA_QUICK, Clock, LlamaSize, bench_main, ratio_str, spread, table, timed  # noqa: E402
 from tensorscope_fisher.curvature import hessian_product  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
-from tensorscope_core.testing import real_shaped_llama  # noqa: E402
+#: Hessian-vector products timed per repetition and side
+PRODUCTS = 3
 
 
-@dataclass(frozen=True)
-class Size:
-    layers: int
-    d_model: int
-    heads: int
-    kv_heads: int
-    mlp: int
-    vocab: int
-    batch: int
-    seq: int
-    products: int
-    reps: int
-
-
-QUICK = Size(4, 128, 4, 2, 384, 8192, 2, 64, 3, 3)
-FULL = Size(30, 576, 9, 3, 1536, 49152, 2, 64, 3, 3)
-
-
-def bench(size: Size, clock: str) -> dict[str, Any]:
-    model = real_shaped_llama(num_hidden_layers=size.layers, hidden_size=size.d_model,
-                              num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
-                              intermediate_size=size.mlp, vocab_size=size.vocab).eval()
+def bench(size: LlamaSize, clock: str) -> dict[str, Any]:
+    model = size.model().eval()
     model.config._attn_implementation = "eager"  # forward-mode AD has no rule for the fused CPU attention kernel
     ids = torch.randint(0, size.vocab, (size.batch, size.seq), generator=torch.Generator().manual_seed(0))
     weights = {n: p.detach() for n, p in model.named_parameters()}
@@ -64,7 +44,7 @@ def bench(size: Size, clock: str) -> dict[str, Any]:
         return torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="sum")
 
     gen = torch.Generator().manual_seed(1)
-    tangents = [{n: torch.randn(t.shape, generator=gen) for n, t in weights.items()} for _ in range(size.products)]
+    tangents = [{n: torch.randn(t.shape, generator=gen) for n, t in weights.items()} for _ in range(PRODUCTS)]
     recomputed = hessian_product(loss, weights)
 
     leaves = {n: t.clone().requires_grad_(True) for n, t in weights.items()}
@@ -99,7 +79,7 @@ def bench(size: Size, clock: str) -> dict[str, Any]:
                 for x, y in zip(answers["recomputed"], answers["kept"], strict=True)
                 for a, b in zip(x, y, strict=True))
     ratios = [getattr(k, clock) / getattr(r, clock) for k, r in zip(clocks["kept"], clocks["recomputed"], strict=True)]
-    per = size.products
+    per = PRODUCTS
     return {"size": size.__dict__, "n_params": sum(p.numel() for p in model.parameters()),
             "recomputed_s_per_product": spread([getattr(c, clock) / per for c in clocks["recomputed"]]),
             "kept_s_per_product": spread([getattr(c, clock) / per for c in clocks["kept"]]),
@@ -119,4 +99,4 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(bench_main(__doc__, "4 layers, d 128", (QUICK, FULL), bench, print_report))
+    raise SystemExit(bench_main(__doc__, "4 layers, d 128", (LLAMA_QUICK, LLAMA_135M), bench, print_report))

@@ -26,6 +26,34 @@ from tensorscope_core.scheduler.run import ModelRunner
 # -- clocks ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LlamaSize:
+    """A random LLaMA's shape (``testing.real_shaped_llama``; the full sizes a real 135M model's) and the batch
+    and repetitions a benchmark runs it with."""
+
+    layers: int
+    d_model: int
+    heads: int
+    kv_heads: int
+    mlp: int
+    vocab: int
+    batch: int
+    seq: int
+    reps: int
+
+    def model(self) -> Any:
+        from tensorscope_core.testing import real_shaped_llama
+
+        return real_shaped_llama(num_hidden_layers=self.layers, hidden_size=self.d_model,
+                                 num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+                                 intermediate_size=self.mlp, vocab_size=self.vocab)
+
+
+#: the 135M shape and the quick 4-layer one, on one batch of 2 x 64 tokens, 3 repetitions
+LLAMA_135M = LlamaSize(30, 576, 9, 3, 1536, 49152, 2, 64, 3)
+LLAMA_QUICK = LlamaSize(4, 128, 4, 2, 384, 8192, 2, 64, 3)
+
+
 @dataclass
 class Clock:
     """Wall and process CPU seconds of one timed block."""

@@ -16,40 +16,19 @@ of the per-sequence losses between the two ways (expected: exactly 0).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from bench_measure import Clock, bench_main, ratio_str, spread, table, timed  # noqa: E402
+from bench_measure import LLAMA_135M, LLAMA_QUICK, Clock, LlamaSize, bench_main, ratio_str, spread, table, timed  # noqa: E402
 
 from tensorscope_core.plugin_api import model_view, recorded_blocks, resumed_at  # noqa: E402
-from tensorscope_core.testing import real_shaped_llama  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Size:
-    layers: int
-    d_model: int
-    heads: int
-    kv_heads: int
-    mlp: int
-    vocab: int
-    batch: int
-    seq: int
-    reps: int
-
-
-QUICK = Size(4, 128, 4, 2, 384, 8192, 2, 64, 3)
-FULL = Size(30, 576, 9, 3, 1536, 49152, 2, 64, 3)
-
-
-def bench(size: Size, clock: str) -> dict[str, Any]:
-    model = real_shaped_llama(num_hidden_layers=size.layers, hidden_size=size.d_model,
-                              num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
-                              intermediate_size=size.mlp, vocab_size=size.vocab)
+def bench(size: LlamaSize, clock: str) -> dict[str, Any]:
+    model = size.model()
     ids = torch.randint(0, size.vocab, (size.batch, size.seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
 
@@ -101,4 +80,4 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(bench_main(__doc__, "4 layers, d 128", (QUICK, FULL), bench, print_report))
+    raise SystemExit(bench_main(__doc__, "4 layers, d 128", (LLAMA_QUICK, LLAMA_135M), bench, print_report))
