@@ -187,12 +187,6 @@ def _derive_param_grad(ctx: CaptureContext) -> None:
     ctx.store["param_grad"] = grads
 
 
-def _param_grad_bytes(view: ModelView) -> int:
-    """Every parameter's gradient (on a dispatched model also the offloaded ones', which ``param_bytes``
-    counts one block of)."""
-    return sum(p.numel() * p.element_size() for _, p in view.named_parameters())
-
-
 def _resid_bytes(view: ModelView, batch: int, seq: int) -> int:
     return (view.n_layers + 1) * batch * seq * view.d_model * view.dtype_bytes
 
@@ -214,7 +208,7 @@ CORE_ARTIFACTS: tuple[ArtifactSpec, ...] = (
                  lambda v, b, s: v.n_layers * b * v.n_heads * s * s * v.dtype_bytes, derive=_derive_attn,
                  forward_kwargs=(("output_attentions", True),)),
     ArtifactSpec("param_grad", "backward", "gradient of the batch-mean token loss per parameter",
-                 lambda v, b, s: _param_grad_bytes(v), install=_install_param_grad, derive=_derive_param_grad,
+                 lambda v, b, s: v.every_param_bytes, install=_install_param_grad, derive=_derive_param_grad,
                  requires=("token_loss",),
                  combine="sum"),
     ArtifactSpec("resid_grad", "backward", "gradient of the batch-mean loss w.r.t. each resid entry",

@@ -184,11 +184,17 @@ class ModelView:
         return sum(p.numel() for _, p in self.named_parameters())
 
     @property
+    def every_param_bytes(self) -> int:
+        """Bytes of every parameter (tied ones once), offloaded ones included: what a tensor per parameter
+        (its gradient) holds."""
+        return sum(p.numel() * p.element_size() for _, p in self.named_parameters())
+
+    @property
     def param_bytes(self) -> int:
         """Bytes the weights hold while the model runs. Dispatched: the parameters that have storage,
         plus the largest block's offloaded ones (accelerate loads one offloaded module at a time)."""
         if self.device_map is None:
-            return sum(p.numel() * p.element_size() for _, p in self.named_parameters())
+            return self.every_param_bytes
         resident = sum(p.numel() * p.element_size() for _, p in self.named_parameters() if not p.is_meta)
         offloaded = [sum(p.numel() * p.element_size() for p in block.parameters() if p.is_meta)
                      for block in self.blocks]
