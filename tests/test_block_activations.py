@@ -7,9 +7,9 @@ import pytest
 import torch
 import transformers as tf
 
-from tensorscope_core.artifacts import act_bytes
+from tensorscope_core.artifacts import act_bytes, kept_graph_bytes
 from tensorscope_core.memory_audit import saved_tensor_bytes
-from tensorscope_core.models.activations import UNMEASURED, BlockSaving, block_saved_bytes
+from tensorscope_core.models.activations import UNMEASURED, BlockSaving, block_saved_bytes, second_order_ratio
 from tensorscope_core.models.adapters import BUILTIN_ADAPTERS
 from tensorscope_core.testing import FAMILIES, tiny_config
 
@@ -35,6 +35,30 @@ def test_a_block_saves_what_the_table_says(family: str, dtype: torch.dtype) -> N
     measured = saved_tensor_bytes(two.model, ids) - saved_tensor_bytes(one.model, ids)
     declared = block_saved_bytes(two, BATCH, SEQ)
     assert declared == pytest.approx(measured, rel=0.03), f"{family}: declared {declared}, saved {measured}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_blocks_first_order_graph_holds_what_the_table_says(family: str, dtype: torch.dtype) -> None:
+    """A block's share of a first-order graph kept for second-order products (``create_graph=True``):
+    ``second_order_ratio`` x what it saves for one backward, at most 1% under and 8% over (the ratio is the
+    larger of the float32 and bfloat16 ones, which differ by up to 7% for GPT-NeoX, GPT-J and OPT)."""
+    ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    one, two = (_view(family, n, dtype) for n in (1, 2))
+    measured = (saved_tensor_bytes(two.model, ids, second_order=True)
+                - saved_tensor_bytes(one.model, ids, second_order=True))
+    declared = second_order_ratio(two) * block_saved_bytes(two, BATCH, SEQ)
+    assert measured <= declared * 1.01 and declared <= 1.08 * measured, f"{family}: {declared} vs {measured}"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_a_whole_first_order_graph_holds_what_kept_graph_bytes_says(family: str) -> None:
+    """Blocks, final norm, head and the logits' softmax and gradient: ``kept_graph_bytes`` at or above what
+    the graph holds, by less than the audit's 15%."""
+    view = _view(family, 2, torch.float32)
+    ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    measured = saved_tensor_bytes(view.model, ids, second_order=True)
+    assert measured <= kept_graph_bytes(view, BATCH, SEQ) <= 1.15 * measured
 
 
 def test_a_forward_with_its_loss_saves_what_act_bytes_says() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from .models.activations import block_saved_bytes
+from .models.activations import block_saved_bytes, second_order_ratio
 from .models.view import ModelView
 
 if TYPE_CHECKING:
@@ -72,6 +72,18 @@ def act_bytes(view: ModelView, batch: int, seq: int) -> int:
     their gradient."""
     per_token = 6 * view.d_model + 3 * view.vocab_size
     return view.n_layers * block_saved_bytes(view, batch, seq) + batch * seq * per_token * view.dtype_bytes
+
+
+def kept_graph_bytes(view: ModelView, batch: int, seq: int) -> int:
+    """Bytes a loss's first-order graph holds when it is kept for second-order products (the gradient made
+    with ``create_graph=True``, differentiated again per product): per block ``second_order_ratio`` times
+    what the block saves for one backward, and per token the final norm's and head's 10 d_model and the
+    logits, their log-softmax and their gradient, in float32 at least (plus the model-dtype logits of a
+    16-bit model)."""
+    per_vocab = 3 * max(view.dtype_bytes, 4) + (view.dtype_bytes if view.dtype_bytes < 4 else 0)
+    per_token = 10 * view.d_model * view.dtype_bytes + per_vocab * view.vocab_size
+    blocks = view.n_layers * block_saved_bytes(view, batch, seq) * second_order_ratio(view)
+    return int(blocks) + batch * seq * per_token
 
 
 def forward_act_bytes(view: ModelView, batch: int, seq: int, *, loss: bool = True) -> int:

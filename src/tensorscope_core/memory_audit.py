@@ -188,10 +188,13 @@ def _stage_start(libc: Any, set_stage: bool) -> Iterator[list[int]]:
         ModelSetRunner.run = run  # type: ignore[method-assign]
 
 
-def saved_tensor_bytes(model: nn.Module, ids: Any, **forward: Any) -> int:
+def saved_tensor_bytes(model: nn.Module, ids: Any, *, second_order: bool = False, **forward: Any) -> int:
     """Bytes autograd saves for the backward in one forward of ``model`` on ``ids``: unique storages, the
     model's own weights left out (they are counted as weights). The measure behind
-    ``models.activations``' table of what each architecture's blocks keep."""
+    ``models.activations``' table of what each architecture's blocks keep. ``second_order``: also the
+    tensors a backward of the summed cross-entropy of the logits against ``ids`` saves when made with
+    ``create_graph=True`` (the first-order graph a Hessian-vector product differentiates again: the
+    measure behind ``SECOND_ORDER``)."""
     import torch
 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -203,5 +206,12 @@ def saved_tensor_bytes(model: nn.Module, ids: Any, **forward: Any) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(ids, **forward)
-    return sum(n for ptr, n in saved.items() if ptr not in weights)
+        out = model(ids, **forward)
+        if second_order:
+            logits = out.logits.float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, -2), ids.flatten(), reduction="sum")
+            grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
+    total = sum(n for ptr, n in saved.items() if ptr not in weights)
+    if second_order:
+        del grads
+    return total

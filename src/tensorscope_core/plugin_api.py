@@ -15,7 +15,8 @@ What is here, by job:
   ``TableValue``, ``TensorValue``, ``TextValue``, ``MetricResult`` (read from needed metrics);
 - artifacts: ``ArtifactSpec``, ``CaptureContext``, ``act_bytes`` (what a backward keeps),
   ``block_saved_bytes`` (what one block keeps, measured per architecture),
-  ``forward_act_bytes`` (a forward's peak without autograd), ``first_tensor``; the value of the
+  ``forward_act_bytes`` (a forward's peak without autograd), ``kept_graph_bytes`` (a first-order graph
+  kept for second-order products), ``first_tensor``; the value of the
   core's ``per_example_grads`` artifact, ``ExampleGrads``, its ``example_grads_layout`` and the
   seeded ``draw_labels`` it samples labels with;
 - the model vocabulary: ``ModelView``, ``HeadWeights``, ``linear_out_in``, ``model_view``;
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from .artifacts import ArtifactSpec, act_bytes, forward_act_bytes
+from .artifacts import ArtifactSpec, act_bytes, forward_act_bytes, kept_graph_bytes
 from .capture import CaptureContext, first_tensor
 from .checkpoints import order_models, step_of
 from .core_artifacts import LossTargets
@@ -145,6 +146,7 @@ __all__ = [
     "float64_dot",
     "float64_sum_of_squares",
     "forward_act_bytes",
+    "kept_graph_bytes",
     "fdr_bh",
     "first_tensor",
     "hook_free_copy",

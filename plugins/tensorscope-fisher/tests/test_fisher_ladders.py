@@ -73,12 +73,14 @@ def _dense_top(model_folder, ids: torch.Tensor, names: list[str] | None = None) 
     return torch.linalg.eigvalsh(dense).flip(0)
 
 
+@pytest.mark.parametrize("products", ["kept-graph", "recomputed"])
 @pytest.mark.parametrize("rung", ["local", "last-block"])
-def test_lanczos_rungs_match_the_dense_hessian(small, rung):
+def test_lanczos_rungs_match_the_dense_hessian(small, rung, products):
     """local: the dense Hessian's top 3 within its bounds; last-block: those of the principal block of the
-    last block's parameters (lower bounds of the whole model's, by interlacing)."""
+    last block's parameters (lower bounds of the whole model's, by interlacing); with the products through
+    kept graphs and recomputed."""
     ids = random_token_data(64, n=2, length=6, seed=1)
-    _, result = run(small, ids, HESSIAN, rung, k=3, tol=1e-9, max_iter=120, keep_vectors=True)
+    _, result = run(small, ids, HESSIAN, rung, k=3, tol=1e-9, max_iter=120, keep_vectors=True, products=products)
     block = [n for n, _ in load_causal(small).named_parameters() if n.startswith("transformer.h.0.")]
     want = _dense_top(small, ids, block if rung == "last-block" else None)[:3]
     got = torch.tensor(result.value("eigenvalues"), dtype=torch.float64)
@@ -99,6 +101,27 @@ def test_lanczos_fewer_iterations_keep_true_residuals(small):
     assert result.value("iterations") <= 25
     for value, residual in zip(result.value("eigenvalues"), result.value("residual_norms"), strict=True):
         assert float((dense - value).abs().min()) <= residual + 1e-10
+
+
+def test_hessian_keeps_graphs_where_they_fit(tmp_path):
+    """Planned on the 135M shape (a config alone, 8 sequences of 64 tokens in batches of 2): at a budget
+    where the local rung fits with its kept graphs (4 batches, 0.55 GiB each), it runs so; a byte less and
+    the planner recomputes the products instead of giving up the rung's accuracy."""
+    import transformers as tf
+
+    from tensorscope_core.testing import REAL_135M
+    tf.LlamaConfig(**REAL_135M, max_position_embeddings=2048, tie_word_embeddings=True).save_pretrained(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    data = {t: torch.randint(0, REAL_135M["vocab_size"], (4, 64), generator=gen) for t in ("train", "test")}
+
+    def planned(budget: int | str):  # type: ignore[no-untyped-def]
+        config = RunConfig(batch_size=2, max_length=64, memory_budget=budget)
+        (p,) = plan(str(tmp_path), data, [HESSIAN], config=config)
+        return p.rungs[HESSIAN].split(" ")[0], p.peak_bytes
+
+    rung, peak = planned("8GiB")
+    assert rung == "local"
+    assert planned(peak - 1)[0] == "local-recomputed"
 
 
 # -- fisher.diagonal ---------------------------------------------------------------------------------------

@@ -28,9 +28,9 @@ def _result(folder, data, metric: str, params: dict, config: RunConfig = CONFIG)
 
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
 @pytest.mark.parametrize(("metric", "params", "kept"), [
-    ("fisher.lanczos", {"k": 1, "max_iter": 3, "max_examples": 5}, 2),  # 3 + 2 rows kept
-    ("hessian.lanczos", {"k": 2, "max_iter": 3, "max_examples": 4}, 2),  # 3 + 1
-    ("fisher.lanczos", {"k": 1, "max_iter": 2, "max_examples": None}, 4),  # every batch: 3 + 2 + 3 + 2 rows
+    ("fisher.lanczos", {"k": 1, "max_iter": 3, "max_examples": 5, "products": "recomputed"}, 2),  # 3 + 2 rows
+    ("hessian.lanczos", {"k": 2, "max_iter": 3, "max_examples": 4, "products": "recomputed"}, 2),  # 3 + 1
+    ("fisher.lanczos", {"k": 1, "max_iter": 2, "max_examples": None, "products": "recomputed"}, 4),  # every batch
 ])
 def test_lanczos_declares_its_products(models, tasks, family, metric, params, kept):
     _, result = _result(models[family], tasks, metric, params)
@@ -41,10 +41,23 @@ def test_lanczos_declares_its_products(models, tasks, family, metric, params, ke
     assert result.value("n_examples") == (params["max_examples"] or 10)
 
 
-def test_lanczos_declares_on_llama(models, tasks):
-    _, result = _result(models["llama"], tasks, "hessian.lanczos", {"k": 1, "max_iter": 2, "max_examples": 7})
+@pytest.mark.parametrize(("products", "per_batch"), [("recomputed", 2), ("kept-graph", 1)])
+def test_lanczos_declares_on_llama(models, tasks, products, per_batch):
+    """Recomputed: a call per product and kept batch; kept graphs: one call per kept batch builds its
+    graph, and the products are backwards through it."""
+    _, result = _result(models["llama"], tasks, "hessian.lanczos",
+                        {"k": 1, "max_iter": 2, "max_examples": 7, "products": products})
     check_declared_passes(result)
-    assert result.passes_declared == {"replay_backward": 2 * 3}  # batches of 3, 2, 3 (2 rows of it) kept
+    assert result.passes_declared == {"replay_backward": per_batch * 3}  # batches of 3, 2, 3 (2 rows) kept
+
+
+@pytest.mark.parametrize(("metric", "max_examples", "kept"), [("hessian.lanczos", 4, 2), ("fisher.lanczos", None, 4)])
+def test_kept_graphs_declare_one_call_per_kept_batch(models, tasks, metric, max_examples, kept):
+    """The default products: one call per kept batch builds its graphs; the products call the model no more."""
+    _, result = _result(models["gpt2"], tasks, metric, {"k": 2, "max_iter": 3, "max_examples": max_examples})
+    check_declared_passes(result)
+    assert result.passes_declared == {"replay_backward": kept}  # 3 + 1 rows, or every batch
+    assert result.value("iterations") == 3
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

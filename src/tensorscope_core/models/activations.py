@@ -70,6 +70,22 @@ def block_saving(view: ModelView) -> BlockSaving:
     return BlockSaving(wide.d_model * scale, wide.d_mlp * scale, wide.attention * scale, wide.kv * scale)
 
 
+#: HF ``model_type`` -> what a block's first-order graph holds when kept for a second differentiation
+#: (``autograd.grad(..., create_graph=True)``: the forward's saved tensors and those the backward saves
+#: in turn), as a multiple of what the block saves for one backward. Measured as the table above (2- and
+#: 1-block models, unique storages, weights left out), in float32 and bfloat16 (the larger kept), at
+#: d_model 96-128; ``tests/test_block_activations.py`` measures each family again.
+SECOND_ORDER: dict[str, float] = {
+    **{kind: 2.65 for kind in ("llama", "mistral", "qwen2", "smollm3", "phi3")},
+    "qwen3": 2.72, "gemma3_text": 2.48, "gpt2": 2.05, "gptj": 2.08, "gpt_neox": 2.11, "opt": 2.12, "bert": 2.10,
+}
+
+
+def second_order_ratio(view: ModelView) -> float:
+    """``SECOND_ORDER``'s ratio for ``view``'s architecture; the largest one for an architecture not measured."""
+    return SECOND_ORDER.get(str(getattr(view.config, "model_type", "")), max(SECOND_ORDER.values()))
+
+
 def block_saved_bytes(view: ModelView, batch: int, seq: int) -> int:
     """Bytes one block of ``view`` saves for the backward over a batch of ``batch`` x ``seq`` tokens."""
     return int(batch * seq * block_saving(view).per_token(view, seq))

@@ -36,6 +36,7 @@ from tensorscope_core.plugin_api import (
     Step,
     act_bytes,
     hook_free_copy,
+    kept_graph_bytes,
 )
 
 from .fisher_grads import Layout, layout_of, layout_size
@@ -58,6 +59,11 @@ class CurvatureParams(Params):
         "selective", description="'selective': keep the Krylov basis (2 x (max_iter + 1) parameter vectors), "
         "true residual norms, eigenvectors; 'local': three parameter vectors, eigenvalues with Lanczos error "
         "bounds, ghost copies merged, no eigenvectors")
+    products: Literal["kept-graph", "recomputed"] = Field(
+        "kept-graph", description="'kept-graph': build each kept batch's graphs once (a forward, and a backward "
+        "with create_graph) and make every product backwards through them, no forward (the graphs stay in "
+        "memory while Lanczos runs); 'recomputed': each product differentiates its batches from scratch "
+        "(forward-mode AD, nothing kept; slower)")
     layers: list[int] | None = Field(
         None, description="block indices whose parameters span the operator (the principal block of the "
         "Fisher / Hessian over them: its eigenvalues are lower bounds of the full one's, by Cauchy interlacing); "
@@ -98,16 +104,22 @@ def room_for(params: CurvatureParams, stored: int, rows: int) -> int:
     return rows if params.max_examples is None else min(rows, params.max_examples - stored)
 
 
-def kept_batches(params: CurvatureParams, shape: RunShape) -> int:
-    """How many of the run's batches ``update`` keeps (every batch until ``max_examples`` rows
-    are kept; every batch with ``max_examples=None``)."""
-    kept = stored = 0
-    for rows, _, _ in shape.batches:
+def kept_rows(params: CurvatureParams, shape: RunShape) -> list[tuple[int, int]]:
+    """(rows, padded length) of each batch ``update`` keeps: every batch until ``max_examples`` rows are
+    kept (every batch with ``max_examples=None``)."""
+    kept: list[tuple[int, int]] = []
+    stored = 0
+    for rows, length, _ in shape.batches:
         room = room_for(params, stored, rows)
         if room > 0:
-            kept += 1
+            kept.append((room, length))
             stored += room
     return kept
+
+
+def kept_batches(params: CurvatureParams, shape: RunShape) -> int:
+    """How many of the run's batches ``update`` keeps."""
+    return len(kept_rows(params, shape))
 
 
 class _Lanczos(Metric):
@@ -116,8 +128,13 @@ class _Lanczos(Metric):
     Params = CurvatureParams
     #: calls of the model per Lanczos product and kept batch
     calls_per_product: ClassVar[int] = 1
-    #: gradients of every parameter a product makes beside its output (a tied embedding's two parts each)
+    #: gradients of every parameter a recomputed product makes beside its output (a tied embedding's two
+    #: parts each)
     gradients_per_product: ClassVar[int] = 0
+    #: logits-sized float32 tensors kept per kept batch beside its graph (the GGN's logits, dual and softmax)
+    kept_per_logit: ClassVar[int] = 0
+    #: what recomputing the products costs in time against the kept graphs, measured at the 135M shape
+    recomputed_time: ClassVar[str] = ""
     artifacts = ("batches",)  # the batches only: it makes its own passes over them
     fields = {
         "eigenvalues": "the k largest eigenvalues, descending",
@@ -135,21 +152,33 @@ class _Lanczos(Metric):
     def cost(cls, params: CurvatureParams, view: ModelView, shape: RunShape) -> Cost:
         """State: the kept examples (per token: input ids, targets, target mask, attention mask, int64).
         Finalize: the solver's buffers (``Lanczos.held_bytes``: selective ``2 (max_iter + 1) + 2k + 1``
-        vectors of the operator's parameters, local 3) and, one product at a time,
-        on a kept batch, two passes' autograd buffers (the GGN's jvp and vjp, the Hessian's forward-over-
-        reverse), a tied embedding's two gradients beside their sum, the batch's product and the running
-        sum over batches in the model's dtype, the product in the solver's dtype and the gradients the
-        product makes (``gradients_per_product``); with ``keep_vectors`` the eigenvectors, which the run keeps."""
+        vectors of the operator's parameters, local 3), the product's output in the model's dtype and in the
+        solver's, with ``keep_vectors`` the eigenvectors (which the run keeps), and the products' own:
+
+        - ``recomputed``, one product at a time on a kept batch: two passes' autograd buffers (the GGN's
+          jvp and vjp, the Hessian's forward-over-reverse), a tied embedding's two gradients beside their
+          sum, the running sum over batches and the gradients the product makes (``gradients_per_product``);
+        - ``kept-graph``: every kept batch's first-order graph (``kept_graph_bytes``) and its logits-sized
+          tensors (``kept_per_logit``), the summed gradient the graphs end in, a tied embedding's two parts
+          beside it and beside the output, and the double backward's own working tensors (one batch's
+          ``act_bytes``)."""
         examples = min(shape.n_sequences, params.max_examples or shape.n_sequences)
         tokens = examples * shape.seq_len
         size = layout_size(operator_layout(params, view))
         solver_bytes = torch.finfo(solver_dtype(view)).bits // 8
         solver = Lanczos.held_bytes(size, params.k, max(params.max_iter, params.k), params.reorthogonalise,
                                     solver_bytes) if params.k <= size else 0
-        product = 2 * act_bytes(view, shape.batch_size, shape.seq_len) + 2 * view.tied_embedding_bytes \
-            + size * (2 * view.dtype_bytes + solver_bytes) \
-            + cls.gradients_per_product * (size * view.dtype_bytes + 2 * view.tied_embedding_bytes)
-        # per product about two forwards and two backwards of the kept tokens
+        output = size * (view.dtype_bytes + solver_bytes)
+        if params.products == "kept-graph":
+            logit_bytes = max(view.dtype_bytes, 4)
+            graphs = sum(kept_graph_bytes(view, rows, length) + cls.kept_per_logit * rows * length * view.vocab_size
+                         * logit_bytes for rows, length in kept_rows(params, shape))
+            product = graphs + act_bytes(view, shape.batch_size, shape.seq_len) + size * view.dtype_bytes \
+                + 4 * view.tied_embedding_bytes + output
+        else:
+            product = 2 * act_bytes(view, shape.batch_size, shape.seq_len) + 2 * view.tied_embedding_bytes \
+                + size * view.dtype_bytes + output \
+                + cls.gradients_per_product * (size * view.dtype_bytes + 2 * view.tied_embedding_bytes)
         vectors = size * params.k * solver_bytes if params.keep_vectors else 0  # the eigenvectors, kept
         return Cost(state_bytes=4 * 8 * tokens, finalize_bytes=solver + product + vectors, result_bytes=vectors,
                     flops=float(params.max_iter * 8 * view.n_params * tokens))
@@ -157,7 +186,9 @@ class _Lanczos(Metric):
     @classmethod
     def ladder(cls, params: CurvatureParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
         """Fewer iterations (``max-iter-25``), then no basis (``local``), then the last block only
-        (``last-block``); each kept only where it holds less than the rung before."""
+        (``last-block``). With the graphs kept (the default), each is followed by its ``-recomputed`` twin
+        (the same values without the graphs, slower), and ``recomputed`` comes first. Each rung is kept
+        only where it holds less than the rung before."""
         iters = min(25, params.max_iter)
         local = params.model_copy(update={"reorthogonalise": "local", "keep_vectors": False})
         rungs = [
@@ -170,18 +201,30 @@ class _Lanczos(Metric):
                  "the principal block of the last transformer block's parameters only (local): its eigenvalues "
                  "are lower bounds of the whole model's (Cauchy interlacing)"),
         ]
+        if params.products == "kept-graph":
+            recompute = {"products": "recomputed"}
+            why = (f"same values; each product differentiates its batches from scratch instead of keeping their "
+                   f"graphs: {cls.recomputed_time} (bench_hessian_product)")
+            twins = [Rung("recomputed", params.model_copy(update=recompute), why)]
+            for rung in rungs:
+                twins += [rung, Rung(f"{rung.name}-recomputed", rung.params.model_copy(update=recompute),
+                                     f"{rung.accuracy}; {why}")]
+            rungs = twins
         return cls.cheaper_rungs(params, view, shape, rungs)
 
     @classmethod
     def own_passes(cls, params: CurvatureParams, view: ModelView, shape: RunShape) -> dict[str, int]:
-        """``calls_per_product`` calls of the (hook-free copy of the) model per Lanczos product and
-        kept batch (``kept_batches``), all differentiated: ``replay_backward``. The products are at most
-        ``min(max(max_iter, k), n_params)``; Lanczos stops earlier when every Ritz pair meets ``tol``
-        (known only at run time, reported in ``iterations``), so this is the planned maximum. None when
-        ``k`` exceeds the trainable parameters (finalize refuses before any product)."""
+        """Calls of the (hook-free copy of the) model, all differentiated (``replay_backward``):
+        ``kept-graph``, one per kept batch (``kept_batches``), which builds its graphs, the products being
+        backwards through them; ``recomputed``, ``calls_per_product`` per Lanczos product and kept batch.
+        The products are at most ``min(max(max_iter, k), n_params)``; Lanczos stops earlier when every Ritz
+        pair meets ``tol`` (known only at run time, reported in ``iterations``), so this is the planned
+        maximum. None when ``k`` exceeds the trainable parameters (finalize refuses before any product)."""
         size = layout_size(operator_layout(params, view))
         if params.k > size:
             return {}
+        if params.products == "kept-graph":
+            return {"replay_backward": kept_batches(params, shape)}
         products = min(max(params.max_iter, params.k), size)
         return {"replay_backward": cls.calls_per_product * products * kept_batches(params, shape)}
 
@@ -289,6 +332,73 @@ def hessian_product(loss: Callable[[Weights], torch.Tensor], weights: Weights) -
     return product
 
 
+def kept_ggn_product(logits: Sequence[tuple[Callable[[Weights], torch.Tensor], torch.Tensor]], weights: Weights,
+                     scale: float) -> Callable[[Weights], Weights]:
+    """v -> scale sum_b sum_t J_bt^T (diag p_bt - p_bt p_bt^T) J_bt v over the (logits function, target mask)
+    pairs: ``ggn_product`` summed over them, on graphs built once. Per pair one forward makes the logits
+    z_b, kept with their graph, and one backward with ``create_graph=True`` makes J_b^T u_b for a zero
+    u_b that requires grad; their sum g over the pairs is linear in every u_b, so one backward of g . v
+    gives every J_b v (d(g . v)/du_b), and one backward of sum_b z_b . w_b every J_b^T w_b. A product
+    is those two backwards through the kept graphs, no forward."""
+    leaves = {n: w.detach().requires_grad_(True) for n, w in weights.items()}
+    inputs = list(leaves.values())
+    outputs: list[torch.Tensor] = []
+    duals: list[torch.Tensor] = []
+    probs: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    total: list[torch.Tensor | None] = [None] * len(inputs)
+    for f, mask in logits:
+        z = f(leaves)
+        u = torch.zeros_like(z, requires_grad=True)
+        parts = torch.autograd.grad(z, inputs, grad_outputs=u, create_graph=True, allow_unused=True)
+        total = [b if a is None else a if b is None else a + b for a, b in zip(total, parts, strict=True)]
+        del parts
+        outputs.append(z)
+        duals.append(u)
+        probs.append(torch.softmax(z.detach(), dim=-1))
+        masks.append(mask.to(z.dtype)[..., None] * scale)
+    rows = [(i, g) for i, g in enumerate(total) if g is not None and g.requires_grad]
+    del total
+    names = list(leaves)
+
+    def product(v: Weights) -> Weights:
+        jv = torch.autograd.grad([g for _, g in rows], duals, grad_outputs=[v[names[i]] for i, _ in rows],
+                                 retain_graph=True, materialize_grads=True)
+        u = [(p * x - p * (p * x).sum(dim=-1, keepdim=True)) * m for p, x, m in zip(probs, jv, masks, strict=True)]
+        out = torch.autograd.grad(outputs, inputs, grad_outputs=u, retain_graph=True, allow_unused=True,
+                                  materialize_grads=True)
+        return dict(zip(names, out, strict=True))
+    return product
+
+
+def kept_graph_product(losses: Sequence[Callable[[Weights], torch.Tensor]],
+                       weights: Weights) -> Callable[[Weights], Weights]:
+    """v -> H v for the Hessian H of ``sum(loss(weights) for loss in losses)``, reverse-over-reverse on
+    first-order graphs built once: the summed gradient g is made with ``create_graph=True`` (one forward
+    and backward per loss), and each product is one backward through the kept graphs,
+    H v = d(g . v)/dw. It costs the graphs' memory (``kept_graph_bytes`` per loss) and saves every
+    product's forward: ``bench/bench_hessian_product.py`` measures it against ``hessian_product``."""
+    leaves = {n: w.detach().requires_grad_(True) for n, w in weights.items()}
+    inputs = list(leaves.values())
+    total: list[torch.Tensor | None] = [None] * len(inputs)
+    for loss in losses:
+        parts = torch.autograd.grad(loss(leaves), inputs, create_graph=True, allow_unused=True)
+        total = [b if a is None else a if b is None else a + b for a, b in zip(total, parts, strict=True)]
+        del parts
+    # a gradient that is constant in the weights (or absent) has a zero row of H
+    rows = [(i, g) for i, g in enumerate(total) if g is not None and g.requires_grad]
+    del total
+    names = list(leaves)
+
+    def product(v: Weights) -> Weights:
+        if not rows:
+            return {n: torch.zeros_like(w) for n, w in leaves.items()}
+        out = torch.autograd.grad([g for _, g in rows], inputs, grad_outputs=[v[names[i]] for i, _ in rows],
+                                  retain_graph=True, allow_unused=True, materialize_grads=True)
+        return dict(zip(names, out, strict=True))
+    return product
+
+
 def _summed(products: list[Callable[[Weights], Weights]]) -> Callable[[Weights], Weights]:
     def product(v: Weights) -> Weights:
         total: Weights = {}
@@ -301,39 +411,48 @@ def _summed(products: list[Callable[[Weights], Weights]]) -> Callable[[Weights],
 
 class FisherLanczos(_Lanczos):
     """Top-k eigenpairs of the full-parameter Fisher, matrix-free: the GGN product
-    G v = (1/N) sum_i sum_t J_it^T (diag p_it - p_it p_it^T) J_it v, one JVP (J v) and one VJP (J^T u)
-    through the model per kept batch, p = softmax(logits) over the target positions (see the
-    module docstring for N and ``per``). G is the true Fisher: its diagonal is what
+    G v = (1/N) sum_i sum_t J_it^T (diag p_it - p_it p_it^T) J_it v, a J v and a J^T u through the model
+    per kept batch, p = softmax(logits) over the target positions (see the module docstring for N and
+    ``per``): by default two backwards through graphs built once per kept batch and kept
+    (``kept_ggn_product``); with ``products='recomputed'`` a JVP and a VJP from scratch per product
+    (``ggn_product``). Both give the same products. G is the true Fisher: its diagonal is what
     ``fisher.diagonal``'s ``true`` fields estimate by sampling (``per='example'``). Lanczos with
     selective reorthogonalisation; ``residual_norms`` are the true ||G v - lambda v||.
     """
 
     name = "fisher.lanczos"
-    version = "1"
+    version = "2"
     summary = "top-k eigenvalues of the full-parameter Fisher (GGN products J^T H J v), Lanczos"
-    calls_per_product = 2  # torch.func.jvp and vjp: one forward each
+    calls_per_product = 2  # recomputed: torch.func.jvp and vjp, one forward each
+    kept_per_logit = 3  # the logits, the zero dual they are differentiated against, their softmax
+    recomputed_time = "about 1.5x the time per product at the 135M shape"
 
     def matvec_factory(self, model: torch.nn.Module, weights: Weights, examples: Examples,
                        scale: float) -> Callable[[Weights], Weights]:
-        # per product and kept batch: one JVP and one VJP (two forwards, nothing kept between products)
-        return _summed([ggn_product(_logits_fn(model, t, a), weights, t.target_mask, scale) for t, a in examples])
+        logits = [(_logits_fn(model, t, a), t.target_mask) for t, a in examples]
+        if self.params.products == "kept-graph":
+            return kept_ggn_product(logits, weights, scale)
+        return _summed([ggn_product(f, weights, mask, scale) for f, mask in logits])
 
 
 class HessianLanczos(_Lanczos):
     """Top-k (largest algebraic) eigenpairs of the Hessian of the loss L (module docstring: the
     examples' summed token NLL averaged per example, or per token with ``per='token'``), from
-    Hessian-vector products by forward-over-reverse differentiation (``torch.func.jvp`` of
-    ``grad``) per kept batch. Negative eigenvalues come last; ``residual_norms`` are the true
+    Hessian-vector products per kept batch: by default one backward through each batch's first-order
+    graph, built once and kept (``kept_graph_product``, reverse-over-reverse); with
+    ``products='recomputed'`` forward-over-reverse (``torch.func.jvp`` of ``grad``) from scratch per
+    product. Both give the same products. Negative eigenvalues come last; ``residual_norms`` are the true
     ||H v - lambda v||. With ``per='token'`` this is the Hessian of ``basic.loss``'s loss.
     """
 
     name = "hessian.lanczos"
-    version = "1"
+    version = "2"
     summary = "top-k eigenvalues of the loss Hessian (Hessian-vector products), Lanczos"
-    calls_per_product = 1  # torch.func.jvp of grad: one forward
+    calls_per_product = 1  # recomputed: torch.func.jvp of grad, one forward
     #: forward-over-reverse makes the gradient and its tangent; measured on the 135M shape, a product holds
     #: 2.7 parameter-sized float32 vectors more than the GGN's (2 and a tied embedding's two parts each)
     gradients_per_product = 2
+    recomputed_time = "about 1.7x the time per product at the 135M shape"
 
     def matvec_factory(self, model: torch.nn.Module, weights: Weights, examples: Examples,
                        scale: float) -> Callable[[Weights], Weights]:
@@ -346,4 +465,7 @@ class HessianLanczos(_Lanczos):
                 return (ce * targets.target_mask.to(ce.dtype)).sum() * scale
             return loss
 
-        return _summed([hessian_product(loss_of(t, a), weights) for t, a in examples])
+        losses = [loss_of(t, a) for t, a in examples]
+        if self.params.products == "kept-graph":
+            return kept_graph_product(losses, weights)
+        return _summed([hessian_product(loss, weights) for loss in losses])
