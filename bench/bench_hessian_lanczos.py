@@ -12,7 +12,8 @@ sequences without padding (``hessian.lanczos`` with ``per='token'``: ``basic.los
 float64, over every parameter of a GPT-2 (the tied embedding / head once). Ours:
 ``analyze(folder, data, ["hessian.lanczos"], k=10, tol=TOL)`` end to end (loading and checking
 the model, fingerprint, the shared forward pass, then Lanczos with selective
-reorthogonalisation on forward-over-reverse Hessian-vector products, and the true residual
+reorthogonalisation on Hessian-vector products through the batch's first-order graph, kept
+(reverse-over-reverse, the metric's default ``products='kept-graph'``), and the true residual
 ``||H v - lambda v||`` of each pair from the stored products). curvlinops:
 ``HessianLinearOperator(model, CrossEntropyLoss(), params, [(ids, labels)],
 check_deterministic=False).to_scipy()`` on the model already in memory, then
@@ -25,7 +26,8 @@ Exactness (untimed): one Hessian-vector product of each side against reverse-ove
 ``eigsh`` on that double-backward operator (tol 1e-10). With torch 2.13 curvlinops 3.0.1's
 products differ from double backward by ~1% on this model: it differentiates
 ``torch.func.jvp(torch.func.jacrev(loss))``, and forward-mode through ``jacrev`` gives wrong
-values here, where ``jvp(grad(loss))`` (ours) agrees with double backward to rounding. So the
+values here, where ``jvp(grad(loss))`` (our ``products='recomputed'``) and our kept graph agree with
+``torch.autograd.functional.hvp`` to rounding. So the
 eigenvalue agreement with curvlinops is limited by its operator, and the exact reference is
 the double-backward one.
 """
@@ -179,7 +181,7 @@ def exactness(model: Any, folder: Path, ids: torch.Tensor, values: dict[str, np.
     """One product of each side and both sides' eigenvalues against double backward."""
     from curvlinops import HessianLinearOperator
     from scipy.sparse.linalg import eigsh
-    from tensorscope_fisher.curvature import hessian_product
+    from tensorscope_fisher.curvature import kept_graph_product
 
     from tensorscope_core.functional import hook_free_copy
     from tensorscope_core.models.load import ModelSource, load_model
@@ -202,7 +204,7 @@ def exactness(model: Any, folder: Path, ids: torch.Tensor, values: dict[str, np.
 
     parts = torch.split(torch.from_numpy(v), [w.numel() for w in weights.values()])
     tangent = {n: t.reshape(w.shape) for (n, w), t in zip(weights.items(), parts, strict=True)}
-    ours_hv = torch.cat([x.reshape(-1) for x in hessian_product(loss, weights)(tangent).values()]).numpy()
+    ours_hv = torch.cat([x.reshape(-1) for x in kept_graph_product([loss], weights)(tangent).values()]).numpy()
     scale = float(np.abs(exact).max())
     reference = np.sort(eigsh(op, k=K, which="LA", tol=1e-10, v0=np.random.default_rng(0).standard_normal(
         op.shape[0]), return_eigenvectors=False))[::-1]

@@ -74,16 +74,17 @@ def act_bytes(view: ModelView, batch: int, seq: int) -> int:
     return view.n_layers * block_saved_bytes(view, batch, seq) + batch * seq * per_token * view.dtype_bytes
 
 
-def kept_graph_bytes(view: ModelView, batch: int, seq: int) -> int:
+def kept_graph_bytes(view: ModelView, batch: int, seq: int, blocks: int | None = None) -> int:
     """Bytes a loss's first-order graph holds when it is kept for second-order products (the gradient made
     with ``create_graph=True``, differentiated again per product): per block ``second_order_ratio`` times
     what the block saves for one backward, and per token the final norm's and head's 10 d_model and the
     logits, their log-softmax and their gradient, in float32 at least (plus the model-dtype logits of a
-    16-bit model)."""
+    16-bit model). ``blocks``: the last this many blocks are in the graph (the gradient is of their
+    parameters only, and nothing before them requires grad); None: all."""
     per_vocab = 3 * max(view.dtype_bytes, 4) + (view.dtype_bytes if view.dtype_bytes < 4 else 0)
     per_token = 10 * view.d_model * view.dtype_bytes + per_vocab * view.vocab_size
-    blocks = view.n_layers * block_saved_bytes(view, batch, seq) * second_order_ratio(view)
-    return int(blocks) + batch * seq * per_token
+    in_graph = view.n_layers if blocks is None else blocks
+    return int(in_graph * block_saved_bytes(view, batch, seq) * second_order_ratio(view)) + batch * seq * per_token
 
 
 def forward_act_bytes(view: ModelView, batch: int, seq: int, *, loss: bool = True) -> int:

@@ -38,8 +38,9 @@ import torch
 from .artifacts import ArtifactSpec, Request, act_bytes
 from .capture import CaptureContext
 from .data import Batch
+from .functional import offloaded_bytes
 from .models.view import ModelView
-from .per_example import offloaded_bytes, per_example_calls, per_example_grads
+from .per_example import per_example_calls, per_example_grads
 
 ARTIFACT = "per_example_grads"
 #: label sets in the order the gradients are computed (one vjp each from one forward)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -70,6 +70,48 @@ def undispatched_copy(view: ModelView) -> nn.Module:
                     module.__dict__.pop(attr, None)
         view.extras[_BARE_KEY] = bare
     return bare
+
+
+def offloaded_bytes(view: ModelView) -> int:
+    """Bytes ``OneDeviceModel`` loads on a dispatched model: every parameter not on the input device
+    (offloaded ones, or ones another device holds); 0 for a plain model."""
+    if view.device_map is None:
+        return 0
+    device = view.input_device
+    return sum(p.numel() * p.element_size() for _, p in view.named_parameters() if p.is_meta or p.device != device)
+
+
+class OneDeviceModel:
+    """The model as a function of the tensors a caller differentiates, on one device, for metrics that
+    make their own gradients or products through the weights (per-example gradients, curvature).
+
+    It calls ``undispatched_copy(view)`` through ``functional_call`` with the tensors given and every other
+    parameter and buffer. For a plain model those are the model's own. For a dispatched model every
+    parameter is loaded onto the device its inputs go to (the offloaded ones from their offload folder:
+    ``offloaded_bytes``, which this holds), since the copy runs without accelerate's hooks, which would
+    load them and move activations between devices; and the duplicate of a tied weight, which the copy
+    holds as a tensor of its own (accelerate unties it), gets its twin's value.
+    """
+
+    def __init__(self, view: ModelView, wanted: Iterable[str]) -> None:
+        self.module = undispatched_copy(view)
+        dispatched = view.device_map is not None
+        params = {name: tensor.to(view.input_device) for name, tensor in view.named_weights()} if dispatched \
+            else dict(view.named_parameters())
+        names = set(wanted)
+        #: the tensors a caller differentiates, by name, detached (what it passes back, or replaces)
+        self.weights = {n: params[n].detach() for n in params if n in names}
+        self.fixed = {n: p.detach() for n, p in params.items() if n not in names}
+        self.fixed.update({n: b.detach().to(view.input_device) if dispatched else b.detach()
+                           for n, b in view.model.named_buffers()})
+        self.ties = dict(view.tied_duplicates or {}) if dispatched else {}
+        self.fixed.update({dup: self.fixed[name] for dup, name in self.ties.items() if name in self.fixed})
+
+    def __call__(self, weights: Mapping[str, torch.Tensor], **inputs: Any) -> Any:
+        """The model's output on ``inputs`` (keyword arguments of its forward) at ``weights`` (names of
+        ``self.weights``), the rest fixed."""
+        tied = {dup: weights[name] for dup, name in self.ties.items() if name in weights}
+        return functional_call(self.module, ({**weights, **tied}, self.fixed), args=(), kwargs=inputs)
 
 
 def hook_free_view(view: ModelView) -> ModelView:

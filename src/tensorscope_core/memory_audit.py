@@ -8,14 +8,14 @@ metric's declared state against the bytes its state held at the end (the runner'
 
 Resident memory is what ends a run (the kernel kills on it), so it is the measure, not the tensors the
 allocator knows of. Three steps keep it honest: freed tensors go back to the system at once (a fixed
-``mmap`` threshold and ``malloc_trim`` before each run), each metric first runs on a tiny model of the
-same family so the modules it imports are resident before the measured run, and quantities under
+``mmap`` threshold, as every run sets it, and ``malloc_trim`` before each run: ``process_memory``), each
+metric first runs on a tiny model of the same family so the modules it imports are resident before the
+measured run, and quantities under
 ``FLOOR_BYTES`` compare by that absolute margin (the interpreter's own growth is that size).
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,6 +29,7 @@ from torch import nn
 from .config import RunConfig, format_bytes
 from .data import DataSpec
 from .errors import UsageError
+from .process_memory import return_freed_memory, trim
 
 #: relative agreement asked of every declared cost
 TOLERANCE = 0.15
@@ -36,7 +37,6 @@ TOLERANCE = 0.15
 FLOOR_BYTES = 48 * 2**20
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
-_M_MMAP_THRESHOLD = -3
 
 
 @dataclass(frozen=True)
@@ -88,19 +88,17 @@ def _read_status(field: str) -> int:
     raise UsageError(f"{_STATUS} has no {field}", "run the memory audit on Linux")
 
 
-def _libc() -> Any:
+def _check_linux() -> None:
     if not sys.platform.startswith("linux") or not _CLEAR_REFS.exists():
         raise UsageError("the memory audit reads the process's peak resident memory through /proc (Linux only)",
                          "run it on a Linux machine")
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)  # fixed: a freed large block goes back to the system now
-    return libc
+    return_freed_memory()  # as every run does: a freed large block goes back to the system now
 
 
-def _settle(libc: Any) -> int:
+def _settle() -> int:
     """Free what can be freed, restart the peak from now; the resident bytes now."""
     gc.collect()
-    libc.malloc_trim(0)
+    trim()
     _CLEAR_REFS.write_text("5")
     return _read_status("VmRSS")
 
@@ -143,14 +141,14 @@ def _audit_each(metrics: Sequence[str], models: Mapping[str, Any], warm_up: Mapp
     from .plugins import get_registry
     from .scheduler.graph import resolve
 
-    libc = _libc()
+    _check_linux()
     out: list[MemoryAudit] = []
     for name in metrics:
         computed = {node.name for node in resolve([name], {}, get_registry())}
         asked = {m: dict(p) for m, p in (params or {}).items() if m in computed}
         analyze(data=warm_up_data, metrics=[name], config=config, params=asked, **warm_up)
         plans = plan(data=data, metrics=[name], config=config, params=asked, **models)
-        with _stage_start(libc, set_stage) as start:
+        with _stage_start(set_stage) as start:
             results = analyze(data=data, metrics=[name], config=config, params=asked, **models)
         held = _read_status("VmHWM") - start[0]
         runs = results.record.model_set if set_stage else results.record.models[0].metrics
@@ -166,19 +164,19 @@ def _audit_each(metrics: Sequence[str], models: Mapping[str, Any], warm_up: Mapp
 
 
 @contextmanager
-def _stage_start(libc: Any, set_stage: bool) -> Iterator[list[int]]:
+def _stage_start(set_stage: bool) -> Iterator[list[int]]:
     """The resident bytes when the measured part begins (the peak restarts there): now, or (``set_stage``)
     when the run's model-set stage starts, after its members' own runs."""
     from .scheduler.model_set import ModelSetRunner
 
-    start = [_settle(libc)]
+    start = [_settle()]
     if not set_stage:
         yield start
         return
     run = ModelSetRunner.run
 
     def settled_run(self: ModelSetRunner) -> Any:
-        start[0] = _settle(libc)
+        start[0] = _settle()
         return run(self)
 
     ModelSetRunner.run = settled_run  # type: ignore[method-assign]

@@ -8,10 +8,11 @@ gradient per example (gradient conflicts, TracIn, Fisher information) get them h
   shallow copy of the module tree without hooks that shares every parameter and buffer
   tensor, so the capture hooks of the shared run never see these extra forwards and no
   memory is copied.
-- **Dispatched models.** On a model accelerate spread over devices or offloaded, the copy also
-  drops accelerate's forward wrappers (``undispatched_copy``) and every weight is loaded onto the
-  device the inputs go to (``offloaded_bytes`` of them beyond what stays resident), since
-  ``functional_call`` is given every tensor and nothing moves activations between devices.
+- **Dispatched models.** On a model accelerate spread over devices or offloaded, the forwards run
+  through ``functional.OneDeviceModel``: the copy also drops accelerate's forward wrappers and every
+  weight is loaded onto the device the inputs go to (``offloaded_bytes`` of them beyond what stays
+  resident), since ``functional_call`` is given every tensor and nothing moves activations between
+  devices.
 - **Several losses per example.** ``loss`` returns a vector of losses for one example;
   each gets its own gradient from one forward (a ``vjp`` pulled back once per loss), e.g. the
   loss with the observed labels and with labels drawn from the model.
@@ -29,9 +30,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 
-from .functional import undispatched_copy
+from .functional import OneDeviceModel
 from .models.view import ModelView
 
 #: loss(logits [seq, vocab] of one example, *that example's rows of the extra tensors) -> losses [n_losses]
@@ -48,26 +49,6 @@ def per_example_calls(view: ModelView, rows: int) -> int:
     return rows if view.extras.get(_LOOP) or not view.causal else 1
 
 
-def _loaded_parameters(view: ModelView) -> dict[str, torch.Tensor]:
-    """Every parameter by name, readable: a plain model's own tensors; a dispatched model's loaded (the
-    offloaded ones from their offload folder) onto the device its inputs go to, since the hook-free
-    copy runs without accelerate's hooks, which would load them and move activations between devices.
-    ``offloaded_bytes`` is what this holds beyond the weights a dispatched model holds anyway."""
-    if view.device_map is None:
-        return dict(view.named_parameters())
-    device = view.input_device
-    return {name: tensor.to(device) for name, tensor in view.named_weights()}
-
-
-def offloaded_bytes(view: ModelView) -> int:
-    """Bytes ``per_example_grads`` loads on a dispatched model: every parameter not on the input device
-    (offloaded ones, or ones another device holds); 0 for a plain model."""
-    if view.device_map is None:
-        return 0
-    device = view.input_device
-    return sum(p.numel() * p.element_size() for _, p in view.named_parameters() if p.is_meta or p.device != device)
-
-
 def per_example_grads(view: ModelView, names: Sequence[str], loss: ExampleLoss, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor, *rows: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-example gradients of the losses ``loss`` gives, w.r.t. the parameters ``names``.
@@ -77,22 +58,13 @@ def per_example_grads(view: ModelView, names: Sequence[str], loss: ExampleLoss, 
     gradients, one [batch, P] tensor per loss (P the total size of ``names``, concatenated
     in that order), and the losses [batch, n_losses] in float64 on the CPU.
     """
-    model = undispatched_copy(view)
-    params = _loaded_parameters(view)
-    wanted = {n: params[n].detach() for n in names}
-    fixed: dict[str, torch.Tensor] = {n: p.detach() for n, p in params.items() if n not in wanted}
-    on = view.input_device if view.device_map is not None else None  # one device: no hooks move activations
-    fixed.update({n: b.detach() if on is None else b.detach().to(on) for n, b in view.model.named_buffers()})
-    # a dispatched model's copy may hold a tied duplicate as a tensor of its own: give it its twin's value
-    ties = dict(view.tied_duplicates or {}) if view.device_map is not None else {}
-    fixed.update({dup: fixed[name] for dup, name in ties.items() if name in fixed})
+    model = OneDeviceModel(view, names)
+    wanted = {n: model.weights[n] for n in names}
 
     def one(w: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
             *extra: torch.Tensor) -> tuple[tuple[dict[str, torch.Tensor], ...], torch.Tensor]:
         def losses_of(w: dict[str, torch.Tensor]) -> torch.Tensor:
-            tied = {dup: w[name] for dup, name in ties.items() if name in w}
-            out = functional_call(model, ({**w, **tied}, fixed), args=(),
-                                  kwargs={"input_ids": ids[None], "attention_mask": mask[None], "use_cache": False})
+            out = model(w, input_ids=ids[None], attention_mask=mask[None], use_cache=False)
             logits = out.logits[0]
             if logits.dtype in (torch.float16, torch.bfloat16):
                 logits = logits.float()

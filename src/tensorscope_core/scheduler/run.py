@@ -32,6 +32,7 @@ from ..errors import MetricTimeoutError, NotApplicable, PluginError, TensorScope
 from ..metric import RunShape, Step
 from ..models.view import ModelView
 from ..plugins import Registry
+from ..process_memory import trim
 from ..results.schema import MetricResult, ScalarValue, SeriesValue, TensorValue
 from ..results.store import ResultCache, cache_key
 from .graph import MetricNode
@@ -381,6 +382,7 @@ class ModelRunner(Executor):
                 continue  # failed during the pass
             self._finish_one(active, active.instance.finalize)
             del active.instance
+            trim()  # its state and working memory back to the system before the next finalize
 
     # -- the shared data pass ---------------------------------------------------------
     def _data_pass(self, group: list[ActiveMetric]) -> None:

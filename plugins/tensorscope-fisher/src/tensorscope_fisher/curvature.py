@@ -21,13 +21,14 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
-from torch.func import functional_call, grad, jvp, vjp
+from torch.func import grad, jvp, vjp
 
 from tensorscope_core.plugin_api import (
     Cost,
     LossTargets,
     Metric,
     ModelView,
+    OneDeviceModel,
     Params,
     Rung,
     RunShape,
@@ -35,8 +36,8 @@ from tensorscope_core.plugin_api import (
     SeriesValue,
     Step,
     act_bytes,
-    hook_free_copy,
     kept_graph_bytes,
+    offloaded_bytes,
 )
 
 from .fisher_grads import Layout, layout_of, layout_size
@@ -136,6 +137,7 @@ class _Lanczos(Metric):
     #: what recomputing the products costs in time against the kept graphs, measured at the 135M shape
     recomputed_time: ClassVar[str] = ""
     artifacts = ("batches",)  # the batches only: it makes its own passes over them
+    supports_dispatch = True  # its products run on OneDeviceModel, which loads a dispatched model's weights
     fields = {
         "eigenvalues": "the k largest eigenvalues, descending",
         "residual_norms": "||A v - lambda v|| of each returned eigenpair (unit v; reorthogonalise='selective')",
@@ -158,10 +160,12 @@ class _Lanczos(Metric):
         - ``recomputed``, one product at a time on a kept batch: two passes' autograd buffers (the GGN's
           jvp and vjp, the Hessian's forward-over-reverse), a tied embedding's two gradients beside their
           sum, the running sum over batches and the gradients the product makes (``gradients_per_product``);
-        - ``kept-graph``: every kept batch's first-order graph (``kept_graph_bytes``) and its logits-sized
-          tensors (``kept_per_logit``), the summed gradient the graphs end in, a tied embedding's two parts
-          beside it and beside the output, and the double backward's own working tensors (one batch's
-          ``act_bytes``)."""
+        - ``kept-graph``: every kept batch's first-order graph (``kept_graph_bytes``: from the first block
+          of ``layers`` on) and its logits-sized tensors (``kept_per_logit``), the summed gradient the
+          graphs end in, a tied embedding's two parts beside it and beside the output, and the double
+          backward's own working tensors (one batch's ``act_bytes``).
+
+        On a dispatched model, also every weight it loads onto the input device (``offloaded_bytes``)."""
         examples = min(shape.n_sequences, params.max_examples or shape.n_sequences)
         tokens = examples * shape.seq_len
         size = layout_size(operator_layout(params, view))
@@ -171,8 +175,10 @@ class _Lanczos(Metric):
         output = size * (view.dtype_bytes + solver_bytes)
         if params.products == "kept-graph":
             logit_bytes = max(view.dtype_bytes, 4)
-            graphs = sum(kept_graph_bytes(view, rows, length) + cls.kept_per_logit * rows * length * view.vocab_size
-                         * logit_bytes for rows, length in kept_rows(params, shape))
+            blocks = None if params.layers is None else view.n_layers - min(params.layers, default=view.n_layers)
+            graphs = sum(kept_graph_bytes(view, rows, length, blocks)
+                         + cls.kept_per_logit * rows * length * view.vocab_size * logit_bytes
+                         for rows, length in kept_rows(params, shape))
             product = graphs + act_bytes(view, shape.batch_size, shape.seq_len) + size * view.dtype_bytes \
                 + 4 * view.tied_embedding_bytes + output
         else:
@@ -180,7 +186,9 @@ class _Lanczos(Metric):
                 + size * view.dtype_bytes + output \
                 + cls.gradients_per_product * (size * view.dtype_bytes + 2 * view.tied_embedding_bytes)
         vectors = size * params.k * solver_bytes if params.keep_vectors else 0  # the eigenvectors, kept
-        return Cost(state_bytes=4 * 8 * tokens, finalize_bytes=solver + product + vectors, result_bytes=vectors,
+        loaded = offloaded_bytes(view)  # a dispatched model's weights loaded onto its input device
+        return Cost(state_bytes=4 * 8 * tokens, finalize_bytes=solver + product + vectors + loaded,
+                    result_bytes=vectors,
                     flops=float(params.max_iter * 8 * view.n_params * tokens))
 
     @classmethod
@@ -244,7 +252,7 @@ class _Lanczos(Metric):
         self.target_masks.append(targets.target_mask.detach().cpu())
         self.attention.append(step.batch.attention_mask[:room].detach().cpu())
 
-    def matvec_factory(self, model: torch.nn.Module, weights: Weights, examples: Examples,
+    def matvec_factory(self, model: OneDeviceModel, weights: Weights, examples: Examples,
                        scale: float) -> Callable[[Weights], Weights]:
         raise NotImplementedError
 
@@ -252,8 +260,8 @@ class _Lanczos(Metric):
         view = self.view
         layout = operator_layout(self.params, view)
         size = layout_size(layout)
-        params = dict(view.model.named_parameters())
-        weights = {n: params[n].detach() for n in layout}
+        model = OneDeviceModel(view, layout)  # a dispatched model's weights loaded onto its input device
+        weights = {n: model.weights[n] for n in layout}
         if not weights:
             raise ValueError(f"layers={self.params.layers} hold no trainable parameter of {view.name}")
         device, dtype = next(iter(weights.values())).device, next(iter(weights.values())).dtype
@@ -268,7 +276,7 @@ class _Lanczos(Metric):
         if self.params.k > size:
             raise ValueError(f"k={self.params.k} exceeds the {size} trainable parameters of {view.name}")
         scale = 1.0 / (n_examples if self.params.per == "example" else n_tokens)
-        product = self.matvec_factory(hook_free_copy(view), weights, examples, scale)
+        product = self.matvec_factory(model, weights, examples, scale)
 
         def matvec(v: torch.Tensor) -> torch.Tensor:
             tangent = {n: v[sl].reshape(shape).to(dtype) for n, (sl, shape) in layout.items()}
@@ -300,11 +308,9 @@ class _Lanczos(Metric):
         return out
 
 
-def _logits_fn(model: torch.nn.Module, targets: LossTargets, attention: torch.Tensor) -> Callable[[Weights], Any]:
+def _logits_fn(model: OneDeviceModel, targets: LossTargets, attention: torch.Tensor) -> Callable[[Weights], Any]:
     def logits(w: Weights) -> torch.Tensor:
-        out = functional_call(model, w, args=(), strict=False,
-                              kwargs={"input_ids": targets.model_input, "attention_mask": attention,
-                                      "use_cache": False})
+        out = model(w, input_ids=targets.model_input, attention_mask=attention, use_cache=False)
         z = out.logits
         return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
     return logits
@@ -427,7 +433,7 @@ class FisherLanczos(_Lanczos):
     kept_per_logit = 3  # the logits, the zero dual they are differentiated against, their softmax
     recomputed_time = "about 1.5x the time per product at the 135M shape"
 
-    def matvec_factory(self, model: torch.nn.Module, weights: Weights, examples: Examples,
+    def matvec_factory(self, model: OneDeviceModel, weights: Weights, examples: Examples,
                        scale: float) -> Callable[[Weights], Weights]:
         logits = [(_logits_fn(model, t, a), t.target_mask) for t, a in examples]
         if self.params.products == "kept-graph":
@@ -454,7 +460,7 @@ class HessianLanczos(_Lanczos):
     gradients_per_product = 2
     recomputed_time = "about 1.7x the time per product at the 135M shape"
 
-    def matvec_factory(self, model: torch.nn.Module, weights: Weights, examples: Examples,
+    def matvec_factory(self, model: OneDeviceModel, weights: Weights, examples: Examples,
                        scale: float) -> Callable[[Weights], Weights]:
         def loss_of(targets: LossTargets, attention: torch.Tensor) -> Callable[[Weights], torch.Tensor]:
             f = _logits_fn(model, targets, attention)
