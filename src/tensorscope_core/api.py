@@ -25,7 +25,6 @@ from .models.load import Dispatch, ModelSource, files_signature, is_meta, load_m
 from .models.names import short_names
 from .models.view import ModelView
 from .plugins import Registry, get_registry
-from .process_memory import return_freed_memory
 from .results import Results
 from .results.schema import ArtifactBytes, MetricResult, ModelRecord, RunRecord
 from .results.store import ResultCache, check_writable_folder
@@ -329,7 +328,6 @@ def run_member(p: Prepared, nodes: Sequence[MetricNode], registry: Registry, con
                adapter: Adapter | None, tokenizer: Any, budget: Budget, cache: ResultCache | None,
                progress: Callable[[str, int, str], Any] | None) -> tuple[MemberRun, ModelView]:
     """Run one member's plan at the run's final rungs (the same on every executor)."""
-    return_freed_memory()  # on every executor: resident memory follows the tensors the plan counts
     if p.view is None and files_signature(p.source) != p.signature:
         raise ModelChangedError(f"the files of {p.source.display_name} changed after the run was planned",
                                 "run again once the checkpoint is written completely (the finished metrics of "
