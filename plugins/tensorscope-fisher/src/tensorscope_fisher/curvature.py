@@ -338,6 +338,17 @@ def hessian_product(loss: Callable[[Weights], torch.Tensor], weights: Weights) -
     return product
 
 
+def _added(total: list[torch.Tensor | None], parts: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """``total + parts`` entry by entry, an absent (None) entry counting as zero."""
+    return [b if a is None else a if b is None else a + b for a, b in zip(total, parts, strict=True)]
+
+
+def _differentiable(total: list[torch.Tensor | None]) -> list[tuple[int, torch.Tensor]]:
+    """(index, gradient) of the summed gradients that depend on the weights: one that is absent or constant
+    in them has a zero row of the second derivative, and no graph to differentiate."""
+    return [(i, g) for i, g in enumerate(total) if g is not None and g.requires_grad]
+
+
 def kept_ggn_product(logits: Sequence[tuple[Callable[[Weights], torch.Tensor], torch.Tensor]], weights: Weights,
                      scale: float) -> Callable[[Weights], Weights]:
     """v -> scale sum_b sum_t J_bt^T (diag p_bt - p_bt p_bt^T) J_bt v over the (logits function, target mask)
@@ -357,13 +368,13 @@ def kept_ggn_product(logits: Sequence[tuple[Callable[[Weights], torch.Tensor], t
         z = f(leaves)
         u = torch.zeros_like(z, requires_grad=True)
         parts = torch.autograd.grad(z, inputs, grad_outputs=u, create_graph=True, allow_unused=True)
-        total = [b if a is None else a if b is None else a + b for a, b in zip(total, parts, strict=True)]
+        total = _added(total, parts)
         del parts
         outputs.append(z)
         duals.append(u)
         probs.append(torch.softmax(z.detach(), dim=-1))
         masks.append(mask.to(z.dtype)[..., None] * scale)
-    rows = [(i, g) for i, g in enumerate(total) if g is not None and g.requires_grad]
+    rows = _differentiable(total)
     del total
     names = list(leaves)
 
@@ -389,10 +400,9 @@ def kept_graph_product(losses: Sequence[Callable[[Weights], torch.Tensor]],
     total: list[torch.Tensor | None] = [None] * len(inputs)
     for loss in losses:
         parts = torch.autograd.grad(loss(leaves), inputs, create_graph=True, allow_unused=True)
-        total = [b if a is None else a if b is None else a + b for a, b in zip(total, parts, strict=True)]
+        total = _added(total, parts)
         del parts
-    # a gradient that is constant in the weights (or absent) has a zero row of H
-    rows = [(i, g) for i, g in enumerate(total) if g is not None and g.requires_grad]
+    rows = _differentiable(total)
     del total
     names = list(leaves)
 
