@@ -79,7 +79,9 @@ def test_metrics_that_support_dispatch_give_the_plain_values(runs: tuple[Any, An
                   "fisher.natural_gradient"]  # the shared backward's param_grad, the offloaded weights' hooked
     weights = ["structure.modularity", "geometry.effective_rank", "information.mdl"]  # read through the view
     products = ["fisher.lanczos", "hessian.lanczos"]  # their own products through OneDeviceModel's loaded weights
-    assert all(plain.get(m).ok and m in supported for m in per_example + param_grad + weights + products)
+    perturbed = ["landscape.sharpness", "landscape.surface_2d", "lottery.magnitude_masks",
+                 "lottery.imp"]  # batch_loss on OneDeviceModel's loaded weights (trainable_model)
+    assert all(plain.get(m).ok and m in supported for m in per_example + param_grad + weights + products + perturbed)
     for name in supported:
         a, b = plain.get(name), dispatched.get(name)
         if a.status == "skipped":  # too little data for it here (e.g. a plug-in estimate's sample floor)

@@ -140,34 +140,47 @@ def hook_free_view(view: ModelView) -> ModelView:
     return twin_view
 
 
+def trainable_model(view: ModelView) -> OneDeviceModel:
+    """``OneDeviceModel`` of the trainable parameters: what a metric that perturbs every weight passes to
+    ``batch_loss`` so that it also runs on a dispatched model (its ``weights`` are the point to perturb,
+    loaded onto the input device: ``offloaded_bytes``, which the metric declares while it holds them)."""
+    return OneDeviceModel(view, [n for n, p in view.named_parameters() if p.requires_grad])
+
+
 def batch_logits(view: ModelView, batch: Batch, targets: LossTargets,
-                 params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+                 params: Mapping[str, torch.Tensor] | None = None,
+                 model: OneDeviceModel | None = None) -> torch.Tensor:
     """Logits [batch, seq, vocab] of the run's input for ``batch`` (``targets.model_input``: masked
     positions replaced for masked LMs), with ``params`` replacing the model's parameters of those
     names (None: the model's own weights). Half-precision logits come back as float32.
 
     ``targets`` is ``tensorscope_core.core_artifacts.loss_targets(view, batch, seed)``, the run's
-    own inputs and targets for the batch (the same masked-LM masks).
+    own inputs and targets for the batch (the same masked-LM masks). With ``model`` (a ``OneDeviceModel``
+    of the view, e.g. ``trainable_model``) the forward runs on it, ``params`` replacing some of its
+    ``weights``: on a dispatched model, where the hook-free copy has no weights of its own to fall back on.
     """
-    out = functional_call(hook_free_copy(view), dict(params or {}), args=(),
-                          kwargs={"input_ids": targets.model_input, "attention_mask": batch.attention_mask,
-                                  "use_cache": False}, strict=False)
+    inputs = {"input_ids": targets.model_input, "attention_mask": batch.attention_mask, "use_cache": False}
+    if model is not None:
+        out = model({**model.weights, **(params or {})}, **inputs)
+    else:
+        out = functional_call(hook_free_copy(view), dict(params or {}), args=(), kwargs=inputs, strict=False)
     logits: torch.Tensor = out.logits
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # as the core's token loss
 
 
 def batch_loss(view: ModelView, batch: Batch, targets: LossTargets,
-               params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+               params: Mapping[str, torch.Tensor] | None = None,
+               model: OneDeviceModel | None = None) -> torch.Tensor:
     """Mean token cross-entropy of ``batch`` over its targets at the weights ``batch_logits`` uses.
 
     This is the loss the core's backward differentiates (``token_loss.sum() / n_targets``),
     so at the model's own weights it equals the run's loss on that batch.
     """
-    logits = batch_logits(view, batch, targets, params)
+    logits = batch_logits(view, batch, targets, params, model)
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.target_ids.reshape(-1),
                                            reduction="none")
     weights = targets.target_mask.reshape(-1).to(ce.dtype)
     return (ce * weights).sum() / weights.sum().clamp(min=1)
 
 
-__all__ = ["batch_logits", "batch_loss", "hook_free_copy"]
+__all__ = ["batch_logits", "batch_loss", "hook_free_copy", "trainable_model"]

@@ -26,8 +26,9 @@ What is here, by job:
 - memory ladders: ``Rung``, ``ASKED`` (see ``Metric.ladder``);
 - functional helpers: ``batch_loss``, ``batch_logits``, ``hook_free_copy``, ``hook_free_view``,
   ``OneDeviceModel`` (the model as a function of the weights a metric differentiates, on one device, also
-  when dispatched; ``offloaded_bytes`` what it loads), ``per_example_grads``, ``per_example_calls``,
-  ``sum_of_squares``, ``float64_sum_of_squares``, ``float64_dot``,
+  when dispatched; ``offloaded_bytes`` what it loads; ``trainable_model`` of every trainable weight, which
+  ``batch_loss`` / ``batch_logits`` take as ``model=`` to run on a dispatched model),
+  ``per_example_grads``, ``per_example_calls``, ``sum_of_squares``, ``float64_sum_of_squares``, ``float64_dot``,
   ``atomic_write``; ``recorded_blocks`` and ``resumed_at`` (forwards that start at a block, for sweeps of
   interventions);
 - statistics: ``bootstrap_ci``, ``bootstrap_ratio_ci``, ``correlation``, ``fdr_bh``;
@@ -58,7 +59,15 @@ from .errors import (
 )
 from .example_grads import ExampleGrads, draw_labels, example_grads_layout
 from .example_store import Compression, CountSketch, GradientStore, StoreBacking, row_squares
-from .functional import OneDeviceModel, batch_logits, batch_loss, hook_free_copy, hook_free_view, offloaded_bytes
+from .functional import (
+    OneDeviceModel,
+    batch_logits,
+    batch_loss,
+    hook_free_copy,
+    hook_free_view,
+    offloaded_bytes,
+    trainable_model,
+)
 from .hookspecs import PLUGIN_API_VERSION, hookimpl
 from .metric import ASKED, Metric, ModelSetMetric, NoParams, Params, Rung, RunShape, Step
 from .models.activations import block_saved_bytes
@@ -154,6 +163,7 @@ __all__ = [
     "hook_free_copy",
     "OneDeviceModel",
     "offloaded_bytes",
+    "trainable_model",
     "hook_free_view",
     "hookimpl",
     "js_divergence_bits",

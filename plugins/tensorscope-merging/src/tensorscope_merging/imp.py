@@ -26,6 +26,7 @@ from tensorscope_core.plugin_api import (
     ModelView,
     NoParams,
     NotApplicable,
+    OneDeviceModel,
     Params,
     Rung,
     RunShape,
@@ -34,6 +35,8 @@ from tensorscope_core.plugin_api import (
     Step,
     act_bytes,
     batch_loss,
+    offloaded_bytes,
+    trainable_model,
 )
 
 from .lottery import Masks, dice, global_masks, jaccard, layerwise_masks, prunable
@@ -132,6 +135,7 @@ class IterativeMagnitudePruning(Metric):
     summary = "iterative magnitude pruning with rewinding: per-round sparsity, loss, mask overlaps; the ticket"
     Params = ImpParams
     artifacts = ("batches",)  # the batches only: it trains on them itself
+    supports_dispatch = True  # it trains a copy through trainable_model, which loads a dispatched model's weights
     fields = {"sparsity": "fraction of the prunable entries removed, per round 0..n",
               "loss": "token loss after each round's training, per round 0..n",
               "jaccard_previous": "Jaccard index of the kept entries with the previous round's mask, rounds 1..n",
@@ -152,7 +156,8 @@ class IterativeMagnitudePruning(Metric):
         batches cycled (int64 ids, attention mask and targets). Transient, the larger of: a training
         step's backward (its activations and, tied, the embedding's second gradient until summed) and a
         pruning (the survivors' values, and for the largest tensor its magnitudes, two int64 running
-        counts of ties and two boolean masks: ``lottery.Cut.masks``). Results: the ticket (this round's mask)."""
+        counts of ties and two boolean masks: ``lottery.Cut.masks``). Results: the ticket (this round's mask).
+        Finalize, on a dispatched model: the given weights loaded onto the input device (``offloaded_bytes``)."""
         trainable = [p for p in view.model.parameters() if p.requires_grad]
         weights = sum(p.numel() * p.element_size() for p in trainable)
         copies = 2 + int(params.momentum > 0) + int(params.rewind_step > 0)
@@ -169,7 +174,8 @@ class IterativeMagnitudePruning(Metric):
         mean_tokens = tokens / len(batches) if batches else 0.0
         flops = 3 * per_token * mean_tokens * steps + per_token * tokens * (params.rounds + 1)
         return Cost(state_bytes=copies * weights + masks + BATCH_BYTES_PER_TOKEN * tokens,
-                    transient_bytes=max(backward, pruning), result_bytes=masks // 3, flops=float(flops))
+                    transient_bytes=max(backward, pruning), finalize_bytes=offloaded_bytes(view),
+                    result_bytes=masks // 3, flops=float(flops))
 
     @classmethod
     def own_passes(cls, params: ImpParams, view: ModelView, shape: RunShape) -> dict[str, int]:
@@ -200,6 +206,8 @@ class IterativeMagnitudePruning(Metric):
         self.batches: list[tuple[Batch, LossTargets]] = []
         #: the model-sized tensors of the pruning: weights, grads, momentum, rewind, the three masks
         self.held: dict[str, Any] = {}
+        #: the model the copy trains through, while finalize runs (``trainable_model``)
+        self.model: OneDeviceModel | None = None
 
     def update(self, step: Step) -> None:
         if len(self.batches) < self.params.steps and step.targets.n_targets > 0:
@@ -211,7 +219,8 @@ class IterativeMagnitudePruning(Metric):
                                 "give data with at least two tokens per sequence (causal) or a mask token "
                                 "(masked LM)")
         p, held = self.params, self.held
-        theta = {n: t.detach() for n, t in self.view.model.named_parameters() if t.requires_grad}
+        self.model = trainable_model(self.view)  # a dispatched model's weights loaded onto one device
+        theta = self.model.weights
         names = [n for n in prunable(self.view, p.include_embeddings) if n in theta]
         if not names:
             raise NotApplicable(f"{self.view.name} has no trainable weight matrix to prune inside its blocks",
@@ -245,6 +254,7 @@ class IterativeMagnitudePruning(Metric):
             "steps_trained": ScalarValue(value=float(p.steps + p.rounds * (p.steps - p.rewind_step))),
             "train_batches": ScalarValue(value=float(len(self.batches)))}
         out.update({f"ticket/{n}": m for n, m in held["mask"].items()})
+        self.model = None
         return out
 
     def _train(self, start: int) -> None:
@@ -261,7 +271,7 @@ class IterativeMagnitudePruning(Metric):
                 held["rewind"] = {n: w.detach().clone() for n, w in weights.items()}
             batch, targets = self.batches[k % len(self.batches)]
             opt.zero_grad()  # freed, not zeroed: the backward then never holds old and new gradients at once
-            batch_loss(self.view, batch, targets, weights).backward()
+            batch_loss(self.view, batch, targets, weights, self.model).backward()
             with torch.no_grad():
                 for name, mask in masks.items():
                     grad = weights[name].grad
@@ -286,7 +296,7 @@ class IterativeMagnitudePruning(Metric):
         with torch.no_grad():
             for batch, targets in self.batches:
                 n = targets.n_targets
-                total += float(batch_loss(self.view, batch, targets, self.held["weights"])) * n
+                total += float(batch_loss(self.view, batch, targets, self.held["weights"], self.model)) * n
                 count += n
         return total / count
 

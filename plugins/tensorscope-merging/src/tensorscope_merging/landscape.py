@@ -31,6 +31,8 @@ from tensorscope_core.plugin_api import (
     batch_loss,
     float64_dot,
     float64_sum_of_squares,
+    offloaded_bytes,
+    trainable_model,
 )
 
 from .passes import loss_batches
@@ -175,7 +177,9 @@ class LossSurface2D(Metric):
     Each grid point is one forward of the batch through a hook-free copy with the perturbed
     weights passed in (``tensorscope_core.plugin_api.batch_loss``); the model is never modified.
     The state is three copies of the weights: the two directions and the grid point's weights;
-    ``direction_dtype='bfloat16'`` keeps the directions at 2 bytes an entry.
+    ``direction_dtype='bfloat16'`` keeps the directions at 2 bytes an entry. On a dispatched model every
+    weight is loaded onto the input device while the directions are drawn and while a batch's grid is
+    evaluated (``trainable_model``).
     """
 
     name = "landscape.surface_2d"
@@ -183,6 +187,7 @@ class LossSurface2D(Metric):
     summary = "filter-normalised 2-D loss surface (Li et al. 2018): grid, roughness, loss mean/std"
     Params = SurfaceParams
     artifacts = ("batches",)  # the batches only: it makes its own passes over them
+    supports_dispatch = True  # its forwards run on trainable_model, which loads a dispatched model's weights
     fields = {"surface": "loss at theta + alpha*delta + beta*eta, a tensor [grid, grid] (rows alpha, columns beta)",
               "coordinates": "the alpha (= beta) values of the grid",
               "center_loss": "f(0, 0): the model's own loss on the batches used",
@@ -197,7 +202,8 @@ class LossSurface2D(Metric):
         """The two directions (``delta``, ``eta``: the parameters' bytes each, or 2 bytes an entry in
         bfloat16), the perturbed weights of the grid point being evaluated (``point``: the parameters'
         bytes) and the float64 grid of loss sums. Transient: ``beta * eta`` of the largest parameter while
-        the grid point is written (and eta's cast to the parameters' dtype when kept in bfloat16)."""
+        the grid point is written (and eta's cast to the parameters' dtype when kept in bfloat16); on a
+        dispatched model the weights loaded onto the input device (``offloaded_bytes``)."""
         batches = shape.n_batches if params.max_batches is None else min(shape.n_batches, params.max_batches)
         trainable = [p for p in view.model.parameters() if p.requires_grad]
         n_params = sum(p.numel() for p in trainable)
@@ -206,7 +212,8 @@ class LossSurface2D(Metric):
         largest = max((p.numel() * p.element_size() for p in trainable), default=0)
         temporaries = 2 if params.direction_dtype == "bfloat16" else 1
         forward = 2.0 * n_params * shape.batch_size * shape.seq_len
-        return Cost(state_bytes=2 * direction + point + 8 * params.grid**2, transient_bytes=temporaries * largest,
+        return Cost(state_bytes=2 * direction + point + 8 * params.grid**2,
+                    transient_bytes=temporaries * largest + offloaded_bytes(view),
                     flops=float(params.grid**2 * batches * forward))
 
     @classmethod
@@ -226,7 +233,7 @@ class LossSurface2D(Metric):
         return {"replay_forward": params.grid ** 2 * loss_batches(view, shape, params.max_batches)}
 
     def setup(self) -> None:
-        theta = self._theta()
+        theta = trainable_model(self.view).weights
         gen = torch.Generator().manual_seed(self.params.direction_seed)
         rows = output_row_dims(self.view.model)
         self.delta = self._direction(theta, gen, rows)
@@ -244,9 +251,6 @@ class LossSurface2D(Metric):
                                 self.params.one_dim)
         return {n: t.to(torch.bfloat16) for n, t in d.items()} if self.params.direction_dtype == "bfloat16" else d
 
-    def _theta(self) -> Tensors:
-        return {n: p.detach() for n, p in self.view.model.named_parameters() if p.requires_grad}
-
     def update(self, step: Step) -> None:
         if self.params.max_batches is not None and self.batches >= self.params.max_batches:
             return
@@ -255,8 +259,9 @@ class LossSurface2D(Metric):
         if n == 0:
             return
         coords = torch.linspace(-self.params.span, self.params.span, self.params.grid, dtype=torch.float64)
-        values = surface(lambda p: batch_loss(view, batch, targets, p), self._theta(), self.delta, self.eta, coords,
-                         self.point)
+        model = trainable_model(view)
+        values = surface(lambda p: batch_loss(view, batch, targets, p, model), model.weights, self.delta, self.eta,
+                         coords, self.point)
         self.sums += values * n
         self.tokens += n
         self.batches += 1

@@ -23,6 +23,7 @@ from tensorscope_core.plugin_api import (
     MetricResult,
     ModelSetMetric,
     ModelView,
+    OneDeviceModel,
     Params,
     RunShape,
     ScalarValue,
@@ -30,6 +31,7 @@ from tensorscope_core.plugin_api import (
     Step,
     TextValue,
     batch_loss,
+    offloaded_bytes,
 )
 
 from .flat import WORK_ENTRIES, kth_smallest, pieces
@@ -41,9 +43,10 @@ Masks = dict[str, torch.Tensor]
 def prunable(view: ModelView, include_embeddings: bool) -> dict[str, torch.Tensor]:
     """The weight matrices pruning acts on: every parameter of two or more dimensions inside a
     block (attention and MLP matrices), plus those outside the blocks (embeddings, unembedding)
-    when ``include_embeddings``. Biases and norm gains are never pruned."""
+    when ``include_embeddings``. Biases and norm gains are never pruned. Tied weights once, as the model
+    was built (also on a dispatched model, whose forward may have untied them: ``view.named_parameters``)."""
     layer_of = view.layer_of_parameter()
-    return {n: p.detach() for n, p in view.model.named_parameters()
+    return {n: p.detach() for n, p in view.named_parameters()
             if p.dim() >= 2 and (include_embeddings or layer_of[n] is not None)}
 
 
@@ -172,6 +175,8 @@ class MagnitudeMasks(Metric):
       prunable parameters that have one.
 
     Losses go through a hook-free copy with the masked weights passed in; the model is never modified.
+    On a dispatched model every weight is loaded onto the input device while the cuts are found and while
+    a batch's losses are evaluated (``OneDeviceModel``).
     """
 
     name = "lottery.magnitude_masks"
@@ -179,6 +184,7 @@ class MagnitudeMasks(Metric):
     summary = "global and layer-wise magnitude pruning masks, the loss after pruning, overlap with other masks"
     Params = MasksParams
     artifacts = ("batches",)  # the batches only; losses are recomputed per mask
+    supports_dispatch = True  # its forwards run on OneDeviceModel, which loads a dispatched model's weights
     fields = {"mask/<s>/<param>": "global magnitude mask at sparsity s (True = kept), shaped like the parameter",
               "block_sparsity/<s>": "per block: fraction of its prunable weights removed by the global mask",
               "sparsities": "the sparsities, in increasing order",
@@ -198,14 +204,17 @@ class MagnitudeMasks(Metric):
         """The pruned copy of the prunable weights a loss is evaluated with (``pruned``, their dtype)
         and the loss sums; the masks are kept as cuts (a magnitude and a tie count per mask), made
         again one tensor at a time when used. Results, which finalize makes beside the state: every
-        sparsity's global masks (one byte per prunable entry each)."""
+        sparsity's global masks (one byte per prunable entry each). On a dispatched model, the weights
+        loaded onto the input device while a batch is evaluated and while finalize makes the masks
+        (``offloaded_bytes``)."""
         weights = prunable(view, params.include_embeddings).values()
         pruned = sum(w.numel() * w.element_size() for w in weights)
         masks = len(params.sparsities) * sum(w.numel() for w in weights)
         batches = shape.n_batches if params.max_batches is None else min(shape.n_batches, params.max_batches)
         forward = 2.0 * view.n_params * shape.batch_size * shape.seq_len
-        return Cost(state_bytes=pruned + 8 * (2 * len(params.sparsities) + 2), finalize_bytes=masks,
-                    result_bytes=masks,
+        loaded = offloaded_bytes(view)
+        return Cost(state_bytes=pruned + 8 * (2 * len(params.sparsities) + 2), finalize_bytes=masks + loaded,
+                    transient_bytes=loaded, result_bytes=masks,
                     flops=float((2 * len(params.sparsities) + 1) * batches * forward))
 
     @classmethod
@@ -215,8 +224,12 @@ class MagnitudeMasks(Metric):
         per_batch = 1 + 2 * len(params.sparsities)
         return {"replay_forward": per_batch * loss_batches(view, shape, params.max_batches)}
 
+    def _model(self) -> OneDeviceModel:
+        """The model as a function of the prunable weights (a dispatched model's loaded onto one device)."""
+        return OneDeviceModel(self.view, prunable(self.view, self.params.include_embeddings))
+
     def setup(self) -> None:
-        weights = prunable(self.view, self.params.include_embeddings)
+        weights = self._model().weights
         if not weights:
             raise ValueError(f"{self.view.name} has no weight matrix to prune inside its blocks; "
                              "set include_embeddings=True to prune the embeddings")
@@ -236,18 +249,20 @@ class MagnitudeMasks(Metric):
         n = targets.n_targets
         if n == 0:
             return
-        weights = prunable(view, self.params.include_embeddings)
+        model = self._model()
+        weights = model.weights
         with torch.no_grad():
             # the dense loss by the same arithmetic as the pruned ones: sparsity 0 gives exactly it
-            self.dense += torch.tensor([float(batch_loss(view, batch, targets)) * n, n], dtype=torch.float64)
+            self.dense += torch.tensor([float(batch_loss(view, batch, targets, model=model)) * n, n],
+                                       dtype=torch.float64)
             for col, (cut, cuts) in enumerate(zip(self.global_, self.layerwise, strict=True)):
                 for name, mask in cut.masks(weights):
                     torch.mul(weights[name], mask, out=self.pruned[name])
-                self.sums[0, col] += float(batch_loss(view, batch, targets, self.pruned)) * n
+                self.sums[0, col] += float(batch_loss(view, batch, targets, self.pruned, model)) * n
                 for name, w in weights.items():
                     for _, mask in cuts[name].masks({name: w}):
                         torch.mul(w, mask, out=self.pruned[name])
-                self.sums[1, col] += float(batch_loss(view, batch, targets, self.pruned)) * n
+                self.sums[1, col] += float(batch_loss(view, batch, targets, self.pruned, model)) * n
         self.batches += 1
 
     def finalize(self) -> dict[str, Any]:
@@ -265,7 +280,7 @@ class MagnitudeMasks(Metric):
             "loss_layerwise": SeriesValue(values=losses[1].tolist(), index_name="sparsity"),
             "loss_increase_global": SeriesValue(values=(losses[0] - dense).tolist(), index_name="sparsity")}
         layer_of = self.view.layer_of_parameter()
-        weights = prunable(self.view, self.params.include_embeddings)
+        weights = self._model().weights
         for s, cut in zip(sparsities, self.global_, strict=True):
             label = sparsity_label(s)
             removed = torch.zeros(self.view.n_layers, dtype=torch.float64)
@@ -278,14 +293,13 @@ class MagnitudeMasks(Metric):
                     total[layer] += mask.numel()
             out[f"block_sparsity/{label}"] = LayerValue(values=(removed / total.clamp(min=1)).tolist(), axis="block")
         if self.params.compare_masks is not None:
-            out.update(self._compare())
+            out.update(self._compare(weights))
         return out
 
-    def _compare(self) -> dict[str, Any]:
+    def _compare(self, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
         source = self.params.compare_masks
         result = self.deps[source]  # type: ignore[index]
         prefix = self.params.compare_prefix
-        weights = prunable(self.view, self.params.include_embeddings)
         names = [n for n in weights if f"{prefix}{n}" in result.values]
         if not names:
             fields = sorted(result.values)[:5]

@@ -27,6 +27,8 @@ from tensorscope_core.plugin_api import (
     bootstrap_ci,
     float64_dot,
     float64_sum_of_squares,
+    offloaded_bytes,
+    trainable_model,
 )
 
 from .passes import loss_batches
@@ -150,7 +152,8 @@ class Sharpness(Metric):
       a 95% bootstrap CI over all probes of all batches.
 
     The loss is the run's token loss of each batch through a hook-free copy with the
-    perturbed weights passed in; the model is never modified.
+    perturbed weights passed in; the model is never modified. On a dispatched model every weight is
+    loaded onto the input device for the batch's computation (``trainable_model``).
     """
 
     name = "landscape.sharpness"
@@ -158,6 +161,7 @@ class Sharpness(Metric):
     summary = "SAM sharpness (first-order and multi-step ascent) and the Hutchinson Hessian trace"
     Params = SharpnessParams
     artifacts = ("batches",)  # the batches only: it makes its own passes over them
+    supports_dispatch = True  # its forwards run on trainable_model, which loads a dispatched model's weights
     fields = {"loss": "mean batch loss at theta over the batches used",
               "sharpness_first_order": "mean over batches of L(theta + rho g/||g||) - L(theta)",
               "sharpness_ascent": "mean over batches of the largest increase found by projected gradient ascent",
@@ -171,14 +175,15 @@ class Sharpness(Metric):
         per-batch values. Transient: each backward's activations and, with tied embeddings, the second
         gradient of the embedding until the two are summed; with probes, the Hessian-vector product's
         terms for the [vocab, d] matrix (two of them at once, made while the first backward's graph is
-        held)."""
+        held); on a dispatched model the weights loaded onto the input device (``offloaded_bytes``)."""
         batches = shape.n_batches if params.max_batches is None else min(shape.n_batches, params.max_batches)
         n_params = sum(p.numel() for p in view.model.parameters() if p.requires_grad)
         backward = 6.0 * n_params * shape.batch_size * shape.seq_len
         per_batch = backward * (1 + params.ascent_steps + 2 * params.hutchinson_probes)
         n_probes = batches * params.hutchinson_probes
         copies = 3 * sum(p.numel() * p.element_size() for p in view.model.parameters() if p.requires_grad)
-        transient = act_bytes(view, shape.batch_size, shape.seq_len) + view.tied_embedding_bytes
+        transient = act_bytes(view, shape.batch_size, shape.seq_len) + view.tied_embedding_bytes \
+            + offloaded_bytes(view)
         if params.hutchinson_probes:
             transient += 2 * view.vocab_size * view.d_model * view.dtype_bytes
         return Cost(state_bytes=copies + 8 * (3 * batches + n_probes), transient_bytes=transient,
@@ -211,10 +216,11 @@ class Sharpness(Metric):
         view, batch, targets = self.view, step.batch, step.targets
         if targets.n_targets == 0:
             return
-        theta = {n: p.detach() for n, p in view.model.named_parameters() if p.requires_grad}
+        model = trainable_model(view)
+        theta = model.weights
 
         def loss_fn(params: Tensors) -> torch.Tensor:
-            return batch_loss(view, batch, targets, params)
+            return batch_loss(view, batch, targets, params, model)
 
         k = self.params.hutchinson_probes
         if k:
