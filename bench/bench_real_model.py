@@ -17,9 +17,13 @@ the safetensors weights), whose sum is the RSS. File-backed pages are page cache
 under pressure; the plan declares the anonymous ones. Reported:
 the plan (rungs chosen, metrics left out), wall time, peak RSS against the budget, each metric's status,
 rung, seconds and declared vs measured state. Goal (issue 13): peak RSS under 16 GiB and wall time under
-30 minutes on 2 CPU cores. The whole run against the sum of separate runs of each metric is not measured
-at this size here (51 separate loads and passes of a 135M model take hours on 2 cores); bench_core_v2
-measures the sharing on smaller models.
+30 minutes on 2 CPU cores.
+
+``--separate`` then runs each metric that ended ``ok`` on its own, as a user would without the shared run
+(``tensorscope analyze MODEL --metrics NAME``, same data and budget, a fresh process each: its load, plan,
+passes and the metrics it needs), pinned to the rung the whole run gave it (``--rung``), and reports the
+whole run's wall time against the sum of theirs (goal: at most 0.35). The separate runs take longer than
+the whole one.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-GOALS = {"peak_rss_gib": 16.0, "wall_minutes": 30.0}
+GOALS = {"peak_rss_gib": 16.0, "wall_minutes": 30.0, "whole_vs_sum": 0.35}
 
 
 def real_shaped_llama(folder: Path, quick: bool) -> int:
@@ -106,11 +110,33 @@ def run_cli(args: list[str], threads: int) -> tuple[int, float, float, dict[str,
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     output, _ = child.communicate()
+    wall = time.perf_counter() - start  # before the sampler's last (up to 1 s) sleep ends
     sampler.join()
-    wall = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     split = {k: round(v / 2**20, 2) for k, v in at_peak.items()} | {"RssAnon_max": round(most_anon / 2**20, 2)}
     return child.returncode, wall, peak_kib / 2**20, split, output[-6000:]
+
+
+def separate_runs(common: list[str], whole: dict[str, Any], root: Path, threads: int) -> dict[str, Any]:
+    """Each metric that ended ok in the whole run, alone in a fresh process at the whole run's rung: its
+    wall time, exit code, and its status and seconds there."""
+    out: dict[str, Any] = {}
+    for name, r in sorted(whole.items()):
+        if r["status"] != "ok":
+            continue
+        folder = root / "separate" / name
+        pin = ["--rung", f"{name}={r['rung']}"] if r["rung"] else []
+        args = ["analyze", *common, "--metrics", name, *pin, "--out", str(folder)]
+        code, wall, _, _, tail = run_cli(args, threads)
+        result: dict[str, Any] = {}
+        if code == 0:
+            for model in json.loads((folder / "results.json").read_text())["models"]:
+                result = model["metrics"].get(name, {})
+        out[name] = {"wall_seconds": round(wall, 1), "exit_code": code, "status": result.get("status"),
+                     "seconds": result.get("seconds"), "rung": (result.get("rung") or {}).get("name")}
+        print(f"alone {name}: exit {code}, {wall:.1f} s, {out[name]['status']} at {out[name]['rung']}"
+              + ("" if code == 0 else f"\n{tail[-1500:]}"), flush=True)
+    return out
 
 
 def main() -> None:
@@ -121,18 +147,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "results-real-model.json")
+    parser.add_argument("--separate", action="store_true",
+                        help="then run each metric that ended ok on its own (whole run vs the sum of separate runs)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         n_params = real_shaped_llama(root / "model", args.quick)
         files = token_files(root, 8192 if args.quick else 49152)
-        common = [str(root / "model"), "--metrics", "all", "--data", f"train={files['train']}",
+        common = [str(root / "model"), "--data", f"train={files['train']}",
                   "--data", f"test={files['test']}", "--batch-size", "2", "--max-length", "64",
                   "--device", args.device, *([] if args.budget == "machine" else ["--memory-budget", args.budget])]
-        code, plan_wall, _, _, plan_text = run_cli(["plan", *common], args.threads)
+        code, plan_wall, _, _, plan_text = run_cli(["plan", *common, "--metrics", "all"], args.threads)
         print(plan_text)
-        code, wall, peak_gib, resident, tail = run_cli(["analyze", *common, "--out", str(root / "out")], args.threads)
+        whole = ["analyze", *common, "--metrics", "all", "--out", str(root / "out")]
+        code, wall, peak_gib, resident, tail = run_cli(whole, args.threads)
         print(tail)
         results: dict[str, Any] = {}
         if code == 0:
@@ -146,6 +175,7 @@ def main() -> None:
                 results[name] = {k: r.get(k) for k in ("status", "seconds", "declared_bytes", "measured_bytes",
                                                        "reason")}
                 results[name]["rung"] = (r.get("rung") or {}).get("name")
+        separate = separate_runs(common, results, root, args.threads) if args.separate and code == 0 else {}
     report = {
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
@@ -157,6 +187,13 @@ def main() -> None:
         "met": {"peak_rss": peak_gib < GOALS["peak_rss_gib"], "wall": wall / 60 < GOALS["wall_minutes"]},
         "metrics": results,
     }
+    if separate:
+        alone = sum(r["wall_seconds"] for r in separate.values())
+        report.update({"separate": separate, "separate_wall_seconds": round(alone, 1),
+                       "whole_vs_sum": round(wall / alone, 3)})
+        report["met"]["whole_vs_sum"] = wall / alone <= GOALS["whole_vs_sum"]
+        print(f"whole run {wall:.0f} s against {len(separate)} separate runs {alone:.0f} s: "
+              f"{wall / alone:.3f} (goal <= {GOALS['whole_vs_sum']})")
     args.out.write_text(json.dumps(report, indent=2))
     statuses = [r["status"] for r in results.values()]
     print(f"{n_params:,} parameters: exit {code}, wall {wall / 60:.1f} min, peak RSS {peak_gib:.2f} GiB "
