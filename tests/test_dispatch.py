@@ -13,6 +13,7 @@ import torch
 from tensorscope_core import RunConfig, analyze
 from tensorscope_core.data import builtin_corpus
 from tensorscope_core.errors import UnsupportedModelError
+from tensorscope_core.models.load import Dispatch, ModelSource, load_model
 from tensorscope_core.plugins import get_registry
 from tensorscope_core.results.schema import MetricResult
 from tensorscope_core.scheduler.run import DISPATCH_SKIP
@@ -81,7 +82,10 @@ def test_metrics_that_support_dispatch_give_the_plain_values(runs: tuple[Any, An
     products = ["fisher.lanczos", "hessian.lanczos"]  # their own products through OneDeviceModel's loaded weights
     perturbed = ["landscape.sharpness", "landscape.surface_2d", "lottery.magnitude_masks",
                  "lottery.imp"]  # batch_loss on OneDeviceModel's loaded weights (trainable_model)
-    assert all(plain.get(m).ok and m in supported for m in per_example + param_grad + weights + products + perturbed)
+    heads = ["fisher.grouped", "fisher.spectrum", "fisher.hotspots", "fisher.triangulation",
+             "circuits.qkov_interference"]  # per-head entries through view.head_entries
+    assert all(plain.get(m).ok and m in supported
+               for m in per_example + param_grad + weights + products + perturbed + heads)
     for name in supported:
         a, b = plain.get(name), dispatched.get(name)
         if a.status == "skipped":  # too little data for it here (e.g. a plug-in estimate's sample floor)
@@ -104,6 +108,29 @@ def test_the_others_say_why_they_are_skipped(runs: tuple[Any, Any, list[str], An
         assert result.status == "skipped", (name, result.status, result.reason)
         assert result.reason is not None
         assert result.reason == DISPATCH_SKIP or result.reason.startswith("dependency") or "needs" in result.reason
+
+
+@pytest.mark.parametrize("device_map", [OFFLOADED, EMBEDDING_OFFLOADED], ids=["block", "embedding"])
+def test_head_and_unit_entries_of_a_dispatched_model_index_its_weights(tmp_path: Path, device_map: Any) -> None:
+    """The entries read from a dispatched model (its attention loaded from disk for the read) are the plain
+    model's, and indexing the plain parameters with them gives the adapter's per-head weights exactly."""
+    folder = tiny_model("gpt2", tmp_path / "gpt2")
+    registry = get_registry()
+    plain = load_model(ModelSource(str(folder)), registry.adapters)
+    dispatched = load_model(ModelSource(str(folder)), registry.adapters, dispatch=Dispatch(
+        device_map=device_map, max_memory=None, offload_dir=tmp_path / "offload", dtype="float32"))
+    assert any(p.is_meta for p in dispatched.model.parameters())
+    params = dict(plain.model.named_parameters())
+    for layer in range(plain.n_layers):
+        entries, weights = dispatched.head_entries(layer), plain.head_weights(layer)
+        assert entries == plain.head_entries(layer)
+        for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"):
+            e = getattr(entries, name)
+            assert torch.equal(params[e.name].detach().reshape(-1)[e.index()], getattr(weights, name)), name
+        mlp = dispatched.mlp_out[layer]
+        out = dispatched.parameter_entries(mlp, lambda m=mlp: [m.weight[1:3]])[0]
+        assert out is not None and torch.equal(params[out.name].detach().reshape(-1)[out.index()],
+                                               plain.mlp_out[layer].weight.detach()[1:3])
 
 
 def test_device_map_needs_a_model_folder(tmp_path: Path) -> None:

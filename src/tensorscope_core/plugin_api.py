@@ -19,7 +19,8 @@ What is here, by job:
   kept for second-order products), ``first_tensor``; the value of the
   core's ``per_example_grads`` artifact, ``ExampleGrads``, its ``example_grads_layout`` and the
   seeded ``draw_labels`` it samples labels with;
-- the model vocabulary: ``ModelView``, ``HeadWeights``, ``linear_out_in``, ``model_view``;
+- the model vocabulary: ``ModelView``, ``HeadWeights``, ``linear_out_in``, ``model_view``; ``ParameterEntries``
+  and ``HeadEntries`` (which parameter entries a per-head view covers, also on a dispatched model);
 - data: ``Batch``, ``PreparedData``, ``LossTargets``, ``tasks_skip_reason``;
 - per-example stores: ``GradientStore`` (rows raw, int8-quantised or count-sketch projected,
   ``StoreBacking`` in memory or on disk), ``CountSketch``, ``row_squares``;
@@ -74,7 +75,7 @@ from .models.activations import block_saved_bytes
 from .models.adapters.base import linear_out_in
 from .models.load import model_view
 from .models.resume import recorded_blocks, resumed_at
-from .models.view import HeadWeights, ModelView
+from .models.view import HeadEntries, HeadWeights, ModelView, ParameterEntries
 from .numerics import float64_dot, float64_sum_of_squares, js_divergence_bits, sum_of_squares
 from .per_example import per_example_calls, per_example_grads
 from .results.analysis import Interpretation, ModelOrder
@@ -122,6 +123,7 @@ __all__ = [
     "EmptyDataError",
     "ExampleGrads",
     "HeadValue",
+    "HeadEntries",
     "HeadWeights",
     "Interpretation",
     "LayerValue",
@@ -133,6 +135,7 @@ __all__ = [
     "ModelView",
     "NoParams",
     "NotApplicable",
+    "ParameterEntries",
     "Params",
     "PreparedData",
     "RunShape",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -37,6 +37,58 @@ class HeadWeights:
         b_V = None if self.b_V is None else self.b_V[index]
         return HeadWeights(self.W_Q, self.W_K[index], self.W_V[index], self.W_O, self.b_Q, b_K, b_V,
                            tuple(range(len(self.kv_head_of))))
+
+
+@dataclass(frozen=True)
+class ParameterEntries:
+    """Which entries of one parameter a view of it covers, kept apart from the parameter's data.
+
+    ``name`` as in ``model.named_parameters()``, the parameter's ``numel``, and the view's ``shape``,
+    ``stride`` and ``offset`` into it. A dispatched model's weights are loaded copies that live only
+    while read, so a metric that indexes gradients or Fisher values per head keeps these instead of
+    the views (``ModelView.parameter_entries``, ``ModelView.head_entries``).
+    """
+
+    name: str
+    numel: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+    def index(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[shape] positions of the view's entries in the flattened parameter (``device="meta"``: the shape
+        and strides alone, for sizing without listing billions of entries)."""
+        return torch.arange(self.numel, device=device).as_strided(self.shape, self.stride, self.offset)
+
+
+@dataclass(frozen=True)
+class HeadEntries:
+    """``HeadWeights`` as ``ParameterEntries``: the same fields, shapes and strides."""
+
+    W_Q: ParameterEntries
+    W_K: ParameterEntries
+    W_V: ParameterEntries
+    W_O: ParameterEntries
+    b_Q: ParameterEntries | None
+    b_K: ParameterEntries | None
+    b_V: ParameterEntries | None
+    kv_head_of: tuple[int, ...]
+
+
+def _entries_of(view: torch.Tensor, params: list[tuple[str, nn.Parameter]]) -> ParameterEntries:
+    """The parameter ``view`` is a view of (its autograd base; else the parameter whose storage it shares)
+    and the view's geometry in it."""
+    base = view if view._base is None else view._base
+    hit = next(((n, p) for n, p in params if p is base), None)
+    if hit is None and not view.is_meta:  # an alias that is no autograd view (a detached parameter)
+        ptr = view.untyped_storage().data_ptr()
+        hit = next(((n, p) for n, p in params if not p.is_meta and p.untyped_storage().data_ptr() == ptr), None)
+    if hit is None or not hit[1].is_contiguous():
+        raise ValueError("the adapter's per-head weights and MLP projections must be views of the model's "
+                         "(contiguous) parameters; this one returned a copy")
+    name, p = hit
+    return ParameterEntries(name, p.numel(), tuple(view.shape), tuple(view.stride()),
+                            int(view.storage_offset() - p.storage_offset()))
 
 
 @dataclass
@@ -155,6 +207,15 @@ class ModelView:
                 raise TypeError(f"{type(module).__name__} has no weight tensor")
             return weight.detach() if self.device_map is None else weight.detach().clone()
 
+    def read_parameter(self, name: str) -> torch.Tensor:
+        """The parameter ``name`` (as in ``model.named_parameters()``), detached and readable: a plain model's
+        own tensor, a copy of a dispatched model's (its module loaded for the read when offloaded)."""
+        owner, _, attr = name.rpartition(".")
+        module = self.model.get_submodule(owner)
+        with self.onloaded(module):
+            weight = getattr(module, attr).detach()
+            return weight if self.device_map is None else weight.clone()
+
     def head_weights(self, layer: int) -> HeadWeights:
         """Layer ``layer``'s per-head weight factors (a dispatched model's loaded, and copied)."""
         if self.head_weights_fn is None:
@@ -165,6 +226,31 @@ class ModelView:
             weights = self.head_weights_fn(layer)
             return replace(weights, **{f.name: getattr(weights, f.name).detach().clone() for f in fields(weights)
                                        if isinstance(getattr(weights, f.name), torch.Tensor)})
+
+    def parameter_entries(self, module: nn.Module,
+                          pick: Callable[[], Sequence[torch.Tensor | None]]) -> list[ParameterEntries | None]:
+        """Which parameter entries each tensor that ``pick()`` returns covers (None stays None). ``pick``
+        slices, reshapes or transposes ``module``'s weights (views, never copies) and runs while they are
+        readable: a dispatched model's offloaded module is loaded for the call. The entries outlive it."""
+        with self.onloaded(module):
+            params = list(self.model.named_parameters())
+            return [None if t is None else _entries_of(t, params) for t in pick()]
+
+    def head_entries(self, layer: int) -> HeadEntries:
+        """Layer ``layer``'s ``head_weights`` as the parameter entries they cover (also when dispatched, where
+        ``head_weights`` returns copies)."""
+        fn = self.head_weights_fn
+        if fn is None:
+            raise NotImplementedError(f"the {self.family} adapter does not map per-head weights")
+        names = [f.name for f in fields(HeadWeights) if f.name != "kv_head_of"]
+        read: list[HeadWeights] = []
+
+        def pick() -> list[torch.Tensor | None]:
+            read.append(fn(layer))
+            return [getattr(read[0], n) for n in names]
+
+        found = self.parameter_entries(self.attn[layer], pick)
+        return HeadEntries(**dict(zip(names, found, strict=True)), kv_head_of=read[0].kv_head_of)  # type: ignore[arg-type]
 
     @property
     def kv_head_of(self) -> tuple[int, ...]:

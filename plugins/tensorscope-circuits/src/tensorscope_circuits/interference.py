@@ -81,6 +81,7 @@ class QKOVInterference(Metric):
     """
 
     name = "circuits.qkov_interference"
+    supports_dispatch = True  # reads its needed metrics' results only
     version = "1"
     summary = "per-head Fisher overlap of the tasks on QK and OV parameters: contested and task-exclusive heads"
     Params = InterferenceParams

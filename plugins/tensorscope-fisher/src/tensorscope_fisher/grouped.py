@@ -15,6 +15,7 @@ from tensorscope_core.plugin_api import (
     Metric,
     ModelView,
     NoParams,
+    ParameterEntries,
     PreparedData,
     RunShape,
     ScalarValue,
@@ -23,72 +24,62 @@ from tensorscope_core.plugin_api import (
 
 from .diagonal import diagonal_kinds, diagonal_tasks, read_diagonal
 
-Index = tuple[str, torch.Tensor]  # a parameter and flat indices into it
-
-
-def entries_of(view_tensor: torch.Tensor, params: Mapping[str, nn.Parameter]) -> Index:
-    """The parameter that ``view_tensor`` is a view of, and the flat index of each of its entries
-    in that parameter (shaped like ``view_tensor``): reshapes, transposes and splits of a
-    parameter are followed exactly through their strides."""
-    ptr = view_tensor.untyped_storage().data_ptr()
-    for name, p in params.items():
-        if p.untyped_storage().data_ptr() == ptr and p.is_contiguous():
-            offset = view_tensor.storage_offset() - p.storage_offset()
-            return name, torch.arange(p.numel()).as_strided(tuple(view_tensor.shape), view_tensor.stride(), offset)
-    raise ValueError("fisher.grouped needs the adapter's per-head weights and MLP projections to be views of the "
-                     "model's (contiguous) parameters; this one returned a copy")
-
 
 def head_sums(view: ModelView, layer: int, diag: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(qk, ov) [n_heads] for one layer: per query head, the diagonal summed over its W_Q (and b_Q)
     and over W_O's rows that read its output, plus 1/g of its key/value head's W_K, b_K (for qk) and
     W_V, b_V (for ov), g the number of query heads that share that key/value head."""
-    params = dict(view.model.named_parameters())
-    hw = view.head_weights(layer)
-    kv = torch.tensor(hw.kv_head_of)
-    share = torch.bincount(kv, minlength=hw.W_K.shape[0]).double()
+    heads = view.head_entries(layer)
+    kv = torch.tensor(heads.kv_head_of)
+    share = torch.bincount(kv, minlength=heads.W_K.shape[0]).double()
 
-    def per_head(t: torch.Tensor | None, n: int) -> torch.Tensor:
-        if t is None:
+    def per_head(entries: ParameterEntries | None, n: int) -> torch.Tensor:
+        if entries is None:
             return torch.zeros(n, dtype=torch.float64)
-        name, idx = entries_of(t, params)
-        return diag[name].reshape(-1)[idx].reshape(n, -1).sum(dim=1)
+        return diag[entries.name].reshape(-1)[entries.index()].reshape(n, -1).sum(dim=1)
 
-    n_q, n_kv = hw.W_Q.shape[0], hw.W_K.shape[0]
-    q = per_head(hw.W_Q, n_q) + per_head(hw.b_Q, n_q)
-    k = (per_head(hw.W_K, n_kv) + per_head(hw.b_K, n_kv)) / share
-    v = (per_head(hw.W_V, n_kv) + per_head(hw.b_V, n_kv)) / share
-    o = per_head(hw.W_O, n_q)
+    n_q, n_kv = heads.W_Q.shape[0], heads.W_K.shape[0]
+    q = per_head(heads.W_Q, n_q) + per_head(heads.b_Q, n_q)
+    k = (per_head(heads.W_K, n_kv) + per_head(heads.b_K, n_kv)) / share
+    v = (per_head(heads.W_V, n_kv) + per_head(heads.b_V, n_kv)) / share
+    o = per_head(heads.W_O, n_q)
     return q + k[kv], v[kv] + o
 
 
-def mlp_unit_parts(view: ModelView, layer: int) -> list[tuple[Index, int]]:
-    """The entries of each MLP hidden unit: (parameter, flat indices [d_mlp, ...]) and the axis of
-    the unit. The projections into the hidden units are the block's Linear / Conv1D modules
-    outside attention with a multiple of d_mlp outputs (rows of [out, in], their biases; a fused
-    gate-and-up projection is split into its d_mlp-row parts); the projection out is
+def _unit_rows(module: nn.Module, d_mlp: int) -> list[torch.Tensor | None]:
+    """A projection into the hidden units as d_mlp-row parts of its [out, in] weight, each followed by
+    the same rows of its bias (None without one); a fused one (Phi-3's gate_up_proj: gate rows, then up
+    rows) has several parts."""
+    weight, bias = linear_out_in(module), getattr(module, "bias", None)
+    parts: list[torch.Tensor | None] = []
+    for k in range(weight.shape[0] // d_mlp):
+        rows = slice(k * d_mlp, (k + 1) * d_mlp)
+        parts += [weight[rows], None if bias is None else bias[rows]]
+    return parts
+
+
+def mlp_unit_parts(view: ModelView, layer: int) -> list[tuple[ParameterEntries, int]]:
+    """The entries of each MLP hidden unit: (parameter entries [d_mlp, ...]) and the axis of the unit.
+    The projections into the hidden units are the block's Linear / Conv1D modules outside attention
+    with a multiple of d_mlp outputs (rows of [out, in], their biases); the projection out is
     ``mlp_out[layer]`` (its columns). Its bias is not per unit (it counts in the block)."""
-    params = dict(view.model.named_parameters())
     attn = {id(m) for m in view.attn[layer].modules()}
     out_module = view.mlp_out[layer]
-    parts: list[tuple[Index, int]] = []
+    parts: list[tuple[ParameterEntries, int]] = []
     for module in view.blocks[layer].modules():
         if id(module) in attn or module is out_module or not hasattr(module, "weight") or \
                 type(module).__name__ not in ("Linear", "Conv1D"):
             continue
-        weight = linear_out_in(module)
-        if weight.shape[0] % view.d_mlp:
+        if linear_out_in(module).shape[0] % view.d_mlp:  # shapes are readable without loading the weights
             continue
-        # d_mlp rows per projection; a fused one (Phi-3's gate_up_proj: gate rows, then up rows) is k of them
-        for k in range(weight.shape[0] // view.d_mlp):
-            rows = slice(k * view.d_mlp, (k + 1) * view.d_mlp)
-            parts.append((entries_of(weight[rows], params), 0))
-            if getattr(module, "bias", None) is not None:
-                parts.append((entries_of(module.bias[rows], params), 0))  # type: ignore[index]
+        found = view.parameter_entries(module, lambda m=module: _unit_rows(m, view.d_mlp))  # type: ignore[misc]
+        parts += [(entries, 0) for entries in found if entries is not None]
     if not parts:
         raise ValueError(f"found no projection into the {view.d_mlp} MLP hidden units in block {layer} "
                          f"of {view.name}")
-    parts.append((entries_of(linear_out_in(out_module), params), 1))
+    out = view.parameter_entries(out_module, lambda: [linear_out_in(out_module)])[0]
+    assert out is not None
+    parts.append((out, 1))
     return parts
 
 
@@ -109,6 +100,7 @@ class FisherGrouped(Metric):
     """
 
     name = "fisher.grouped"
+    supports_dispatch = True  # reads fisher.diagonal's result; head and unit entries from view.head_entries
     version = "1"
     summary = "Fisher diagonal summed per attention head (Q/K/V/O, GQA-aware), per MLP unit and per block"
     requires_metrics = ("fisher.diagonal",)
@@ -155,8 +147,8 @@ class FisherGrouped(Metric):
                 out[seg + "head"] = HeadValue(values=[(a + b).tolist() for a, b in zip(qk, ov, strict=True)])
                 mlp = torch.zeros(view.n_layers, view.d_mlp, dtype=torch.float64)
                 for layer, parts in enumerate(units):
-                    for (name, idx), axis in parts:
-                        values = diag[name].reshape(-1)[idx]
+                    for entries, axis in parts:
+                        values = diag[entries.name].reshape(-1)[entries.index()]
                         mlp[layer] += values.sum(dim=1 - axis) if values.ndim == 2 else values
                 out[seg + "mlp_unit"] = mlp
                 blocks = torch.zeros(view.n_layers + 1, dtype=torch.float64)

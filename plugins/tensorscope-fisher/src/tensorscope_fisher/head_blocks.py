@@ -7,24 +7,23 @@ key/value head ``kv_head_of[h]``, so the heads of one group share, and each cont
 head's entries; the output bias belongs to no head). The MLP of layer ``l`` is every parameter of
 block ``l`` outside its attention module and outside normalisation layers.
 
-The entries are found from the adapter's per-head tensors themselves (``grouped.entries_of``):
+The entries are found from the adapter's per-head tensors themselves (``ModelView.head_entries``):
 they are views of the parameters, and their strides and storage offsets say which entries they
-cover. So every adapter that maps heads works, with no knowledge of its layout here.
+cover. So every adapter that maps heads works, with no knowledge of its layout here, and so does a
+dispatched model (the entries are read while its attention module is loaded).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from tensorscope_core.plugin_api import ModelView
+from tensorscope_core.plugin_api import HeadEntries, ModelView, ParameterEntries
 
 from .fisher_grads import Layout
-from .grouped import entries_of
 
 
 @dataclass(frozen=True)
@@ -57,10 +56,23 @@ class LayerPieces:
         return sum(self.pieces[i].size for i in self.blocks[block])
 
 
-def _entries(params: Mapping[str, nn.Parameter], parts: list[torch.Tensor], layout: Layout) -> torch.Tensor:
-    """The positions in the flat layout of the entries the ``parts`` (views of parameters) cover, sorted, once."""
-    flat = [layout[name][0].start + idx.reshape(-1) for name, idx in (entries_of(p, params) for p in parts)]
+Part = tuple[ParameterEntries, int]  # a factor's entries, and which head's slice of it
+
+
+def _entries(parts: list[Part], layout: Layout) -> torch.Tensor:
+    """The positions in the flat layout of the entries the ``parts`` cover, sorted, once."""
+    flat = [layout[e.name][0].start + e.index()[h].reshape(-1) for e, h in parts]
     return torch.from_numpy(np.unique(torch.cat(flat).numpy()))  # numpy's sort: ~50x torch's on the CPU
+
+
+def _head_parts(heads: HeadEntries, n_heads: int) -> list[list[Part]]:
+    """Per query head its own factors' slices (W_Q[h], W_O[h], b_Q[h]), then per key/value head its
+    (W_K, W_V, b_K, b_V)."""
+    own = [[(heads.W_Q, h), (heads.W_O, h), *([(heads.b_Q, h)] if heads.b_Q is not None else [])]
+           for h in range(n_heads)]
+    shared = [[(heads.W_K, kv), (heads.W_V, kv), *[(b, kv) for b in (heads.b_K, heads.b_V) if b is not None]]
+              for kv in range(max(heads.kv_head_of) + 1)]
+    return [*own, *shared]
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -80,14 +92,10 @@ def layer_pieces(view: ModelView, layer: int, layout: Layout) -> LayerPieces:
     W_V, b_K, b_V), and the MLP; head h's block sums its own piece and its key/value head's (raises
     NotImplementedError when the adapter maps no heads, ValueError when its per-head weights are copies
     rather than views of the parameters)."""
-    params = dict(view.model.named_parameters())
-    hw = view.head_weights(layer)
-    own = [[hw.W_Q[h], hw.W_O[h], *([hw.b_Q[h]] if hw.b_Q is not None else [])] for h in range(view.n_heads)]
-    shared = [[hw.W_K[kv], hw.W_V[kv], *[b[kv] for b in (hw.b_K, hw.b_V) if b is not None]]
-              for kv in range(max(hw.kv_head_of) + 1)]
-    pieces = [Piece(_runs(_entries(params, parts, layout))) for parts in [*own, *shared]]
+    heads = view.head_entries(layer)
+    pieces = [Piece(_runs(_entries(parts, layout))) for parts in _head_parts(heads, view.n_heads)]
     pieces.append(Piece(_mlp_runs(view, layer, layout)))
-    blocks = [(h, view.n_heads + hw.kv_head_of[h]) for h in range(view.n_heads)]
+    blocks = [(h, view.n_heads + heads.kv_head_of[h]) for h in range(view.n_heads)]
     return LayerPieces(pieces, [*blocks, (len(pieces) - 1,)])
 
 
@@ -108,11 +116,9 @@ def layer_piece_sizes(view: ModelView, layer: int, layout: Layout) -> list[tuple
     """(entries, runs) of each of ``layer_pieces``' pieces, from the per-head views' shapes and strides
     alone: what sizing a plan needs, without listing the entries (a 7B model has billions). Runs are an
     upper bound (parts that happen to abut count apart)."""
-    hw = view.head_weights(layer)
-    own = [[hw.W_Q[h], hw.W_O[h], *([hw.b_Q[h]] if hw.b_Q is not None else [])] for h in range(view.n_heads)]
-    shared = [[hw.W_K[kv], hw.W_V[kv], *[b[kv] for b in (hw.b_K, hw.b_V) if b is not None]]
-              for kv in range(max(hw.kv_head_of) + 1)]
-    sizes = [(sum(p.numel() for p in parts), sum(_contiguous_runs(p) for p in parts)) for parts in [*own, *shared]]
+    heads = [[e.index("meta")[h] for e, h in parts]
+             for parts in _head_parts(view.head_entries(layer), view.n_heads)]
+    sizes = [(sum(p.numel() for p in parts), sum(_contiguous_runs(p) for p in parts)) for parts in heads]
     mlp = _mlp_runs(view, layer, layout)
     return [*sizes, (int((mlp[:, 1] - mlp[:, 0]).sum()), mlp.shape[0])]
 

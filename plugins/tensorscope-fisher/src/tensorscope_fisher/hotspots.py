@@ -131,6 +131,7 @@ class FisherHotspots(Metric):
     """
 
     name = "fisher.hotspots"
+    supports_dispatch = True  # reads fisher.grouped's results only
     version = "2"
     summary = "FIM hotspots: per-head categories (critical / high_potential / moderate), scores and a guide"
     Params = HotspotParams

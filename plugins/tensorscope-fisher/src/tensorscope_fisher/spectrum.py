@@ -147,6 +147,7 @@ class Spectrum(Metric):
     """
 
     name = "fisher.spectrum"
+    supports_dispatch = True  # reads the core's per-example rows; its head pieces come from view.head_entries
     version = "1"
     #: attn_trace is the trace of a head's Fisher block, the quantity fisher.grouped computes as true/head
     #: (and true/head_ov on the same parameters): equal by definition, never a finding
@@ -174,7 +175,6 @@ class Spectrum(Metric):
     @classmethod
     def skip_reason(cls, params: SpectrumParams, view: ModelView, data: PreparedData | None) -> str | None:
         try:
-            view.head_weights(0)
             layer_pieces(view, 0, layout_of(view))
         except (NotImplementedError, ValueError) as exc:
             return f"fisher.spectrum needs the model's per-head weights: {exc}"

@@ -142,6 +142,7 @@ class Triangulation(Metric):
     """
 
     name = "fisher.triangulation"
+    supports_dispatch = True  # reads its needed metrics' results only
     version = "1"
     summary = "curvature triangulation: trace and top eigenvalues from diagonal, grouped, K-FAC, Lanczos, spectrum"
     Params = TriangulationParams

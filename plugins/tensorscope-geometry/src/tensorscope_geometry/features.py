@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,6 +95,7 @@ class SuperpositionFeatures(Metric):
     summary = "feature dimensionality, interference, |cos| vs the Welch bound, frame potential, regime"
     Params = FeaturesParams
     artifacts = ("weights",)
+    supports_dispatch = True  # reads one matrix at a time through weight_of / read_parameter (loaded copies)
     fields = {"d_over_n": "d / n per matrix", "dimensions_per_feature": "Elhage D* = d / ||F||_F^2",
               "mean_feature_dimensionality": "mean D_i", "mean_interference": "mean sum_{j!=i} (f^_i . f_j)^2",
               "max_interference": "max over features of the same", "gram_offdiag_rms": "RMS of f_i . f_j, i != j",
@@ -122,9 +124,10 @@ class SuperpositionFeatures(Metric):
         # the stacked [n_matrices, n] float64 D_i and interference, when every matrix has the same n
         results = 16 * features if len({n for n, _ in shapes}) == 1 else 0
         # finalize reads one matrix at a time (frame_working_bytes), beside every matrix's two [n] float64
-        # statistics, their stacked copy and, for source 'sae', the tensor loaded from the file
+        # statistics, their stacked copy, for source 'sae' the tensor loaded from the file and, on a dispatched
+        # model, the matrix's loaded copy
         working = (max((frame_working_bytes(n, d) for n, d in shapes), default=0) + 16 * features + results
-                   + _loaded_bytes(params))
+                   + _loaded_bytes(params) + _copied_bytes(view, params, shapes))
         return Cost(state_bytes=0, finalize_bytes=working, result_bytes=results, flops=flops)
 
     def finalize(self) -> dict[str, Any]:
@@ -162,6 +165,13 @@ def _loaded_bytes(p: FeaturesParams) -> int:
         return rows * cols * _SAFETENSORS_ITEM_BYTES.get(tensor.get_dtype(), 8)
 
 
+def _copied_bytes(view: ModelView, p: FeaturesParams, shapes: list[tuple[int, int]]) -> int:
+    """A dispatched model's matrix is read as a loaded copy, one at a time (a plain model's are views)."""
+    if view.device_map is None or p.source == "sae":
+        return 0
+    return max((n * d for n, d in shapes), default=0) * view.dtype_bytes
+
+
 _SAFETENSORS_ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
 
 
@@ -173,34 +183,33 @@ def _parameter_names(view: ModelView, p: FeaturesParams) -> list[tuple[str, int 
     return [(pattern, None)]
 
 
-def feature_matrices(view: ModelView, p: FeaturesParams) -> list[tuple[str, int | None, torch.Tensor]]:
-    """(label, layer, features [n, d] as rows) for the chosen source."""
+def feature_matrices(view: ModelView, p: FeaturesParams) -> Iterator[tuple[str, int | None, torch.Tensor]]:
+    """(label, layer, features [n, d] as rows) for the chosen source, one matrix at a time: views of a plain
+    model's weights, loaded copies of a dispatched model's (``weight_of``, ``read_parameter``)."""
     if p.source == "mlp_out":
-        return [(f"mlp_out {layer}", layer, linear_out_in(module).detach().T) for layer, module in
-                enumerate(view.mlp_out)]
-    if p.source == "embed":
-        return [("embed", None, view.embed.weight.detach())]
-    if p.source == "unembed":
-        weight = getattr(view.unembed, "weight", None)
-        assert isinstance(weight, torch.Tensor)  # skip_reason checked it
-        return [("unembed", None, weight.detach())]
-    if p.source == "sae":
+        for index, module in enumerate(view.mlp_out):
+            yield f"mlp_out {index}", index, linear_out_in(module, view.weight_of(module)).T
+    elif p.source == "embed":
+        yield "embed", None, view.weight_of(view.embed)
+    elif p.source == "unembed":
+        assert view.unembed is not None  # skip_reason checked it
+        yield "unembed", None, view.weight_of(view.unembed)
+    elif p.source == "sae":
         from safetensors import safe_open
 
         with safe_open(str(p.path), framework="pt") as f:
             m = f.get_tensor(str(p.tensor))
-        return [(f"{Path(str(p.path)).name}:{p.tensor}", None, m if p.features_along == "rows" else m.T)]
-    params = dict(view.model.named_parameters())
-    out = []
-    for name, layer in _parameter_names(view, p):
-        if name not in params:
-            matrices = [k for k, v in params.items() if v.ndim == 2][:6]
-            raise ValueError(f"{view.name} has no parameter '{name}'; its matrices include {matrices}")
-        w = params[name].detach()
-        if w.ndim != 2:
-            raise ValueError(f"parameter '{name}' has shape {tuple(w.shape)}: a matrix is needed")
-        out.append((name, layer, w if p.features_along == "rows" else w.T))
-    return out
+        yield f"{Path(str(p.path)).name}:{p.tensor}", None, m if p.features_along == "rows" else m.T
+    else:
+        params = dict(view.model.named_parameters())
+        for name, layer in _parameter_names(view, p):
+            if name not in params:
+                matrices = [k for k, v in params.items() if v.ndim == 2][:6]
+                raise ValueError(f"{view.name} has no parameter '{name}'; its matrices include {matrices}")
+            if params[name].ndim != 2:
+                raise ValueError(f"parameter '{name}' has shape {tuple(params[name].shape)}: a matrix is needed")
+            w = view.read_parameter(name)
+            yield name, layer, w if p.features_along == "rows" else w.T
 
 
 def features_fields(stats: list[tuple[str, int | None, FrameStats]], p: FeaturesParams) -> dict[str, Any]:
