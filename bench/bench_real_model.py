@@ -117,12 +117,13 @@ def run_cli(args: list[str], threads: int) -> tuple[int, float, float, dict[str,
     return child.returncode, wall, peak_kib / 2**20, split, output[-6000:]
 
 
-def separate_runs(common: list[str], whole: dict[str, Any], root: Path, threads: int) -> dict[str, Any]:
-    """Each metric that ended ok in the whole run, alone in a fresh process at the whole run's rung: its
-    wall time, exit code, and its status and seconds there."""
+def separate_runs(common: list[str], whole: dict[str, Any], root: Path, threads: int,
+                  only: set[str] | None = None) -> dict[str, Any]:
+    """Each metric that ended ok in the whole run (of ``only``, when given), alone in a fresh process at the
+    whole run's rung: its wall time, exit code, and its status and seconds there."""
     out: dict[str, Any] = {}
     for name, r in sorted(whole.items()):
-        if r["status"] != "ok":
+        if r["status"] != "ok" or (only is not None and name not in only):
             continue
         folder = root / "separate" / name
         pin = ["--rung", f"{name}={r['rung']}"] if r["rung"] else []
@@ -149,6 +150,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results-real-model.json")
     parser.add_argument("--separate", action="store_true",
                         help="then run each metric that ended ok on its own (whole run vs the sum of separate runs)")
+    parser.add_argument("--separate-only", default=None,
+                        help="comma-separated metrics: run only these separately (to complete an earlier "
+                             "run's separate runs; whole_vs_sum then covers only them)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,7 +179,8 @@ def main() -> None:
                 results[name] = {k: r.get(k) for k in ("status", "seconds", "declared_bytes", "measured_bytes",
                                                        "reason")}
                 results[name]["rung"] = (r.get("rung") or {}).get("name")
-        separate = separate_runs(common, results, root, args.threads) if args.separate and code == 0 else {}
+        only = None if args.separate_only is None else set(args.separate_only.split(","))
+        separate = separate_runs(common, results, root, args.threads, only) if args.separate and code == 0 else {}
     report = {
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
