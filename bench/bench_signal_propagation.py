@@ -21,7 +21,7 @@ import torch
 from tensorscope_dynamics.jacobians import block_functions, hutchinson_sums
 from torch.func import jacfwd
 
-from tensorscope_core.plugin_api import model_view
+from tensorscope_core.plugin_api import OneDeviceModel, model_view
 from tensorscope_core.testing import random_token_data, single_thread, tiny_model
 
 N_PROBES = 16
@@ -49,7 +49,7 @@ def bench_model(family: str, d_model: int, seq: int, root: Path) -> list[str]:
     keep[:, 0] = False
     lines = []
     with model_view(model) as view:
-        fns = block_functions(view, ids, mask)
+        fns = block_functions(view, OneDeviceModel(view, []), ids, mask)
         for layer, (fn, x) in enumerate(fns):
             start = time.perf_counter()
             exact = dense_chi(fn, x, keep)

@@ -14,10 +14,11 @@ from tensorscope_core import RunConfig, analyze
 from tensorscope_core.data import builtin_corpus
 from tensorscope_core.errors import UnsupportedModelError
 from tensorscope_core.models.load import Dispatch, ModelSource, load_model
+from tensorscope_core.plugin_api import Metric, NoParams, ScalarValue
 from tensorscope_core.plugins import get_registry
 from tensorscope_core.results.schema import MetricResult
 from tensorscope_core.scheduler.run import DISPATCH_SKIP
-from tensorscope_core.testing import tiny_model
+from tensorscope_core.testing import temporary_plugin, tiny_model
 
 #: GPT-2 (two blocks): block 1 and the final norm on disk, the rest on the CPU
 OFFLOADED = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu", "transformer.h.0": "cpu",
@@ -30,6 +31,8 @@ CONFIG = {"batch_size": 4, "max_batches": 2, "memory_budget": "8GiB"}
 #: two tasks of the built-in corpus, named as the train / test metrics (TracIn terms) want them, so the
 #: per-task metrics (sample and task conflicts, null space) run too
 DATA = {"train": builtin_corpus()[:8], "test": builtin_corpus()[8:16]}
+#: prompt pairs, so that circuits.patching runs (it needs them)
+PARAMS = {"circuits.patching": {"clean": [[5, 6, 7, 8]], "corrupted": [[5, 9, 7, 8]], "answer": [6], "wrong": [9]}}
 
 
 def _numbers(res: Any, name: str) -> dict[str, torch.Tensor]:
@@ -53,11 +56,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, list[str],
     root = tmp_path_factory.mktemp("dispatch")
     folder = tiny_model("gpt2", root / "gpt2")
     metrics = sorted(name for name, cls in get_registry().metrics.items() if cls.scope == "model")
-    plain = analyze(str(folder), DATA, metrics, config=RunConfig(**CONFIG))
-    dispatched = analyze(str(folder), DATA, metrics,
+    plain = analyze(str(folder), DATA, metrics, config=RunConfig(**CONFIG), params=PARAMS)
+    dispatched = analyze(str(folder), DATA, metrics, params=PARAMS,
                          config=RunConfig(**CONFIG, device_map=OFFLOADED, offload_dir=root / "offload"))
     supported = [m for m in metrics if get_registry().metrics[m].supports_dispatch]
-    embedding_offloaded = analyze(str(folder), DATA, supported, config=RunConfig(
+    embedding_offloaded = analyze(str(folder), DATA, supported, params=PARAMS, config=RunConfig(
         **CONFIG, device_map=EMBEDDING_OFFLOADED, offload_dir=root / "offload-embedding"))
     return plain, dispatched, metrics, embedding_offloaded
 
@@ -73,6 +76,7 @@ def test_metrics_that_support_dispatch_give_the_plain_values(runs: tuple[Any, An
     plain, block_offloaded, metrics, embedding_offloaded = runs
     dispatched = block_offloaded if where == "block" else embedding_offloaded
     supported = [m for m in metrics if get_registry().metrics[m].supports_dispatch]
+    assert supported == metrics  # every first-party per-model metric, as the user guide says
     assert sum(plain.get(m).ok for m in supported) >= 20
     per_example = ["fisher.diagonal", "fisher.masks", "gradients.layer_alignment", "gradients.sample_conflicts",
                    "gradients.tracin_terms", "interventions.null_space"]  # the core's per-example pass, dispatched
@@ -84,8 +88,11 @@ def test_metrics_that_support_dispatch_give_the_plain_values(runs: tuple[Any, An
                  "lottery.imp"]  # batch_loss on OneDeviceModel's loaded weights (trainable_model)
     heads = ["fisher.grouped", "fisher.spectrum", "fisher.hotspots", "fisher.triangulation",
              "circuits.qkov_interference"]  # per-head entries through view.head_entries
+    own_copy = ["dynamics.fragility", "dynamics.signal_propagation",
+                "dynamics.plasticity"]  # forwards, block calls and training steps on OneDeviceModel
+    hooked = ["circuits.patching"]  # edited forwards through the model's own dispatching hooks
     assert all(plain.get(m).ok and m in supported
-               for m in per_example + param_grad + weights + products + perturbed + heads)
+               for m in per_example + param_grad + weights + products + perturbed + heads + own_copy + hooked)
     for name in supported:
         a, b = plain.get(name), dispatched.get(name)
         if a.status == "skipped":  # too little data for it here (e.g. a plug-in estimate's sample floor)
@@ -99,15 +106,31 @@ def test_metrics_that_support_dispatch_give_the_plain_values(runs: tuple[Any, An
                                        msg=lambda m, n=name, f=field: f"{n}.{f}: {m}")
 
 
-def test_the_others_say_why_they_are_skipped(runs: tuple[Any, Any, list[str], Any]) -> None:
-    _, dispatched, metrics, _ = runs
-    for name in metrics:
-        result = dispatched.get(name)
-        if get_registry().metrics[name].supports_dispatch:
-            continue
-        assert result.status == "skipped", (name, result.status, result.reason)
-        assert result.reason is not None
-        assert result.reason == DISPATCH_SKIP or result.reason.startswith("dependency") or "needs" in result.reason
+class _ReadsWeights(Metric):
+    """A plugin's metric that reads the parameters directly and does not declare ``supports_dispatch``."""
+
+    name = "t.reads_weights"
+    Params = NoParams
+    artifacts = ("weights",)
+
+    def finalize(self) -> dict[str, Any]:
+        return {"sum": ScalarValue(value=float(sum(p.detach().sum() for p in self.view.model.parameters())))}
+
+
+def test_a_metric_without_dispatch_support_is_skipped_saying_why(tmp_path: Path) -> None:
+    """Every first-party per-model metric supports dispatch now; a plugin's that does not ends skipped with
+    the reason on a dispatched model (and runs on the plain one), and the run's other metrics still run."""
+    folder = tiny_model("gpt2", tmp_path / "gpt2")
+    metrics = ["t.reads_weights", "basic.loss"]
+    with temporary_plugin("t-weights", metrics=[_ReadsWeights], only_installed=["basic"]) as registry:
+        plain = analyze(str(folder), DATA, metrics, config=RunConfig(**CONFIG), registry=registry)
+        dispatched = analyze(str(folder), DATA, metrics, registry=registry, config=RunConfig(
+            **CONFIG, device_map=OFFLOADED, offload_dir=tmp_path / "offload"))
+    assert plain.get("t.reads_weights").ok
+    skipped = dispatched.get("t.reads_weights")
+    assert (skipped.status, skipped.reason) == ("skipped", DISPATCH_SKIP)
+    assert dispatched.get("basic.loss").ok
+    assert dispatched.get("basic.loss").value("loss") == pytest.approx(plain.get("basic.loss").value("loss"), rel=1e-6)
 
 
 @pytest.mark.parametrize("device_map", [OFFLOADED, EMBEDDING_OFFLOADED], ids=["block", "embedding"])

@@ -106,6 +106,30 @@ class OneDeviceModel:
                            for n, b in view.model.named_buffers()})
         self.ties = dict(view.tied_duplicates or {}) if dispatched else {}
         self.fixed.update({dup: self.fixed[name] for dup, name in self.ties.items() if name in self.fixed})
+        self._name_of = {id(m): name for name, m in view.model.named_modules()}
+        self._source = view
+        self._view: ModelView | None = None
+
+    @property
+    def view(self) -> ModelView:
+        """The view of the copy this runs (its blocks, attention, MLP modules ...): hooks and
+        ``recorded_blocks`` / ``resumed_at`` on it act on the forwards of ``self(...)``."""
+        if self._view is None:
+            self._view = _view_of_copy(self._source, self.module)
+        return self._view
+
+    def part(self, module: nn.Module) -> nn.Module:
+        """The copy's module that stands for ``module`` of the view's model (to hook a forward of its own,
+        e.g. noise on the embedding output)."""
+        return self.module.get_submodule(self._name_of[id(module)])
+
+    def call_part(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """``module``'s twin in the copy called on its own (a block, for its Jacobian) with its parameters and
+        buffers from ``weights`` and the fixed ones: a dispatched model's loaded, as in a whole call."""
+        name = self._name_of[id(module)]
+        prefix = f"{name}." if name else ""
+        tensors = {k[len(prefix):]: v for k, v in {**self.fixed, **self.weights}.items() if k.startswith(prefix)}
+        return functional_call(self.part(module), tensors, args=args, kwargs=kwargs)
 
     def __call__(self, weights: Mapping[str, torch.Tensor], **inputs: Any) -> Any:
         """The model's output on ``inputs`` (keyword arguments of its forward) at ``weights`` (names of
@@ -124,20 +148,24 @@ def hook_free_view(view: ModelView) -> ModelView:
     """
     twin_view: ModelView | None = view.extras.get(_VIEW_KEY)
     if twin_view is None:
-        copy_ = hook_free_copy(view)
-        name_of = {id(module): name for name, module in view.model.named_modules()}
-        modules = dict(copy_.named_modules())
-
-        def twin(module: Any) -> Any:
-            return None if module is None else modules[name_of[id(module)]]
-
-        twin_view = dataclasses.replace(
-            view, model=copy_, embed=twin(view.embed), blocks=[twin(m) for m in view.blocks],
-            attn=[twin(m) for m in view.attn], mlp_out=[twin(m) for m in view.mlp_out],
-            attn_out=[twin(m) for m in view.attn_out], final_norm=twin(view.final_norm),
-            unembed=twin(view.unembed), extras={})
+        twin_view = _view_of_copy(view, hook_free_copy(view))
         view.extras[_VIEW_KEY] = twin_view
     return twin_view
+
+
+def _view_of_copy(view: ModelView, copy_: nn.Module) -> ModelView:
+    """``view`` with its model and every mapped part replaced by their twins in ``copy_`` (a deep copy)."""
+    name_of = {id(module): name for name, module in view.model.named_modules()}
+    modules = dict(copy_.named_modules())
+
+    def twin(module: Any) -> Any:
+        return None if module is None else modules[name_of[id(module)]]
+
+    return dataclasses.replace(
+        view, model=copy_, embed=twin(view.embed), blocks=[twin(m) for m in view.blocks],
+        attn=[twin(m) for m in view.attn], mlp_out=[twin(m) for m in view.mlp_out],
+        attn_out=[twin(m) for m in view.attn_out], final_norm=twin(view.final_norm),
+        unembed=twin(view.unembed), extras={})
 
 
 def trainable_model(view: ModelView) -> OneDeviceModel:

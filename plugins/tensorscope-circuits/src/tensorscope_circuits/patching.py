@@ -157,6 +157,7 @@ class ActivationPatching(Metric):
     summary = "activation patching clean -> corrupted: restored logit difference per layer x position and per head"
     Params = PatchingParams
     artifacts = ("weights",)
+    supports_dispatch = True  # its forwards run through the model's own (dispatching) hooks, edited by hooks
     fields = {"resid": "restored fraction per resid entry x position [n_layers + 1, T]",
               "heads": "restored fraction per layer x head (the head's output patched at every position)",
               "logit_diff_clean": "mean logit difference on the clean prompts",
@@ -197,7 +198,7 @@ class ActivationPatching(Metric):
         p = self.params
         clean, corrupted, position, answer, wrong = _checked(p, self.view)
         t = len(clean[0])
-        device = self.view.embed.weight.device
+        device = self.view.input_device  # a dispatched model's embedding may be offloaded (a meta tensor)
 
         def tokens(ids: list[int]) -> torch.Tensor:
             return torch.tensor(ids * len(clean) if len(ids) == 1 else ids, device=device)

@@ -15,6 +15,7 @@ from tensorscope_core.plugin_api import (
     LossTargets,
     Metric,
     ModelView,
+    OneDeviceModel,
     Params,
     RunShape,
     ScalarValue,
@@ -23,8 +24,8 @@ from tensorscope_core.plugin_api import (
     batch_logits,
     bootstrap_ci,
     forward_act_bytes,
-    hook_free_view,
     js_divergence_bits,
+    offloaded_bytes,
 )
 
 CURVE_COLUMNS = ["level", "jsd_bits", "ci_low", "ci_high", "n_sequences"]
@@ -49,35 +50,34 @@ class FragilityParams(Params):
         return self
 
 
-def _direction(view: ModelView, index: int, seed: int) -> dict[str, torch.Tensor]:
+def _direction(weights: dict[str, torch.Tensor], index: int, seed: int) -> dict[str, torch.Tensor]:
     """A seeded Gaussian direction, filter-normalised (Li et al. 2018): each row (output filter)
     of every parameter with 2+ dimensions gets the norm of that row of the weights; 1-D
     parameters (biases, norm gains) are not moved."""
     gen = torch.Generator().manual_seed(seed * 7919 + index)
     out = {}
-    for name, p in view.model.named_parameters():
+    for name, p in weights.items():
         if p.dim() < 2:
             continue
         d = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.device, p.dtype)
-        rows, theta = d.reshape(d.shape[0], -1), p.detach().reshape(p.shape[0], -1)
+        rows, theta = d.reshape(d.shape[0], -1), p.reshape(p.shape[0], -1)
         scale = theta.norm(dim=1, keepdim=True) / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
         out[name] = (rows * scale).reshape(p.shape)
     return out
 
 
 @contextmanager
-def _noisy_embeddings(view: ModelView, sigma: float, gen: torch.Generator) -> Iterator[ModelView]:
-    """The hook-free twin of the model with e + sigma * rms(e) * eps at its token embedding output."""
-    twin = hook_free_view(view)
+def _noisy_embeddings(view: ModelView, model: OneDeviceModel, sigma: float, gen: torch.Generator) -> Iterator[None]:
+    """``model``'s copy with e + sigma * rms(e) * eps at its token embedding output (no capture hooks there)."""
 
     def add_noise(_module: Any, _args: Any, output: torch.Tensor) -> torch.Tensor:
         eps = torch.randn(output.shape, generator=gen, dtype=torch.float32).to(output.device, output.dtype)
         rms = output.detach().float().square().mean(-1, keepdim=True).sqrt().to(output.dtype)
         return output + sigma * rms * eps
 
-    handle = twin.embed.register_forward_hook(add_noise)
+    handle = model.part(view.embed).register_forward_hook(add_noise)
     try:
-        yield twin
+        yield
     finally:
         handle.remove()
 
@@ -104,6 +104,7 @@ class Fragility(Metric):
     summary = "JSD (bits) of predictions under embedding noise and filter-normalised weight noise"
     Params = FragilityParams
     artifacts = ("logits",)
+    supports_dispatch = True  # its forwards run on OneDeviceModel (a dispatched model's weights loaded per batch)
     fields = {
         "input_curve": "table level (sigma), jsd_bits, ci_low, ci_high, n_sequences",
         "weight_curve": "table level (rho), jsd_bits, ci_low, ci_high, n_sequences",
@@ -128,9 +129,10 @@ class Fragility(Metric):
         # the three temporaries of their JS divergence (the mixture and two xlogy terms), and the perturbed
         # forward itself
         probs = 8 * shape.batch_size * shape.seq_len * view.vocab_size
+        # and, on a dispatched model, every weight loaded onto the input device for the batch (OneDeviceModel)
         largest = max(p.numel() * p.element_size() for p in view.model.parameters())
-        working = 2 * view.param_bytes + 2 * largest + 5 * probs + forward_act_bytes(view, shape.batch_size,
-                                                                                   shape.seq_len)
+        working = (2 * view.every_param_bytes + 2 * largest + 5 * probs + offloaded_bytes(view)
+                   + forward_act_bytes(view, shape.batch_size, shape.seq_len))
         return Cost(state_bytes=8 * rows * (len(params.sigmas) + len(params.rhos)), transient_bytes=working)
 
     def setup(self) -> None:
@@ -147,32 +149,32 @@ class Fragility(Metric):
         p = torch.softmax(step["logits"].double(), dim=-1)
         rows = slice(self.filled, self.filled + p.shape[0])
         gen = torch.Generator().manual_seed(self.shape.seed * 1_000_003 + step.batch.index)
+        # the model without capture hooks (a dispatched one's weights loaded onto the input device)
+        model = OneDeviceModel(self.view, [name for name, _ in self.view.named_parameters()])
         with torch.no_grad():
             for i, sigma in enumerate(self.params.sigmas):
-                with _noisy_embeddings(self.view, sigma, gen) as twin:
-                    out = twin.model(
-                        input_ids=targets.model_input, attention_mask=step.batch.attention_mask, use_cache=False
-                    )
-                q = torch.softmax(out.logits.double(), dim=-1)
+                with _noisy_embeddings(self.view, model, sigma, gen):
+                    logits = batch_logits(self.view, step.batch, targets, model=model)
+                q = torch.softmax(logits.double(), dim=-1)
                 self.input_jsd[i, rows] = _per_sequence(js_divergence_bits(p, q), targets)
             sums = torch.zeros(len(self.params.rhos), p.shape[0], dtype=torch.float64)
             for k in range(self.params.n_directions):
-                sums += self._along_direction(k, step, p)
+                sums += self._along_direction(k, step, p, model)
             self.weight_jsd[:, rows] = sums / self.params.n_directions
         self.filled += p.shape[0]
         self.batches += 1
 
-    def _along_direction(self, k: int, step: Step, p: torch.Tensor) -> torch.Tensor:
+    def _along_direction(self, k: int, step: Step, p: torch.Tensor, model: OneDeviceModel) -> torch.Tensor:
         """JSD per sequence [rhos, batch] of the weights moved by rho along direction ``k``. One direction
         and one moved copy of the weights live at a time: each is built in a call whose return frees it
         (a loop variable would keep the previous copy alive while the next one is built)."""
-        direction = _direction(self.view, k, self.shape.seed)
-        return torch.stack([self._moved_jsd(direction, rho, step, p) for rho in self.params.rhos])
+        direction = _direction(model.weights, k, self.shape.seed)
+        return torch.stack([self._moved_jsd(direction, rho, step, p, model) for rho in self.params.rhos])
 
-    def _moved_jsd(self, direction: dict[str, torch.Tensor], rho: float, step: Step, p: torch.Tensor) -> torch.Tensor:
-        theta = dict(self.view.model.named_parameters())
-        moved = {n: theta[n].detach() + rho * d for n, d in direction.items()}
-        q = torch.softmax(batch_logits(self.view, step.batch, step.targets, moved).double(), dim=-1)
+    def _moved_jsd(self, direction: dict[str, torch.Tensor], rho: float, step: Step, p: torch.Tensor,
+                   model: OneDeviceModel) -> torch.Tensor:
+        moved = {n: model.weights[n] + rho * d for n, d in direction.items()}
+        q = torch.softmax(batch_logits(self.view, step.batch, step.targets, moved, model).double(), dim=-1)
         return _per_sequence(js_divergence_bits(p, q), step.targets)
 
     def _curve(self, levels: list[float], jsd: torch.Tensor) -> tuple[TableValue, ScalarValue]:

@@ -13,36 +13,39 @@ import torch
 from torch import nn
 from torch.func import jvp, vmap
 
-from tensorscope_core.plugin_api import ModelView, hook_free_view
+from tensorscope_core.plugin_api import ModelView, OneDeviceModel
 
 BlockFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def block_functions(
-    view: ModelView, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    view: ModelView, model: OneDeviceModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> list[tuple[BlockFn, torch.Tensor]]:
-    """Per block, (x -> block output, the block's input on this batch), from one forward of the
-    hook-free copy (one ``replay_forward``: the run's capture hooks never see it)."""
-    twin = hook_free_view(view)
+    """Per block, (x -> block output, the block's input on this batch), from one forward of ``model``
+    (``OneDeviceModel(view, [])``: the copy without capture hooks, a dispatched model's weights loaded;
+    one ``replay_forward``), each block then called alone through ``model.call_part``."""
+    copies = [model.part(block) for block in view.blocks]
     captured: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
     handles = [
-        block.register_forward_pre_hook(
+        copy.register_forward_pre_hook(
             lambda _m, args, kwargs, i=i: captured.__setitem__(i, (args, dict(kwargs))), with_kwargs=True
         )
-        for i, block in enumerate(twin.blocks)
+        for i, copy in enumerate(copies)
     ]
     try:
         with torch.no_grad():
-            twin.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(model.weights, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return [_bound(block, *captured[i]) for i, block in enumerate(twin.blocks)]
+    return [_bound(model, block, *captured[i]) for i, block in enumerate(view.blocks)]
 
 
-def _bound(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[BlockFn, torch.Tensor]:
+def _bound(model: OneDeviceModel, block: nn.Module, args: tuple[Any, ...],
+           kwargs: dict[str, Any]) -> tuple[BlockFn, torch.Tensor]:
     def call(x: torch.Tensor) -> torch.Tensor:
-        out = block(x, *args[1:], **kwargs) if args else block(**{**kwargs, "hidden_states": x})
+        out = model.call_part(block, x, *args[1:], **kwargs) if args else \
+            model.call_part(block, **{**kwargs, "hidden_states": x})
         return out[0] if isinstance(out, (tuple, list)) else out
 
     return call, (args[0] if args else kwargs["hidden_states"])

@@ -13,6 +13,7 @@ from tensorscope_core.plugin_api import (
     LayerValue,
     Metric,
     ModelView,
+    OneDeviceModel,
     Params,
     RunShape,
     ScalarValue,
@@ -20,7 +21,7 @@ from tensorscope_core.plugin_api import (
     TextValue,
     act_bytes,
     batch_logits,
-    hook_free_view,
+    offloaded_bytes,
     recorded_blocks,
     resumed_at,
 )
@@ -81,6 +82,7 @@ class Plasticity(Metric):
     summary = "trainability probe (1 - L_K/L_0) vs a fresh init, dormant units, srank"
     Params = PlasticityParams
     artifacts = ("mlp_hidden", "resid")
+    supports_dispatch = True  # its probes run on OneDeviceModel (every weight loaded), resumed on its copy's view
     fields = {
         "plasticity": "1 - L_K/L_0 on the probe task",
         "fresh_plasticity": "the same, fresh initialisation",
@@ -107,12 +109,12 @@ class Plasticity(Metric):
         tokens = min(params.srank_tokens, shape.batch_size * shape.seq_len * max(shape.n_batches, 1))
         features = (view.n_layers + 1) * tokens * view.d_model * 4
         # the probe: a trained copy of the weights, its gradients (a tied embedding's two beside their sum),
-        # the step's ``lr * grad`` of the largest weight, and one batch's backward; with ``fresh``, the
-        # freshly built model beside them
+        # the step's ``lr * grad`` of the largest weight, one batch's backward and, on a dispatched model, every
+        # weight loaded onto the input device; with ``fresh``, the freshly built model beside them
         largest = max((p.numel() * p.element_size() for p in view.model.parameters()), default=0)
-        probe = 2 * view.param_bytes + 2 * view.tied_embedding_bytes + largest + \
+        probe = 2 * view.every_param_bytes + 2 * view.tied_embedding_bytes + largest + offloaded_bytes(view) + \
             act_bytes(view, shape.batch_size, shape.seq_len)
-        fresh = view.param_bytes if params.fresh and fresh_buildable(view) else 0
+        fresh = view.every_param_bytes if params.fresh and fresh_buildable(view) else 0
         # with per_block, the blocks' recorded outputs the per-block probes resume from
         recorded = view.n_layers * shape.batch_size * shape.seq_len * view.d_model * view.dtype_bytes \
             if params.per_block else 0
@@ -146,36 +148,39 @@ class Plasticity(Metric):
     def _run_probes(self, step: Step) -> None:
         view, p = self.view, self.params
         labels = probe_labels(step.targets, view.vocab_size, self.shape.seed)
-        own = {n: t.detach() for n, t in view.model.named_parameters()}
-        trainable = [n for n, t in view.model.named_parameters() if t.requires_grad]
+        # every weight (a dispatched model's loaded onto the input device), run without capture hooks
+        model = OneDeviceModel(view, [n for n, _ in view.named_parameters()])
+        own = model.weights
+        trainable = [n for n, t in view.named_parameters() if t.requires_grad]
 
         def plasticity(start: dict[str, torch.Tensor], trained: list[str]) -> tuple[float, float, float]:
-            first, last = trainability(view, step.batch, step.targets, labels, start, trained, p.k_steps, p.lr)
+            first, last = trainability(view, model, step.batch, step.targets, labels, start, trained, p.k_steps,
+                                       p.lr)
             return 1.0 - last / first, first, last
 
         value, first, last = plasticity(own, trainable)
         self.probe[:3] = torch.tensor([value, first, last])
         if p.fresh and fresh_buildable(view):
-            self.probe[3] = plasticity(self._fresh_weights(), trainable)[0]
+            self.probe[3] = plasticity(self._fresh_weights(own), trainable)[0]
         if p.per_block:
             # training block l's MLP output weights changes nothing before block l: its probe's forwards
             # resume there from one recorded forward of the batch at the model's own weights
-            twin = hook_free_view(view)
-            with recorded_blocks(twin) as outputs, torch.no_grad():
-                batch_logits(view, step.batch, step.targets)
+            with recorded_blocks(model.view) as outputs, torch.no_grad():
+                batch_logits(view, step.batch, step.targets, model=model)
             name_of = {id(module): name for name, module in view.model.named_modules()}
             for layer, module in enumerate(view.mlp_out):
-                with resumed_at(twin, layer, outputs):
+                with resumed_at(model.view, layer, outputs):
                     self.probe[4 + layer] = plasticity(own, [f"{name_of[id(module)]}.weight"])[0]
 
-    def _fresh_weights(self) -> dict[str, torch.Tensor]:
-        """The architecture's own initialisation, seeded with the run's seed (global RNG restored)."""
+    def _fresh_weights(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The architecture's own initialisation, seeded with the run's seed (global RNG restored), on the
+        device and in the dtype of ``like`` (the weights it stands beside)."""
         model = self.view.model
-        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        first = next(iter(like.values()))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.shape.seed)
             fresh = type(model)(model.config)
-        return {n: t.detach().to(device, dtype) for n, t in fresh.named_parameters()}
+        return {n: t.detach().to(first.device, first.dtype) for n, t in fresh.named_parameters() if n in like}
 
     def finalize(self) -> dict[str, Any]:
         if not self.probed or float(self.tokens) == 0:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from tensorscope_core.plugin_api import Batch, LossTargets, ModelView, batch_logits
+from tensorscope_core.plugin_api import Batch, LossTargets, ModelView, OneDeviceModel, batch_logits
 
 
 def probe_labels(targets: LossTargets, vocab: int, seed: int) -> torch.Tensor:
@@ -16,10 +16,9 @@ def probe_labels(targets: LossTargets, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, targets.target_ids.shape, generator=gen).to(targets.target_ids.device)
 
 
-def _loss(
-    view: ModelView, batch: Batch, targets: LossTargets, labels: torch.Tensor, params: Mapping[str, torch.Tensor]
-) -> torch.Tensor:
-    logits = batch_logits(view, batch, targets, params)
+def _loss(view: ModelView, model: OneDeviceModel, batch: Batch, targets: LossTargets, labels: torch.Tensor,
+          params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    logits = batch_logits(view, batch, targets, params, model)
     ce = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none"
     )
@@ -27,12 +26,12 @@ def _loss(
     return (ce * weights).sum() / weights.sum().clamp(min=1)
 
 
-def _sgd_step(view: ModelView, batch: Batch, targets: LossTargets, labels: torch.Tensor,
+def _sgd_step(view: ModelView, model: OneDeviceModel, batch: Batch, targets: LossTargets, labels: torch.Tensor,
               params: dict[str, torch.Tensor], trained: list[str], lr: float) -> float:
     """One SGD step on ``params`` in place; the loss before it. The gradients are freed on return, so a
     step's backward never holds the previous step's gradients beside its own."""
     with torch.enable_grad():
-        loss = _loss(view, batch, targets, labels, params)
+        loss = _loss(view, model, batch, targets, labels, params)
         grads = torch.autograd.grad(loss, [params[n] for n in trained], allow_unused=True)
     with torch.no_grad():
         for name, grad in zip(trained, grads, strict=True):
@@ -43,6 +42,7 @@ def _sgd_step(view: ModelView, batch: Batch, targets: LossTargets, labels: torch
 
 def trainability(
     view: ModelView,
+    model: OneDeviceModel,
     batch: Batch,
     targets: LossTargets,
     labels: torch.Tensor,
@@ -52,16 +52,17 @@ def trainability(
     lr: float,
 ) -> tuple[float, float]:
     """(L_0, L_K): the probe loss at ``start`` and after ``steps`` plain SGD steps of learning rate
-    ``lr`` on the parameters named ``trained`` (the others stay at ``start``). The weights are
-    copies: the model is never written. ``steps`` forward+backward passes and one forward."""
+    ``lr`` on the parameters named ``trained`` (the others stay at ``start``), run on ``model`` (a
+    ``OneDeviceModel`` of every parameter: a dispatched model's loaded). The weights are copies: the model
+    is never written. ``steps`` forward+backward passes and one forward."""
     params = {n: t.detach().clone() for n, t in start.items()}
     for name in trained:
         params[name].requires_grad_(True)
     first = None
     for _ in range(steps):
-        loss = _sgd_step(view, batch, targets, labels, params, trained, lr)
+        loss = _sgd_step(view, model, batch, targets, labels, params, trained, lr)
         first = loss if first is None else first
     with torch.no_grad():
-        last = float(_loss(view, batch, targets, labels, params))
+        last = float(_loss(view, model, batch, targets, labels, params))
     assert first is not None
     return first, last

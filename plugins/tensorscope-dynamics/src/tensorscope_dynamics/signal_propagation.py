@@ -13,6 +13,7 @@ from tensorscope_core.plugin_api import (
     LayerValue,
     Metric,
     ModelView,
+    OneDeviceModel,
     Params,
     PreparedData,
     RunShape,
@@ -20,6 +21,7 @@ from tensorscope_core.plugin_api import (
     Step,
     TextValue,
     forward_act_bytes,
+    offloaded_bytes,
 )
 
 from .collapse import collapse_stats
@@ -69,6 +71,7 @@ class SignalPropagation(Metric):
     summary = "per-block Jacobian gain chi (jvp Hutchinson), singular-value spread, rank collapse"
     Params = SignalParams
     artifacts = ("resid",)
+    supports_dispatch = True  # its forwards and block calls run on OneDeviceModel (weights loaded per batch)
     fields = {
         "chi": "tr(J^T J)/dim per block",
         "sv_max": "largest singular value of the token-local Jacobian",
@@ -103,14 +106,14 @@ class SignalPropagation(Metric):
         # a jvp carries a tangent beside the primal through one block (Hutchinson: the whole batch); the
         # dense Jacobian's vmap carries min(chunk, d) tangents at once through one sequence: in a causal
         # model only up to its token, and with right padding the first kept tokens sit at positions
-        # < sv_tokens + exclude_first
+        # < sv_tokens + exclude_first; on a dispatched model every weight loaded onto the input device beside them
         hutchinson = 2 * _block_bytes(view, shape.batch_size, shape.seq_len)
         sv_tokens = cls._sv_tokens(params, view)
         length = min(shape.seq_len, sv_tokens + params.exclude_first) if view.causal else shape.seq_len
         dense = (1 + min(params.chunk, view.d_model)) * _block_bytes(view, 1, length) if sv_tokens else 0
         return Cost(
             state_bytes=2 * 8 * view.n_layers + 2 * 8 * (view.n_layers + 1) + sv,
-            transient_bytes=max(hutchinson, dense),
+            transient_bytes=max(hutchinson, dense) + offloaded_bytes(view),
             flops=2.0 * params.n_probes * min(params.max_batches, shape.n_batches) * view.param_bytes,
         )
 
@@ -147,7 +150,8 @@ class SignalPropagation(Metric):
 
     def _probe(self, step: Step, keep: torch.Tensor) -> None:
         gen = torch.Generator().manual_seed(self.shape.seed * 1_000_003 + step.batch.index)
-        fns = block_functions(self.view, step.targets.model_input, step.batch.attention_mask)
+        model = OneDeviceModel(self.view, [])  # a dispatched model's weights loaded for this batch
+        fns = block_functions(self.view, model, step.targets.model_input, step.batch.attention_mask)
         for layer, (fn, x) in enumerate(fns):
             self.chi_sums[layer] += torch.tensor(hutchinson_sums(fn, x, keep, self.params.n_probes, gen))
         self.probes += self.params.n_probes
@@ -155,18 +159,19 @@ class SignalPropagation(Metric):
         if self.sv_filled < wanted:
             tokens = keep.nonzero().tolist()[: wanted - self.sv_filled]
             for row, position in tokens:
-                for layer, (fn, x) in enumerate(self._token_blocks(step, row, position)):
+                for layer, (fn, x) in enumerate(self._token_blocks(step, model, row, position)):
                     jac = local_jacobian(fn, x, 0, position, self.params.chunk)
                     self.svs[layer, self.sv_filled] = torch.linalg.svdvals(jac)
                 self.sv_filled += 1
 
-    def _token_blocks(self, step: Step, row: int, position: int) -> list[tuple[BlockFn, torch.Tensor]]:
+    def _token_blocks(self, step: Step, model: OneDeviceModel, row: int,
+                      position: int) -> list[tuple[BlockFn, torch.Tensor]]:
         """The blocks on the least input that gives token ``position`` of ``row`` its outputs: that
         sequence alone (rows do not interact), and in a causal model only its first ``position + 1``
         tokens (later ones do not reach it). One replay forward; each of the d forward-mode products
         of the dense Jacobian then runs on a few tokens, not on the whole batch."""
         end = position + 1 if self.view.causal else step.batch.attention_mask.shape[1]
-        return block_functions(self.view, step.targets.model_input[row : row + 1, :end],
+        return block_functions(self.view, model, step.targets.model_input[row : row + 1, :end],
                                step.batch.attention_mask[row : row + 1, :end])
 
     def finalize(self) -> dict[str, Any]:
