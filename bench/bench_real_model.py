@@ -19,6 +19,10 @@ the plan (rungs chosen, metrics left out), wall time, peak RSS against the budge
 rung, seconds and declared vs measured state. Goal (issue 13): peak RSS under 16 GiB and wall time under
 30 minutes on 2 CPU cores.
 
+``--dispatched`` then runs the whole run again with part of the weights offloaded to disk (``--device-map
+auto --max-memory cpu=LIMIT --offload-dir DIR``, LIMIT 60% of the float32 weights) and reports its time against the plain run's, each metric's
+status and the largest relative difference of a scalar value (issue 13: dispatched vs plain).
+
 ``--separate`` then runs each metric that ended ``ok`` on its own, as a user would without the shared run
 (``tensorscope analyze MODEL --metrics NAME``, same data and budget, a fresh process each: its load, plan,
 passes and the metrics it needs), pinned to the rung the whole run gave it (``--rung``), and reports the
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import resource
@@ -117,6 +122,58 @@ def run_cli(args: list[str], threads: int) -> tuple[int, float, float, dict[str,
     return child.returncode, wall, peak_kib / 2**20, split, output[-6000:]
 
 
+def metric_rows(out: Path) -> dict[str, dict[str, Any]]:
+    """Per metric of a run's ``results.json`` (its models' and its model set's): status, seconds, declared and
+    measured bytes, reason, rung, and its scalar values."""
+    record = json.loads((out / "results.json").read_text())
+    found = [*(m for model in record["models"] for m in model["metrics"].items()),
+             *record.get("model_set", {}).items()]
+    rows = {}
+    for name, r in found:
+        rows[name] = {k: r.get(k) for k in ("status", "seconds", "declared_bytes", "measured_bytes", "reason")}
+        rows[name]["rung"] = (r.get("rung") or {}).get("name")
+        rows[name]["scalars"] = {f: v["value"] for f, v in (r.get("values") or {}).items()
+                                 if v.get("kind") == "scalar" and isinstance(v.get("value"), (int, float))}
+    return rows
+
+
+def dispatched_run(common: list[str], root: Path, threads: int, n_params: int, plain_wall: float,
+                   plain: dict[str, Any]) -> dict[str, Any]:
+    """The whole run again with part of the weights offloaded to disk by accelerate (``--device-map auto``, the
+    CPU limited to 60% of the float32 weights; accelerate also keeps room there for the largest module, so on the
+    135M shape the embedding and the first blocks stay and the rest goes to disk, and on the quick shape, whose
+    embedding is most of the weights, everything goes to disk; the record's note says which):
+    its wall time against the plain run's, each metric's status there, and the largest relative difference of
+    a scalar value from the plain run's."""
+    limit = f"{max(1, n_params * 4 * 6 // 10 // 2**20)}MiB"
+    args = ["analyze", *common, "--metrics", "all", "--device-map", "auto", "--max-memory", f"cpu={limit}",
+            "--offload-dir", str(root / "offload"), "--out", str(root / "out-dispatched")]
+    code, wall, _, _, tail = run_cli(args, threads)
+    if code != 0:
+        return {"exit_code": code, "tail": tail[-3000:]}
+    rows = metric_rows(root / "out-dispatched")
+    record = json.loads((root / "out-dispatched" / "results.json").read_text())
+    placed = [note for model in record["models"] for note in model.get("notes", []) if "dispatched" in note]
+    worst = (0.0, "")
+    for name, r in rows.items():
+        if r["status"] != "ok" or plain.get(name, {}).get("status") != "ok":
+            continue
+        for field, value in r["scalars"].items():
+            want = plain[name]["scalars"].get(field)
+            if want is not None and math.isfinite(want) and math.isfinite(value):
+                diff = abs(value - want) / max(abs(want), 1e-6)
+                worst = max(worst, (diff, f"{name}.{field}"))
+    statuses = [r["status"] for r in rows.values()]
+    print(f"dispatched (cpu={limit}, the rest on disk; {placed}): {wall:.1f} s against {plain_wall:.1f} s plain "
+          f"({wall / plain_wall:.2f}x); ok {statuses.count('ok')}, skipped {statuses.count('skipped')}, "
+          f"error {statuses.count('error')}; largest scalar difference {worst[0]:.1e} ({worst[1]})", flush=True)
+    return {"exit_code": code, "cpu_limit": limit, "placement": placed, "wall_seconds": round(wall, 1),
+            "dispatched_vs_plain": round(wall / plain_wall, 3),
+            "status": {n: r["status"] for n, r in rows.items()},
+            "reasons": {n: r["reason"] for n, r in rows.items() if r["status"] != "ok"},
+            "largest_scalar_rel_diff": worst[0], "at": worst[1]}
+
+
 def separate_runs(common: list[str], whole: dict[str, Any], root: Path, threads: int,
                   only: set[str] | None = None) -> dict[str, Any]:
     """Each metric that ended ok in the whole run (of ``only``, when given), alone in a fresh process at the
@@ -129,12 +186,9 @@ def separate_runs(common: list[str], whole: dict[str, Any], root: Path, threads:
         pin = ["--rung", f"{name}={r['rung']}"] if r["rung"] else []
         args = ["analyze", *common, "--metrics", name, *pin, "--out", str(folder)]
         code, wall, _, _, tail = run_cli(args, threads)
-        result: dict[str, Any] = {}
-        if code == 0:
-            for model in json.loads((folder / "results.json").read_text())["models"]:
-                result = model["metrics"].get(name, {})
+        result = metric_rows(folder).get(name, {}) if code == 0 else {}
         out[name] = {"wall_seconds": round(wall, 1), "exit_code": code, "status": result.get("status"),
-                     "seconds": result.get("seconds"), "rung": (result.get("rung") or {}).get("name")}
+                     "seconds": result.get("seconds"), "rung": result.get("rung")}
         print(f"alone {name}: exit {code}, {wall:.1f} s, {out[name]['status']} at {out[name]['rung']}"
               + ("" if code == 0 else f"\n{tail[-1500:]}"), flush=True)
     return out
@@ -150,6 +204,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results-real-model.json")
     parser.add_argument("--separate", action="store_true",
                         help="then run each metric that ended ok on its own (whole run vs the sum of separate runs)")
+    parser.add_argument("--dispatched", action="store_true",
+                        help="then the whole run again with part of the weights offloaded to disk (--device-map "
+                             "auto): time ratio, statuses and values against the plain run")
     parser.add_argument("--separate-only", default=None,
                         help="comma-separated metrics: run only these separately (to complete an earlier "
                              "run's separate runs; whole_vs_sum then covers only them)")
@@ -167,18 +224,9 @@ def main() -> None:
         whole = ["analyze", *common, "--metrics", "all", "--out", str(root / "out")]
         code, wall, peak_gib, resident, tail = run_cli(whole, args.threads)
         print(tail)
-        results: dict[str, Any] = {}
-        if code == 0:
-            record = json.loads((root / "out" / "results.json").read_text())
-            for model in record["models"]:
-                for name, r in model["metrics"].items():
-                    results[name] = {k: r.get(k) for k in ("status", "seconds", "declared_bytes", "measured_bytes",
-                                                           "reason")}
-                    results[name]["rung"] = (r.get("rung") or {}).get("name")
-            for name, r in record.get("model_set", {}).items():
-                results[name] = {k: r.get(k) for k in ("status", "seconds", "declared_bytes", "measured_bytes",
-                                                       "reason")}
-                results[name]["rung"] = (r.get("rung") or {}).get("name")
+        results = metric_rows(root / "out") if code == 0 else {}
+        dispatched = dispatched_run(common, root, args.threads, n_params, wall, results) \
+            if args.dispatched and code == 0 else {}
         only = None if args.separate_only is None else set(args.separate_only.split(","))
         separate = separate_runs(common, results, root, args.threads, only) if args.separate and code == 0 else {}
     report = {
@@ -192,6 +240,8 @@ def main() -> None:
         "met": {"peak_rss": peak_gib < GOALS["peak_rss_gib"], "wall": wall / 60 < GOALS["wall_minutes"]},
         "metrics": results,
     }
+    if dispatched:
+        report["dispatched"] = dispatched
     if separate:
         alone = sum(r["wall_seconds"] for r in separate.values())
         report.update({"separate": separate, "separate_wall_seconds": round(alone, 1),

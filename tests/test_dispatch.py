@@ -65,10 +65,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, list[str],
     return plain, dispatched, metrics, embedding_offloaded
 
 
-def test_the_model_really_is_offloaded(runs: tuple[Any, Any, list[str], Any]) -> None:
+def test_the_model_really_is_offloaded(runs: tuple[Any, Any, list[str], Any], tmp_path: Path) -> None:
+    """Both runs say what was offloaded, counting the parameters of the modules put on disk (the tied
+    embedding once, though accelerate unties it)."""
     _, dispatched, _, embedding_offloaded = runs
-    assert "dispatched over cpu, disk" in " ".join(dispatched.model().notes)
-    assert "dispatched over cpu, disk" in " ".join(embedding_offloaded.model().notes)
+    plain = dict(load_model(ModelSource(str(tiny_model("gpt2", tmp_path / "gpt2"))),
+                            get_registry().adapters).named_parameters())
+    for res, device_map in ((dispatched, OFFLOADED), (embedding_offloaded, EMBEDDING_OFFLOADED)):
+        on_disk = [m for m, where in device_map.items() if where == "disk"]
+        count = sum(p.numel() for n, p in plain.items() if any(n.startswith(f"{m}.") for m in on_disk))
+        notes = " ".join(res.model().notes)
+        assert "dispatched over cpu, disk" in notes
+        assert f"{count:,} of {sum(p.numel() for p in plain.values()):,} parameters offloaded" in notes, notes
 
 
 @pytest.mark.parametrize("where", ["block", "embedding"])

@@ -147,7 +147,8 @@ def _prepare(src: ModelSource, data: DataSpec | None, nodes: Sequence[MetricNode
 def dispatch_note(view: ModelView) -> str:
     """What accelerate did with a dispatched model, for its plan and record."""
     devices = sorted({str(d) for d in (view.device_map or {}).values()})
-    offloaded = sum(p.numel() for p in view.model.parameters() if p.is_meta)
+    # the view's listing keeps a tied weight once (accelerate unties an offloaded one in the model's)
+    offloaded = sum(p.numel() for _, p in view.named_parameters() if p.is_meta)
     return (f"dispatched over {', '.join(devices)} by accelerate (device_map): {offloaded:,} of {view.n_params:,} "
             "parameters offloaded; only metrics that support dispatch run")
 
