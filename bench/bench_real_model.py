@@ -20,8 +20,9 @@ rung, seconds and declared vs measured state. Goal (issue 13): peak RSS under 16
 30 minutes on 2 CPU cores.
 
 ``--dispatched`` then runs the whole run again with part of the weights offloaded to disk (``--device-map
-auto --max-memory cpu=LIMIT --offload-dir DIR``, LIMIT 60% of the float32 weights) and reports its time against the plain run's, each metric's
-status and the largest relative difference of a scalar value (issue 13: dispatched vs plain).
+auto --max-memory cpu=LIMIT --offload-dir DIR``, LIMIT 60% of the float32 weights) and reports its time
+against the plain run's, each metric's status and the largest relative difference of a scalar value
+(issue 13: dispatched vs plain).
 
 ``--separate`` then runs each metric that ended ``ok`` on its own, as a user would without the shared run
 (``tensorscope analyze MODEL --metrics NAME``, same data and budget, a fresh process each: its load, plan,
