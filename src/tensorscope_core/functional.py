@@ -112,16 +112,11 @@ class OneDeviceModel:
 
     @property
     def view(self) -> ModelView:
-        """The view of the copy this runs (its blocks, attention, MLP modules ...): hooks and
+        """The view of the copy this runs (its embedding, blocks, attention, MLP modules ...): hooks and
         ``recorded_blocks`` / ``resumed_at`` on it act on the forwards of ``self(...)``."""
         if self._view is None:
             self._view = _view_of_copy(self._source, self.module)
         return self._view
-
-    def part(self, module: nn.Module) -> nn.Module:
-        """The copy's module that stands for ``module`` of the view's model (to hook a forward of its own,
-        e.g. noise on the embedding output)."""
-        return self.module.get_submodule(self._name_of[id(module)])
 
     def call_part(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """``module``'s twin in the copy called on its own (a block, for its Jacobian) with its parameters and
@@ -129,7 +124,7 @@ class OneDeviceModel:
         name = self._name_of[id(module)]
         prefix = f"{name}." if name else ""
         tensors = {k[len(prefix):]: v for k, v in {**self.fixed, **self.weights}.items() if k.startswith(prefix)}
-        return functional_call(self.part(module), tensors, args=args, kwargs=kwargs)
+        return functional_call(self.module.get_submodule(name), tensors, args=args, kwargs=kwargs)
 
     def __call__(self, weights: Mapping[str, torch.Tensor], **inputs: Any) -> Any:
         """The model's output on ``inputs`` (keyword arguments of its forward) at ``weights`` (names of

@@ -67,7 +67,7 @@ def _direction(weights: dict[str, torch.Tensor], index: int, seed: int) -> dict[
 
 
 @contextmanager
-def _noisy_embeddings(view: ModelView, model: OneDeviceModel, sigma: float, gen: torch.Generator) -> Iterator[None]:
+def _noisy_embeddings(model: OneDeviceModel, sigma: float, gen: torch.Generator) -> Iterator[None]:
     """``model``'s copy with e + sigma * rms(e) * eps at its token embedding output (no capture hooks there)."""
 
     def add_noise(_module: Any, _args: Any, output: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ def _noisy_embeddings(view: ModelView, model: OneDeviceModel, sigma: float, gen:
         rms = output.detach().float().square().mean(-1, keepdim=True).sqrt().to(output.dtype)
         return output + sigma * rms * eps
 
-    handle = model.part(view.embed).register_forward_hook(add_noise)
+    handle = model.view.embed.register_forward_hook(add_noise)
     try:
         yield
     finally:
@@ -153,7 +153,7 @@ class Fragility(Metric):
         model = OneDeviceModel(self.view, [name for name, _ in self.view.named_parameters()])
         with torch.no_grad():
             for i, sigma in enumerate(self.params.sigmas):
-                with _noisy_embeddings(self.view, model, sigma, gen):
+                with _noisy_embeddings(model, sigma, gen):
                     logits = batch_logits(self.view, step.batch, targets, model=model)
                 q = torch.softmax(logits.double(), dim=-1)
                 self.input_jsd[i, rows] = _per_sequence(js_divergence_bits(p, q), targets)

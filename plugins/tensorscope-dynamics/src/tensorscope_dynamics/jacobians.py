@@ -24,13 +24,12 @@ def block_functions(
     """Per block, (x -> block output, the block's input on this batch), from one forward of ``model``
     (``OneDeviceModel(view, [])``: the copy without capture hooks, a dispatched model's weights loaded;
     one ``replay_forward``), each block then called alone through ``model.call_part``."""
-    copies = [model.part(block) for block in view.blocks]
     captured: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
     handles = [
         copy.register_forward_pre_hook(
             lambda _m, args, kwargs, i=i: captured.__setitem__(i, (args, dict(kwargs))), with_kwargs=True
         )
-        for i, copy in enumerate(copies)
+        for i, copy in enumerate(model.view.blocks)
     ]
     try:
         with torch.no_grad():
