@@ -1,6 +1,6 @@
 """Every metric on a real model's shape within the machine's memory, as a new user runs it.
 
-    python bench/bench_real_model.py [--quick] [--budget 16GiB] [--threads N] [--out PATH]
+    python bench/bench_real_model.py [--quick] [--budget 16GiB] [--machine-memory 16GiB] [--threads N] [--out PATH]
 
 A random LLaMA with the shape of a real 135M-parameter model (30 layers, d 576, 9 query / 3 key-value
 heads, MLP 1536, vocabulary 49,152, tied embeddings; ``--quick``: 4 layers, d 128, vocabulary 8,192)
@@ -18,6 +18,11 @@ under pressure; the plan declares the anonymous ones. Reported:
 the plan (rungs chosen, metrics left out), wall time, peak RSS against the budget, each metric's status,
 rung, seconds and declared vs measured state. Goal (issue 13): peak RSS under 16 GiB and wall time under
 30 minutes on 2 CPU cores.
+
+``--machine-memory SIZE`` runs every child as on a machine with SIZE of RAM: in a memory cgroup of its
+own limited to SIZE (made under this process's group: cgroup v1 or v2, with write access to it), where
+the kernel reclaims and then kills on that limit. ``--budget`` defaults to ``machine`` then: the run's
+own default budget, which reads the room under the cgroup's limit and keeps its margin.
 
 ``--dispatched`` then runs the whole run again with part of the weights offloaded to disk (``--device-map
 auto --max-memory cpu=LIMIT --offload-dir DIR``, LIMIT 60% of the float32 weights) and reports its time
@@ -94,13 +99,61 @@ def resident_kib(pid: int) -> dict[str, int]:
     return {k: int(fields[k].split()[0]) for k in RESIDENT if k in fields}
 
 
-def run_cli(args: list[str], threads: int) -> tuple[int, float, float, dict[str, float], str]:
-    """Run the CLI in a child; (exit code, wall seconds, child's peak RSS in GiB, the split of its resident
-    memory in GiB at the sample where it was largest plus the largest anonymous part, output tail)."""
+class MemoryCgroup:
+    """A memory cgroup made for the children, limited to ``limit`` bytes: a machine with that much RAM."""
+
+    def __init__(self, limit: int) -> None:
+        from tensorscope_core.machine import CGROUP_MOUNT, PROC_CGROUP, _cgroup_limits
+
+        own = [(d, f) for d, f, _ in _cgroup_limits(PROC_CGROUP, CGROUP_MOUNT) if d.is_dir()]
+        self.folder: Path | None = None
+        for parent, limit_file in own[:1] + [x for x in own[1:] if x[1] != own[0][1]][:1]:
+            folder = parent / f"tensorscope-bench-{os.getpid()}"
+            try:
+                folder.mkdir()
+                (folder / limit_file).write_text(str(limit))
+            except OSError as exc:
+                if folder.is_dir():
+                    folder.rmdir()
+                print(f"no memory cgroup under {parent}: {exc}")
+                continue
+            self.folder, self.limit_file = folder, limit_file
+            break
+        if self.folder is None:
+            raise SystemExit("--machine-memory needs a memory cgroup this process may make (root, or a delegated "
+                             "cgroup v2 subtree); none could be made")
+
+    def join(self) -> None:
+        """Move the calling process (a child before it runs the CLI) into the cgroup."""
+        assert self.folder is not None
+        (self.folder / "cgroup.procs").write_text(str(os.getpid()))
+
+    def oom_kills(self) -> int:
+        """Processes the kernel killed in the cgroup for want of memory (v1 ``memory.oom_control``, v2
+        ``memory.events``)."""
+        assert self.folder is not None
+        for name in ("memory.events", "memory.oom_control"):
+            path = self.folder / name
+            if path.exists():
+                fields = dict(line.split() for line in path.read_text().splitlines() if len(line.split()) == 2)
+                return int(fields.get("oom_kill", 0))
+        return 0
+
+    def remove(self) -> None:
+        if self.folder is not None:
+            self.folder.rmdir()
+
+
+def run_cli(args: list[str], threads: int, cgroup: MemoryCgroup | None = None
+            ) -> tuple[int, float, float, dict[str, float], str]:
+    """Run the CLI in a child (in ``cgroup`` where given); (exit code, wall seconds, child's peak RSS in GiB,
+    the split of its resident memory in GiB at the sample where it was largest plus the largest anonymous
+    part, output tail)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-m", "tensorscope_core.cli", *args], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=None if cgroup is None else cgroup.join)
     at_peak: dict[str, int] = {}
     most_anon = 0
 
@@ -139,7 +192,7 @@ def metric_rows(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def dispatched_run(common: list[str], root: Path, threads: int, n_params: int, plain_wall: float,
-                   plain: dict[str, Any]) -> dict[str, Any]:
+                   plain: dict[str, Any], cgroup: MemoryCgroup | None) -> dict[str, Any]:
     """The whole run again with part of the weights offloaded to disk by accelerate (``--device-map auto``, the
     CPU limited to 60% of the float32 weights; accelerate also keeps room there for the largest module, so on the
     135M shape the embedding and the first blocks stay and the rest goes to disk, and on the quick shape, whose
@@ -149,7 +202,7 @@ def dispatched_run(common: list[str], root: Path, threads: int, n_params: int, p
     limit = f"{max(1, n_params * 4 * 6 // 10 // 2**20)}MiB"
     args = ["analyze", *common, "--metrics", "all", "--device-map", "auto", "--max-memory", f"cpu={limit}",
             "--offload-dir", str(root / "offload"), "--out", str(root / "out-dispatched")]
-    code, wall, _, _, tail = run_cli(args, threads)
+    code, wall, _, _, tail = run_cli(args, threads, cgroup)
     if code != 0:
         return {"exit_code": code, "tail": tail[-3000:]}
     rows = metric_rows(root / "out-dispatched")
@@ -176,7 +229,7 @@ def dispatched_run(common: list[str], root: Path, threads: int, n_params: int, p
 
 
 def separate_runs(common: list[str], whole: dict[str, Any], root: Path, threads: int,
-                  only: set[str] | None = None) -> dict[str, Any]:
+                  cgroup: MemoryCgroup | None, only: set[str] | None = None) -> dict[str, Any]:
     """Each metric that ended ok in the whole run (of ``only``, when given), alone in a fresh process at the
     whole run's rung: its wall time, exit code, and its status and seconds there."""
     out: dict[str, Any] = {}
@@ -186,7 +239,7 @@ def separate_runs(common: list[str], whole: dict[str, Any], root: Path, threads:
         folder = root / "separate" / name
         pin = ["--rung", f"{name}={r['rung']}"] if r["rung"] else []
         args = ["analyze", *common, "--metrics", name, *pin, "--out", str(folder)]
-        code, wall, _, _, tail = run_cli(args, threads)
+        code, wall, _, _, tail = run_cli(args, threads, cgroup)
         result = metric_rows(folder).get(name, {}) if code == 0 else {}
         out[name] = {"wall_seconds": round(wall, 1), "exit_code": code, "status": result.get("status"),
                      "seconds": result.get("seconds"), "rung": result.get("rung")}
@@ -198,8 +251,11 @@ def separate_runs(common: list[str], whole: dict[str, Any], root: Path, threads:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--budget", default="16GiB",
-                        help="the run's --memory-budget; 'machine': the device's free memory")
+    parser.add_argument("--budget", default=None,
+                        help="the run's --memory-budget; 'machine': the device's free memory (default: 16GiB, "
+                             "or 'machine' with --machine-memory)")
+    parser.add_argument("--machine-memory", default=None,
+                        help="run every child in a memory cgroup limited to this size: a machine with that much RAM")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "results-real-model.json")
@@ -212,7 +268,20 @@ def main() -> None:
                         help="comma-separated metrics: run only these separately (to complete an earlier "
                              "run's separate runs; whole_vs_sum then covers only them)")
     args = parser.parse_args()
+    from tensorscope_core.config import parse_bytes
 
+    args.budget = args.budget or ("machine" if args.machine_memory else "16GiB")
+    cgroup = MemoryCgroup(parse_bytes(args.machine_memory)) if args.machine_memory else None
+    try:
+        report = measure(args, cgroup)
+    finally:
+        if cgroup is not None:
+            cgroup.remove()
+    args.out.write_text(json.dumps(report, indent=2))
+
+
+def measure(args: argparse.Namespace, cgroup: MemoryCgroup | None) -> dict[str, Any]:
+    """Every run the arguments ask for, and the report of them."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         n_params = real_shaped_llama(root / "model", args.quick)
@@ -220,21 +289,24 @@ def main() -> None:
         common = [str(root / "model"), "--data", f"train={files['train']}",
                   "--data", f"test={files['test']}", "--batch-size", "2", "--max-length", "64",
                   "--device", args.device, *([] if args.budget == "machine" else ["--memory-budget", args.budget])]
-        code, plan_wall, _, _, plan_text = run_cli(["plan", *common, "--metrics", "all"], args.threads)
+        code, plan_wall, _, _, plan_text = run_cli(["plan", *common, "--metrics", "all"], args.threads, cgroup)
         print(plan_text)
         whole = ["analyze", *common, "--metrics", "all", "--out", str(root / "out")]
-        code, wall, peak_gib, resident, tail = run_cli(whole, args.threads)
+        code, wall, peak_gib, resident, tail = run_cli(whole, args.threads, cgroup)
         print(tail)
         results = metric_rows(root / "out") if code == 0 else {}
-        dispatched = dispatched_run(common, root, args.threads, n_params, wall, results) \
+        dispatched = dispatched_run(common, root, args.threads, n_params, wall, results, cgroup) \
             if args.dispatched and code == 0 else {}
         only = None if args.separate_only is None else set(args.separate_only.split(","))
-        separate = separate_runs(common, results, root, args.threads, only) if args.separate and code == 0 else {}
+        separate = separate_runs(common, results, root, args.threads, cgroup, only) \
+            if args.separate and code == 0 else {}
     report = {
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                     "threads": args.threads},
-        "quick": args.quick, "device": args.device, "n_params": n_params, "budget": args.budget, "exit_code": code,
+        "quick": args.quick, "device": args.device, "n_params": n_params, "budget": args.budget,
+        "machine_memory": args.machine_memory, "oom_kills": None if cgroup is None else cgroup.oom_kills(),
+        "exit_code": code,
         "plan_seconds": round(plan_wall, 1), "plan": plan_text,
         "wall_seconds": round(wall, 1), "peak_rss_gib": round(peak_gib, 2),
         "resident_gib": resident, "goals": GOALS,
@@ -250,12 +322,14 @@ def main() -> None:
         report["met"]["whole_vs_sum"] = wall / alone <= GOALS["whole_vs_sum"]
         print(f"whole run {wall:.0f} s against {len(separate)} separate runs {alone:.0f} s: "
               f"{wall / alone:.3f} (goal <= {GOALS['whole_vs_sum']})")
-    args.out.write_text(json.dumps(report, indent=2))
     statuses = [r["status"] for r in results.values()]
     print(f"{n_params:,} parameters: exit {code}, wall {wall / 60:.1f} min, peak RSS {peak_gib:.2f} GiB "
           f"(sampled at its largest: {resident}) "
           f"(goals < {GOALS['peak_rss_gib']} GiB, < {GOALS['wall_minutes']} min); "
-          f"ok {statuses.count('ok')}, skipped {statuses.count('skipped')}, error {statuses.count('error')}")
+          f"ok {statuses.count('ok')}, skipped {statuses.count('skipped')}, error {statuses.count('error')}"
+          + ("" if cgroup is None else f"; in a cgroup of {args.machine_memory}, {report['oom_kills']} killed by "
+             "the kernel for memory"))
+    return report
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The memory a run may plan for when the user names no budget: what the chosen device has free now.
 
-CPU: the kernel's ``MemAvailable`` (what can be allocated without swapping), capped by a cgroup v2
-limit when the process runs in one (containers, batch jobs), less a margin of 10% (at least
-512 MiB) for the interpreter, the allocator and what the plan does not model. CUDA: the free
+CPU: the kernel's ``MemAvailable`` (what can be allocated without swapping), capped by the room
+under the tightest memory limit of the cgroups the process runs in (containers, Slurm and other
+batch jobs; cgroup v2 and v1, the process's own group and the groups above it), less a margin of 10%
+(at least 512 MiB) for the interpreter, the allocator and what the plan does not model. CUDA: the free
 memory ``torch.cuda.mem_get_info`` reports for the device, less 5% (at least 256 MiB) for the
 caching allocator's fragmentation. The budget is read once, before any model loads, so the
 weights the run loads count against it.
@@ -40,19 +41,66 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_room() -> int | None:
-    """Room left under a cgroup v2 memory limit, None without one."""
-    root = Path("/sys/fs/cgroup")
+#: where the kernel's cgroup file systems are mounted, and where it lists the process's groups
+CGROUP_MOUNT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+#: cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
+_V1_UNLIMITED = 2**62
+
+
+def _read_int(path: Path) -> int | None:
     try:
-        limit = (root / "memory.max").read_text().strip()
-        used = int((root / "memory.current").read_text().strip())
-    except (OSError, ValueError):
+        text = path.read_text().strip()
+    except OSError:
         return None
-    return None if limit == "max" else max(int(limit) - used, 0)
+    return int(text) if text.isdigit() else None  # v2's "max" (no limit) is not a number
 
 
-def available_cpu_memory() -> int:
-    """Bytes the process can still allocate on the host (no swapping, within its cgroup)."""
+def _group_dirs(root: Path, group: str) -> list[Path]:
+    """The folders of ``group`` and of every group above it under ``root``, innermost first. In a
+    container with its own cgroup namespace the group is "/" and ``root`` is the container's group;
+    without one, ``root`` holds the whole tree and the group's path is found below it."""
+    if not root.is_dir():
+        return []
+    parts = [p for p in group.strip("/").split("/") if p]
+    dirs = [root.joinpath(*parts[:i]) for i in range(len(parts), 0, -1)]
+    return [d for d in dirs if d.is_dir()] + [root]
+
+
+def _cgroup_limits(proc_cgroup: Path, mount: Path) -> list[tuple[Path, str, str]]:
+    """(folder, limit file, usage file) of each memory cgroup level the process is under (v2 and v1)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return []
+    levels: list[tuple[Path, str, str]] = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, group = rest.partition(":")
+        if hierarchy == "0" and controllers == "":  # the unified (v2) hierarchy, alone or beside v1
+            for root in (mount, mount / "unified"):
+                levels += [(d, "memory.max", "memory.current") for d in _group_dirs(root, group)]
+        elif "memory" in controllers.split(","):
+            levels += [(d, "memory.limit_in_bytes", "memory.usage_in_bytes")
+                       for d in _group_dirs(mount / "memory", group)]
+    return levels
+
+
+def _cgroup_room(proc_cgroup: Path | None = None, mount: Path | None = None) -> int | None:
+    """Room left under the tightest memory limit among the process's cgroups and the groups above
+    them, None without a limit. A job's limit is often set on a group above the process's own (a
+    Slurm job's, a container's), so every level counts."""
+    rooms = []
+    for folder, limit_file, usage_file in _cgroup_limits(proc_cgroup or PROC_CGROUP, mount or CGROUP_MOUNT):
+        limit, used = _read_int(folder / limit_file), _read_int(folder / usage_file)
+        if limit is not None and used is not None and limit < _V1_UNLIMITED:
+            rooms.append(max(limit - used, 0))
+    return min(rooms, default=None)
+
+
+def available_cpu_memory() -> tuple[int, str]:
+    """Bytes the process can still allocate on the host (no swapping, within its cgroups), and which
+    bound that is."""
     free = _meminfo_available()
     if free is None and hasattr(os, "sysconf"):
         try:
@@ -60,10 +108,11 @@ def available_cpu_memory() -> int:
         except (ValueError, OSError):
             free = None
     room = _cgroup_room()
-    candidates = [b for b in (free, room) if b is not None]
-    if not candidates:
+    if room is not None and (free is None or room < free):
+        return room, "room under the cgroup memory limit"
+    if free is None:
         raise RuntimeError("cannot read the free memory of this machine: name a budget (--memory-budget 8GiB)")
-    return min(candidates)
+    return free, "available RAM"
 
 
 def machine_budget(device: str) -> Budget:
@@ -74,9 +123,9 @@ def machine_budget(device: str) -> Budget:
         margin = max(256 * MiB, free // 20)
         return Budget(max(free - margin, 0), f"free memory of {device} ({format_bytes(free)}) "
                                              f"less {format_bytes(margin)}")
-    free = available_cpu_memory()
+    free, bound = available_cpu_memory()
     margin = max(512 * MiB, free // 10)
-    return Budget(max(free - margin, 0), f"available RAM ({format_bytes(free)}) less {format_bytes(margin)}")
+    return Budget(max(free - margin, 0), f"{bound} ({format_bytes(free)}) less {format_bytes(margin)}")
 
 
 def run_budget(memory_budget: str | int | None, device: str) -> Budget:
