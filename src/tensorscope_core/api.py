@@ -21,7 +21,7 @@ from .example_store import scratch_under
 from .machine import Budget, check_device
 from .metric import RunShape
 from .models.adapters import Adapter
-from .models.load import Dispatch, ModelSource, files_signature, is_meta, load_model, modules_restored, release
+from .models.load import Dispatch, ModelSource, files_signature, load_model, modules_restored, release
 from .models.names import short_names
 from .models.view import ModelView
 from .plugins import Registry, get_registry
@@ -120,11 +120,12 @@ def _prepare(src: ModelSource, data: DataSpec | None, nodes: Sequence[MetricNode
     view = _load(src, registry, config, adapter, tokenizer)
     prepared_data = None
     notes = [dispatch_note(view)] if view.device_map is not None else []
-    if is_meta(view.model) and view.device_map is None:
-        notes.append("built from config.json on the meta device: no weights loaded, nothing can run")
+    if view.from_config:
+        notes.append("built from config.json on the meta device: no weights loaded, nothing can run"
+                     + ("; placed as accelerate would place it" if view.device_map is not None else ""))
     if _needs_data(nodes):
         spec = data if data is not None else builtin_corpus()
-        if data is None and view.tokenizer is None and is_meta(view.model):
+        if data is None and view.tokenizer is None and view.from_config:
             spec = _synthetic_tokens(view, config)
             notes.append(f"no tokenizer and no data: planned on {len(spec)} sequences of {spec[0].numel()} "
                          "token ids (the built-in corpus's count, --max-length or 128 tokens)")
@@ -148,7 +149,7 @@ def dispatch_note(view: ModelView) -> str:
     """What accelerate did with a dispatched model, for its plan and record."""
     devices = sorted({str(d) for d in (view.device_map or {}).values()})
     # the view's listing keeps a tied weight once (accelerate unties an offloaded one in the model's)
-    offloaded = sum(p.numel() for _, p in view.named_parameters() if p.is_meta)
+    offloaded = sum(p.numel() for n, p in view.named_parameters() if view.offloaded(n, p))
     return (f"dispatched over {', '.join(devices)} by accelerate (device_map): {offloaded:,} of {view.n_params:,} "
             "parameters offloaded; only metrics that support dispatch run")
 

@@ -77,6 +77,9 @@ def offloaded_bytes(view: ModelView) -> int:
     (offloaded ones, or ones another device holds); 0 for a plain model."""
     if view.device_map is None:
         return 0
+    if view.planned_dispatch:  # built from a config: where its map puts each one
+        main = view.main_placement()
+        return sum(p.numel() * p.element_size() for n, p in view.named_parameters() if view.placement(n) != main)
     device = view.input_device
     return sum(p.numel() * p.element_size() for _, p in view.named_parameters() if p.is_meta or p.device != device)
 

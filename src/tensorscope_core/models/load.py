@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, NonFiniteWeightsError, UnsupportedModelError
+from ..errors import ModelLoadError, NonFiniteWeightsError, UnsupportedModelError, UsageError
 from ..quiet import no_loading_bars
 from .adapters import Adapter
 from .view import ModelView
@@ -163,6 +163,10 @@ def has_weights(folder: Path) -> bool:
     return any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS)
 
 
+#: the attribute that marks a module built from a config.json alone (``ModelView.from_config``)
+FROM_CONFIG = "_tensorscope_from_config"
+
+
 def _empty_from_config(folder: Path) -> tuple[nn.Module, Any]:
     """The model a config.json describes, its parameters on the ``meta`` device (shapes and dtypes,
     no storage): enough to plan a model that is not here, a 70B one included, in a second."""
@@ -175,6 +179,7 @@ def _empty_from_config(folder: Path) -> tuple[nn.Module, Any]:
     except Exception as exc:
         raise ModelLoadError(f"could not build a model from {folder / 'config.json'}: {exc}",
                              "check that config.json names an architecture transformers ships") from exc
+    setattr(model, FROM_CONFIG, True)
     return model, _load_tokenizer(folder)
 
 
@@ -255,11 +260,40 @@ def _use_eager_attention(model: nn.Module) -> None:
             config._attn_implementation = "eager"
 
 
+def _planned_dispatch(folder: Path, dispatch: Dispatch) -> tuple[nn.Module, Any]:
+    """The model a weightless folder describes (``_empty_from_config``) in the run's dtype, with the device
+    map accelerate would give it in ``hf_device_map`` (transformers' rule: the memory balanced over the
+    GPUs unless the map is "sequential", no block split), so that its plan counts what each device would
+    hold. The map depends only on the shapes and ``max_memory``: the same as the weights' load gives."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory, get_max_memory
+
+    model, tokenizer = _empty_from_config(folder)
+    model = model.to(dtype=_DTYPES[dispatch.dtype])
+    placement = dispatch.device_map
+    if isinstance(placement, str):
+        memory = dispatch.from_pretrained_kwargs()["max_memory"]
+        if memory is None:
+            raise UsageError(f"planning {folder} spread over devices needs the memory of each device it will run on",
+                             "name them: --max-memory 0=70GiB --max-memory cpu=200GiB "
+                             "(RunConfig(max_memory={'0': '70GiB', 'cpu': '200GiB'}))")
+        split = model._no_split_modules
+        memory = get_max_memory(memory) if placement == "sequential" else get_balanced_memory(
+            model, max_memory=memory, no_split_module_classes=split, low_zero=placement == "balanced_low_0")
+        placement = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=split)
+    model.hf_device_map = dict(placement)  # type: ignore[assignment]  # transformers sets it the same way
+    return model, tokenizer
+
+
 def load_module(src: ModelSource, dispatch: Dispatch | None = None) -> tuple[nn.Module, Any]:
     """Load the raw module and tokenizer (None when the model ships without one); ``dispatch``: spread
-    a model folder over devices with accelerate."""
-    if dispatch is not None and not (isinstance(src.source, (str, os.PathLike)) and Path(src.source).is_dir()
-                                     and has_weights(Path(src.source))):
+    a model folder over devices with accelerate (a folder with no weights, to be planned: placed as
+    accelerate would place it)."""
+    folder = Path(src.source) if isinstance(src.source, (str, os.PathLike)) else None
+    if dispatch is not None and folder is not None and src.config_only_ok and (folder / "config.json").exists() \
+            and not has_weights(folder):
+        return _planned_dispatch(folder, dispatch)
+    if dispatch is not None and not (folder is not None and folder.is_dir() and has_weights(folder)):
         raise UnsupportedModelError(
             f"device_map dispatches Hugging Face model folders; {src.where} is not one",
             "save the model with save_pretrained(folder), or dispatch the module yourself with accelerate "
@@ -396,6 +430,7 @@ def load_model(src: ModelSource, adapters: Sequence[Adapter], *, dtype: str = "f
                                     "use GenericAdapter with this model's module names") from exc
     if dispatched:
         view.device_map = dict(getattr(module, "hf_device_map", {}))
+    view.from_config = getattr(module, FROM_CONFIG, False)
     return view
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -137,6 +138,8 @@ class ModelView:
     #: Accelerate's forward on an offloaded module replaces its parameter objects, which unties an
     #: offloaded tied embedding, so identity no longer says which names are one tensor (``named_parameters``)
     tied_duplicates: dict[str, str] | None = None
+    #: built from a config.json alone, to be planned (every tensor meta, no weights)
+    from_config: bool = False
 
     def __post_init__(self) -> None:
         if self.tied_duplicates is None:
@@ -277,14 +280,53 @@ class ModelView:
 
     @property
     def param_bytes(self) -> int:
-        """Bytes the weights hold while the model runs. Dispatched: the parameters that have storage,
-        plus the largest block's offloaded ones (accelerate loads one offloaded module at a time)."""
-        if self.device_map is None:
-            return self.every_param_bytes
-        resident = sum(p.numel() * p.element_size() for _, p in self.named_parameters() if not p.is_meta)
-        offloaded = [sum(p.numel() * p.element_size() for p in block.parameters() if p.is_meta)
-                     for block in self.blocks]
+        """Bytes the weights hold while the model runs. Dispatched: the parameters not offloaded, plus
+        the largest block's offloaded ones (accelerate loads one offloaded module at a time)."""
+        return self.every_param_bytes if self.device_map is None else self._dispatched_param_bytes
+
+    @functools.cached_property
+    def _dispatched_param_bytes(self) -> int:
+        """``param_bytes`` of a dispatched model, counted once (a plan asks thousands of times; where
+        accelerate put each weight does not change after the load)."""
+        resident = sum(p.numel() * p.element_size() for n, p in self.named_parameters() if not self.offloaded(n, p))
+        names = {id(m): n for n, m in self.model.named_modules()}
+        offloaded = [sum(p.numel() * p.element_size() for n, p in block.named_parameters(prefix=names[id(block)])
+                         if self.offloaded(n, p)) for block in self.blocks]
         return resident + max(offloaded, default=0)
+
+    @property
+    def planned_dispatch(self) -> bool:
+        """A model built from its config alone (every tensor meta) with the device map accelerate would
+        give it: where each weight would be is read from the map."""
+        return self.from_config and self.device_map is not None
+
+    def placement(self, name: str) -> Any:
+        """Where the device map puts parameter ``name``: the entry of its longest module prefix (a GPU
+        index, "cpu" or "disk"), "" without a map entry."""
+        found = (self.device_map or {}).get("", "")
+        best = -1
+        for module, where in (self.device_map or {}).items():
+            if (name == module or name.startswith(module + ".")) and len(module) > best:
+                found, best = where, len(module)
+        return found
+
+    def main_placement(self) -> Any:
+        """The device a dispatched model's inputs go to, by accelerate's rule: the map's first GPU, else
+        the CPU."""
+        return next((d for d in (self.device_map or {}).values() if d not in ("cpu", "disk")), "cpu")
+
+    def offloaded(self, name: str, p: torch.Tensor) -> bool:
+        """Whether accelerate keeps parameter ``name`` off its module (in the CPU's memory or on disk) and
+        loads it for the module's forward: a meta tensor on a dispatched model. Planned from a config,
+        where its map puts it: on disk, or in the CPU's memory while the inputs go to a GPU."""
+        return name in self._planned_offload if self.planned_dispatch else p.is_meta
+
+    @functools.cached_property
+    def _planned_offload(self) -> frozenset[str]:
+        """The parameters a planned map offloads (``offloaded``), found once: a plan asks for each many times."""
+        kept = ("cpu",) if self.main_placement() == "cpu" else ()
+        return frozenset(n for n, _ in self.named_parameters() if self.placement(n) in ("cpu", "disk")
+                         and self.placement(n) not in kept)
 
     @property
     def tied_embedding_bytes(self) -> int:

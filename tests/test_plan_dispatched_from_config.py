@@ -1,0 +1,104 @@
+"""Plans of models spread over devices, made from their config alone: a weightless folder with a
+``device_map`` is placed as accelerate would place it, and the plan counts what each device would hold.
+Known answers: the plan of the config equals the plan of the saved weights loaded with the same map
+(every metric's declared state, rung and the peak), the "auto" map equals the one transformers makes
+from the weights, and the weights held are counted by hand from the parameter shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tensorscope_core import RunConfig, plan
+from tensorscope_core.errors import UsageError
+from tensorscope_core.functional import offloaded_bytes
+from tensorscope_core.models.load import Dispatch, ModelSource, load_model
+from tensorscope_core.plugins import get_registry
+from tensorscope_core.scheduler.plan import ModelPlan
+
+CONFIG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                     tie_word_embeddings=True)
+#: layers 1 and 2 and the final norm on disk, the rest on the CPU
+SPREAD = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
+          "model.layers.3": "cpu", "model.norm": "disk", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+DATA = [torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, LlamaForCausalLM]:
+    """The same model twice: its config alone, and saved with its weights."""
+    root = tmp_path_factory.mktemp("planned-dispatch")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG)
+    model.save_pretrained(root / "weights")
+    CONFIG.save_pretrained(root / "config")
+    return root / "config", root / "weights", model
+
+
+def _view(folder: Path, device_map: Any, max_memory: dict[str, str] | None, offload: Path | None,
+          dtype: str = "float32") -> Any:
+    return load_model(ModelSource(folder, config_only_ok=True), get_registry().adapters, dtype=dtype,
+                      dispatch=Dispatch(device_map, max_memory, offload, dtype))
+
+
+def _numel(model: torch.nn.Module, *prefixes: str) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
+
+
+def test_the_plan_of_the_config_is_the_plan_of_the_weights(folders: tuple[Path, Path, LlamaForCausalLM],
+                                                           tmp_path: Path) -> None:
+    config_dir, weights_dir, model = folders
+    run = RunConfig(device_map=SPREAD, offload_dir=str(tmp_path / "offload"), memory_budget="1GiB", batch_size=2)
+    (planned, *_), (loaded, *_) = (plan(str(f), DATA, "all", config=run) for f in (config_dir, weights_dir))
+    assert isinstance(planned, ModelPlan) and isinstance(loaded, ModelPlan)
+    # held: the CPU's embedding (tied to the head) and layers 0 and 3, and one offloaded layer while it runs
+    held = _numel(model, "model.embed_tokens", "model.layers.0.", "model.layers.3.") + _numel(model, "model.layers.1.")
+    assert planned.weights_bytes == loaded.weights_bytes == 4 * held
+    assert planned.declared_state == loaded.declared_state
+    assert planned.declared_transient == loaded.declared_transient
+    assert planned.rungs == loaded.rungs and planned.left_out == loaded.left_out
+    assert planned.peak_bytes == loaded.peak_bytes
+    offloaded = _numel(model, "model.layers.1.", "model.layers.2.", "model.norm.")
+    note = f"dispatched over cpu, disk by accelerate (device_map): {offloaded:,} of {model.num_parameters():,}"
+    assert planned.notes[0].startswith(note) and loaded.notes[0].startswith(note)
+    assert any("placed as accelerate would place it" in n for n in planned.notes)
+    assert not any("meta device" in n for n in loaded.notes)
+
+
+def test_an_auto_map_is_the_one_transformers_makes(folders: tuple[Path, Path, LlamaForCausalLM],
+                                                   tmp_path: Path) -> None:
+    config_dir, weights_dir, _ = folders
+    for limit in ("150KiB", "400KiB"):
+        memory = {"cpu": limit}
+        planned = _view(config_dir, "auto", memory, tmp_path / "a")
+        loaded = _view(weights_dir, "auto", memory, tmp_path / limit)
+        assert planned.device_map == loaded.device_map
+        assert "disk" in planned.device_map.values()
+        assert planned.param_bytes == loaded.param_bytes
+        assert offloaded_bytes(planned) == offloaded_bytes(loaded)
+
+
+def test_a_gpu_map_planned_on_a_machine_without_one(folders: tuple[Path, Path, LlamaForCausalLM]) -> None:
+    """Weights the map leaves in the CPU's memory are offloaded for a GPU run (loaded for their forward):
+    the GPU holds its own weights and one such layer at a time."""
+    config_dir, _, model = folders
+    gpu_map = {**{k: 0 for k in SPREAD}, "model.layers.1": "cpu", "model.layers.2": "cpu"}
+    view = _view(config_dir, gpu_map, None, None, dtype="bfloat16")
+    on_cpu = _numel(model, "model.layers.1.", "model.layers.2.")
+    assert view.param_bytes == 2 * (model.num_parameters() - on_cpu + _numel(model, "model.layers.1."))
+    assert offloaded_bytes(view) == 2 * on_cpu  # what a run that needs every weight on the GPU loads
+    run = RunConfig(device="cuda", dtype="bfloat16", memory_budget="1GiB", device_map=gpu_map)
+    (p, *_) = plan(str(config_dir), DATA, ["basic.loss", "basic.weight_norms"], config=run)
+    assert isinstance(p, ModelPlan) and p.weights_bytes == view.param_bytes
+    assert p.notes[0].startswith(f"dispatched over 0, cpu by accelerate (device_map): {on_cpu:,} of")
+
+
+def test_an_auto_map_needs_the_devices_memory(folders: tuple[Path, Path, LlamaForCausalLM]) -> None:
+    with pytest.raises(UsageError, match="needs the memory of each device") as err:
+        _view(folders[0], "auto", None, None)
+    assert "--max-memory" in err.value.fix
