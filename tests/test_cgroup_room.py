@@ -41,6 +41,10 @@ def test_v1_room_is_the_tightest_limit_on_the_path_up(tmp_path: Path) -> None:
     _group(mount / "memory/slurm/uid_0/job_7/step_0", {"memory.limit_in_bytes": 12 * GiB,
                                                        "memory.usage_in_bytes": 3 * GiB})
     assert _cgroup_room(proc, mount) == 9 * GiB  # now its own group's is tighter
+    # the job read 2 GiB of model files it no longer touches: page cache the kernel drops first
+    (mount / "memory/slurm/uid_0/job_7/step_0/memory.stat").write_text(
+        f"cache {3 * GiB}\nrss {GiB}\ninactive_file {GiB}\ntotal_inactive_file {2 * GiB}\n")
+    assert _cgroup_room(proc, mount) == 11 * GiB  # the hierarchical count (total_), as the kernel reclaims
 
 
 def test_v2_room_in_a_namespace_and_in_the_whole_tree(tmp_path: Path) -> None:
@@ -48,6 +52,9 @@ def test_v2_room_in_a_namespace_and_in_the_whole_tree(tmp_path: Path) -> None:
     # a container with its own cgroup namespace: its group is the mount's root
     _group(mount, {"memory.max": 8 * GiB, "memory.current": GiB})
     assert _cgroup_room(_proc(tmp_path, "0::/\n"), mount) == 7 * GiB
+    (mount / "memory.stat").write_text(f"anon {GiB // 2}\nfile {GiB // 2}\ninactive_file {GiB // 4}\n")
+    assert _cgroup_room(_proc(tmp_path, "0::/\n"), mount) == 7 * GiB + GiB // 4
+    (mount / "memory.stat").unlink()
     # the whole tree mounted: the process's group below the root, "max" meaning no limit at its level
     _group(mount / "user.slice/job.scope", {"memory.max": "max", "memory.current": 2 * GiB})
     _group(mount / "user.slice", {"memory.max": 4 * GiB, "memory.current": 2 * GiB})

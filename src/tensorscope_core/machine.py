@@ -86,15 +86,29 @@ def _cgroup_limits(proc_cgroup: Path, mount: Path) -> list[tuple[Path, str, str]
     return levels
 
 
+def _inactive_file(folder: Path) -> int:
+    """Bytes of the group's page cache not recently used (``memory.stat``: v2 ``inactive_file``, v1
+    ``total_inactive_file``): counted in its usage, but the kernel drops it before it reclaims anything
+    else, so it is room (docker's and the kubelet's working set leave it out the same way)."""
+    try:
+        lines = (folder / "memory.stat").read_text().splitlines()
+    except OSError:
+        return 0
+    stat = dict(line.split()[:2] for line in lines if len(line.split()) >= 2)
+    value = stat.get("total_inactive_file", stat.get("inactive_file", "0"))
+    return int(value) if value.isdigit() else 0
+
+
 def _cgroup_room(proc_cgroup: Path | None = None, mount: Path | None = None) -> int | None:
     """Room left under the tightest memory limit among the process's cgroups and the groups above
     them, None without a limit. A job's limit is often set on a group above the process's own (a
-    Slurm job's, a container's), so every level counts."""
+    Slurm job's, a container's), so every level counts. A group's usage counts its page cache (the
+    model files it read): the inactive part of it is room."""
     rooms = []
     for folder, limit_file, usage_file in _cgroup_limits(proc_cgroup or PROC_CGROUP, mount or CGROUP_MOUNT):
         limit, used = _read_int(folder / limit_file), _read_int(folder / usage_file)
         if limit is not None and used is not None and limit < _V1_UNLIMITED:
-            rooms.append(max(limit - used, 0))
+            rooms.append(max(limit - max(used - _inactive_file(folder), 0), 0))
     return min(rooms, default=None)
 
 
