@@ -164,6 +164,28 @@ def test_head_and_unit_entries_of_a_dispatched_model_index_its_weights(tmp_path:
                                                plain.mlp_out[layer].weight.detach()[1:3])
 
 
+def test_a_module_the_caller_dispatched_runs_and_stays_dispatched(tmp_path: Path) -> None:
+    """The fix the device_map refusal gives: dispatch the module yourself and pass it. The run gives the
+    plain values, and the module comes back as it was (accelerate refuses to move an offloaded model, so
+    the run must not cast it back), still dispatched and usable."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tiny_model("gpt2", tmp_path / "gpt2")
+    metrics = ["basic.loss", "basic.grad_norms", "hessian.lanczos"]
+    plain = analyze(str(folder), DATA, metrics, config=RunConfig(**CONFIG))
+    module = AutoModelForCausalLM.from_pretrained(folder, device_map=OFFLOADED, offload_folder=str(tmp_path / "off"))
+    module.train()
+    res = analyze(module, DATA, metrics, config=RunConfig(**CONFIG), tokenizer=AutoTokenizer.from_pretrained(folder))
+    assert "dispatched over cpu, disk" in " ".join(res.model().notes)
+    for name in metrics:
+        for field, want in _numbers(plain, name).items():
+            torch.testing.assert_close(_numbers(res, name)[field], want, rtol=1e-5, atol=1e-7, msg=f"{name}.{field}")
+    assert module.training and module.hf_device_map == OFFLOADED
+    assert module.transformer.h[1].attn.c_attn.weight.is_meta  # still offloaded
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(module.eval()(ids).logits, AutoModelForCausalLM.from_pretrained(folder)(ids).logits)
+
+
 def test_device_map_needs_a_model_folder(tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -364,7 +364,8 @@ def choose_adapter(model: nn.Module, adapters: Sequence[Adapter]) -> Adapter:
 def modules_restored(sources: Sequence[ModelSource]) -> Iterator[None]:
     """Put modules the caller passed in back as they were after a run: training flag,
     dtype and device, attention kernel and their .grad tensors (a run casts the module,
-    switches it to eval and eager attention, and clears gradients)."""
+    switches it to eval and eager attention, and clears gradients). A module accelerate dispatched
+    keeps its devices and dtype in a run, and accelerate refuses to move it, so it is not cast back."""
     saved = []
     for src in sources:
         if isinstance(src.source, nn.Module):
@@ -379,7 +380,7 @@ def modules_restored(sources: Sequence[ModelSource]) -> Iterator[None]:
         yield
     finally:
         for module, training, dtype, device, attn, grads in saved:
-            if dtype is not None:
+            if dtype is not None and not is_dispatched(module):
                 module.to(dtype=dtype, device=device)
             module.train(training)
             if attn is not None and getattr(module.config, "_attn_implementation", attn) != attn:
