@@ -324,9 +324,9 @@ class ModelView:
     @functools.cached_property
     def _planned_offload(self) -> frozenset[str]:
         """The parameters a planned map offloads (``offloaded``), found once: a plan asks for each many times."""
-        kept = ("cpu",) if self.main_placement() == "cpu" else ()
-        return frozenset(n for n, _ in self.named_parameters() if self.placement(n) in ("cpu", "disk")
-                         and self.placement(n) not in kept)
+        gpu_run = self.main_placement() != "cpu"
+        return frozenset(n for n, _ in self.named_parameters()
+                         if self.placement(n) == "disk" or (gpu_run and self.placement(n) == "cpu"))
 
     @property
     def tied_embedding_bytes(self) -> int:
