@@ -105,9 +105,11 @@ class MemoryCgroup:
     def __init__(self, limit: int) -> None:
         from tensorscope_core.machine import CGROUP_MOUNT, PROC_CGROUP, _cgroup_limits
 
-        own = [(d, f) for d, f, _ in _cgroup_limits(PROC_CGROUP, CGROUP_MOUNT) if d.is_dir()]
+        own: dict[str, Path] = {}  # per hierarchy (its limit file), the process's own group: listed innermost first
+        for folder, limit_file, _ in _cgroup_limits(PROC_CGROUP, CGROUP_MOUNT):
+            own.setdefault(limit_file, folder)
         self.folder: Path | None = None
-        for parent, limit_file in own[:1] + [x for x in own[1:] if x[1] != own[0][1]][:1]:
+        for limit_file, parent in own.items():
             folder = parent / f"tensorscope-bench-{os.getpid()}"
             try:
                 folder.mkdir()
@@ -117,7 +119,7 @@ class MemoryCgroup:
                     folder.rmdir()
                 print(f"no memory cgroup under {parent}: {exc}")
                 continue
-            self.folder, self.limit_file = folder, limit_file
+            self.folder = folder
             break
         if self.folder is None:
             raise SystemExit("--machine-memory needs a memory cgroup this process may make (root, or a delegated "
