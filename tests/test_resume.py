@@ -1,6 +1,7 @@
 """Forwards resumed at a block (``recorded_blocks`` / ``resumed_at``) give the full forward's logits bit for
 bit, with an intervention at that block, on GPT-2, LLaMA (grouped-query, rotary) and BERT, padded rows
-included; the skipped blocks get their own forward back afterwards, also after an error."""
+included; the skipped blocks get their own forward back afterwards, also after an error. Forwards stopped
+at a module (``stopped_before``) capture what the full forward would have and run nothing after it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from tensorscope_core.plugin_api import model_view, recorded_blocks, resumed_at
+from tensorscope_core.plugin_api import model_view, recorded_blocks, resumed_at, stopped_before
 from tensorscope_core.testing import tiny_model
 
 
@@ -74,3 +75,39 @@ def test_resumed_at_refuses_what_was_not_recorded_and_restores_on_error(three_bl
             raise RuntimeError("boom")
         assert all("forward" not in block.__dict__ for block in view.blocks)
         assert not any(block._forward_hooks for block in view.blocks)  # the recording hooks are gone
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_stopped_forward_keeps_what_the_full_one_would_and_runs_nothing_after(
+        three_block_models: dict[str, Path], family: str) -> None:
+    model = transformers.AutoModelForMaskedLM.from_pretrained(three_block_models[family]) if family == "bert" \
+        else transformers.AutoModelForCausalLM.from_pretrained(three_block_models[family])
+    ids = torch.randint(5, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    with model_view(model) as view, torch.no_grad():
+        inputs: dict[str, list[torch.Tensor]] = {"full": [], "stopped": []}
+        ran: list[str] = []
+        side = ["full"]
+
+        def keep(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs[side[0]].append((args[0] if args else kwargs["hidden_states"]).clone())
+
+        handles = [view.blocks[-1].register_forward_pre_hook(keep, with_kwargs=True),
+                   view.blocks[-1].register_forward_hook(lambda *_: ran.append("last block")),
+                   view.unembed.register_forward_pre_hook(lambda *_: ran.append("unembedding"))]
+        model(input_ids=ids, use_cache=False)
+        assert ran == ["last block", "unembedding"]
+        side[0] = "stopped"
+        ran.clear()
+        finished = False
+        with stopped_before(view.blocks[-1]):
+            model(input_ids=ids, use_cache=False)
+            finished = True  # not reached: the call stops at the last block
+        assert not finished
+        assert ran == []  # neither the last block's forward nor the head ran
+        assert torch.equal(inputs["stopped"][0], inputs["full"][0])
+        assert len(view.blocks[-1]._forward_pre_hooks) == 1  # the stop hook is gone, keep remains
+        with pytest.raises(RuntimeError, match="boom"), stopped_before(view.blocks[0]):
+            raise RuntimeError("boom")  # another error is not swallowed
+        for handle in handles:
+            handle.remove()
+        assert not view.blocks[0]._forward_pre_hooks

@@ -31,7 +31,7 @@ What is here, by job:
   ``batch_loss`` / ``batch_logits`` take as ``model=`` to run on a dispatched model),
   ``per_example_grads``, ``per_example_calls``, ``sum_of_squares``, ``float64_sum_of_squares``, ``float64_dot``,
   ``atomic_write``; ``recorded_blocks`` and ``resumed_at`` (forwards that start at a block, for sweeps of
-  interventions);
+  interventions), ``stopped_before`` (forwards that end at a module, run only for what hooks capture);
 - statistics: ``bootstrap_ci``, ``bootstrap_ratio_ci``, ``correlation``, ``fdr_bh``;
 - errors: ``TensorScopeError``, ``BadParameterError``, ``DataError``, ``EmptyDataError``,
   ``UnsupportedModelError``;
@@ -74,7 +74,7 @@ from .metric import ASKED, Metric, ModelSetMetric, NoParams, Params, Rung, RunSh
 from .models.activations import block_saved_bytes
 from .models.adapters.base import linear_out_in
 from .models.load import model_view
-from .models.resume import recorded_blocks, resumed_at
+from .models.resume import recorded_blocks, resumed_at, stopped_before
 from .models.view import HeadEntries, HeadWeights, ModelView, ParameterEntries
 from .numerics import float64_dot, float64_sum_of_squares, js_divergence_bits, sum_of_squares
 from .per_example import per_example_calls, per_example_grads
@@ -119,6 +119,7 @@ __all__ = [
     "row_squares",
     "recorded_blocks",
     "resumed_at",
+    "stopped_before",
     "DataError",
     "EmptyDataError",
     "ExampleGrads",

@@ -1,4 +1,5 @@
-"""Forwards that resume at a block, for metrics that run one forward per intervention.
+"""Forwards that resume at a block, for metrics that run one forward per intervention, and forwards
+that stop early, for metrics that run one only for what hooks capture on the way.
 
 An intervention at block ``l`` (ablating one of its heads, patching the stream entering it) leaves
 blocks ``0 .. l-1`` computing exactly what they computed on the clean forward of the same inputs. A
@@ -12,6 +13,12 @@ The blocks' outputs are kept as the blocks returned them (a tensor, or a tuple w
 the stream), so the model's loop receives what it received on the clean forward. The skipped blocks
 are replaced through their ``forward`` attribute, which also skips accelerate's per-block hooks:
 offloaded weights of the skipped blocks are not loaded at all.
+
+A forward run only to capture the inputs of some blocks (to call them alone after) need not compute
+what comes after the last one it reads: inside ``stopped_before(module)`` the model's call ends where
+``module`` would start, so the later blocks and the vocabulary-sized logits (at a 135M model's
+vocabulary, as large as eight blocks' work per token, and often the forward's largest tensor) are
+never made.
 """
 
 from __future__ import annotations
@@ -20,7 +27,31 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from torch import nn
+
 from .view import ModelView
+
+
+class _Stopped(Exception):
+    """Raised by ``stopped_before``'s pre-hook, caught where its block ends."""
+
+
+@contextmanager
+def stopped_before(module: nn.Module) -> Iterator[None]:
+    """A forward of the model inside the block stops at ``module``'s input: the call raises there and
+    the block ends quietly, so the statements after the call inside it do not run. Forward pre-hooks
+    registered on ``module`` before entering the block still run first (torch runs them in order), so
+    a hook that keeps ``module``'s own input sees it. Any other exception propagates."""
+    def stop(*_: Any) -> None:
+        raise _Stopped
+
+    handle = module.register_forward_pre_hook(stop)
+    try:
+        yield
+    except _Stopped:
+        pass
+    finally:
+        handle.remove()
 
 
 @contextmanager

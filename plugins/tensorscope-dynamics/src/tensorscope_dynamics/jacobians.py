@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import jvp, vmap
 
-from tensorscope_core.plugin_api import ModelView, OneDeviceModel
+from tensorscope_core.plugin_api import ModelView, OneDeviceModel, stopped_before
 
 BlockFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -23,7 +23,8 @@ def block_functions(
 ) -> list[tuple[BlockFn, torch.Tensor]]:
     """Per block, (x -> block output, the block's input on this batch), from one forward of ``model``
     (``OneDeviceModel(view, [])``: the copy without capture hooks, a dispatched model's weights loaded;
-    one ``replay_forward``), each block then called alone through ``model.call_part``."""
+    one ``replay_forward``, stopped at the last block's input: neither that block, the final norm nor the
+    logits are computed), each block then called alone through ``model.call_part``."""
     captured: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
     handles = [
         copy.register_forward_pre_hook(
@@ -31,8 +32,8 @@ def block_functions(
         )
         for i, copy in enumerate(model.view.blocks)
     ]
-    try:
-        with torch.no_grad():
+    try:  # the last block's input is the last thing read: its pre-hook keeps it, then the forward stops
+        with torch.no_grad(), stopped_before(model.view.blocks[-1]):
             model(model.weights, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         for handle in handles:

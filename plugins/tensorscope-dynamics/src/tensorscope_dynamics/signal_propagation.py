@@ -20,7 +20,7 @@ from tensorscope_core.plugin_api import (
     ScalarValue,
     Step,
     TextValue,
-    forward_act_bytes,
+    block_saved_bytes,
     offloaded_bytes,
 )
 
@@ -106,11 +106,16 @@ class SignalPropagation(Metric):
         # a jvp carries a tangent beside the primal through one block (Hutchinson: the whole batch); the
         # dense Jacobian's vmap carries min(chunk, d) tangents at once through one sequence: in a causal
         # model only up to its token, and with right padding the first kept tokens sit at positions
-        # < sv_tokens + exclude_first; on a dispatched model every weight loaded onto the input device beside them
-        hutchinson = 2 * _block_bytes(view, shape.batch_size, shape.seq_len)
+        # < sv_tokens + exclude_first. Beside either, every block's input on those rows, kept by the
+        # replay forward (``block_functions``), and on a dispatched model every weight loaded onto the
+        # input device.
         sv_tokens = cls._sv_tokens(params, view)
         length = min(shape.seq_len, sv_tokens + params.exclude_first) if view.causal else shape.seq_len
-        dense = (1 + min(params.chunk, view.d_model)) * _block_bytes(view, 1, length) if sv_tokens else 0
+        inputs = view.n_layers * view.d_model * view.dtype_bytes
+        hutchinson = 2 * block_saved_bytes(view, shape.batch_size, shape.seq_len) \
+            + inputs * shape.batch_size * shape.seq_len
+        dense = (1 + min(params.chunk, view.d_model)) * block_saved_bytes(view, 1, length) + inputs * length \
+            if sv_tokens else 0
         return Cost(
             state_bytes=2 * 8 * view.n_layers + 2 * 8 * (view.n_layers + 1) + sv,
             transient_bytes=max(hutchinson, dense) + offloaded_bytes(view),
@@ -202,8 +207,3 @@ class SignalPropagation(Metric):
         if notes:
             out["note"] = TextValue(text="; ".join(notes))
         return out
-
-
-def _block_bytes(view: ModelView, rows: int, seq: int) -> int:
-    """One block's working tensors on a batch: a no-grad forward's peak without its logits."""
-    return forward_act_bytes(view, rows, seq, loss=False) - rows * seq * view.vocab_size * view.dtype_bytes

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,7 +40,7 @@ from torch.autograd import forward_ad
 from torch.nn import functional as F  # noqa: N812
 from transformers import AttentionInterface
 
-from tensorscope_core.plugin_api import BadParameterError, ModelView, UnsupportedModelError
+from tensorscope_core.plugin_api import BadParameterError, ModelView, UnsupportedModelError, stopped_before
 
 from .lanczos import LanczosResult, top_eigenpairs
 
@@ -165,10 +165,6 @@ def _site_attention_on(model: torch.nn.Module, kv: KV) -> Iterator[None]:
         _CONTEXT.reset(token)
 
 
-class _StopAtHead(Exception):
-    """Raised by the unembedding's pre-hook when only ``g`` is wanted (spares copies x V x d)."""
-
-
 def forward_site(view: ModelView, layer: int, site: Site, *, copies: int = 1, tangent: torch.Tensor | None = None,
                  logits: bool = True, grad: bool = True) -> SiteForward:
     """Run the model on ``site.token`` at position ``site.context`` over the context's keys/values, with
@@ -194,20 +190,17 @@ def forward_site(view: ModelView, layer: int, site: Site, *, copies: int = 1, ta
 
     def read(module: Any, args: tuple, kwargs: dict) -> None:
         seen["g"] = args[0] if args else next(iter(kwargs.values()))
-        if not logits:
-            raise _StopAtHead
 
     assert view.unembed is not None
     handles = [_injection_module(view, layer).register_forward_pre_hook(inject, with_kwargs=True),
                view.unembed.register_forward_pre_hook(read, with_kwargs=True)]
     kv = [(k[:, :, :site.context], v[:, :, :site.context]) for k, v in site.kv]
     out = None
-    try:
-        with _site_attention_on(model, kv), torch.set_grad_enabled(grad and tangent is None):
+    try:  # without logits the forward stops at the unembedding, after ``read`` (spares copies x V x d)
+        with _site_attention_on(model, kv), torch.set_grad_enabled(grad and tangent is None), \
+                nullcontext() if logits else stopped_before(view.unembed):
             out = model(input_ids=torch.tensor([[site.token]], device=device),
                         position_ids=torch.tensor([[site.context]], device=device), use_cache=False)
-    except _StopAtHead:
-        pass
     finally:
         for handle in handles:
             handle.remove()

@@ -15,8 +15,8 @@ from tensorscope_core.plugin_api import (
     Params,
     PreparedData,
     RunShape,
+    block_saved_bytes,
     fdr_bh,
-    forward_act_bytes,
 )
 
 from .neighbours import MARGIN, knn_radii
@@ -68,8 +68,9 @@ def _points_bytes(params: FiberBundleParams, view: ModelView, v: int) -> int:
 
 
 def _forward_bytes(params: FiberBundleParams, view: ModelView, v: int) -> int:
-    """source='resid': the one-token forwards, TOKEN_BATCH tokens at a time, logits included."""
-    return forward_act_bytes(view, min(TOKEN_BATCH, v), 1, loss=False) if params.source == "resid" else 0
+    """source='resid': the one-token forwards, TOKEN_BATCH tokens at a time, each stopped where the stream
+    is read (``token_points``): one block's working tensors, no logits."""
+    return block_saved_bytes(view, min(TOKEN_BATCH, v), 1) if params.source == "resid" else 0
 
 
 def _candidate_bytes(params: FiberBundleParams, v: int) -> int:

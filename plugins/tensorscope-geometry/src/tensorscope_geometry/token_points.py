@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
 
-from tensorscope_core.plugin_api import ModelView, first_tensor
+from tensorscope_core.plugin_api import ModelView, first_tensor, stopped_before
 
 Source = Literal["embed", "unembed", "resid"]
 
@@ -57,16 +58,21 @@ def _resid_of_single_tokens(view: ModelView, layer: int, vocab: int, batch: int)
     def after(module: Any, args: tuple, output: Any) -> None:
         kept.append(first_tensor(output).detach()[:, 0])
 
+    # each forward stops once the stream is kept: no later block, and no [batch, V] logits
+    stop: torch.nn.Module | None
     if layer < view.n_layers:
         handle = view.blocks[layer].register_forward_pre_hook(before, with_kwargs=True)
+        stop = view.blocks[layer]
     else:
         handle = view.blocks[-1].register_forward_hook(after)
+        stop = view.final_norm if view.final_norm is not None else view.unembed
     device = view.input_device
     try:
         with torch.no_grad():
             for lo in range(0, vocab, batch):
                 ids = torch.arange(lo, min(lo + batch, vocab), device=device)[:, None]
-                view.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                with stopped_before(stop) if stop is not None else nullcontext():
+                    view.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     finally:
         handle.remove()
     return torch.cat(kept)
