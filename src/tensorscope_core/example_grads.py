@@ -15,32 +15,43 @@ Two label sets, asked for by name in a request's ``labels``:
   CRC-32 of the example's tokens (``draw_labels``), so the draws do not depend on the micro-batch
   size or the run's other tasks (the true Fisher's "sampled backward").
 
-**Requests.** ``{"parameters": names | None, "labels": ("observed", "sampled")}``: the parameters
-to differentiate (None: every trainable one) and the label sets. The scheduler merges one pass's
-requests (the union of the parameters, None winning, and of the label sets), so a run with several
-consumers makes one per-example backward per micro-batch for all of them.
+**Requests.** ``{"parameters": names | None, "labels": ("observed", "sampled"), "sketch": k}``: the
+parameters to differentiate (None: every trainable one), the label sets, and (optional) ``sketch``: the
+consumer wants only the count sketch to k dimensions of its parameters' gradient (``CountSketch`` seeded
+with the run's seed, as the consumer would draw it) and their exact squared norms, not the gradients.
+The scheduler merges one pass's requests (the union of the parameters, None winning, and of the label
+sets; the distinct sketches), so a run with several consumers makes one per-example backward per
+micro-batch for all of them.
 
-**Value.** ``ExampleGrads``: the gradients [batch, P] per label set in the model's dtype, the
-parameters flattened and concatenated in ``named_parameters`` order (tied parameters once), with
-their layout; ``n_targets`` [batch] and the mean observed token loss ``loss`` [batch] in float64.
-The gradients come from ``per_example_grads`` (``vmap`` of a ``vjp`` on the hook-free copy, a loop
-of single examples for bidirectional encoders). Consumers must not modify the tensors in place.
+**Sketches at scale.** A sketch is made per micro-batch from the gradients parameter by parameter, as
+they come out of the backward (``per_example_grad_parts``), so when every consumer asks for one the
+artifact never concatenates a [batch, P] copy nor keeps one across micro-batches: it holds [batch, k]
+per sketch, and a micro-batch's gradients only while they are sketched. At 7B parameters and k = 1024 that
+is 32 KiB against 50 GiB for a batch of 4 (the TRAK / LoGra way of keeping per-example gradients).
+
+**Value.** ``ExampleGrads``: the gradients [batch, P] per label set in the model's dtype (when a consumer
+asked for them), the parameters flattened and concatenated in ``named_parameters`` order (tied parameters
+once), with their layout; the sketches (``sketched``); ``n_targets`` [batch] and the mean observed token
+loss ``loss`` [batch] in float64. The gradients come from ``per_example_grads`` (``vmap`` of a ``vjp`` on
+the hook-free copy, a loop of single examples for bidirectional encoders). Consumers must not modify the
+tensors in place.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .artifacts import ArtifactSpec, Request, act_bytes
 from .capture import CaptureContext
 from .data import Batch
+from .example_store import CountSketch, row_squares
 from .functional import offloaded_bytes
 from .models.view import ModelView
-from .per_example import per_example_calls, per_example_grads
+from .per_example import per_example_calls, per_example_grad_parts
 
 ARTIFACT = "per_example_grads"
 #: label sets in the order the gradients are computed (one vjp each from one forward)
@@ -63,14 +74,33 @@ def example_grads_layout(view: ModelView, names: Sequence[str] | None = None) ->
     return layout
 
 
+#: a requested sketch: (its parameters, sorted, or None for every trainable one; k)
+SketchKey = tuple[tuple[str, ...] | None, int]
+
+
+def sketch_key(parameters: Sequence[str] | None, k: int) -> SketchKey:
+    """The key a consumer that asked for ``{"parameters": parameters, "sketch": k}`` finds its sketch under."""
+    return (None if parameters is None else tuple(sorted(parameters)), k)
+
+
 @dataclass(frozen=True)
 class ExampleGrads:
-    """One batch of the artifact: per-example gradients per label set, with their layout."""
+    """One batch of the artifact: per-example gradients per label set, with their layout, and the
+    requested sketches: key -> label set -> (sketch [batch, k], exact squared norms [batch]), float64 on
+    the CPU, of each example's summed-loss gradient on the key's parameters."""
 
     layout: Layout
     grads: dict[str, torch.Tensor]
     n_targets: torch.Tensor
     loss: torch.Tensor
+    sketches: dict[SketchKey, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+    def sketched(self, parameters: Sequence[str] | None, k: int,
+                 labels: str = "observed") -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(sketch [batch, k], exact squared norms [batch]) asked for as ``{"parameters": parameters,
+        "sketch": k}``, or None where the run made the gradients instead (another request of the same
+        consumer kind merged otherwise, or an older core)."""
+        return self.sketches.get(sketch_key(parameters, k), {}).get(labels)
 
     @property
     def size(self) -> int:
@@ -105,8 +135,11 @@ class ExampleGrads:
     def cat(cls, parts: Sequence[ExampleGrads]) -> ExampleGrads:
         """The micro-batches of one batch joined along the batch dimension."""
         first = parts[0]
+        sketches = {key: {label: (torch.cat([p.sketches[key][label][0] for p in parts]),
+                                  torch.cat([p.sketches[key][label][1] for p in parts])) for label in by_label}
+                    for key, by_label in first.sketches.items()}
         return cls(first.layout, {k: torch.cat([p.grads[k] for p in parts]) for k in first.grads},
-                   torch.cat([p.n_targets for p in parts]), torch.cat([p.loss for p in parts]))
+                   torch.cat([p.n_targets for p in parts]), torch.cat([p.loss for p in parts]), sketches)
 
 
 def draw_labels(logits: torch.Tensor, batch: Batch, input_ids: torch.Tensor, seed: int) -> torch.Tensor:
@@ -131,13 +164,16 @@ def _summed_losses(logits: torch.Tensor, labels: torch.Tensor, target_mask: torc
 
 
 def merge_requests(requests: Sequence[Request]) -> Request:
-    """The union of the consumers' parameters (None, every trainable one, wins) and label sets."""
+    """The union of the consumers' parameters (None, every trainable one, wins) and label sets; whether any
+    consumer wants the gradients themselves (``rows``: one without ``sketch``), and the distinct sketches."""
     names: set[str] | None = set()
     labels: set[str] = set()
+    sketches: set[SketchKey] = set()
+    rows = not requests
     for request in requests:
-        unknown = set(request) - {"parameters", "labels"}
+        unknown = set(request) - {"parameters", "labels", "sketch"}
         if unknown:
-            raise ValueError(f"per_example_grads takes 'parameters' and 'labels', not {sorted(unknown)}")
+            raise ValueError(f"per_example_grads takes 'parameters', 'labels' and 'sketch', not {sorted(unknown)}")
         asked = request.get("labels", ("observed",))
         bad = set(asked) - set(LABELS)
         if bad:
@@ -145,10 +181,18 @@ def merge_requests(requests: Sequence[Request]) -> Request:
         labels.update(asked)
         wanted = request.get("parameters")
         names = None if wanted is None or names is None else names | set(wanted)
+        k = request.get("sketch")
+        if k is None:
+            rows = True
+        elif not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"per_example_grads sketch is a number of dimensions (an int >= 1), not {k!r}")
+        else:
+            sketches.add(sketch_key(wanted, k))
     if not requests:
         names = None
     return {"parameters": None if names is None else tuple(sorted(names)),
-            "labels": tuple(label for label in LABELS if label in (labels or {"observed"}))}
+            "labels": tuple(label for label in LABELS if label in (labels or {"observed"})),
+            "rows": rows, "sketches": tuple(sorted(sketches, key=repr))}
 
 
 def _derive(ctx: CaptureContext) -> None:
@@ -160,29 +204,68 @@ def _derive(ctx: CaptureContext) -> None:
     label_sets = request["labels"]
     labels = torch.stack([draw_labels(ctx.outputs.logits, batch, batch.input_ids, ctx.seed) if kind == "sampled"
                           else targets.target_ids for kind in label_sets], dim=1)
-    grads, losses = per_example_grads(ctx.view, list(layout), _summed_losses, targets.model_input,
-                                      batch.attention_mask, labels, targets.target_mask)
+    names = list(layout)
+    parts, losses = per_example_grad_parts(ctx.view, names, _summed_losses, targets.model_input,
+                                           batch.attention_mask, labels, targets.target_mask)
+    rows = batch.input_ids.shape[0]
+    sketches = {key: {label: _sketch(part, names, key, ctx.seed) for label, part in zip(label_sets, parts, strict=True)}
+                for key in request.get("sketches", ())}
+    grads: dict[str, torch.Tensor] = {}
+    if request.get("rows", True):
+        dtype = next(iter(parts[0].values())).dtype if names else torch.float32
+        for label, part in zip(label_sets, parts, strict=True):
+            grads[label] = torch.cat([part[n].reshape(rows, -1).to(dtype) for n in names], dim=1) if names \
+                else torch.zeros(rows, 0, dtype=dtype, device=batch.input_ids.device)
+            part.clear()  # each parameter's gradient goes once it is in the flat copy
+    del parts
     n_targets = targets.target_mask.sum(dim=1).double().cpu()
     observed = losses[:, label_sets.index("observed")] if "observed" in label_sets else torch.zeros_like(n_targets)
-    ctx.store[ARTIFACT] = ExampleGrads(layout, dict(zip(label_sets, grads, strict=True)), n_targets,
-                                       observed / n_targets.clamp(min=1))
+    ctx.store[ARTIFACT] = ExampleGrads(layout, grads, n_targets, observed / n_targets.clamp(min=1), sketches)
+
+
+def _sketch(part: dict[str, torch.Tensor], names: list[str], key: SketchKey,
+            seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count sketch [rows, k], exact squared norms [rows]) of the gradients of ``key``'s parameters, one
+    parameter at a time in ``named_parameters`` order: the consumer's own ``CountSketch(size, k, seed)``
+    of its flat rows, without them."""
+    wanted = names if key[0] is None else [n for n in names if n in set(key[0])]
+    rows = next(iter(part.values())).shape[0] if part else 0
+    pieces = [part[n].reshape(rows, -1) for n in wanted]
+    size = sum(p.shape[1] for p in pieces)
+    squares = torch.zeros(rows, dtype=torch.float64)
+    for piece in pieces:
+        squares += row_squares(piece.cpu())
+    return CountSketch(size, key[1], seed).of_parts(pieces), squares
+
+
+def _size(view: ModelView, parameters: Sequence[str] | None) -> int:
+    return sum(p.numel() for n, p in view.named_parameters() if p.requires_grad
+               and (parameters is None or n in parameters))
 
 
 def _bytes(view: ModelView, batch: int, seq: int, request: Request) -> int:
-    """The batch's gradients per label set, and its target counts and losses (float64)."""
+    """The batch's gradients per label set (when a consumer wants them), its sketches with their squared
+    norms (float64), and its target counts and losses (float64)."""
     request = request or merge_requests([])
-    size = sum(p.numel() for n, p in view.named_parameters() if p.requires_grad
-               and (request["parameters"] is None or n in request["parameters"]))
-    return len(request["labels"]) * batch * size * view.dtype_bytes + 16 * batch
+    labels = len(request["labels"])
+    rows = labels * batch * _size(view, request["parameters"]) * view.dtype_bytes if request.get("rows", True) else 0
+    sketches = sum(labels * batch * (k + 1) * 8 for _, k in request.get("sketches", ()))
+    return rows + sketches + 16 * batch
 
 
 def _transient(view: ModelView, rows: int, seq: int, request: Request) -> int:
     """What the per-example backward keeps while it runs: a backward of the micro-batch's activations,
     with a tied embedding its two per-example gradients [rows, V, d] beside their sum, and on a
-    dispatched model the weights it loads onto the input device (``offloaded_bytes``)."""
-    every_parameter = (request or {}).get("parameters") is None
+    dispatched model the weights it loads onto the input device (``offloaded_bytes``). When only sketches
+    are asked for, the micro-batch's gradients too, which no batch-sized copy holds (a sketch's own
+    pieces, one span of ``CountSketch.SPAN`` entries in float64 at a time, beside them)."""
+    request = request or merge_requests([])
+    every_parameter = request["parameters"] is None
+    parts = 0 if request.get("rows", True) else \
+        len(request["labels"]) * rows * _size(view, request["parameters"]) * view.dtype_bytes \
+        + 2 * rows * CountSketch.SPAN * 8
     return act_bytes(view, rows, seq) + (2 * rows * view.tied_embedding_bytes if every_parameter else 0) \
-        + offloaded_bytes(view)
+        + offloaded_bytes(view) + parts
 
 
 def _own_passes(view: ModelView, rows: int, seq: int, request: Request) -> dict[str, int]:
@@ -197,4 +280,5 @@ PER_EXAMPLE_GRADS = ArtifactSpec(
     derive=_derive, requires=("token_loss",), own_passes=_own_passes, merge=merge_requests, request_nbytes=_bytes,
     transient_nbytes=_transient)
 
-__all__ = ["ARTIFACT", "PER_EXAMPLE_GRADS", "ExampleGrads", "draw_labels", "example_grads_layout"]
+__all__ = ["ARTIFACT", "PER_EXAMPLE_GRADS", "ExampleGrads", "SketchKey", "draw_labels", "example_grads_layout",
+           "sketch_key"]

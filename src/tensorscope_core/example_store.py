@@ -41,7 +41,7 @@ import shutil
 import tempfile
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -380,12 +380,34 @@ class CountSketch:
         return bucket, sign
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        rows = rows.detach().cpu()
-        out = torch.zeros(rows.shape[0], self.k, dtype=torch.float64)
-        for index, start in enumerate(range(0, self.size, self.SPAN)):
-            stop = min(start + self.SPAN, self.size)
-            bucket, sign = self._span(index, stop - start)
-            out.index_add_(1, bucket, rows[:, start:stop].double() * sign)
+        """The sketch [n, k] (float64, on the CPU) of the rows [n, size]."""
+        return self.of_parts([rows])
+
+    def of_parts(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The sketch of the rows that ``parts`` [n, w_i] make side by side (widths summing to ``size``),
+        never concatenated: each part is added span by span as it lies, so a vector given one parameter's
+        gradient at a time is sketched with nothing of its full size. The additions into each bucket are
+        the same, in the same order, as for the concatenation."""
+        n = parts[0].shape[0] if parts else 0
+        out = torch.zeros(n, self.k, dtype=torch.float64)
+        drawn: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        offset = 0
+        for part in parts:
+            part = part.detach().reshape(n, -1)
+            column, end = offset, offset + part.shape[1]
+            while column < end:
+                index = column // self.SPAN
+                start = index * self.SPAN
+                if drawn is None or drawn[0] != index:
+                    drawn = (index, *self._span(index, min(self.SPAN, self.size - start)))
+                stop = min(start + self.SPAN, end)
+                _, bucket, sign = drawn
+                piece = part[:, column - offset:stop - offset].cpu().double()
+                out.index_add_(1, bucket[column - start:stop - start], piece * sign[column - start:stop - start])
+                column = stop
+            offset = end
+        if offset != self.size:
+            raise ValueError(f"the parts hold {offset} entries, the sketch takes {self.size}")
         return out
 
     @property

@@ -58,6 +58,19 @@ def per_example_grads(view: ModelView, names: Sequence[str], loss: ExampleLoss, 
     gradients, one [batch, P] tensor per loss (P the total size of ``names``, concatenated
     in that order), and the losses [batch, n_losses] in float64 on the CPU.
     """
+    parts, values = per_example_grad_parts(view, names, loss, input_ids, attention_mask, *rows)
+    batch = input_ids.shape[0]
+    dtype = next(iter(parts[0].values())).dtype if names and parts else torch.float32
+    flat = [torch.cat([g[n].reshape(batch, -1).to(dtype) for n in names], dim=1) if names
+            else torch.zeros(batch, 0, dtype=dtype, device=input_ids.device) for g in parts]
+    return flat, values
+
+
+def per_example_grad_parts(view: ModelView, names: Sequence[str], loss: ExampleLoss, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor,
+                           *rows: torch.Tensor) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """``per_example_grads`` before its concatenation: per loss, {name: [batch, *shape]} (detached), for a
+    consumer that reduces them parameter by parameter (a sketch) and never needs the [batch, P] copy."""
     model = OneDeviceModel(view, names)
     wanted = {n: model.weights[n] for n in names}
 
@@ -89,8 +102,4 @@ def per_example_grads(view: ModelView, names: Sequence[str], loss: ExampleLoss, 
         out = [one(wanted, *(a[i] for a in args)) for i in range(input_ids.shape[0])]
         grads = tuple({n: torch.stack([r[0][k][n] for r in out]) for n in names} for k in range(len(out[0][0])))
         values = torch.stack([r[1] for r in out])
-    batch = input_ids.shape[0]
-    dtype = next(iter(wanted.values())).dtype if wanted else torch.float32
-    flat = [torch.cat([g[n].detach().reshape(batch, -1).to(dtype) for n in names], dim=1) if names
-            else torch.zeros(batch, 0, dtype=dtype, device=input_ids.device) for g in grads]
-    return flat, values.detach().double().cpu()
+    return [{n: g[n].detach() for n in names} for g in grads], values.detach().double().cpu()

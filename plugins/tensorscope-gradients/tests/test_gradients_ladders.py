@@ -103,7 +103,9 @@ def test_tracin_terms_sketched_within_bound(models, split, no_disk_room, k):
     want = torch.tensor([row[2] for row in exact.values["dots"].rows], dtype=torch.float64)
     sketched = torch.tensor([row[2] for row in got.values["dots"].rows], dtype=torch.float64)
     assert ((sketched - want).abs() <= 6 * math.sqrt(2 / k) * scale).all()
-    assert got.value("train_self") == exact.value("train_self")  # norms stay exact
+    # norms stay exact: the artifact sums them parameter by parameter before the division by the target count,
+    # so they agree to float64 rounding
+    assert got.value("train_self") == pytest.approx(exact.value("train_self"), rel=1e-12)
 
 
 def test_task_conflict_on_disk_equals_in_memory(models, tasks):

@@ -17,23 +17,52 @@ plugin's stores keep them uncopied).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from tensorscope_core.plugin_api import ExampleGrads, ModelView
+from tensorscope_core.plugin_api import ExampleGrads, ModelView, row_squares
 
+from .projection import Projection
 from .selection import Layout, Subset, SubsetParams, layout_of, select_parameters
 
 ARTIFACT = "per_example_grads"
 
 
-def per_example_request(params: SubsetParams, view: ModelView) -> dict[str, Mapping[str, Any]]:
+def per_example_request(params: SubsetParams, view: ModelView,
+                        sketch: int | None = None) -> dict[str, Mapping[str, Any]]:
     """``artifact_requests`` of a metric on a parameter subset: the observed-label gradients of the
-    parameters its ``parameters`` / ``layers`` select (known before any mask is read)."""
-    return {ARTIFACT: {"parameters": select_parameters(view, params.parameters, params.layers),
-                       "labels": ("observed",)}}
+    parameters its ``parameters`` / ``layers`` select (known before any mask is read); with ``sketch``
+    (``sketch_dim``) only their count sketch to that many dimensions and their squared norms."""
+    request: dict[str, Any] = {"parameters": select_parameters(view, params.parameters, params.layers),
+                               "labels": ("observed",)}
+    if sketch is not None:
+        request["sketch"] = sketch
+    return {ARTIFACT: request}
+
+
+def sketch_dim(params: SubsetParams, projection_dim: int | None) -> int | None:
+    """The sketch a projecting metric asks the artifact for: its ``projection_dim``, unless a
+    ``mask_metric`` picks its entries (known only once that metric has run: the artifact then makes the
+    gradients, and the metric sketches the masked entries itself)."""
+    return projection_dim if params.mask_metric is None else None
+
+
+def projected_rows(view: ModelView, chosen: Subset, grads: ExampleGrads, layouts: dict[tuple[str, ...], Layout],
+                   projection: Projection, parameters: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the mean-loss gradients' sketch [batch, k], their exact squared norms [batch]), float64: the
+    artifact's sketch of the summed-loss gradients (asked for as ``{"parameters": parameters, "sketch":
+    k}``) divided by each example's target count, or, where the artifact made the gradients instead,
+    ``projection`` of ``mean_loss_rows``. Either way ``projection`` records its error."""
+    sketched = grads.sketched(parameters, projection.sketch.k)
+    if sketched is None:
+        rows = mean_loss_rows(view, chosen, grads, layouts)
+        squares = row_squares(rows.cpu())
+        return projection(rows, squares), squares
+    per = grads.n_targets.clamp(min=1).double()
+    squares = sketched[1] / per.square()
+    return projection.measured(sketched[0] / per[:, None], squares), squares
 
 
 def mean_loss_rows(view: ModelView, chosen: Subset, grads: ExampleGrads,

@@ -23,16 +23,15 @@ from tensorscope_core.plugin_api import (
     Step,
     StoreBacking,
     TableValue,
-    row_squares,
     tasks_skip_reason,
 )
 
 from .common import example_texts, upper_bound_examples
 from .ladders import example_rows_ladder, stored_width
 from .maths import bh, fisher_z, null_p_values, robust_null
-from .per_sample import ARTIFACT, mean_loss_rows, per_example_request
+from .per_sample import ARTIFACT, mean_loss_rows, per_example_request, projected_rows, sketch_dim
 from .projection import Projection
-from .selection import Layout, SubsetMetric, SubsetParams, planned_size, subset_size
+from .selection import Layout, SubsetMetric, SubsetParams, planned_size, select_parameters, subset_size
 
 
 class SampleConflictParams(SubsetParams):
@@ -97,7 +96,7 @@ class SampleConflicts(SubsetMetric):
               "null_scale": "empirical null of the first task pair: 1.4826 x MAD of atanh(cosine)",
               "reconstruction_error": "per example: ||g - g~|| / ||g|| (0 without compression)",
               "cosine_error_bound": "largest bound on |estimated - exact| cosine over all pairs (compression)",
-              "projection_error": "RMS over within-batch pairs of |sketched - exact dot| / (||g|| ||h||) (0: exact)",
+              "projection_error": "RMS over examples of |sketched - exact squared norm| / ||g||^2 (0: exact)",
               "projection_error_bound": "sqrt(2 / projection_dim): bound on the SD of that error (0: exact)",
               "stored_bytes": "bytes the kept gradients take"}
 
@@ -111,6 +110,7 @@ class SampleConflicts(SubsetMetric):
         self.layouts: dict[tuple[str, ...], Layout] = {}
         size = subset_size(self.view, self.chosen)
         self.projection = Projection(size, p.projection_dim, self.shape.seed) if p.projection_dim else None
+        self.parameters = select_parameters(self.view, p.parameters, p.layers)  # what the request named
         self.store = GradientStore(p.projection_dim or size, p.compression, p.backing)
         self.squares = torch.zeros(0, dtype=torch.float64)  # exact ||g_i||^2 (the store's are projected ones)
         self.tasks: list[str] = []
@@ -121,7 +121,7 @@ class SampleConflicts(SubsetMetric):
 
     @classmethod
     def artifact_requests(cls, params: SampleConflictParams, view: ModelView) -> dict[str, Mapping[str, Any]]:
-        return per_example_request(params, view)
+        return per_example_request(params, view, sketch_dim(params, params.projection_dim))
 
     @classmethod
     def cost(cls, params: SampleConflictParams, view: ModelView, shape: RunShape) -> Cost:
@@ -148,12 +148,12 @@ class SampleConflicts(SubsetMetric):
         assert step.task is not None
         g = step[ARTIFACT]
         n_targets = g.n_targets
-        rows = mean_loss_rows(self.view, self.chosen, g, self.layouts)
         if self.projection is None:
-            squares = self.store.add(rows)
+            squares = self.store.add(mean_loss_rows(self.view, self.chosen, g, self.layouts))
         else:
-            squares = row_squares(rows.cpu())
-            self.store.add(self.projection(rows))
+            projected, squares = projected_rows(self.view, self.chosen, g, self.layouts, self.projection,
+                                                self.parameters)
+            self.store.add(projected)
         self.squares = torch.cat([self.squares, squares])
         counter = self.seen.get(step.task, 0)
         rows = n_targets.shape[0]

@@ -36,9 +36,9 @@ from .common import example_texts, upper_bound_examples
 from .interpolation import PathGradients, copy_bytes, path_tasks, point_calls
 from .ladders import example_rows_ladder, stored_width
 from .maths import bh, interpolation_weights, null_p_values, robust_null
-from .per_sample import ARTIFACT, mean_loss_rows, per_example_request
+from .per_sample import ARTIFACT, mean_loss_rows, per_example_request, projected_rows, sketch_dim
 from .projection import Projection
-from .selection import Layout, SubsetMetric, SubsetParams, planned_size, subset_size
+from .selection import Layout, SubsetMetric, SubsetParams, planned_size, select_parameters, subset_size
 
 TERMS = "gradients.tracin_terms"
 
@@ -77,7 +77,7 @@ class TracInTerms(SubsetMetric):
               "train_self": "||g(z)||^2 per training example", "test_self": "||g(z')||^2 per test example",
               "examples": "table split, index, loss, n_targets, text",
               "n_train": "training examples", "n_test": "test examples",
-              "projection_error": "RMS over within-batch pairs of |sketched - exact dot| / (||g|| ||h||) (0: exact)",
+              "projection_error": "RMS over examples of |sketched - exact squared norm| / ||g||^2 (0: exact)",
               "projection_error_bound": "sqrt(2 / projection_dim): bound on the SD of that error (0: exact)"}
 
     @classmethod
@@ -96,6 +96,7 @@ class TracInTerms(SubsetMetric):
         self.layouts: dict[tuple[str, ...], Layout] = {}
         size = subset_size(self.view, self.chosen)
         self.projection = Projection(size, p.projection_dim, self.shape.seed) if p.projection_dim else None
+        self.parameters = select_parameters(self.view, p.parameters, p.layers)  # what the request named
         width = p.projection_dim or size
         self.train = GradientStore(width, backing=p.backing)
         self.test = GradientStore(width, backing=p.backing)
@@ -105,7 +106,7 @@ class TracInTerms(SubsetMetric):
 
     @classmethod
     def artifact_requests(cls, params: TermsParams, view: ModelView) -> dict[str, Mapping[str, Any]]:
-        return per_example_request(params, view)
+        return per_example_request(params, view, sketch_dim(params, params.projection_dim))
 
     @classmethod
     def cost(cls, params: TermsParams, view: ModelView, shape: RunShape) -> Cost:
@@ -127,10 +128,11 @@ class TracInTerms(SubsetMetric):
             return
         g = step[ARTIFACT]
         loss, n_targets = g.loss, g.n_targets
-        rows = mean_loss_rows(self.view, self.chosen, g, self.layouts)
-        squares = row_squares(rows.cpu())
-        if self.projection is not None:
-            rows = self.projection(rows)
+        if self.projection is None:
+            rows = mean_loss_rows(self.view, self.chosen, g, self.layouts)
+            squares = row_squares(rows.cpu())
+        else:
+            rows, squares = projected_rows(self.view, self.chosen, g, self.layouts, self.projection, self.parameters)
         texts = example_texts(self.view, step.batch.input_ids, step.batch.attention_mask)
         for split in splits:
             (self.train if split == "train" else self.test).add(rows)
