@@ -260,12 +260,19 @@ def _transient(view: ModelView, rows: int, seq: int, request: Request) -> int:
     are asked for, the micro-batch's gradients too, which no batch-sized copy holds (a sketch's own
     pieces, one span of ``CountSketch.SPAN`` entries in float64 at a time, beside them)."""
     request = request or merge_requests([])
-    every_parameter = request["parameters"] is None
     parts = 0 if request.get("rows", True) else \
         len(request["labels"]) * rows * _size(view, request["parameters"]) * view.dtype_bytes \
         + 2 * rows * CountSketch.SPAN * 8
-    return act_bytes(view, rows, seq) + (2 * rows * view.tied_embedding_bytes if every_parameter else 0) \
-        + offloaded_bytes(view) + parts
+    tied = 2 * rows * view.tied_embedding_bytes if _tied_embedding_asked(view, request["parameters"]) else 0
+    return act_bytes(view, rows, seq) + tied + offloaded_bytes(view) + parts
+
+
+def _tied_embedding_asked(view: ModelView, parameters: Sequence[str] | None) -> bool:
+    """Whether the gradients asked for include an embedding the output layer shares (named, or every one)."""
+    if not view.tied_embedding_bytes:
+        return False
+    weight = view.embed.weight
+    return parameters is None or any(p is weight for n, p in view.named_parameters() if n in parameters)
 
 
 def _own_passes(view: ModelView, rows: int, seq: int, request: Request) -> dict[str, int]:
