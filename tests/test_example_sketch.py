@@ -177,17 +177,23 @@ def test_declared_bytes_hold_k_wide_rows_and_the_micro_batchs_gradients(folders:
         assert extra == 2 * size * view.dtype_bytes + 2 * 2 * CountSketch.SPAN * 8
 
 
-def test_a_tied_embedding_named_in_the_request_counts_as_when_every_parameter_is(folders: dict[str, Path]) -> None:
-    """GPT-2 ties its head to the embedding: the per-example backward holds that weight's two gradients (one per
-    use) beside their sum whether the request names every parameter or says None; a subset without it does not."""
+def test_a_tied_embedding_named_in_a_sketch_request_counts_as_when_every_parameter_is(
+        folders: dict[str, Path]) -> None:
+    """GPT-2 ties its head to the embedding: a sketching backward holds that weight's two gradients (one per
+    use) beside every other gradient whether the request names every parameter or says None; a subset
+    without it does not."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folders["gpt2"])
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     with model_view(model) as view:
         assert view.tied_embedding_bytes > 0
-        every = PER_EXAMPLE_GRADS.transient_for(view, 2, 16, merge_requests([{"parameters": None}]))
-        named = PER_EXAMPLE_GRADS.transient_for(view, 2, 16, merge_requests([{"parameters": names}]))
-        blocks = PER_EXAMPLE_GRADS.transient_for(view, 2, 16, merge_requests([{"parameters": names[2:]}]))
-        assert named == every
-        assert every - blocks == 2 * 2 * view.tied_embedding_bytes
+
+        def transient(parameters: list[str] | None) -> int:
+            return PER_EXAMPLE_GRADS.transient_for(view, 2, 16, merge_requests([{"parameters": parameters,
+                                                                                "sketch": K}]))
+
+        assert names[0] == "transformer.wte.weight"
+        assert transient(names) == transient(None)
+        # without the embedding: neither its pair (2 rows x 2 copies) nor its own gradient (2 rows) is held
+        assert transient(names) - transient(names[1:]) == (2 * 2 + 2) * view.tied_embedding_bytes

@@ -260,10 +260,14 @@ def _transient(view: ModelView, rows: int, seq: int, request: Request) -> int:
     are asked for, the micro-batch's gradients too, which no batch-sized copy holds (a sketch's own
     pieces, one span of ``CountSketch.SPAN`` entries in float64 at a time, beside them)."""
     request = request or merge_requests([])
-    parts = 0 if request.get("rows", True) else \
-        len(request["labels"]) * rows * _size(view, request["parameters"]) * view.dtype_bytes \
-        + 2 * rows * CountSketch.SPAN * 8
-    tied = 2 * rows * view.tied_embedding_bytes if _tied_embedding_asked(view, request["parameters"]) else 0
+    sketch_only = not request.get("rows", True)
+    parts = len(request["labels"]) * rows * _size(view, request["parameters"]) * view.dtype_bytes \
+        + 2 * rows * CountSketch.SPAN * 8 if sketch_only else 0
+    # The tied pair is held at the backward's end, beside every other gradient (the parts); with the
+    # rows, what follows (the gradients beside their flat copy) holds more, and the memory audit checks
+    # these metrics as they were declared: the pair counted for parameters=None only.
+    asked = _tied_embedding_asked(view, request["parameters"]) if sketch_only else request["parameters"] is None
+    tied = 2 * rows * view.tied_embedding_bytes if asked else 0
     return act_bytes(view, rows, seq) + tied + offloaded_bytes(view) + parts
 
 

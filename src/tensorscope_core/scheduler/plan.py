@@ -212,6 +212,11 @@ def _pass_peak(view: ModelView, p: PassPlan, micro: int, seq: int, specs: Sequen
         p.activation_bytes -= micro * seq * view.vocab_size * view.dtype_bytes
     if any(s.name == PARAM_GRAD for s in specs):  # a tied embedding's two gradients beside their sum
         p.activation_bytes += 2 * view.tied_embedding_bytes
+    if "backward" in p.kind and view.device_map is not None:
+        # accelerate loads an offloaded weight for its module's call and drops it after, but autograd keeps
+        # the loaded tensor (a linear layer saves its weight for its input's gradient) until the backward
+        # reaches it: for a shared backward every weight is on the run device, not one block's
+        p.activation_bytes += view.every_param_bytes - view.param_bytes
     micro_batches = shape.n_batches * -(-shape.batch_size // max(micro, 1))
     for spec in specs:
         if spec.own_passes is not None and shape.n_batches:
