@@ -239,8 +239,9 @@ def _sketch(part: dict[str, torch.Tensor], names: list[str], key: SketchKey,
 
 
 def _size(view: ModelView, parameters: Sequence[str] | None) -> int:
-    return sum(p.numel() for n, p in view.named_parameters() if p.requires_grad
-               and (parameters is None or n in parameters))
+    key = ("per_example_grads.size", None if parameters is None else tuple(parameters))
+    return view.memoised(key, lambda: sum(p.numel() for n, p in view.named_parameters() if p.requires_grad
+                                          and (parameters is None or n in parameters)))
 
 
 def _bytes(view: ModelView, batch: int, seq: int, request: Request) -> int:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ class ModelView:
     tied_duplicates: dict[str, str] | None = None
     #: built from a config.json alone, to be planned (every tensor meta, no weights)
     from_config: bool = False
+    #: values worked out from the model inside ``planning`` (key -> value); None outside it
+    _memo: dict[Hashable, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.tied_duplicates is None:
@@ -150,6 +154,30 @@ class ModelView:
                     duplicates[name] = first[id(p)]
                 first.setdefault(id(p), name)
             self.tied_duplicates = duplicates
+
+    @contextmanager
+    def planning(self) -> Iterator[None]:
+        """Inside the block the model does not change: a plan asks the same sizes of it thousands of times
+        (each a walk over every module), so ``memoised`` values are worked out once. A block inside another
+        shares the outer one's values; they are dropped when the outer one ends."""
+        if self._memo is not None:
+            yield
+            return
+        self._memo = {}
+        try:
+            yield
+        finally:
+            self._memo = None
+
+    def memoised(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """``compute()``, worked out once per ``key`` inside ``planning`` (every call outside it, where the
+        model may have been cast, moved or dispatched since). Keys name the asker: a plugin prefixes its own."""
+        if self._memo is None:
+            return compute()
+        if key not in self._memo:
+            self._memo[key] = compute()
+        value: T = self._memo[key]
+        return value
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``model.named_parameters()`` with tied weights once, as the model was built, also after a
@@ -276,7 +304,8 @@ class ModelView:
     def every_param_bytes(self) -> int:
         """Bytes of every parameter (tied ones once), offloaded ones included: what a tensor per parameter
         (its gradient) holds."""
-        return sum(p.numel() * p.element_size() for _, p in self.named_parameters())
+        return self.memoised("every_param_bytes",
+                             lambda: sum(p.numel() * p.element_size() for _, p in self.named_parameters()))
 
     @property
     def param_bytes(self) -> int:

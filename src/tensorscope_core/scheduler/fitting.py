@@ -46,6 +46,13 @@ def fit_model_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape
                    floor: Ladders | None = None) -> tuple[list[MetricNode], ModelPlan, Ladders]:
     """One model's plan within ``budget``: its metrics at their rungs (``floor``: the levels an earlier
     model of the run ended at), those that cannot fit left out."""
+    with view.planning():  # the model does not change while it is planned: sizes read from it are kept
+        return _fit_model_plan(nodes, view, shape, registry, budget, config, floor)
+
+
+def _fit_model_plan(nodes: Sequence[MetricNode], view: ModelView, shape: RunShape, registry: Registry,
+                    budget: Budget, config: RunConfig,
+                    floor: Ladders | None) -> tuple[list[MetricNode], ModelPlan, Ladders]:
     on_view = [n for n in nodes if n.cls.scope == "model" and (view.device_map is None or n.cls.supports_dispatch)]
     ladders = make_ladders(on_view, lambda n: n.model_cls.ladder(n.params, view, shape),
                            _pins(on_view, config, "model"), floor)

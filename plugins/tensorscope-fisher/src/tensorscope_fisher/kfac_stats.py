@@ -69,10 +69,13 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def block_linears(view: ModelView) -> dict[str, tuple[int, nn.Module]]:
-    """Name -> (layer, module) of the Linear/Conv1D modules inside the blocks, in model order."""
-    layer_of = {id(m): layer for layer, block in enumerate(view.blocks) for m in block.modules()}
-    return {name: (layer_of[id(m)], m) for name, m in view.model.named_modules()
-            if id(m) in layer_of and is_linear(m)}
+    """Name -> (layer, module) of the Linear/Conv1D modules inside the blocks, in model order (found once
+    per plan: the planner asks for every rung's cost)."""
+    def find() -> dict[str, tuple[int, nn.Module]]:
+        layer_of = {id(m): layer for layer, block in enumerate(view.blocks) for m in block.modules()}
+        return {name: (layer_of[id(m)], m) for name, m in view.model.named_modules()
+                if id(m) in layer_of and is_linear(m)}
+    return view.memoised("fisher.block_linears", find)
 
 
 def factor_dims(module: nn.Module) -> tuple[int, int]:

@@ -73,11 +73,13 @@ EXACT_SIZING_PARAMS = 2**28
 
 
 def piece_sizes(view: ModelView) -> list[list[tuple[int, int]]]:
-    """Per layer, (entries, runs) of each piece, in ``LayerPieces.pieces`` order."""
-    if view.n_params <= EXACT_SIZING_PARAMS:
-        return [[(p.size, p.runs.shape[0]) for p in layer.pieces] for layer in all_pieces(view)]
-    layout = layout_of(view)
-    return [layer_piece_sizes(view, layer, layout) for layer in range(view.n_layers)]
+    """Per layer, (entries, runs) of each piece, in ``LayerPieces.pieces`` order (once per plan)."""
+    def sizes() -> list[list[tuple[int, int]]]:
+        if view.n_params <= EXACT_SIZING_PARAMS:
+            return [[(p.size, p.runs.shape[0]) for p in layer.pieces] for layer in all_pieces(view)]
+        layout = layout_of(view)
+        return [layer_piece_sizes(view, layer, layout) for layer in range(view.n_layers)]
+    return view.memoised("fisher.piece_sizes", sizes)
 
 
 def capacity(params: SpectrumParams, shape: RunShape) -> int:

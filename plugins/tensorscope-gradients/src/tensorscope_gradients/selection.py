@@ -109,8 +109,15 @@ def select_parameters(view: ModelView, patterns: Iterable[str] | None = None,
     """Names of the trainable parameters that match a pattern or lie in a listed block.
 
     With neither given, every trainable parameter. Raises ValueError for a block index
-    out of range or a selection that matches nothing.
+    out of range or a selection that matches nothing. Worked out once per plan (``ModelView.memoised``).
     """
+    pats = None if patterns is None else tuple(patterns)
+    blocks = None if layers is None else tuple(layers)
+    return view.memoised(("gradients.select_parameters", pats, blocks), lambda: _select_parameters(view, pats, blocks))
+
+
+def _select_parameters(view: ModelView, patterns: Iterable[str] | None,
+                       layers: Iterable[int] | None) -> tuple[str, ...]:
     names = [n for n, _ in trainable(view)]
     if patterns is None and layers is None:
         return tuple(names)
