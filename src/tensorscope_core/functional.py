@@ -79,9 +79,11 @@ def offloaded_bytes(view: ModelView) -> int:
         return 0
     if view.planned_dispatch:  # built from a config: where its map puts each one
         main = view.main_placement()
-        return sum(p.numel() * p.element_size() for n, p in view.named_parameters() if view.placement(n) != main)
+        return view.memoised("offloaded_bytes", lambda: sum(
+            p.numel() * p.element_size() for n, p in view.named_parameters() if view.placement(n) != main))
     device = view.input_device
-    return sum(p.numel() * p.element_size() for _, p in view.named_parameters() if p.is_meta or p.device != device)
+    return view.memoised("offloaded_bytes", lambda: sum(
+        p.numel() * p.element_size() for _, p in view.named_parameters() if p.is_meta or p.device != device))
 
 
 class OneDeviceModel:

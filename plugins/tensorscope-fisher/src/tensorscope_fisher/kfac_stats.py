@@ -180,7 +180,8 @@ def _derive(ctx: CaptureContext) -> None:
 
 def _factor_dims(view: ModelView, request: Mapping[str, Any]) -> list[tuple[int, int]]:
     linears = block_linears(view)
-    return [factor_dims(linears[n][1]) for n in _served(view, request)[0]]
+    dims = view.memoised("fisher.factor_dims", lambda: {n: factor_dims(m) for n, (_, m) in linears.items()})
+    return [dims[n] for n in _served(view, request)[0]]
 
 
 def _bytes(view: ModelView, batch: int, seq: int, request: Mapping[str, Any]) -> int:
