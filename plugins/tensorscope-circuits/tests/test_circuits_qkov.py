@@ -268,3 +268,20 @@ def test_declared_results_are_the_tensors_the_run_keeps(models, family, params):
     res = analyze(models[family], None, [METRIC], params={METRIC: params})
     tensors = [k for k, v in res.get(METRIC).values.items() if getattr(v, "kind", "") == "tensor"]
     assert planned.declared_results[METRIC] == sum(res.tensor(METRIC, k).nbytes for k in tensors)
+
+
+def test_a_dispatched_model_declares_the_embedding_copies_it_reads(models, tmp_path):
+    """On a dispatched model ``weight_of`` copies the embedding and the unembedding (GPT-2's are one tied
+    tensor, copied once per module) while the full circuits' Gram matrices are made: the declared working
+    memory grows by those two copies, and by nothing on a plain model. Found by the dispatched memory audit
+    (the 135M shape: 68 MiB declared, 280 MiB held)."""
+    from tensorscope_core import RunConfig
+
+    device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu",
+                  "transformer.h.0": "cpu", "transformer.h.1": "disk", "transformer.ln_f": "cpu", "lm_head": "cpu"}
+    plain = plan(models["gpt2"], None, [METRIC])[0]
+    spread = plan(models["gpt2"], None, [METRIC], config=RunConfig(device_map=device_map,
+                                                                    offload_dir=tmp_path / "offload"))[0]
+    embedding = tf.AutoModelForCausalLM.from_pretrained(models["gpt2"]).transformer.wte.weight
+    assert spread.declared_transient[METRIC] - plain.declared_transient[METRIC] == \
+        2 * embedding.numel() * embedding.element_size()
