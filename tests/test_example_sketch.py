@@ -32,16 +32,23 @@ class SketchParams(Params):
     parameters: list[str] | None = None
 
 
-class Rows(Metric):
-    """Asks for the full gradient rows, and sketches them itself, as a projecting metric did."""
+class Consumer(Metric):
+    """A reader of per_example_grads on ``parameters``, with ``sketch`` in its request when set."""
 
-    name = "ktest.rows"
     Params = SketchParams
     artifacts = ("per_example_grads",)
+    sketch: int | None = None
 
     @classmethod
     def artifact_requests(cls, params: SketchParams, view: Any) -> dict[str, Any]:
-        return {"per_example_grads": {"parameters": params.parameters, "labels": ("observed",)}}
+        request: dict[str, Any] = {"parameters": params.parameters, "labels": ("observed",)}
+        return {"per_example_grads": request if cls.sketch is None else {**request, "sketch": cls.sketch}}
+
+
+class Rows(Consumer):
+    """Asks for the full gradient rows, and sketches them itself, as a projecting metric did."""
+
+    name = "ktest.rows"
 
     def setup(self) -> None:
         self.rows: list[torch.Tensor] = []
@@ -57,16 +64,11 @@ class Rows(Metric):
         return {"rows": rows, "sketch": CountSketch(rows.shape[1], K, SEED)(rows)}
 
 
-class Sketched(Metric):
+class Sketched(Consumer):
     """Asks for the sketch only; keeps it, its squared norms and the bytes the artifact held."""
 
     name = "ktest.sketched"
-    Params = SketchParams
-    artifacts = ("per_example_grads",)
-
-    @classmethod
-    def artifact_requests(cls, params: SketchParams, view: Any) -> dict[str, Any]:
-        return {"per_example_grads": {"parameters": params.parameters, "labels": ("observed",), "sketch": K}}
+    sketch = K
 
     def setup(self) -> None:
         self.sketches: list[torch.Tensor] = []
