@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 
-from tensorscope_core import RunConfig, analyze, plan
+from tensorscope_core import RunConfig, analyze
 from tensorscope_core.capture import tensor_bytes
 from tensorscope_core.example_grads import PER_EXAMPLE_GRADS, merge_requests
 from tensorscope_core.plugin_api import CountSketch, Metric, Params, ScalarValue, model_view
-from tensorscope_core.testing import temporary_plugin, tiny_model
+from tensorscope_core.testing import smallest_micro_batch, temporary_plugin, tiny_model
 
 K = 64
 SEED = 3
@@ -129,12 +129,9 @@ def test_artifact_sketch_is_the_consumers_sketch_bit_for_bit(folders: dict[str, 
 
 
 def test_micro_batched_sketches_join_into_the_whole_batchs(folders: dict[str, Path], registry: Any) -> None:
-    floor = plan(folders["llama"], TEXTS, ["ktest.sketched"],
-                 config=CONFIG.model_copy(update={"memory_budget": 1, "strict_budget": True}))
-    assert floor[0].micro_batch == 1
     whole = analyze(folders["llama"], data=TEXTS, metrics=["ktest.sketched"], config=CONFIG)
     micro = analyze(folders["llama"], data=TEXTS, metrics=["ktest.sketched"],
-                    config=CONFIG.model_copy(update={"memory_budget": floor[0].peak_bytes}))
+                    config=smallest_micro_batch(folders["llama"], TEXTS, ["ktest.sketched"], CONFIG))
     assert micro.record.models[0].model_calls["artifact:per_example_grads"] > \
         whole.record.models[0].model_calls["artifact:per_example_grads"]
     torch.testing.assert_close(micro.tensor("ktest.sketched", "sketch"), whole.tensor("ktest.sketched", "sketch"),

@@ -248,6 +248,19 @@ def run_at_rung(model: Any, data: Any, metric: str, rung: str | None = None, *, 
     return res, result
 
 
+def smallest_micro_batch(model: Any, data: Any, metrics: Sequence[str], config: RunConfig) -> RunConfig:
+    """``config`` with the memory budget of its plan at the smallest micro-batch (``min_micro_batch``), so a
+    run splits every batch into micro-batches: for tests that micro-batching changes no value."""
+    from .api import plan
+    from .scheduler.plan import ModelPlan
+
+    floor = plan(model, data, list(metrics), config=config.model_copy(update={"memory_budget": 1,
+                                                                               "strict_budget": True}))[0]
+    if not isinstance(floor, ModelPlan) or floor.micro_batch != config.min_micro_batch:
+        raise AssertionError(f"the plan's smallest micro-batch is not {config.min_micro_batch}: {floor}")
+    return config.model_copy(update={"memory_budget": floor.peak_bytes})
+
+
 def check_declared_cost(result: MetricResult, rel_tol: float = 0.15) -> None:
     """Assert the declared state bytes are within ``rel_tol`` of what the metric held."""
     declared, measured = result.declared_bytes or 0, result.measured_bytes or 0

@@ -21,9 +21,9 @@ from gradients_reference import (
 from tensorscope_gradients.per_sample import mean_loss_rows, per_example_request
 from tensorscope_gradients.selection import Subset, SubsetParams, layout_of, select_parameters
 
-from tensorscope_core import RunConfig, analyze, plan
+from tensorscope_core import RunConfig, analyze
 from tensorscope_core.plugin_api import Metric, TextValue
-from tensorscope_core.testing import temporary_plugin, tiny_model
+from tensorscope_core.testing import smallest_micro_batch, temporary_plugin, tiny_model
 
 CONFIG = RunConfig(batch_size=4, max_length=32, dtype="float64")
 
@@ -176,13 +176,9 @@ def test_capture_hooks_do_not_see_the_extra_forwards(models, texts, capture_regi
 def test_micro_batching_gives_the_same_gradients(models, texts, capture_registry):
     """A memory budget that only fits micro-batch 1: the artifact's micro-batches join along
     the batch dimension into the same rows."""
-    # strict: the over-budget plan keeps the metric (never left out), at its smallest micro-batch
-    floor = plan(models["gpt2"], texts, ["gtest.per_sample"],
-                 config=CONFIG.model_copy(update={"memory_budget": 1, "strict_budget": True}))
-    assert floor[0].micro_batch == 1
     whole = analyze(models["gpt2"], data=texts, metrics=["gtest.per_sample"], config=CONFIG)
     micro = analyze(models["gpt2"], data=texts, metrics=["gtest.per_sample"],
-                    config=CONFIG.model_copy(update={"memory_budget": floor[0].peak_bytes}))
+                    config=smallest_micro_batch(models["gpt2"], texts, ["gtest.per_sample"], CONFIG))
     torch.testing.assert_close(micro.tensor("gtest.per_sample", "grads"), whole.tensor("gtest.per_sample", "grads"),
                                rtol=1e-12, atol=1e-15)
 
