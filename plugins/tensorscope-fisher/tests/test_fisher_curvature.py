@@ -32,6 +32,7 @@ def _check_top5(result, dense: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     assert max(result.value("residual_norms")) < 1e-4 * float(want[0])
     assert result.value("converged") == 1.0
+    assert "note" not in result.values
 
 
 @pytest.mark.parametrize(("family", "metrics"), [("gpt2", ("fisher.lanczos", "hessian.lanczos")),
@@ -166,3 +167,17 @@ def test_no_targets_is_skipped_naming_the_fix(small):
                   config=CONFIG)
     result = res.get("hessian.lanczos")
     assert result.status == "skipped" and "no next token to predict" in result.reason
+
+
+@pytest.mark.parametrize("reorthogonalise", ["selective", "local"])
+def test_an_unconverged_run_says_what_its_values_are_and_the_fix(small, reorthogonalise):
+    """Stopped after 5 products at a tolerance no float64 run meets there: converged is 0, and the note says the
+    values lie within their residuals of eigenvalues but their ranks may be too high, and to raise max_iter."""
+    ids = random_token_data(64, n=2, length=6, seed=1)
+    params = {"k": 5, "tol": 1e-14, "max_iter": 5, "reorthogonalise": reorthogonalise}
+    result = analyze(small["llama"], data=ids, metrics=["hessian.lanczos"], params={"hessian.lanczos": params},
+                     config=CONFIG).get("hessian.lanczos")
+    assert result.ok and result.value("converged") == 0.0
+    note = result.values["note"].text
+    assert "within 5 products" in note and "raise max_iter" in note
+    assert ("residual norm" if reorthogonalise == "selective" else "residual bound") in note

@@ -35,6 +35,7 @@ from tensorscope_core.plugin_api import (
     ScalarValue,
     SeriesValue,
     Step,
+    TextValue,
     act_bytes,
     kept_graph_bytes,
     offloaded_bytes,
@@ -148,6 +149,7 @@ class _Lanczos(Metric):
         "converged": "1 when every pair met tol, else 0",
         "n_examples": "examples used",
         "eigenvectors": "[n_params, k], trainable parameters in named_parameters order (keep_vectors only)",
+        "note": "when not every pair met tol: what the unconverged values are and are not, and the fix",
     }
 
     @classmethod
@@ -301,6 +303,12 @@ class _Lanczos(Metric):
             "n_examples": ScalarValue(value=float(n_examples)),
             "n_params": ScalarValue(value=float(size)),
         }
+        if not result.converged:
+            out["note"] = TextValue(text=(
+                f"not every pair met tol={self.params.tol:g} within {result.iterations} products: each value lies "
+                f"within its {errors.replace('_', ' ')[:-1]} of an eigenvalue, but where the top of the spectrum is a "
+                "cluster (as on random models), larger eigenvalues may not be found yet, so an unconverged value's "
+                "rank may be too high; raise max_iter and compare"))
         if self.params.keep_vectors:
             out["eigenvectors"] = result.eigenvectors.cpu()
         for name in ("inputs", "attention", "target_ids", "target_masks"):
