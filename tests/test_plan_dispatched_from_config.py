@@ -102,3 +102,27 @@ def test_an_auto_map_needs_the_devices_memory(folders: tuple[Path, Path, LlamaFo
     with pytest.raises(UsageError, match="needs the memory of each device") as err:
         _view(folders[0], "auto", None, None)
     assert "--max-memory" in err.value.fix
+
+
+@pytest.mark.parametrize("embedding_on", ["cpu", "disk"])
+def test_weight_of_loads_only_what_is_offloaded_and_the_plan_counts_it(
+        folders: tuple[Path, Path, LlamaForCausalLM], tmp_path: Path, embedding_on: str) -> None:
+    """``weight_of`` reads a held module's own tensor (no copy: same storage) and loads an offloaded one
+    (equal to the saved weight); ``loaded_bytes`` is what it allocates, 0 for a held one. The tied head is
+    offloaded where the embedding is. The planned view (config alone) says the same as the loaded one."""
+    config_dir, weights_dir, model = folders
+    device_map = {**SPREAD, "model.embed_tokens": embedding_on, "lm_head": embedding_on}  # tied: placed together
+    loaded = _view(weights_dir, device_map, None, tmp_path / "loaded")
+    planned = _view(config_dir, device_map, None, tmp_path / "planned")
+    embedding = model.model.embed_tokens.weight
+    want = embedding.numel() * 4 if embedding_on == "disk" else 0
+    for view in (loaded, planned):
+        assert view.loaded_bytes(view.embed) == view.loaded_bytes(view.unembed) == want
+        assert view.loaded_bytes(view.blocks[1].mlp.down_proj) == 4 * 64 * 128
+        assert view.loaded_bytes(view.blocks[0].mlp.down_proj) == 0
+    for module in (loaded.embed, loaded.unembed):
+        weight = loaded.weight_of(module)
+        torch.testing.assert_close(weight, embedding.detach(), rtol=0, atol=0)
+        assert (weight.data_ptr() == module.weight.data_ptr()) == (embedding_on == "cpu")
+    down = loaded.read_parameter("model.layers.1.mlp.down_proj.weight")
+    torch.testing.assert_close(down, model.model.layers[1].mlp.down_proj.weight.detach(), rtol=0, atol=0)

@@ -270,18 +270,21 @@ def test_declared_results_are_the_tensors_the_run_keeps(models, family, params):
     assert planned.declared_results[METRIC] == sum(res.tensor(METRIC, k).nbytes for k in tensors)
 
 
-def test_a_dispatched_model_declares_the_embedding_copies_it_reads(models, tmp_path):
-    """On a dispatched model ``weight_of`` copies the embedding and the unembedding (GPT-2's are one tied
-    tensor, copied once per module) while the full circuits' Gram matrices are made: the declared working
-    memory grows by those two copies, and by nothing on a plain model. Found by the dispatched memory audit
-    (the 135M shape: 68 MiB declared, 280 MiB held)."""
+@pytest.mark.parametrize("embedding_on", ["cpu", "disk"])
+def test_a_dispatched_model_declares_the_embedding_copies_it_reads(models, tmp_path, embedding_on):
+    """On a dispatched model with the embedding offloaded, ``weight_of`` loads the embedding and the
+    unembedding (GPT-2's are one tied tensor, loaded once per module) while the full circuits' Gram matrices
+    are made: the declared working memory grows by those two tensors. Where the model holds the embedding,
+    ``weight_of`` reads its own tensor and nothing is added. Found by the dispatched memory audit (the 135M
+    shape: 68 MiB declared, 280 MiB held, when ``weight_of`` copied even a held embedding)."""
     from tensorscope_core import RunConfig
 
-    device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu",
-                  "transformer.h.0": "cpu", "transformer.h.1": "disk", "transformer.ln_f": "cpu", "lm_head": "cpu"}
+    device_map = {"transformer.wte": embedding_on, "transformer.wpe": "cpu", "transformer.drop": "cpu",
+                  "transformer.h.0": "cpu", "transformer.h.1": "disk", "transformer.ln_f": "cpu",
+                  "lm_head": embedding_on}  # tied to wte: placed with it
     plain = plan(models["gpt2"], None, [METRIC])[0]
     spread = plan(models["gpt2"], None, [METRIC], config=RunConfig(device_map=device_map,
                                                                     offload_dir=tmp_path / "offload"))[0]
     embedding = tf.AutoModelForCausalLM.from_pretrained(models["gpt2"]).transformer.wte.weight
-    assert spread.declared_transient[METRIC] - plain.declared_transient[METRIC] == \
-        2 * embedding.numel() * embedding.element_size()
+    loaded = 2 * embedding.numel() * embedding.element_size() if embedding_on == "disk" else 0
+    assert spread.declared_transient[METRIC] - plain.declared_transient[METRIC] == loaded

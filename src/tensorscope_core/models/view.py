@@ -230,32 +230,49 @@ class ModelView:
                     yield f"{prefix}.{name}" if prefix else name, getattr(module, name).detach()
 
     def weight_of(self, module: nn.Module) -> torch.Tensor:
-        """``module.weight``, detached and readable: a plain model's own tensor (no copy), a copy of a
-        dispatched model's (loaded from its offload folder when offloaded)."""
-        with self.onloaded(module):
-            weight = module.weight
-            if not isinstance(weight, torch.Tensor):
-                raise TypeError(f"{type(module).__name__} has no weight tensor")
-            return weight.detach() if self.device_map is None else weight.detach().clone()
+        """``module.weight``, detached and readable, to be read only: the model's own tensor, or where a
+        dispatched model offloaded the module, the tensor accelerate loaded for the read (new memory, freed
+        with the last reference: ``loaded_bytes``)."""
+        return self._read(module, "weight")
 
     def read_parameter(self, name: str) -> torch.Tensor:
-        """The parameter ``name`` (as in ``model.named_parameters()``), detached and readable: a plain model's
-        own tensor, a copy of a dispatched model's (its module loaded for the read when offloaded)."""
+        """The parameter ``name`` (as in ``model.named_parameters()``), detached and readable like
+        ``weight_of``: the model's own tensor, a loaded one where it is offloaded."""
         owner, _, attr = name.rpartition(".")
-        module = self.model.get_submodule(owner)
+        return self._read(self.model.get_submodule(owner), attr)
+
+    def _read(self, module: nn.Module, attr: str) -> torch.Tensor:
         with self.onloaded(module):
-            weight = getattr(module, attr).detach()
-            return weight if self.device_map is None else weight.clone()
+            tensor = getattr(module, attr, None)
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{type(module).__name__} has no {attr} tensor")
+            return tensor.detach()
+
+    def loaded_bytes(self, module: nn.Module, attr: str = "weight") -> int:
+        """Bytes ``weight_of`` / ``read_parameter`` allocate for ``module``'s ``attr``: the loaded tensor of
+        an offloaded one (planned from a config: where its map puts it), 0 for one the model holds."""
+        tensor = getattr(module, attr, None)
+        if self.device_map is None or not isinstance(tensor, torch.Tensor):
+            return 0
+        prefix = self._module_names[id(module)]
+        name = f"{prefix}.{attr}" if prefix else attr
+        name = (self.tied_duplicates or {}).get(name, name)  # a tied weight is offloaded where its first name is
+        return tensor.numel() * tensor.element_size() if self.offloaded(name, tensor) else 0
+
+    @functools.cached_property
+    def _module_names(self) -> dict[int, str]:
+        return {id(m): n for n, m in self.model.named_modules()}
 
     def head_weights(self, layer: int) -> HeadWeights:
-        """Layer ``layer``'s per-head weight factors (a dispatched model's loaded, and copied)."""
+        """Layer ``layer``'s per-head weight factors, to be read only (a dispatched model's offloaded
+        attention loaded for the read)."""
         if self.head_weights_fn is None:
             raise NotImplementedError(f"the {self.family} adapter does not map per-head weights")
         if self.device_map is None:
             return self.head_weights_fn(layer)
         with self.onloaded(self.attn[layer]):
             weights = self.head_weights_fn(layer)
-            return replace(weights, **{f.name: getattr(weights, f.name).detach().clone() for f in fields(weights)
+            return replace(weights, **{f.name: getattr(weights, f.name).detach() for f in fields(weights)
                                        if isinstance(getattr(weights, f.name), torch.Tensor)})
 
     def parameter_entries(self, module: nn.Module,

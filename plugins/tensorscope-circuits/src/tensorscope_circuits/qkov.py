@@ -42,11 +42,6 @@ class Heads:
     W_O: torch.Tensor
 
 
-def _weight_bytes(module: torch.nn.Module) -> int:
-    weight = module.weight
-    return weight.numel() * weight.element_size() if isinstance(weight, torch.Tensor) else 0
-
-
 def layer_heads(view: ModelView, layer: int) -> Heads:
     w = view.head_weights(layer).expanded()
     return Heads(*(t.detach().double().cpu() for t in (w.W_Q, w.W_K, w.W_V, w.W_O)))
@@ -191,10 +186,8 @@ class QKOV(Metric):
         flops = n * n / 2 * (2 * r * r * d + 4 * r ** 3) * sweeps + n * 8 * d * d * r
         if params.full_circuits:
             flops += 6.0 * view.vocab_size * d * d
-        # on a dispatched model ``weight_of`` copies the embedding and the unembedding, both held while their
-        # Gram matrices are made (a plain model's are its own tensors)
-        copies = sum(_weight_bytes(m) for m in (view.embed, view.unembed) if m is not None) \
-            if view.device_map is not None else 0
+        # ``weight_of`` loads an offloaded embedding and unembedding, both held while their Gram matrices are made
+        copies = sum(view.loaded_bytes(m) for m in (view.embed, view.unembed) if m is not None)
         return Cost(state_bytes=0, flops=flops, result_bytes=cls.result_tensor_bytes(params, view),
                     transient_bytes=TokenGrams.working_bytes(view) + copies if params.full_circuits else 0)
 

@@ -175,7 +175,9 @@ class FisherStein(Metric):
         upper = view.n_layers - lowest
         context = forward_act_bytes(view, 1, shape.seq_len)
         if params.method in ("exact", "topk"):
-            graph = upper * block_saved_bytes(view, d, 1) + 2 * d * d * item + 3 * VOCAB_CHUNK * d * 8
+            # and the unembedding's loaded tensor where a dispatched model offloaded it (``weight_of``)
+            graph = upper * block_saved_bytes(view, d, 1) + 2 * d * d * item + 3 * VOCAB_CHUNK * d * 8 \
+                + (view.loaded_bytes(view.unembed) if view.unembed is not None else 0)
         elif params.method == "sampled":
             graph = upper * block_saved_bytes(view, SCORE_CHUNK, 1) + 2 * SCORE_CHUNK * view.vocab_size * item
         else:

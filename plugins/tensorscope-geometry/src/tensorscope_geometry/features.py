@@ -127,7 +127,7 @@ class SuperpositionFeatures(Metric):
         # statistics, their stacked copy, for source 'sae' the tensor loaded from the file and, on a dispatched
         # model, the matrix's loaded copy
         working = (max((frame_working_bytes(n, d) for n, d in shapes), default=0) + 16 * features + results
-                   + _loaded_bytes(params) + _copied_bytes(view, params, shapes))
+                   + _loaded_bytes(params) + _copied_bytes(view, params))
         return Cost(state_bytes=0, finalize_bytes=working, result_bytes=results, flops=flops)
 
     def finalize(self) -> dict[str, Any]:
@@ -165,11 +165,19 @@ def _loaded_bytes(p: FeaturesParams) -> int:
         return rows * cols * _SAFETENSORS_ITEM_BYTES.get(tensor.get_dtype(), 8)
 
 
-def _copied_bytes(view: ModelView, p: FeaturesParams, shapes: list[tuple[int, int]]) -> int:
-    """A dispatched model's matrix is read as a loaded copy, one at a time (a plain model's are views)."""
+def _copied_bytes(view: ModelView, p: FeaturesParams) -> int:
+    """The largest matrix a dispatched model loads for the read (an offloaded one, read one at a time;
+    ``weight_of`` / ``read_parameter`` read a held one in place, as a plain model's)."""
     if view.device_map is None or p.source == "sae":
         return 0
-    return max((n * d for n, d in shapes), default=0) * view.dtype_bytes
+    if p.source == "mlp_out":
+        return max((view.loaded_bytes(m) for m in view.mlp_out), default=0)
+    if p.source in ("embed", "unembed"):
+        module = view.embed if p.source == "embed" else view.unembed
+        return view.loaded_bytes(module) if module is not None else 0
+    params = dict(view.model.named_parameters())
+    owners = [name.rpartition(".") for name, _ in _parameter_names(view, p) if name in params]
+    return max((view.loaded_bytes(view.model.get_submodule(owner), attr) for owner, _, attr in owners), default=0)
 
 
 _SAFETENSORS_ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}

@@ -62,8 +62,13 @@ def result_bytes(params: FiberBundleParams, v: int) -> int:
 
 def _points_bytes(params: FiberBundleParams, view: ModelView, v: int) -> int:
     """The token rows held through finalize beyond the weights: with source='resid' the captured rows and
-    their concatenation ([V, d] each), and a float32 copy of them for the search unless already float32."""
-    rows = 2 * v * view.d_model * view.dtype_bytes if params.source == "resid" else 0
+    their concatenation ([V, d] each), with 'embed' / 'unembed' the weight's loaded tensor where a dispatched
+    model offloaded it (``weight_of``), and a float32 copy of them for the search unless already float32."""
+    if params.source == "resid":
+        rows = 2 * v * view.d_model * view.dtype_bytes
+    else:
+        module = view.embed if params.source == "embed" else view.unembed
+        rows = view.loaded_bytes(module) if module is not None else 0
     return rows + (4 * v * view.d_model if view.dtype_bytes != 4 else 0)
 
 
