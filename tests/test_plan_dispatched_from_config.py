@@ -126,3 +126,38 @@ def test_weight_of_loads_only_what_is_offloaded_and_the_plan_counts_it(
         assert (weight.data_ptr() == module.weight.data_ptr()) == (embedding_on == "cpu")
     down = loaded.read_parameter("model.layers.1.mlp.down_proj.weight")
     torch.testing.assert_close(down, model.model.layers[1].mlp.down_proj.weight.detach(), rtol=0, atol=0)
+
+
+def test_graph_weight_bytes_are_the_loaded_weights_autograd_keeps(
+        folders: tuple[Path, Path, LlamaForCausalLM], tmp_path: Path) -> None:
+    """A forward with a graph through a dispatched model keeps each offloaded weight accelerate loaded for it
+    (saved for the backward): the saved tensors that are loaded weights, counted with a saved-tensors hook,
+    are ``graph_weight_bytes`` of the modules the forward ran plus the one block ``param_bytes`` counts.
+    The planned view says the same, and two graphs held at once keep two loads."""
+    config_dir, weights_dir, model = folders
+    loaded = _view(weights_dir, SPREAD, None, tmp_path / "loaded")
+    planned = _view(config_dir, SPREAD, None, tmp_path / "planned")
+    layer = 4 * _numel(model, "model.layers.1.")
+    saved: dict[int, int] = {}
+    held = {p.untyped_storage().data_ptr() for p in loaded.model.parameters() if not p.is_meta}
+    offloaded = [p.detach() for n, p in model.named_parameters()
+                 if n.startswith(("model.layers.1.", "model.layers.2."))]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:  # a loaded weight: equal to an offloaded one, not the model's
+        if t.untyped_storage().data_ptr() not in held and any(
+                w.shape == t.shape and torch.equal(w, t) or w.T.shape == t.shape and torch.equal(w.T, t)
+                for w in offloaded):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    embeddings = loaded.model.get_input_embeddings()(torch.tensor([[1, 2, 3]])).detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loaded.model(inputs_embeds=embeddings).logits.sum().backward()
+    modules = [*loaded.blocks, loaded.final_norm, loaded.unembed]
+    planned_modules = [*planned.blocks, planned.final_norm, planned.unembed]
+    assert sum(saved.values()) == 2 * layer + 4 * 64  # every weight of the two offloaded layers and the norm
+    kept = sum(saved.values())
+    assert loaded.graph_weight_bytes(modules) == planned.graph_weight_bytes(planned_modules) == kept - layer
+    assert loaded.graph_weight_bytes(modules, graphs=2) == 4 * layer + 8 * 64 - layer
+    assert loaded.graph_weight_bytes(loaded.blocks[3:]) == 0
+    assert _view(weights_dir, None, None, None).graph_weight_bytes(modules) == 0

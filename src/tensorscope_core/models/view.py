@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
@@ -335,10 +335,27 @@ class ModelView:
         """``param_bytes`` of a dispatched model, counted once (a plan asks thousands of times; where
         accelerate put each weight does not change after the load)."""
         resident = sum(p.numel() * p.element_size() for n, p in self.named_parameters() if not self.offloaded(n, p))
-        names = {id(m): n for n, m in self.model.named_modules()}
-        offloaded = [sum(p.numel() * p.element_size() for n, p in block.named_parameters(prefix=names[id(block)])
-                         if self.offloaded(n, p)) for block in self.blocks]
-        return resident + max(offloaded, default=0)
+        return resident + self._largest_offloaded_block
+
+    @functools.cached_property
+    def _largest_offloaded_block(self) -> int:
+        return max((self._offloaded_bytes(block) for block in self.blocks), default=0)
+
+    def _offloaded_bytes(self, module: nn.Module) -> int:
+        """Bytes of ``module``'s offloaded parameters (a tied one where its first name is placed)."""
+        tied = self.tied_duplicates or {}
+        named = module.named_parameters(prefix=self._module_names[id(module)], remove_duplicate=False)
+        return sum(p.numel() * p.element_size() for n, p in named if self.offloaded(tied.get(n, n), p))
+
+    def graph_weight_bytes(self, modules: Iterable[nn.Module], graphs: int = 1) -> int:
+        """Bytes ``graphs`` graphs held at once through ``modules`` keep of a dispatched model's offloaded
+        weights, beyond the one block ``param_bytes`` counts: accelerate loads an offloaded weight for each
+        call of its module and drops it after, but autograd keeps the loaded tensor (a linear layer saves its
+        weight for its input's gradient) until the backward reaches it. 0 for a plain model."""
+        if self.device_map is None:
+            return 0
+        loaded = graphs * sum(self._offloaded_bytes(m) for m in modules)
+        return max(loaded - self._largest_offloaded_block, 0)
 
     @property
     def planned_dispatch(self) -> bool:

@@ -170,18 +170,23 @@ class FisherStein(Metric):
         position through the blocks above the lowest analysed layer: d copies for J_g (exact, topk; with the
         identity cotangent and J_g, d x d each, and the vocabulary chunks of the centred moment), 256 copies
         with their logits and cotangents for sampled, one per site held through the Lanczos iteration for
-        eig. Measured on the 135M shape (exact, 4 / 8 / 30 layers): 102 / 183 / 680 MiB, this 95 / 173 / 619."""
+        eig. Measured on the 135M shape (exact, 4 / 8 / 30 layers): 102 / 183 / 680 MiB, this 95 / 173 / 619.
+        On a dispatched model each graph also keeps the offloaded weights it loaded (``graph_weight_bytes``),
+        and exact / topk read an offloaded unembedding's loaded tensor (``weight_of``)."""
         d, item = view.d_model, view.dtype_bytes
         upper = view.n_layers - lowest
         context = forward_act_bytes(view, 1, shape.seq_len)
-        if params.method in ("exact", "topk"):
-            # and the unembedding's loaded tensor where a dispatched model offloaded it (``weight_of``)
+        above = [*view.blocks[lowest:], *([view.final_norm] if view.final_norm is not None else [])]
+        head = [view.unembed] if view.unembed is not None else []
+        if params.method in ("exact", "topk"):  # J_g's graph stops at the unembedding
             graph = upper * block_saved_bytes(view, d, 1) + 2 * d * d * item + 3 * VOCAB_CHUNK * d * 8 \
-                + (view.loaded_bytes(view.unembed) if view.unembed is not None else 0)
+                + view.graph_weight_bytes(above) + sum(view.loaded_bytes(m) for m in head)
         elif params.method == "sampled":
-            graph = upper * block_saved_bytes(view, SCORE_CHUNK, 1) + 2 * SCORE_CHUNK * view.vocab_size * item
+            graph = upper * block_saved_bytes(view, SCORE_CHUNK, 1) + 2 * SCORE_CHUNK * view.vocab_size * item \
+                + view.graph_weight_bytes(above + head)
         else:
-            graph = sites * upper * block_saved_bytes(view, 1, 1)
+            graph = sites * upper * block_saved_bytes(view, 1, 1) \
+                + view.graph_weight_bytes(above + head, graphs=sites)
         return context + graph
 
     @classmethod
