@@ -99,7 +99,9 @@ class IntegratedGradients(Metric):
         n, t = shape.n_sequences, shape.seq_len
         flops = 6.0 * view.n_params * n * t * (params.steps + 2)  # a forward and a backward per node
         rows = min(params.chunk, params.steps) * shape.batch_size  # one forward+backward of the path
-        return Cost(state_bytes=8 * (n * t + 2 * n), flops=flops, transient_bytes=act_bytes(view, rows, t))
+        # whose graph, on a dispatched model, keeps every offloaded weight loaded for it until the backward
+        return Cost(state_bytes=8 * (n * t + 2 * n), flops=flops,
+                    transient_bytes=act_bytes(view, rows, t) + view.graph_weight_bytes([view.model]))
 
     @classmethod
     def ladder(cls, params: IGParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:

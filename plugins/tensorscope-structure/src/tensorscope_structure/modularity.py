@@ -136,9 +136,22 @@ class StructureModularity(Metric):
         edges = 2 * kept
         runs = params.n_permutations + 1
         flops = view.n_layers * (3.0 * entries + runs * LOUVAIN_OPS_PER_EDGE * edges)
-        block = max(read_bytes(h, d), read_bytes(d, h), null_bytes(edges, min(2 * d + h, 2 * edges), entries))
+        reading = max(read_bytes(h, d), read_bytes(d, h)) + cls._loaded_bytes(view)
+        block = max(reading, null_bytes(edges, min(2 * d + h, 2 * edges), entries))
         heads = cls._head_bytes(view) if cls.metric_needs(params) else 0
         return Cost(state_bytes=0, finalize_bytes=max(block, heads), flops=flops)
+
+    @staticmethod
+    def _loaded_bytes(view: ModelView) -> int:
+        """A block's MLP matrices, held while its edges are read (not in the Louvain runs): loaded tensors
+        where a dispatched model offloaded them (``weight_of``), none where the model holds them."""
+        if view.device_map is None:
+            return 0
+        try:
+            return max((sum(view.loaded_bytes(m) for m in [*mlp_inputs(view, layer), view.mlp_out[layer]])
+                        for layer in range(view.n_layers)), default=0)
+        except ValueError:  # no MLP input projection: skip_reason says so
+            return 0
 
     @staticmethod
     def _head_bytes(view: ModelView) -> int:
