@@ -114,3 +114,22 @@ def test_model_without_head_map_is_skipped(models):
     with model_view(AutoModelForCausalLM.from_pretrained(models["gpt2"])) as view:
         reason = Spectrum.skip_reason(SpectrumParams(), dataclasses.replace(view, head_weights_fn=None), None)
     assert reason is not None and "per-head weights" in reason
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_pieces_sized_from_shapes_are_the_listed_pieces(models, family):
+    """A large model's pieces are sized from the per-head views' shapes and strides, without listing their
+    entries: the entries and runs equal those of the pieces listed entry by entry. A head's W_Q and W_K
+    are transposed views of whole rows of their projections, one run each (counted in the view's order
+    they were one run per entry: the runs' index, int64 pairs, was declared at 32 GiB for Llama-2-7B)."""
+    from tensorscope_fisher.fisher_grads import layout_of
+    from tensorscope_fisher.head_blocks import layer_piece_sizes, layer_pieces
+
+    from tensorscope_core.models.load import ModelSource, load_model  # core internal: no public loader of a view
+    from tensorscope_core.plugins import get_registry
+
+    view = load_model(ModelSource(str(models[family])), get_registry().adapters)
+    layout = layout_of(view)
+    for layer in range(view.n_layers):
+        listed = [(p.size, p.runs.shape[0]) for p in layer_pieces(view, layer, layout).pieces]
+        assert layer_piece_sizes(view, layer, layout) == listed

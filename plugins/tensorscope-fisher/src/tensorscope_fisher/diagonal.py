@@ -27,7 +27,7 @@ from tensorscope_core.plugin_api import (
     float64_sum_of_squares,
 )
 
-from .fisher_grads import ARTIFACT, REQUEST, FisherGrads, layout_of, layout_size
+from .fisher_grads import ARTIFACT, FisherGrads, layout_of, layout_size, request
 
 Kind = Literal["true", "empirical"]
 KINDS: tuple[Kind, ...] = ("true", "empirical")
@@ -181,8 +181,8 @@ class FisherDiagonal(Metric):
 
     @classmethod
     def artifact_requests(cls, params: Any, view: ModelView) -> dict[str, Any]:
-        """Every trainable parameter's scores, with labels drawn from the model and observed."""
-        return {ARTIFACT: REQUEST}
+        """Every trainable parameter's scores, with the label sets of the Fishers it makes (``kinds``)."""
+        return {ARTIFACT: request(params.kinds)}
 
     @classmethod
     def cost(cls, params: DiagonalParams, view: ModelView, shape: RunShape) -> Cost:
@@ -249,7 +249,7 @@ class FisherDiagonal(Metric):
         n = int(real.sum())
         tasks = {None, step.task} if self.params.per_task else {None}
         for kind in self.params.kinds:
-            rows = getattr(grads, kind).detach()
+            rows = grads.scores(kind).detach()
             if n < len(rows):  # a copy of the rows with a target only where some have none
                 rows = rows[real.to(rows.device)]
             norms = row_norms(rows)

@@ -1,8 +1,9 @@
 """The Fisher metrics' view of the core's ``per_example_grads`` artifact: per-example score vectors.
 
 ``fisher.diagonal`` (and through it ``fisher.grouped``, ``fisher.masks``) and ``fisher.spectrum``
-ask the core's shared ``per_example_grads`` artifact for every trainable parameter with both label
-sets; a run that also holds another plugin's per-example consumers (``tensorscope-gradients``)
+ask the core's shared ``per_example_grads`` artifact for every trainable parameter with the label
+sets of the Fishers they make (``request``: both for the diagonal's default, the true Fisher's alone for
+the spectrum's); a run that also holds another plugin's per-example consumers (``tensorscope-gradients``)
 makes one per-example backward per batch for all of them.
 
 **Per-example loss.** Example i (one sequence) with target positions t (the run's
@@ -34,6 +35,7 @@ only their two estimates are not independent.)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,9 +43,16 @@ import torch
 
 from tensorscope_core.plugin_api import ExampleGrads, ModelView, example_grads_layout
 
-#: the core's artifact, and what the Fisher metrics ask of it
+#: the core's artifact
 ARTIFACT = "per_example_grads"
-REQUEST = {"parameters": None, "labels": ("sampled", "observed")}
+#: the label set each Fisher's scores are made with
+LABELS = {"true": "sampled", "empirical": "observed"}
+
+
+def request(kinds: Sequence[str]) -> dict[str, Any]:
+    """What a Fisher metric asks of the artifact: every trainable parameter's scores with the label sets of
+    ``kinds`` ('true', 'empirical') only, so a run that needs one Fisher makes and holds one set of rows."""
+    return {"parameters": None, "labels": tuple(LABELS[k] for k in kinds)}
 
 Layout = dict[str, tuple[slice, tuple[int, ...]]]
 
@@ -62,15 +71,24 @@ class FisherGrads:
     """One batch of per-example score vectors with their layout."""
 
     layout: Layout
-    true: torch.Tensor
-    empirical: torch.Tensor
+    true: torch.Tensor | None
+    empirical: torch.Tensor | None
     n_targets: torch.Tensor
 
     @classmethod
     def of(cls, value: Any) -> FisherGrads:
-        """From the core artifact's value (asked for every parameter and both label sets)."""
+        """From the core artifact's value (asked for every parameter; a label set nobody in the run asked
+        for is None)."""
         grads: ExampleGrads = value
-        return cls(grads.layout, grads.of("sampled"), grads.of("observed"), grads.n_targets)
+        made = {kind: grads.of(label) if label in grads.grads else None for kind, label in LABELS.items()}
+        return cls(grads.layout, made["true"], made["empirical"], grads.n_targets)
+
+    def scores(self, kind: str) -> torch.Tensor:
+        """The scores of Fisher ``kind`` ('true' or 'empirical'), which the metric must have asked for."""
+        rows: torch.Tensor | None = getattr(self, kind)
+        if rows is None:
+            raise KeyError(f"the per-example scores of the {kind} Fisher were not made: ask for them (request)")
+        return rows
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """A vector [P] (or [..., P]) of this layout -> {parameter name: tensor of its shape}."""

@@ -100,11 +100,12 @@ def layer_pieces(view: ModelView, layer: int, layout: Layout) -> LayerPieces:
 
 
 def _contiguous_runs(part: torch.Tensor) -> int:
-    """How many maximal runs of consecutive entries a view covers, read from its shape and strides."""
+    """How many maximal runs of consecutive entries a view covers, read from its shape and strides: its
+    dimensions taken in memory order (by stride), whatever order the view puts them in (a head's W_Q is a
+    transposed view of whole rows of the query projection: one run)."""
     run, expected = 1, 1
-    for size, stride in zip(reversed(part.shape), reversed(part.stride()), strict=True):
-        if size == 1:
-            continue
+    for stride, size in sorted((stride, size) for size, stride in zip(part.shape, part.stride(), strict=True)
+                               if size != 1):
         if stride != expected:
             break
         run *= size

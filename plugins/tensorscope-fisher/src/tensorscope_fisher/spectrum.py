@@ -28,7 +28,7 @@ from tensorscope_core.plugin_api import (
     row_squares,
 )
 
-from .fisher_grads import ARTIFACT, REQUEST, FisherGrads, layout_of, layout_size
+from .fisher_grads import ARTIFACT, FisherGrads, layout_of, layout_size, request
 from .gram import gram_spectrum, nonzero_part
 from .head_blocks import LayerPieces, layer_piece_sizes, layer_pieces
 from .spectral import SUMMARY_KEYS, spectral_summary
@@ -171,8 +171,8 @@ class Spectrum(Metric):
 
     @classmethod
     def artifact_requests(cls, params: Any, view: ModelView) -> dict[str, Any]:
-        """Every trainable parameter's scores, with labels drawn from the model and observed."""
-        return {ARTIFACT: REQUEST}
+        """Every trainable parameter's scores, with the labels of its Fisher (``fisher``) only."""
+        return {ARTIFACT: request((params.fisher,))}
 
     @classmethod
     def skip_reason(cls, params: SpectrumParams, view: ModelView, data: PreparedData | None) -> str | None:
@@ -195,11 +195,14 @@ class Spectrum(Metric):
         # a query head's block sums its own piece and its key/value head's; the MLP is the last piece
         sizes = [layer[h][0] + layer[heads + kv][0] for layer in layers for h, kv in enumerate(view.kv_head_of)]
         sizes += [layer[-1][0] for layer in layers]
-        # update: the batch's chosen rows of the per-example gradients, copied out before the pieces are
-        # gathered into the stores
-        chosen = min(shape.batch_size, n) * layout_size(layout_of(view)) * view.dtype_bytes
+        # update: a piece's columns of the batch's chosen rows at a time, with their index (on the host and
+        # on the device); a masked LM's rows without a masked token are left out by a copy of the others
+        rows = min(shape.batch_size, n)
+        largest = max((size for layer in layers for size, _ in layer), default=0)
+        gather = rows * largest * view.dtype_bytes + 2 * 8 * largest
+        chosen = 0 if view.causal else rows * layout_size(layout_of(view)) * view.dtype_bytes
         return Cost(state_bytes=held, flops=float(sum(2 * n * n * p + 10 * n**3 for p in sizes)),
-                    transient_bytes=chosen)
+                    transient_bytes=chosen + gather)
 
     @classmethod
     def ladder(cls, params: SpectrumParams, view: ModelView, shape: RunShape) -> Sequence[Rung]:
@@ -236,11 +239,13 @@ class Spectrum(Metric):
 
     def update(self, step: Step) -> None:
         value = FisherGrads.of(step[ARTIFACT])
-        grads = value.true if self.params.fisher == "true" else value.empirical
+        grads = value.scores(self.params.fisher)
         rows = (value.n_targets > 0).nonzero().flatten()[: self.room - self.filled]
         if not rows.numel():
             return
-        chosen = grads[rows.to(grads.device)].detach().cpu()
+        # the first rows (every row of a causal LM has targets): a view, not a batch-sized copy
+        prefix = bool(torch.equal(rows, torch.arange(rows.numel())))
+        chosen = grads[:rows.numel()] if prefix else grads[rows.to(grads.device)]
         for layer, stores in zip(self.layers, self.stores, strict=True):
             for piece, store in zip(layer.pieces, stores, strict=True):
                 store.add(piece.gather(chosen))
