@@ -44,6 +44,9 @@ class CaptureContext:
     #: gradients of the weights a dispatched model loads only while their module runs (offloaded ones),
     #: by parameter name, summed over the batch's micro-batches (``param_grad`` on dispatched models)
     loaded_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: what a producer sums over the batch's micro-batches itself, by its own key (cleared with ``loaded_grads``
+    #: at each batch): one running sum, not one tensor per micro-batch until they are joined
+    batch_sums: dict[Any, torch.Tensor] = field(default_factory=dict)
     _handles: list[RemovableHandle] = field(default_factory=list)
     _undo: list[Callable[[], None]] = field(default_factory=list)
 

@@ -29,6 +29,12 @@ artifact never concatenates a [batch, P] copy nor keeps one across micro-batches
 per sketch, and a micro-batch's gradients only while they are sketched. At 7B parameters and k = 1024 that
 is 32 KiB against 50 GiB for a batch of 4 (the TRAK / LoGra way of keeping per-example gradients).
 
+**Squares.** ``"squares": True``: the consumer wants, per label set, each gradient entry's square summed over
+the batch's examples (float32 [P], the artifact's layout) and each example's exact squared norm (float64),
+not the gradients: what a diagonal Fisher's mean needs. They are summed per micro-batch one parameter at a
+time into one running sum for the batch (``CaptureContext.batch_sums``), so when no consumer wants the rows
+the artifact holds [P] per label set, not [batch, P].
+
 **Value.** ``ExampleGrads``: the gradients [batch, P] per label set in the model's dtype (when a consumer
 asked for them), the parameters flattened and concatenated in ``named_parameters`` order (tied parameters
 once), with their layout; the sketches (``sketched``); ``n_targets`` [batch] and the mean observed token
@@ -94,6 +100,17 @@ class ExampleGrads:
     n_targets: torch.Tensor
     loss: torch.Tensor
     sketches: dict[SketchKey, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    #: with a ``squares`` request: label set -> (squares summed over the batch [P] float32, squared norms
+    #: [batch] float64)
+    squares: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def summed_squares(self, labels: str = "observed") -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum over the batch's examples of each entry's square [P] float32, each example's squared norm
+        [batch] float64) asked for as ``{"squares": True}``."""
+        if labels not in self.squares:
+            raise KeyError(f"per_example_grads summed the squares of labels {sorted(self.squares)}, not "
+                           f"'{labels}': ask for them with \"squares\": True in artifact_requests")
+        return self.squares[labels]
 
     def sketched(self, parameters: Sequence[str] | None, k: int,
                  labels: str = "observed") -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -138,8 +155,11 @@ class ExampleGrads:
         sketches = {key: {label: (torch.cat([p.sketches[key][label][0] for p in parts]),
                                   torch.cat([p.sketches[key][label][1] for p in parts])) for label in by_label}
                     for key, by_label in first.sketches.items()}
+        # every micro-batch's summed squares are the batch's one running sum (``batch_sums``): the last holds all
+        squares = {label: (parts[-1].squares[label][0], torch.cat([p.squares[label][1] for p in parts]))
+                   for label in first.squares}
         return cls(first.layout, {k: torch.cat([p.grads[k] for p in parts]) for k in first.grads},
-                   torch.cat([p.n_targets for p in parts]), torch.cat([p.loss for p in parts]), sketches)
+                   torch.cat([p.n_targets for p in parts]), torch.cat([p.loss for p in parts]), sketches, squares)
 
 
 def draw_labels(logits: torch.Tensor, batch: Batch, input_ids: torch.Tensor, seed: int) -> torch.Tensor:
@@ -165,15 +185,21 @@ def _summed_losses(logits: torch.Tensor, labels: torch.Tensor, target_mask: torc
 
 def merge_requests(requests: Sequence[Request]) -> Request:
     """The union of the consumers' parameters (None, every trainable one, wins) and label sets; whether any
-    consumer wants the gradients themselves (``rows``: one without ``sketch``), and the distinct sketches."""
+    consumer wants the gradients themselves (``rows``: one without ``sketch`` or ``squares``), the distinct
+    sketches, and whether any wants the summed squares."""
     names: set[str] | None = set()
     labels: set[str] = set()
     sketches: set[SketchKey] = set()
     rows = not requests
+    squares = False
     for request in requests:
-        unknown = set(request) - {"parameters", "labels", "sketch"}
+        unknown = set(request) - {"parameters", "labels", "sketch", "squares"}
         if unknown:
-            raise ValueError(f"per_example_grads takes 'parameters', 'labels' and 'sketch', not {sorted(unknown)}")
+            raise ValueError(f"per_example_grads takes 'parameters', 'labels', 'sketch' and 'squares', "
+                             f"not {sorted(unknown)}")
+        if not isinstance(request.get("squares", False), bool):
+            raise ValueError(f"per_example_grads squares is True or False, not {request['squares']!r}")
+        squares = squares or request.get("squares", False)
         asked = request.get("labels", ("observed",))
         bad = set(asked) - set(LABELS)
         if bad:
@@ -183,7 +209,7 @@ def merge_requests(requests: Sequence[Request]) -> Request:
         names = None if wanted is None or names is None else names | set(wanted)
         k = request.get("sketch")
         if k is None:
-            rows = True
+            rows = rows or not request.get("squares", False)
         elif not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"per_example_grads sketch is a number of dimensions (an int >= 1), not {k!r}")
         else:
@@ -192,7 +218,7 @@ def merge_requests(requests: Sequence[Request]) -> Request:
         names = None
     return {"parameters": None if names is None else tuple(sorted(names)),
             "labels": tuple(label for label in LABELS if label in (labels or {"observed"})),
-            "rows": rows, "sketches": tuple(sorted(sketches, key=repr))}
+            "rows": rows, "sketches": tuple(sorted(sketches, key=repr)), "squares": squares}
 
 
 def _derive(ctx: CaptureContext) -> None:
@@ -210,6 +236,9 @@ def _derive(ctx: CaptureContext) -> None:
     rows = batch.input_ids.shape[0]
     sketches = {key: {label: _sketch(part, names, key, ctx.seed) for label, part in zip(label_sets, parts, strict=True)}
                 for key in request.get("sketches", ())}
+    squares = {label: _summed_squares(ctx, label, part, names, layout) for label, part in zip(label_sets, parts,
+                                                                                           strict=True)} \
+        if request.get("squares") else {}
     grads: dict[str, torch.Tensor] = {}
     if request.get("rows", True):
         dtype = next(iter(parts[0].values())).dtype if names else torch.float32
@@ -220,7 +249,28 @@ def _derive(ctx: CaptureContext) -> None:
     del parts
     n_targets = targets.target_mask.sum(dim=1).double().cpu()
     observed = losses[:, label_sets.index("observed")] if "observed" in label_sets else torch.zeros_like(n_targets)
-    ctx.store[ARTIFACT] = ExampleGrads(layout, grads, n_targets, observed / n_targets.clamp(min=1), sketches)
+    ctx.store[ARTIFACT] = ExampleGrads(layout, grads, n_targets, observed / n_targets.clamp(min=1), sketches,
+                                       squares)
+
+
+def _summed_squares(ctx: CaptureContext, label: str, part: dict[str, torch.Tensor], names: list[str],
+                    layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each entry's square summed over this micro-batch's examples into the batch's running sum (float32
+    [P], one parameter at a time, an example at a time as a diagonal accumulator adds rows), and each
+    example's exact squared norm (float64)."""
+    rows = next(iter(part.values())).shape[0] if part else 0
+    size = max((sl.stop for sl, _ in layout.values()), default=0)
+    device = next(iter(part.values())).device if part else torch.device("cpu")
+    total = ctx.batch_sums.setdefault((ARTIFACT, "squares", label),
+                                      torch.zeros(size, dtype=torch.float32, device=device))
+    norms = torch.zeros(rows, dtype=torch.float64)
+    for name in names:
+        piece = part[name].reshape(rows, -1)
+        norms += row_squares(piece.cpu())
+        into = total[layout[name][0]]
+        for row in piece.float():
+            into.addcmul_(row, row)
+    return total, norms
 
 
 def _sketch(part: dict[str, torch.Tensor], names: list[str], key: SketchKey,
@@ -249,27 +299,39 @@ def _bytes(view: ModelView, batch: int, seq: int, request: Request) -> int:
     norms (float64), and its target counts and losses (float64)."""
     request = request or merge_requests([])
     labels = len(request["labels"])
-    rows = labels * batch * _size(view, request["parameters"]) * view.dtype_bytes if request.get("rows", True) else 0
+    size = _size(view, request["parameters"])
+    rows = labels * batch * size * view.dtype_bytes if request.get("rows", True) else 0
     sketches = sum(labels * batch * (k + 1) * 8 for _, k in request.get("sketches", ()))
-    return rows + sketches + 16 * batch
+    squares = labels * (size * 4 + batch * 8) if request.get("squares") else 0
+    return rows + sketches + squares + 16 * batch
 
 
 def _transient(view: ModelView, rows: int, seq: int, request: Request) -> int:
     """What the per-example backward keeps while it runs: a backward of the micro-batch's activations,
     with a tied embedding its two per-example gradients [rows, V, d] beside their sum, and on a
     dispatched model the weights it loads onto the input device (``offloaded_bytes``). When only sketches
-    are asked for, the micro-batch's gradients too, which no batch-sized copy holds (a sketch's own
-    pieces, one span of ``CountSketch.SPAN`` entries in float64 at a time, beside them)."""
+    or summed squares are asked for, the micro-batch's gradients too, which no batch-sized copy holds (a
+    sketch's own pieces, one span of ``CountSketch.SPAN`` entries in float64 at a time, beside them; for
+    the squares, one parameter's gradients in float32 and on the host for the norms, where they are not)."""
     request = request or merge_requests([])
-    sketch_only = not request.get("rows", True)
+    reduced_only = not request.get("rows", True)
     parts = len(request["labels"]) * rows * _size(view, request["parameters"]) * view.dtype_bytes \
-        + 2 * rows * CountSketch.SPAN * 8 if sketch_only else 0
+        + 2 * rows * CountSketch.SPAN * 8 if reduced_only else 0
+    if reduced_only and request.get("squares"):  # a float32 copy unless float32, a host copy unless on the host
+        copies = (0 if view.dtype_bytes == 4 else 4) + (0 if view.input_device.type == "cpu" else view.dtype_bytes)
+        parts += rows * _largest_parameter(view, request["parameters"]) * copies
     # The tied pair is held at the backward's end, beside every other gradient (the parts); with the
     # rows, what follows (the gradients beside their flat copy) holds more, and the memory audit checks
     # these metrics as they were declared: the pair counted for parameters=None only.
-    asked = _tied_embedding_asked(view, request["parameters"]) if sketch_only else request["parameters"] is None
+    asked = _tied_embedding_asked(view, request["parameters"]) if reduced_only else request["parameters"] is None
     tied = 2 * rows * view.tied_embedding_bytes if asked else 0
     return act_bytes(view, rows, seq) + tied + offloaded_bytes(view) + parts
+
+
+def _largest_parameter(view: ModelView, parameters: Sequence[str] | None) -> int:
+    key = ("per_example_grads.largest", None if parameters is None else tuple(parameters))
+    return view.memoised(key, lambda: max((p.numel() for n, p in view.named_parameters() if p.requires_grad
+                                           and (parameters is None or n in parameters)), default=0))
 
 
 def _tied_embedding_asked(view: ModelView, parameters: Sequence[str] | None) -> bool:

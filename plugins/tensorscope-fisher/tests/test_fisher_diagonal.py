@@ -188,3 +188,35 @@ def test_interpret_says_which_estimate_for_which_purpose(models):
                         params={"ema_decay": 0.9, "per_task": False})
     (reading,) = FisherDiagonal.interpret(result)
     assert "importance masks" in reading.text and "window 1/(1 - decay) = 10 batches" in reading.text
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_mean_in_float32_sums_squares_in_the_artifact(models, tasked, family):
+    """The mean alone in float32 (the ladder's ``mean-only`` rung) asks the artifact for squares summed over
+    each batch, not rows: every field, per task too, and the trace with its interval, equal the float64
+    rows' to float32 rounding (BERT: rows without a masked token add nothing and are not counted), and the
+    plan declares a float32 vector per label set instead of the batch's rows."""
+    data = tasked if family != "bert" else {"a": ["the cat sat on the mat", "a dog ran far away from home",
+                                                  "one two three", "birds sing in the morning light"]}
+    config = RunConfig(batch_size=4, max_length=32, dtype="float32")
+    mean = {"fisher.diagonal": {"statistics": "mean", "dtype": "float32"}}
+    exact = {"fisher.diagonal": {"statistics": "mean", "dtype": "float64"}}
+    summed = analyze(models[family], data=data, metrics=["fisher.diagonal"], config=config, params=mean)
+    rows = analyze(models[family], data=data, metrics=["fisher.diagonal"], config=config, params=exact)
+    a, b = summed.get("fisher.diagonal"), rows.get("fisher.diagonal")
+    assert a.ok and b.ok and set(a.values) == set(b.values)
+    for field, value in a.values.items():
+        if value.kind == "tensor":
+            want = rows.tensor("fisher.diagonal", field)
+            torch.testing.assert_close(summed.tensor("fisher.diagonal", field).double(), want,
+                                       rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+        elif value.kind == "scalar":
+            assert a.value(field) == pytest.approx(b.value(field), rel=1e-6), field
+    (by_sum,) = plan(models[family], data=data, metrics=["fisher.diagonal"], config=config, params=mean)
+    (by_rows,) = plan(models[family], data=data, metrics=["fisher.diagonal"], config=config, params=exact)
+    size = sum(p.numel() for p in load_causal(models[family]).parameters() if p.requires_grad) \
+        if family != "bert" else None
+    artifacts = [sum(p.artifact_bytes for p in x.passes) for x in (by_sum, by_rows)]
+    assert artifacts[0] < artifacts[1]
+    if size is not None:  # two label sets: [P] float32 each against [4, P] float32 rows each
+        assert artifacts[1] - artifacts[0] == 2 * (4 * size * 4 - (size * 4 + 4 * 8))

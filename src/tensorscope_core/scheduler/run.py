@@ -475,6 +475,7 @@ class ModelRunner(Executor):
         ctx.batch_tokens = max(targets.n_targets, 1)
         ctx.grad_enabled = backward
         ctx.loaded_grads.clear()  # also what a try that ran out of memory had summed
+        ctx.batch_sums.clear()
         into_weights = any(s.name == PARAM_GRAD for s in specs)
         for start in range(0, batch.input_ids.shape[0], micro):
             sub, sub_targets = batch.slice(start, start + micro), targets.slice(start, start + micro)

@@ -100,6 +100,7 @@ class Mean:
     def __init__(self, size: int, dtype: torch.dtype) -> None:
         self.count = torch.zeros((), dtype=torch.float64)
         self.total = torch.zeros(size, dtype=dtype)
+        self._divided = False
 
     def add_squares(self, rows: torch.Tensor) -> None:
         """Fold in the squares of ``rows`` [n, size], a row at a time."""
@@ -107,10 +108,29 @@ class Mean:
             self.total.addcmul_(row, row)
         self.count += rows.shape[0]
 
+    def add_sum(self, squares: torch.Tensor, n: int) -> None:
+        """Fold in the squares of ``n`` rows already summed (``squares`` [size])."""
+        self.total += squares.to(self.total.device)
+        self.count += n
+
     @property
     def mean(self) -> torch.Tensor:
+        """The sum over the count, made in place of the sum (finalize reads it once; a second P-vector beside
+        the sum would be the largest thing a large model's diagonal holds)."""
         n = float(self.count)
-        return self.total / n if n else torch.full_like(self.total, float("nan"))
+        if not self._divided:
+            if n:
+                self.total.div_(n)
+            else:
+                self.total.fill_(float("nan"))
+            self._divided = True
+        return self.total
+
+
+def summed_squares(params: DiagonalParams) -> bool:
+    """Whether the metric asks the artifact for the squares summed over each batch, not the rows: the mean
+    alone in float32, which the artifact's float32 sums serve (the float64 or full statistics need rows)."""
+    return params.statistics == "mean" and params.dtype == "float32"
 
 
 def segments(params: DiagonalParams, tasks: Sequence[str]) -> tuple[str | None, ...]:
@@ -132,11 +152,11 @@ def output_bytes(params: DiagonalParams, size: int, shape: RunShape) -> int:
     """What finalize adds to the state: every kind's and segment's fields (mean, and in full mode the
     variance, CI ends and EMA), each a P-vector of ``dtype`` that the run keeps as a result, plus the flat
     vectors computed before they are cut into parameters: in full mode an accumulator's variance and CI
-    ends (its mean and EMA are the state itself), in mean mode its mean (the sum over the count)."""
+    ends (its mean and EMA are the state itself); in mean mode none (the mean is made in place of the sum)."""
     width = torch.finfo(DTYPES[params.dtype]).bits // 8
     full = params.statistics == "full"
     keys = len(segments(params, shape.tasks)) * len(params.kinds)
-    return (keys * (5 if full else 1) + (3 if full else 1)) * size * width
+    return (keys * (5 if full else 1) + (3 if full else 0)) * size * width
 
 
 def result_bytes(params: DiagonalParams, size: int, shape: RunShape) -> int:
@@ -181,15 +201,16 @@ class FisherDiagonal(Metric):
 
     @classmethod
     def artifact_requests(cls, params: Any, view: ModelView) -> dict[str, Any]:
-        """Every trainable parameter's scores, with the label sets of the Fishers it makes (``kinds``)."""
-        return {ARTIFACT: request(params.kinds)}
+        """Every trainable parameter's scores, with the label sets of the Fishers it makes (``kinds``); their
+        squares summed over each batch instead, for the mean alone in float32 (``summed_squares``)."""
+        return {ARTIFACT: request(params.kinds, squares=summed_squares(params))}
 
     @classmethod
     def cost(cls, params: DiagonalParams, view: ModelView, shape: RunShape) -> Cost:
         tokens = shape.n_sequences * shape.seq_len
         size = layout_size(layout_of(view))
         # a masked LM's batch may hold rows without a masked token: update copies the rows that have one
-        copy = 0 if view.causal else shape.batch_size * size * view.dtype_bytes
+        copy = 0 if view.causal or summed_squares(params) else shape.batch_size * size * view.dtype_bytes
         # one forward and two pullbacks per example: about (2 + 2 x 4) P flops per token
         return Cost(state_bytes=state_bytes(params, size, shape), flops=10.0 * view.n_params * tokens,
                     transient_bytes=copy, finalize_bytes=output_bytes(params, size, shape),
@@ -249,6 +270,15 @@ class FisherDiagonal(Metric):
         n = int(real.sum())
         tasks = {None, step.task} if self.params.per_task else {None}
         for kind in self.params.kinds:
+            if summed_squares(self.params):  # the artifact's sums (an example without a target adds zeros)
+                total, example_norms = grads.summed[kind]
+                norms = example_norms[real.cpu()].reshape(-1, 1)
+                for task in tasks:
+                    self.norms[(task, kind)].add(norms, self.params.ema_decay)
+                    acc = self.stats[(task, kind)]
+                    assert isinstance(acc, Mean)
+                    acc.add_sum(total, n)
+                continue
             rows = grads.scores(kind).detach()
             if n < len(rows):  # a copy of the rows with a target only where some have none
                 rows = rows[real.to(rows.device)]

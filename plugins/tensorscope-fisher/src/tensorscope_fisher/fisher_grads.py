@@ -49,10 +49,11 @@ ARTIFACT = "per_example_grads"
 LABELS = {"true": "sampled", "empirical": "observed"}
 
 
-def request(kinds: Sequence[str]) -> dict[str, Any]:
+def request(kinds: Sequence[str], squares: bool = False) -> dict[str, Any]:
     """What a Fisher metric asks of the artifact: every trainable parameter's scores with the label sets of
-    ``kinds`` ('true', 'empirical') only, so a run that needs one Fisher makes and holds one set of rows."""
-    return {"parameters": None, "labels": tuple(LABELS[k] for k in kinds)}
+    ``kinds`` ('true', 'empirical') only, so a run that needs one Fisher makes and holds one set of rows;
+    with ``squares``, their squares summed over each batch instead of the rows (a diagonal's mean)."""
+    return {"parameters": None, "labels": tuple(LABELS[k] for k in kinds), **({"squares": True} if squares else {})}
 
 Layout = dict[str, tuple[slice, tuple[int, ...]]]
 
@@ -74,14 +75,18 @@ class FisherGrads:
     true: torch.Tensor | None
     empirical: torch.Tensor | None
     n_targets: torch.Tensor
+    #: per Fisher asked for with ``squares``: (each entry's square summed over the batch [P] float32, each
+    #: example's squared norm [batch] float64)
+    summed: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
     @classmethod
     def of(cls, value: Any) -> FisherGrads:
-        """From the core artifact's value (asked for every parameter; a label set nobody in the run asked
-        for is None)."""
+        """From the core artifact's value (asked for every parameter; rows of a label set nobody in the run
+        asked rows of are None)."""
         grads: ExampleGrads = value
         made = {kind: grads.of(label) if label in grads.grads else None for kind, label in LABELS.items()}
-        return cls(grads.layout, made["true"], made["empirical"], grads.n_targets)
+        summed = {kind: grads.squares[label] for kind, label in LABELS.items() if label in grads.squares}
+        return cls(grads.layout, made["true"], made["empirical"], grads.n_targets, summed)
 
     def scores(self, kind: str) -> torch.Tensor:
         """The scores of Fisher ``kind`` ('true' or 'empirical'), which the metric must have asked for."""
