@@ -19,23 +19,30 @@ from tensorscope_core import RunConfig, analyze
 from tensorscope_core.capture import tensor_bytes
 from tensorscope_core.example_grads import PER_EXAMPLE_GRADS, merge_requests
 from tensorscope_core.plugin_api import Metric, NoParams, ScalarValue, model_view
-from tensorscope_core.testing import smallest_micro_batch, temporary_plugin, tiny_model
+from tensorscope_core.testing import smallest_micro_batch, temporary_plugin
 
 CONFIG = RunConfig(batch_size=4, max_length=16, seed=5)
 TEXTS = [f"squares test sentence number {i} with a few words" for i in range(8)]
 LABELS = ("observed", "sampled")
 
 
-class Rows(Metric):
-    """Keeps the rows of both label sets (float64)."""
+class Consumer(Metric):
+    """A reader of per_example_grads on every parameter and both label sets, with ``squares`` when set."""
 
-    name = "qtest.rows"
     Params = NoParams
     artifacts = ("per_example_grads",)
+    squares = False
 
     @classmethod
     def artifact_requests(cls, params: Any, view: Any) -> dict[str, Any]:
-        return {"per_example_grads": {"parameters": None, "labels": LABELS}}
+        return {"per_example_grads": {"parameters": None, "labels": LABELS, **({"squares": True} if cls.squares
+                                                                             else {})}}
+
+
+class Rows(Consumer):
+    """Keeps the rows of both label sets (float64)."""
+
+    name = "qtest.rows"
 
     def setup(self) -> None:
         self.rows: dict[str, list[torch.Tensor]] = {label: [] for label in LABELS}
@@ -48,16 +55,11 @@ class Rows(Metric):
         return {label: torch.cat(rows) for label, rows in self.rows.items()}
 
 
-class Squares(Metric):
+class Squares(Consumer):
     """Sums the artifact's summed squares over the run's batches, keeps the norms and the rows it saw."""
 
     name = "qtest.squares"
-    Params = NoParams
-    artifacts = ("per_example_grads",)
-
-    @classmethod
-    def artifact_requests(cls, params: Any, view: Any) -> dict[str, Any]:
-        return {"per_example_grads": {"parameters": None, "labels": LABELS, "squares": True}}
+    squares = True
 
     def setup(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -79,24 +81,18 @@ class Squares(Metric):
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("squares")
-    return {family: tiny_model(family, root / family) for family in ("gpt2", "llama")}
-
-
-@pytest.fixture(scope="module")
 def registry() -> Iterator[Any]:
     with temporary_plugin("qtest", metrics=[Rows, Squares]) as reg:
         yield reg
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_summed_squares_and_norms_are_the_rows(folders: dict[str, Path], registry: Any, family: str) -> None:
+def test_summed_squares_and_norms_are_the_rows(model_dirs: dict[str, Path], registry: Any, family: str) -> None:
     """Alone (no rows made or kept) and beside a consumer of the rows: the float64 brute force's sums over
     every example and squared norms, for both label sets (GPT-2's tied embedding once, in its layout)."""
-    reference = analyze(folders[family], data=TEXTS, metrics=["qtest.rows"], config=CONFIG)
-    alone = analyze(folders[family], data=TEXTS, metrics=["qtest.squares"], config=CONFIG)
-    together = analyze(folders[family], data=TEXTS, metrics=["qtest.rows", "qtest.squares"], config=CONFIG)
+    reference = analyze(model_dirs[family], data=TEXTS, metrics=["qtest.rows"], config=CONFIG)
+    alone = analyze(model_dirs[family], data=TEXTS, metrics=["qtest.squares"], config=CONFIG)
+    together = analyze(model_dirs[family], data=TEXTS, metrics=["qtest.rows", "qtest.squares"], config=CONFIG)
     assert alone.get("qtest.squares").value("held") == 0  # no gradient rows were made
     for label in LABELS:
         rows = reference.tensor("qtest.rows", label)
@@ -108,10 +104,10 @@ def test_summed_squares_and_norms_are_the_rows(folders: dict[str, Path], registr
                                        rtol=1e-6, atol=0)
 
 
-def test_micro_batches_add_into_one_sum_for_their_batch(folders: dict[str, Path], registry: Any) -> None:
-    whole = analyze(folders["llama"], data=TEXTS, metrics=["qtest.squares"], config=CONFIG)
-    micro = analyze(folders["llama"], data=TEXTS, metrics=["qtest.squares"],
-                    config=smallest_micro_batch(folders["llama"], TEXTS, ["qtest.squares"], CONFIG))
+def test_micro_batches_add_into_one_sum_for_their_batch(model_dirs: dict[str, Path], registry: Any) -> None:
+    whole = analyze(model_dirs["llama"], data=TEXTS, metrics=["qtest.squares"], config=CONFIG)
+    micro = analyze(model_dirs["llama"], data=TEXTS, metrics=["qtest.squares"],
+                    config=smallest_micro_batch(model_dirs["llama"], TEXTS, ["qtest.squares"], CONFIG))
     assert micro.record.models[0].model_calls["artifact:per_example_grads"] > \
         whole.record.models[0].model_calls["artifact:per_example_grads"]
     for label in LABELS:
@@ -128,10 +124,10 @@ def test_requests_with_squares_merge_without_rows() -> None:
         merge_requests([{"squares": 1}])
 
 
-def test_declared_bytes_hold_a_vector_per_label_set(folders: dict[str, Path]) -> None:
+def test_declared_bytes_hold_a_vector_per_label_set(model_dirs: dict[str, Path]) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folders["llama"])
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
     size = sum(p.numel() for p in model.parameters() if p.requires_grad)
     largest = max(p.numel() for p in model.parameters() if p.requires_grad)
     with model_view(model) as view:
