@@ -261,8 +261,10 @@ def _summed_squares(ctx: CaptureContext, label: str, part: dict[str, torch.Tenso
     rows = next(iter(part.values())).shape[0] if part else 0
     size = max((sl.stop for sl, _ in layout.values()), default=0)
     device = next(iter(part.values())).device if part else torch.device("cpu")
-    total = ctx.batch_sums.setdefault((ARTIFACT, "squares", label),
-                                      torch.zeros(size, dtype=torch.float32, device=device))
+    key = (ARTIFACT, "squares", label)
+    if key not in ctx.batch_sums:  # the batch's first micro-batch (no [P] zeros made for the others)
+        ctx.batch_sums[key] = torch.zeros(size, dtype=torch.float32, device=device)
+    total = ctx.batch_sums[key]
     norms = torch.zeros(rows, dtype=torch.float64)
     for name in names:
         piece = part[name].reshape(rows, -1)

@@ -499,6 +499,7 @@ class ModelRunner(Executor):
             self._derive(spec, ctx, batch)
             parts[spec.name] = [ctx.store[spec.name]]
         ctx.store.clear()
+        ctx.batch_sums.clear()  # the batch's artifacts hold their sums; none outlives them
         return {name: combine_micro(values) for name, values in parts.items()}
 
     def _derive(self, spec: ArtifactSpec, ctx: CaptureContext, batch: Batch) -> None:
