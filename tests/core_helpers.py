@@ -59,3 +59,16 @@ def synthetic_record(models: dict[str, dict[str, dict[str, Any]]], *, data: str 
                                    metrics=results))
     return RunRecord(tensorscope_version="test", config={"seed": seed}, device="cpu", dtype="float32",
                      models=records)
+
+
+def whole_and_micro_batched(folder: Any, data: Any, metrics: list[str], config: Any) -> tuple[Any, Any]:
+    """The run as configured and in its smallest micro-batches, checked to have made more per-example calls:
+    what a test of joining micro-batches compares."""
+    from tensorscope_core import analyze
+    from tensorscope_core.testing import smallest_micro_batch
+
+    whole = analyze(folder, data=data, metrics=metrics, config=config)
+    micro = analyze(folder, data=data, metrics=metrics, config=smallest_micro_batch(folder, data, metrics, config))
+    calls = "artifact:per_example_grads"
+    assert micro.record.models[0].model_calls[calls] > whole.record.models[0].model_calls[calls]
+    return whole, micro

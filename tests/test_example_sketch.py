@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 import torch
+from core_helpers import whole_and_micro_batched
 
 from tensorscope_core import RunConfig, analyze
 from tensorscope_core.capture import tensor_bytes
 from tensorscope_core.example_grads import PER_EXAMPLE_GRADS, merge_requests
 from tensorscope_core.plugin_api import CountSketch, Metric, Params, ScalarValue, model_view
-from tensorscope_core.testing import smallest_micro_batch, temporary_plugin, tiny_model
+from tensorscope_core.testing import temporary_plugin, tiny_model
 
 K = 64
 SEED = 3
@@ -129,11 +130,7 @@ def test_artifact_sketch_is_the_consumers_sketch_bit_for_bit(folders: dict[str, 
 
 
 def test_micro_batched_sketches_join_into_the_whole_batchs(folders: dict[str, Path], registry: Any) -> None:
-    whole = analyze(folders["llama"], data=TEXTS, metrics=["ktest.sketched"], config=CONFIG)
-    micro = analyze(folders["llama"], data=TEXTS, metrics=["ktest.sketched"],
-                    config=smallest_micro_batch(folders["llama"], TEXTS, ["ktest.sketched"], CONFIG))
-    assert micro.record.models[0].model_calls["artifact:per_example_grads"] > \
-        whole.record.models[0].model_calls["artifact:per_example_grads"]
+    whole, micro = whole_and_micro_batched(folders["llama"], TEXTS, ["ktest.sketched"], CONFIG)
     torch.testing.assert_close(micro.tensor("ktest.sketched", "sketch"), whole.tensor("ktest.sketched", "sketch"),
                                rtol=1e-5, atol=1e-7)
 
